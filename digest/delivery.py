@@ -1,0 +1,635 @@
+"""Delivering a digest exactly once per subscriber: plan, claim, send, record.
+
+The ledger is the ``deliveries`` table. A delivery is
+
+* planned (``pending``) by the dispatcher, one keyset page of subscribers at a time;
+* claimed (``sending`` with a lease) in its own committed transaction *before* its message
+  goes out, so a second worker, a retry or a rerun leaves it alone;
+* marked ``sent`` (with the server's reply) in a transaction right after the server accepts it,
+  or put back to ``pending`` with a backoff for temporary failures, or ``failed`` for
+  permanent ones and after the last attempt.
+
+A worker killed between the server's acceptance and the ``sent`` commit leaves a ``sending``
+row whose lease expires; the next claim sends the same message again with the same
+``Message-ID`` (receivers de-duplicate on it). That window of one in-flight message per SMTP
+connection is the only way a message can arrive twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from email.utils import parseaddr
+
+from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from digest.db import transaction
+from digest.links import Links
+from digest.mailer import Mailer, SendError
+from digest.models import (
+    Delivery,
+    DeliveryStatus,
+    Digest,
+    DigestItem,
+    DigestKind,
+    Frequency,
+    Paper,
+    Subscriber,
+    SubscriberEvent,
+    SubscriberStatus,
+    utcnow,
+)
+from digest.ranking import Candidate, Profile, Ranker, TrendingWeights, candidate_text, trending_order
+from digest.rendering import DigestContext, EmailRenderer, Envelope, PaperView, build_message, date_label
+
+log = logging.getLogger(__name__)
+
+TERMINAL = (DeliveryStatus.SENT, DeliveryStatus.FAILED, DeliveryStatus.SKIPPED)
+# Candidates of a weekly digest span 7 days; a paper can only repeat within that reach.
+NO_REPEAT_LOOKBACK = dt.timedelta(days=15)
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    digest_size: int = 10
+    max_attempts: int = 6
+    retry_base_seconds: float = 2.0
+    retry_max_seconds: float = 300.0
+    lease_seconds: int = 120
+    stale_after: dt.timedelta = dt.timedelta(hours=20)
+    relevance_weight: float = 0.7
+    soft_bounce_threshold: int = 3
+    soft_bounce_window: dt.timedelta = dt.timedelta(days=7)
+
+    def backoff(self, attempts: int) -> float:
+        """Exponential backoff with full jitter, capped."""
+        ceiling = min(self.retry_max_seconds, self.retry_base_seconds * 2 ** max(0, attempts - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a digest edition
+
+
+def build_digest(
+    session: Session,
+    day: dt.date,
+    weights: TrendingWeights,
+    kind: DigestKind = DigestKind.DAILY,
+    max_items: int = 100,
+) -> Digest | None:
+    """The edition of ``day`` with its candidates in trending order; None when there are no papers.
+
+    Re-running refreshes the order until the first delivery is planned; after that an edition
+    is frozen, so every subscriber of one edition chooses from the same list.
+    """
+    first = day - dt.timedelta(days=6) if kind is DigestKind.WEEKLY else day
+    papers = list(session.scalars(select(Paper).where(Paper.daily_date.between(first, day))))
+    digest = session.scalar(select(Digest).where(Digest.kind == kind, Digest.date == day))
+    if not papers:
+        return digest
+    if digest is None:
+        digest = Digest(kind=kind, date=day, created_at=utcnow())
+        session.add(digest)
+        session.flush()
+    elif session.scalar(select(Delivery.id).where(Delivery.digest_id == digest.id).limit(1)):
+        return digest
+    as_of = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
+    digest.items.clear()
+    session.flush()
+    for position, (paper, score) in enumerate(trending_order(papers, as_of, weights)[:max_items]):
+        digest.items.append(DigestItem(paper_id=paper.id, position=position, score=score))
+    session.flush()
+    return digest
+
+
+def latest_digest(session: Session, kind: DigestKind = DigestKind.DAILY) -> Digest | None:
+    return session.scalar(select(Digest).where(Digest.kind == kind).order_by(Digest.date.desc()).limit(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning (the dispatcher's work, one keyset page at a time)
+
+
+def frequency_of(kind: DigestKind) -> Frequency:
+    return Frequency.WEEKLY if kind is DigestKind.WEEKLY else Frequency.DAILY
+
+
+def due_subscriber_page(
+    session: Session,
+    digest: Digest,
+    after_id: int,
+    limit: int,
+    extra_filter: object | None = None,
+) -> list[int]:
+    """Ids of active subscribers of this edition's frequency, after ``after_id``, in id order."""
+    query = (
+        select(Subscriber.id)
+        .where(
+            Subscriber.status == SubscriberStatus.ACTIVE,
+            Subscriber.frequency == frequency_of(digest.kind),
+            Subscriber.id > after_id,
+        )
+        .order_by(Subscriber.id)
+        .limit(limit)
+    )
+    if extra_filter is not None:
+        query = query.where(extra_filter)  # type: ignore[arg-type]
+    return list(session.scalars(query))
+
+
+def plan_deliveries(
+    session: Session,
+    digest: Digest,
+    subscriber_ids: Sequence[int],
+    *,
+    now: dt.datetime,
+    not_after: dt.datetime,
+    message_domain: str,
+) -> list[int]:
+    """Create the missing ledger rows for these subscribers; returns who now has a pending row."""
+    if not subscriber_ids:
+        return []
+    existing = set(
+        session.scalars(
+            select(Delivery.subscriber_id).where(
+                Delivery.digest_id == digest.id, Delivery.subscriber_id.in_(subscriber_ids)
+            )
+        )
+    )
+    rows = [
+        {
+            "digest_id": digest.id,
+            "subscriber_id": sid,
+            "status": DeliveryStatus.PENDING,
+            "attempts": 0,
+            "message_id": f"<{digest.date.isoformat()}.{digest.kind.value}.{sid}.{secrets.token_hex(6)}@{message_domain}>",
+            "not_after": not_after,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for sid in subscriber_ids
+        if sid not in existing
+    ]
+    if rows:
+        session.execute(insert(Delivery), rows)
+    session.flush()
+    return [sid for sid in subscriber_ids if sid not in existing]
+
+
+# ---------------------------------------------------------------------------------------------
+# Claiming and recording
+
+
+def claim(
+    session: Session,
+    digest_id: int,
+    subscriber_ids: Sequence[int],
+    *,
+    now: dt.datetime,
+    lease_seconds: int,
+) -> list[int]:
+    """Atomically take the sendable deliveries of these subscribers; returns delivery ids.
+
+    Sendable: pending and due, or sending with an expired lease (its worker died). The
+    conditional UPDATE is the lock: of two workers racing for a row only one matches it.
+    """
+    lease_until = now + dt.timedelta(seconds=lease_seconds)
+    claimable = or_(
+        and_(
+            Delivery.status == DeliveryStatus.PENDING,
+            or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+        ),
+        and_(Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until < now),
+    )
+    candidates = list(
+        session.scalars(
+            select(Delivery.id).where(
+                Delivery.digest_id == digest_id,
+                Delivery.subscriber_id.in_(subscriber_ids),
+                claimable,
+            )
+        )
+    )
+    claimed: list[int] = []
+    for delivery_id in candidates:
+        result = session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id, claimable)
+            .values(
+                status=DeliveryStatus.SENDING,
+                lease_until=lease_until,
+                attempts=Delivery.attempts + 1,
+                updated_at=now,
+            )
+        )
+        if result.rowcount:  # type: ignore[attr-defined]
+            claimed.append(delivery_id)
+    session.flush()
+    return claimed
+
+
+def mark_sent(session: Session, delivery_id: int, reply: str, now: dt.datetime) -> None:
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery_id)
+        .values(status=DeliveryStatus.SENT, smtp_reply=reply[:500], sent_at=now, lease_until=None, updated_at=now, last_error=None)
+    )
+
+
+def mark_skipped(session: Session, delivery_id: int, reason: str, now: dt.datetime) -> None:
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery_id)
+        .values(status=DeliveryStatus.SKIPPED, last_error=reason[:500], lease_until=None, updated_at=now)
+    )
+
+
+def record_failure(
+    session: Session,
+    delivery: Delivery,
+    error: SendError,
+    policy: DeliveryPolicy,
+    now: dt.datetime,
+) -> dt.datetime | None:
+    """Retry later (returns when) or fail for good; hard and repeated soft bounces stop the subscriber."""
+    reason = error.reason[:500]
+    if not error.permanent and delivery.attempts < policy.max_attempts:
+        when = now + dt.timedelta(seconds=policy.backoff(delivery.attempts))
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery.id)
+            .values(status=DeliveryStatus.PENDING, next_attempt_at=when, lease_until=None, last_error=reason, updated_at=now)
+        )
+        return when
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery.id)
+        .values(status=DeliveryStatus.FAILED, lease_until=None, last_error=reason, updated_at=now)
+    )
+    if delivery.subscriber_id is not None:
+        if error.permanent and error.code is not None:
+            record_bounce(session, delivery.subscriber_id, delivery.id, hard=True, detail=reason, now=now, policy=policy)
+        elif not error.permanent:
+            record_bounce(session, delivery.subscriber_id, delivery.id, hard=False, detail=reason, now=now, policy=policy)
+    return None
+
+
+def record_bounce(
+    session: Session,
+    subscriber_id: int,
+    delivery_id: int | None,
+    *,
+    hard: bool,
+    detail: str,
+    now: dt.datetime,
+    policy: DeliveryPolicy,
+) -> bool:
+    """Record a bounce; True when it made the subscriber ``bounced``.
+
+    A hard bounce stops sending at once; soft bounces do when ``soft_bounce_threshold`` of them
+    fall within ``soft_bounce_window`` (older ones no longer count).
+    """
+    session.add(
+        SubscriberEvent(
+            subscriber_id=subscriber_id,
+            delivery_id=delivery_id,
+            kind="hard_bounce" if hard else "soft_bounce",
+            detail=detail[:500],
+            created_at=now,
+        )
+    )
+    session.flush()
+    subscriber = session.get(Subscriber, subscriber_id)
+    if subscriber is None or subscriber.status is not SubscriberStatus.ACTIVE:
+        return False
+    if not hard:
+        recent = session.scalar(
+            select(func.count(SubscriberEvent.id)).where(
+                SubscriberEvent.subscriber_id == subscriber_id,
+                SubscriberEvent.kind == "soft_bounce",
+                SubscriberEvent.created_at > now - policy.soft_bounce_window,
+            )
+        ) or 0
+        subscriber.soft_bounce_score = float(recent)
+        subscriber.soft_bounce_at = now
+        if recent < policy.soft_bounce_threshold:
+            session.flush()
+            return False
+    subscriber.status = SubscriberStatus.BOUNCED
+    subscriber.bounced_at = now
+    session.flush()
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Composing a subscriber's message
+
+
+@dataclass
+class DigestComposer:
+    """Builds each subscriber's message for one edition; ranking is cached per profile."""
+
+    digest_id: int
+    kind: DigestKind
+    day: dt.date
+    papers: dict[str, Paper]
+    ranker: Ranker
+    renderer: EmailRenderer
+    links: Links
+    mail_from: str
+    postal_address: str
+    default_size: int
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(
+        cls,
+        session: Session,
+        digest_id: int,
+        *,
+        renderer: EmailRenderer,
+        links: Links,
+        mail_from: str,
+        postal_address: str,
+        policy: DeliveryPolicy,
+    ) -> DigestComposer:
+        digest = session.get(Digest, digest_id)
+        if digest is None:
+            raise LookupError(f"digest {digest_id} does not exist")
+        papers = {item.paper_id: item.paper for item in digest.items}
+        for paper in papers.values():
+            session.expunge(paper)
+        candidates = [Candidate(i.paper_id, i.score, candidate_text(i.paper)) for i in digest.items]
+        return cls(
+            digest_id=digest.id,
+            kind=digest.kind,
+            day=digest.date,
+            papers=papers,
+            ranker=Ranker(candidates, relevance_weight=policy.relevance_weight),
+            renderer=renderer,
+            links=links,
+            mail_from=mail_from,
+            postal_address=postal_address,
+            default_size=policy.digest_size,
+        )
+
+    def choose(self, subscriber: Subscriber, already_sent: set[str]) -> tuple[list[str], dict[str, list[str]]]:
+        profile = Profile.from_text(subscriber.topics, subscriber.excluded)
+        picks = self.ranker.pick(profile, subscriber.digest_size or self.default_size, already_sent)
+        return [p.paper_id for p in picks], {p.paper_id: list(p.reasons) for p in picks if p.reasons}
+
+    def compose(self, delivery: Delivery, subscriber: Subscriber) -> bytes:
+        reasons = delivery.reasons or {}
+        views = [
+            PaperView.from_paper(self.papers[pid], tuple(reasons.get(pid, ())))
+            for pid in delivery.paper_ids or []
+            if pid in self.papers
+        ]
+        context = DigestContext(
+            date_label=date_label(self.day) if self.kind is DigestKind.DAILY else f"Week to {date_label(self.day)}",
+            papers=views,
+            recipient=subscriber.email,
+            frequency=subscriber.frequency.value,
+            unsubscribe_url=self.links.unsubscribe(subscriber),
+            preferences_url=self.links.preferences(subscriber),
+            view_url=self.links.digest_view(self.day),
+            postal_address=self.postal_address,
+        )
+        rendered = self.renderer.render(context)
+        envelope = Envelope(
+            mail_from=self.mail_from,
+            recipient=subscriber.email,
+            message_id=delivery.message_id,
+            date=delivery.created_at,
+            list_id=self.links.list_id(),
+            unsubscribe_url=self.links.unsubscribe(subscriber),
+            unsubscribe_mailto=self.links.unsubscribe_mailto(subscriber),
+            extra_headers={
+                "Feedback-ID": f"{self.digest_id}:{self.kind.value}:digest:{parseaddr(self.mail_from)[1].partition('@')[2]}",
+                **self.extra_headers,
+            },
+        )
+        return build_message(rendered, envelope).as_bytes()
+
+
+def recently_sent(session: Session, subscriber_ids: Sequence[int], now: dt.datetime) -> dict[int, set[str]]:
+    """Papers each subscriber already got (or is about to get) within the no-repeat reach."""
+    sent: dict[int, set[str]] = {sid: set() for sid in subscriber_ids}
+    rows = session.execute(
+        select(Delivery.subscriber_id, Delivery.paper_ids).where(
+            Delivery.subscriber_id.in_(subscriber_ids),
+            Delivery.created_at > now - NO_REPEAT_LOOKBACK,
+            Delivery.paper_ids.is_not(None),
+            Delivery.status.in_([DeliveryStatus.SENT, DeliveryStatus.SENDING, DeliveryStatus.PENDING]),
+        )
+    )
+    for sid, paper_ids in rows:
+        if sid is not None:
+            sent[sid].update(paper_ids or [])
+    return sent
+
+
+# ---------------------------------------------------------------------------------------------
+# One batch, end to end
+
+
+@dataclass
+class BatchResult:
+    sent: int = 0
+    failed: int = 0
+    skipped: int = 0
+    retry_at: dt.datetime | None = None  # earliest time a retry is due, if any
+    errors: list[str] = field(default_factory=list)
+
+    def merge(self, other: BatchResult) -> None:
+        self.sent += other.sent
+        self.failed += other.failed
+        self.skipped += other.skipped
+        self.errors.extend(other.errors)
+        if other.retry_at and (self.retry_at is None or other.retry_at < self.retry_at):
+            self.retry_at = other.retry_at
+
+
+class RateLimiter:
+    """No limit; the Redis-backed limiter in ``digest.ratelimit`` shares one across workers."""
+
+    async def acquire(self, domain: str) -> None:
+        return None
+
+
+@dataclass
+class _Prepared:
+    delivery: Delivery
+    subscriber: Subscriber
+    data: bytes
+    sender: str
+
+
+def prepare_claimed(
+    session: Session,
+    composer: DigestComposer,
+    delivery_ids: Sequence[int],
+    bounce_sender: Callable[[Delivery], str],
+    now: dt.datetime,
+) -> tuple[list[_Prepared], int]:
+    """Decide papers (first attempt only), render and skip what must not go out."""
+    deliveries = list(session.scalars(select(Delivery).where(Delivery.id.in_(delivery_ids)).order_by(Delivery.id)))
+    subscribers = {
+        s.id: s
+        for s in session.scalars(select(Subscriber).where(Subscriber.id.in_([d.subscriber_id for d in deliveries if d.subscriber_id])))
+    }
+    need_choice = [d.subscriber_id for d in deliveries if d.paper_ids is None and d.subscriber_id]
+    already = recently_sent(session, need_choice, now) if need_choice else {}
+    prepared: list[_Prepared] = []
+    skipped = 0
+    for delivery in deliveries:
+        subscriber = subscribers.get(delivery.subscriber_id or -1)
+        reason = None
+        if subscriber is None or subscriber.status is not SubscriberStatus.ACTIVE:
+            reason = "subscriber no longer active"
+        elif delivery.not_after is not None and now > delivery.not_after:
+            reason = f"stale: not sent before {delivery.not_after.isoformat()}"
+        if reason is None and subscriber is not None and delivery.paper_ids is None:
+            paper_ids, reasons = composer.choose(subscriber, already.get(subscriber.id, set()))
+            delivery.paper_ids = paper_ids
+            delivery.reasons = reasons
+            if not paper_ids:
+                reason = "no new papers for this subscriber"
+        if reason is not None or subscriber is None:
+            mark_skipped(session, delivery.id, reason or "skipped", now)
+            skipped += 1
+            continue
+        delivery.recipient = subscriber.email
+        prepared.append(_Prepared(delivery, subscriber, composer.compose(delivery, subscriber), bounce_sender(delivery)))
+    session.flush()
+    return prepared, skipped
+
+
+async def send_prepared(
+    factory: sessionmaker[Session],
+    prepared: Sequence[_Prepared],
+    mailer: Mailer,
+    limiter: RateLimiter,
+    policy: DeliveryPolicy,
+    concurrency: int,
+    clock: Callable[[], dt.datetime] = utcnow,
+) -> BatchResult:
+    """Send concurrently over the mailer's pool; record each outcome as soon as it is known."""
+    result = BatchResult()
+    queue: asyncio.Queue[_Prepared] = asyncio.Queue()
+    for item in prepared:
+        queue.put_nowait(item)
+
+    async def worker() -> None:
+        while True:
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            domain = item.subscriber.email.rpartition("@")[2]
+            await limiter.acquire(domain)
+            try:
+                reply = await mailer.send(item.sender, item.subscriber.email, item.data)
+            except SendError as exc:
+                with transaction(factory) as session:
+                    when = record_failure(session, item.delivery, exc, policy, clock())
+                if when is None:
+                    result.failed += 1
+                    result.errors.append(f"{item.subscriber.email}: {exc.reason}")
+                elif result.retry_at is None or when < result.retry_at:
+                    result.retry_at = when
+                continue
+            with transaction(factory) as session:
+                mark_sent(session, item.delivery.id, reply, clock())
+            result.sent += 1
+
+    await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+    return result
+
+
+def run_batch(
+    factory: sessionmaker[Session],
+    composer: DigestComposer,
+    subscriber_ids: Sequence[int],
+    *,
+    mailer_factory: Callable[[], Mailer],
+    policy: DeliveryPolicy,
+    bounce_sender: Callable[[Delivery], str],
+    limiter: RateLimiter | None = None,
+    concurrency: int = 4,
+    clock: Callable[[], dt.datetime] = utcnow,
+) -> BatchResult:
+    """Claim, compose and send one page of subscribers' deliveries of ``composer``'s edition.
+
+    Commits in small steps on purpose (claim, then one commit per outcome): that is what makes
+    a crash cost at most the messages in flight.
+    """
+    with transaction(factory) as session:
+        claimed = claim(session, composer.digest_id, subscriber_ids, now=clock(), lease_seconds=policy.lease_seconds)
+    if not claimed:
+        return BatchResult()
+    with transaction(factory) as session:
+        prepared, skipped = prepare_claimed(session, composer, claimed, bounce_sender, clock())
+        for item in prepared:
+            session.expunge(item.delivery)
+            session.expunge(item.subscriber)
+
+    async def go() -> BatchResult:
+        mailer = mailer_factory()
+        try:
+            return await send_prepared(factory, prepared, mailer, limiter or RateLimiter(), policy, concurrency, clock)
+        finally:
+            await mailer.close()
+
+    result = asyncio.run(go())
+    result.skipped += skipped
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress and sweeping
+
+
+def unfinished_subscribers(session: Session, digest_id: int, now: dt.datetime, limit: int) -> list[int]:
+    """Subscribers whose delivery can be claimed now (due retries, expired leases)."""
+    return list(
+        session.scalars(
+            select(Delivery.subscriber_id)
+            .where(
+                Delivery.digest_id == digest_id,
+                Delivery.subscriber_id.is_not(None),
+                or_(
+                    and_(
+                        Delivery.status == DeliveryStatus.PENDING,
+                        or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+                    ),
+                    and_(Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until < now),
+                ),
+            )
+            .order_by(Delivery.subscriber_id)
+            .limit(limit)
+        )
+    )
+
+
+def counts_by_status(session: Session, digest_id: int) -> dict[str, int]:
+    rows = session.execute(
+        select(Delivery.status, func.count()).where(Delivery.digest_id == digest_id).group_by(Delivery.status)
+    )
+    counts = {s.value: 0 for s in DeliveryStatus}
+    for status, count in rows:
+        counts[DeliveryStatus(status).value] = count
+    return counts
+
+
+def open_count(session: Session, digest_id: int) -> int:
+    return session.scalar(
+        select(func.count()).where(Delivery.digest_id == digest_id, Delivery.status.not_in(TERMINAL))
+    ) or 0

@@ -1,0 +1,55 @@
+"""Every URL and sub-address a message carries, signed per purpose (see ``digest.tokens``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from digest.models import Subscriber
+from digest.tokens import Purpose, Tokens
+
+
+def subscriber_stamp(subscriber: Subscriber) -> int:
+    return int(subscriber.created_at.timestamp())
+
+
+class Links:
+    def __init__(self, base_url: str, tokens: Tokens, inbound_address: str):
+        self.base_url = base_url.rstrip("/")
+        self.tokens = tokens
+        local, _, self.inbound_domain = inbound_address.partition("@")
+        self.inbound_local = local
+
+    def _token(self, purpose: Purpose, subscriber: Subscriber) -> str:
+        return self.tokens.make(purpose, subscriber.id, subscriber_stamp(subscriber))
+
+    @property
+    def home(self) -> str:
+        return self.base_url + "/"
+
+    def confirm(self, subscriber: Subscriber) -> str:
+        return f"{self.base_url}/confirm/{self._token(Purpose.CONFIRM, subscriber)}"
+
+    def unsubscribe(self, subscriber: Subscriber) -> str:
+        return f"{self.base_url}/unsubscribe/{self._token(Purpose.UNSUBSCRIBE, subscriber)}"
+
+    def preferences(self, subscriber: Subscriber) -> str:
+        return f"{self.base_url}/preferences/{self._token(Purpose.PREFERENCES, subscriber)}"
+
+    def digest_view(self, day: dt.date) -> str:
+        return f"{self.base_url}/digests/{day.isoformat()}"
+
+    def sub_address(self, tag: str) -> str:
+        return f"{self.inbound_local}+{tag}@{self.inbound_domain}"
+
+    def subscribe_address(self) -> str:
+        return self.sub_address("subscribe")
+
+    def unsubscribe_mailto(self, subscriber: Subscriber) -> str:
+        return self.sub_address("unsubscribe-" + self._token(Purpose.UNSUBSCRIBE, subscriber))
+
+    def bounce_address(self, delivery_id: int, subscriber_id: int) -> str:
+        """VERP return path naming one delivery; the signature stops forged bounces."""
+        return self.sub_address("bounce-" + self.tokens.make(Purpose.BOUNCE, delivery_id, subscriber_id))
+
+    def list_id(self) -> str:
+        return f"Daily Papers <daily-papers.{self.inbound_domain}>"

@@ -1,0 +1,186 @@
+"""Sending mail: one interface, an SMTP implementation (pooled, persistent connections) and an
+outbox implementation that writes files for the embedded default and the demo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import ssl
+from dataclasses import dataclass
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Literal, Protocol
+
+import aiosmtplib
+
+log = logging.getLogger(__name__)
+
+
+class SendError(Exception):
+    """A message was not accepted. ``permanent`` (5xx) must not be retried; the rest may."""
+
+    def __init__(self, reason: str, *, permanent: bool, code: int | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.permanent = permanent
+        self.code = code
+
+
+class Mailer(Protocol):
+    async def send(self, sender: str, recipient: str, data: bytes) -> str:
+        """Hand one message to the next hop; returns the server's reply or raises SendError."""
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    host: str
+    port: int
+    security: Literal["none", "starttls", "tls"] = "none"
+    username: str | None = None
+    password: str | None = None
+    timeout: float = 30.0
+
+
+def _reply(code: int, message: str) -> str:
+    return f"{code} {' '.join(message.split())}"[:480]
+
+
+class SMTPConnection:
+    """One persistent SMTP session, opened lazily and reopened when the server drops it."""
+
+    def __init__(self, config: SMTPConfig):
+        self.config = config
+        self._client: aiosmtplib.SMTP | None = None
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        cfg = self.config
+        tls_context = ssl.create_default_context() if cfg.security != "none" else None
+        client = aiosmtplib.SMTP(
+            hostname=cfg.host,
+            port=cfg.port,
+            timeout=cfg.timeout,
+            use_tls=cfg.security == "tls",
+            start_tls=cfg.security == "starttls",
+            tls_context=tls_context,
+        )
+        await client.connect()
+        if cfg.username and cfg.password:
+            await client.login(cfg.username, cfg.password)
+        self._client = client
+        return client
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None and client.is_connected:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                await client.quit()
+        if client is not None:
+            client.close()
+
+    async def send(self, sender: str, recipient: str, data: bytes) -> str:
+        # A connection that went stale between messages is retried once on a fresh one; a
+        # failure during the new attempt is reported to the caller, who decides on retries.
+        for fresh in (False, True):
+            try:
+                client = self._client if (self._client and self._client.is_connected) else None
+                if client is None:
+                    client = await self._connect()
+                    fresh = True
+                errors, message = await client.sendmail(sender, [recipient], data)
+            except aiosmtplib.SMTPRecipientsRefused as exc:
+                refused = exc.recipients[0]
+                raise SendError(_reply(refused.code, refused.message), permanent=refused.code >= 500, code=refused.code) from exc
+            except aiosmtplib.SMTPResponseException as exc:
+                if exc.code in (421,) or isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+                    await self.close()
+                    if not fresh:
+                        continue
+                else:
+                    await self._reset()
+                raise SendError(_reply(exc.code, exc.message), permanent=exc.code >= 500, code=exc.code) from exc
+            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError, asyncio.TimeoutError) as exc:
+                await self.close()
+                if not fresh:
+                    continue
+                raise SendError(f"connection problem: {type(exc).__name__}: {exc}", permanent=False) from exc
+            except aiosmtplib.SMTPException as exc:
+                await self.close()
+                raise SendError(f"SMTP error: {exc}", permanent=False) from exc
+            return message or "250 OK"
+        raise AssertionError("unreachable")
+
+    async def _reset(self) -> None:
+        if self._client is not None and self._client.is_connected:
+            try:
+                await self._client.rset()
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                await self.close()
+
+
+class SMTPPool:
+    """A small pool of persistent connections shared by the coroutines of one batch."""
+
+    def __init__(self, config: SMTPConfig, size: int = 4):
+        self.config = config
+        self.size = size
+        self._idle: asyncio.Queue[SMTPConnection] | None = None
+        self._all: list[SMTPConnection] = []
+
+    def _queue(self) -> asyncio.Queue[SMTPConnection]:
+        if self._idle is None:
+            self._idle = asyncio.Queue()
+            for _ in range(self.size):
+                conn = SMTPConnection(self.config)
+                self._all.append(conn)
+                self._idle.put_nowait(conn)
+        return self._idle
+
+    async def send(self, sender: str, recipient: str, data: bytes) -> str:
+        queue = self._queue()
+        conn = await queue.get()
+        try:
+            return await conn.send(sender, recipient, data)
+        finally:
+            queue.put_nowait(conn)
+
+    async def close(self) -> None:
+        for conn in self._all:
+            await conn.close()
+        self._all.clear()
+        self._idle = None
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class OutboxMailer:
+    """Writes each message to a folder as ``.eml`` (and its HTML part as ``.html``)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.count = 0
+
+    async def send(self, sender: str, recipient: str, data: bytes) -> str:
+        return self.write(recipient, data)
+
+    def write(self, recipient: str, data: bytes) -> str:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.count += 1
+        message = message_from_bytes(data, policy=policy.default)
+        assert isinstance(message, EmailMessage)
+        stem = f"{self.count:04d}-{_UNSAFE.sub('_', recipient)[:80]}"
+        (self.directory / f"{stem}.eml").write_bytes(data)
+        html = message.get_body(preferencelist=("html",))
+        if html is not None:
+            (self.directory / f"{stem}.html").write_text(html.get_content(), encoding="utf-8")
+        return f"250 written to {stem}.eml"
+
+    async def close(self) -> None:
+        return None
+

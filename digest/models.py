@@ -1,0 +1,255 @@
+"""Database schema: subscribers, papers, digests and the per-recipient delivery ledger."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Date,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+# SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
+BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware timestamps on every backend (SQLite drops the offset on the way back)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime stored; use timezone-aware UTC timestamps")
+        return value.astimezone(dt.UTC)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class SubscriberStatus(enum.StrEnum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    UNSUBSCRIBED = "unsubscribed"
+    BOUNCED = "bounced"
+
+
+class Frequency(enum.StrEnum):
+    DAILY = "daily"
+    WEEKLY = "weekly"
+    PAUSED = "paused"
+
+
+class DigestKind(enum.StrEnum):
+    DAILY = "daily"
+    WEEKLY = "weekly"
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"  # planned, or waiting for a retry at next_attempt_at
+    SENDING = "sending"  # claimed by a worker until lease_until
+    SENT = "sent"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # too late (stale guard), nothing left to send, or sending paused
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # Stored as plain strings with a CHECK constraint: portable and easy to extend by migration.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+    )
+
+
+class Subscriber(Base):
+    __tablename__ = "subscribers"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    email: Mapped[str] = mapped_column(String(254), unique=True)
+    status: Mapped[SubscriberStatus] = mapped_column(
+        _enum(SubscriberStatus, "subscriber_status"), default=SubscriberStatus.PENDING
+    )
+    topics: Mapped[str] = mapped_column(String(500), default="")
+    excluded: Mapped[str] = mapped_column(String(500), default="")
+    frequency: Mapped[Frequency] = mapped_column(
+        _enum(Frequency, "frequency"), default=Frequency.DAILY
+    )
+    digest_size: Mapped[int | None] = mapped_column(Integer, default=None)
+    send_hour: Mapped[int] = mapped_column(Integer, default=8)
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    weekday: Mapped[int] = mapped_column(Integer, default=0)  # Monday = 0, for weekly digests
+    source: Mapped[str] = mapped_column(String(16), default="web")
+    soft_bounce_score: Mapped[float] = mapped_column(Float, default=0.0)
+    soft_bounce_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    confirmation_sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    confirmed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    unsubscribed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    bounced_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+
+    __table_args__ = (
+        # The dispatcher walks due subscribers by (status, id) keyset pages.
+        Index("ix_subscribers_status_id", "status", "id"),
+        Index("ix_subscribers_schedule", "status", "timezone", "send_hour"),
+    )
+
+
+class Paper(Base):
+    __tablename__ = "papers"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # arXiv id
+    title: Mapped[str] = mapped_column(Text)
+    abstract: Mapped[str] = mapped_column(Text, default="")
+    authors: Mapped[list[str]] = mapped_column(JSON, default=list)
+    upvotes: Mapped[int] = mapped_column(Integer, default=0)
+    num_comments: Mapped[int] = mapped_column(Integer, default=0)
+    github_repo: Mapped[str | None] = mapped_column(String(500), default=None)
+    github_stars: Mapped[int | None] = mapped_column(Integer, default=None)
+    project_page: Mapped[str | None] = mapped_column(String(500), default=None)
+    ai_summary: Mapped[str | None] = mapped_column(Text, default=None)
+    ai_keywords: Mapped[list[str]] = mapped_column(JSON, default=list)
+    thumbnail: Mapped[str | None] = mapped_column(String(500), default=None)
+    organization: Mapped[str | None] = mapped_column(String(200), default=None)
+    published_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    daily_date: Mapped[dt.date] = mapped_column(Date, index=True)
+    submitted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    fetched_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Digest(Base):
+    """One edition: the candidate papers of a day (or week) in trending order."""
+
+    __tablename__ = "digests"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    kind: Mapped[DigestKind] = mapped_column(_enum(DigestKind, "digest_kind"))
+    date: Mapped[dt.date] = mapped_column(Date)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    items: Mapped[list[DigestItem]] = relationship(
+        back_populates="digest", order_by="DigestItem.position", cascade="all, delete-orphan"
+    )
+
+    __table_args__ = (UniqueConstraint("kind", "date", name="uq_digests_kind_date"),)
+
+
+class DigestItem(Base):
+    __tablename__ = "digest_items"
+
+    digest_id: Mapped[int] = mapped_column(
+        ForeignKey("digests.id", ondelete="CASCADE"), primary_key=True
+    )
+    paper_id: Mapped[str] = mapped_column(ForeignKey("papers.id"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column(Float)
+
+    digest: Mapped[Digest] = relationship(back_populates="items")
+    paper: Mapped[Paper] = relationship(lazy="joined")
+
+
+class Delivery(Base):
+    """The ledger: one row per (subscriber, digest), claimed before sending, marked after."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    digest_id: Mapped[int] = mapped_column(ForeignKey("digests.id", ondelete="CASCADE"))
+    # Kept (as NULL) when a subscriber erases their data, so counts stay true.
+    subscriber_id: Mapped[int | None] = mapped_column(
+        ForeignKey("subscribers.id", ondelete="SET NULL")
+    )
+    recipient: Mapped[str | None] = mapped_column(String(254), default=None)
+    status: Mapped[DeliveryStatus] = mapped_column(
+        _enum(DeliveryStatus, "delivery_status"), default=DeliveryStatus.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    message_id: Mapped[str] = mapped_column(String(255), unique=True)
+    paper_ids: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    reasons: Mapped[dict[str, list[str]] | None] = mapped_column(JSON, default=None)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    not_after: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    smtp_reply: Mapped[str | None] = mapped_column(String(500), default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+
+    __table_args__ = (
+        UniqueConstraint("subscriber_id", "digest_id", name="uq_deliveries_subscriber_digest"),
+        Index("ix_deliveries_digest_status", "digest_id", "status"),
+        # "No repeats" reads a subscriber's recent deliveries.
+        Index("ix_deliveries_subscriber_created", "subscriber_id", "created_at"),
+    )
+
+
+class SubscriberEvent(Base):
+    """Bounces, complaints and other things that happened to a subscriber, for windowed scores."""
+
+    __tablename__ = "subscriber_events"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    subscriber_id: Mapped[int | None] = mapped_column(
+        ForeignKey("subscribers.id", ondelete="SET NULL"), index=True
+    )
+    delivery_id: Mapped[int | None] = mapped_column(
+        ForeignKey("deliveries.id", ondelete="SET NULL"), default=None
+    )
+    kind: Mapped[str] = mapped_column(String(32))  # hard_bounce, soft_bounce, complaint, ...
+    detail: Mapped[str] = mapped_column(String(500), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_subscriber_events_kind_created", "kind", "created_at"),)
+
+
+class ProcessedMessage(Base):
+    """Inbound messages already handled, so an IMAP poll never handles one twice."""
+
+    __tablename__ = "processed_messages"
+
+    message_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,0 +1,226 @@
+"""The daily job's steps, shared by the Celery tasks and the in-process runner.
+
+collect(day) -> papers and the day's edition; dispatch(edition) -> ledger rows, one keyset page
+at a time, each page handed to ``enqueue`` after its commit; send_batch(page) -> mail;
+sweep(edition) -> re-hands pages whose retries are due or whose worker died.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from digest.db import transaction
+from digest.delivery import (
+    BatchResult,
+    DigestComposer,
+    build_digest,
+    counts_by_status,
+    due_subscriber_page,
+    open_count,
+    plan_deliveries,
+    run_batch,
+    unfinished_subscribers,
+)
+from digest.errors import DigestError, UpstreamError
+from digest.models import Digest, DigestKind, utcnow
+from digest.papers import PapersClient, load_sample, papers_of_day, parse_items, store_papers
+from digest.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CollectResult:
+    day: dt.date
+    stored: int
+    source: str  # "api" or "sample"
+    digest_id: int | None
+    note: str = ""
+
+
+def collect_day(
+    session: Session,
+    client: PapersClient,
+    day: dt.date,
+    runtime: Runtime,
+    *,
+    allow_sample: bool = False,
+) -> CollectResult:
+    """Fetch every page of ``day`` first, then store: a failing upstream stores nothing half way."""
+    note = ""
+    try:
+        items = client.fetch_day(day)
+        source = "api"
+    except UpstreamError as exc:
+        sample = load_sample(day) if allow_sample else None
+        if sample is None:
+            raise
+        note = f"papers API not reachable ({exc}); using the recorded sample for {day}"
+        items, source = sample, "sample"
+    records = parse_items(items, day)
+    stored = store_papers(session, records)
+    digest = build_digest(session, day, runtime.weights, DigestKind.DAILY)
+    return CollectResult(day, stored, source, digest.id if digest and digest.items else None, note)
+
+
+def ensure_digest(session: Session, runtime: Runtime, day: dt.date, kind: DigestKind = DigestKind.DAILY) -> Digest | None:
+    digest = build_digest(session, day, runtime.weights, kind)
+    return digest if digest is not None and digest.items else None
+
+
+def dispatch(
+    factory: sessionmaker[Session],
+    digest_id: int,
+    *,
+    now: dt.datetime,
+    page_size: int,
+    stale_after: dt.timedelta,
+    message_domain: str,
+    enqueue: Callable[[list[int]], None],
+    extra_filter: object | None = None,
+) -> int:
+    """Walk due subscribers by keyset, planning each page and enqueueing it after its commit."""
+    after_id, pages = 0, 0
+    not_after = now + stale_after
+    while True:
+        with transaction(factory) as session:
+            digest = session.get(Digest, digest_id)
+            if digest is None:
+                raise DigestError(f"digest {digest_id} does not exist")
+            ids = due_subscriber_page(session, digest, after_id, page_size, extra_filter)
+            if ids:
+                plan_deliveries(session, digest, ids, now=now, not_after=not_after, message_domain=message_domain)
+        if not ids:
+            return pages
+        enqueue(ids)
+        pages += 1
+        after_id = ids[-1]
+
+
+def sweep(factory: sessionmaker[Session], digest_id: int, *, now: dt.datetime, page_size: int, enqueue: Callable[[list[int]], None]) -> int:
+    """Re-enqueue deliveries that are claimable now: due retries and leases of dead workers."""
+    with transaction(factory) as session:
+        ids = unfinished_subscribers(session, digest_id, now, limit=100 * page_size)
+    for start in range(0, len(ids), page_size):
+        enqueue(ids[start : start + page_size])
+    return len(ids)
+
+
+def composer_for(runtime: Runtime, session: Session, digest_id: int) -> DigestComposer:
+    s = runtime.settings
+    return DigestComposer.load(
+        session,
+        digest_id,
+        renderer=runtime.renderer,
+        links=runtime.links,
+        mail_from=s.mail_from,
+        postal_address=s.postal_address,
+        policy=runtime.policy,
+    )
+
+
+def send_batch(runtime: Runtime, digest_id: int, subscriber_ids: Sequence[int], composers: dict[int, DigestComposer] | None = None) -> BatchResult:
+    """One page of one edition: claim, render, send, record (see ``digest.delivery.run_batch``)."""
+    factory = runtime.session_factory
+    composer = (composers or {}).get(digest_id)
+    if composer is None:
+        with transaction(factory) as session:
+            composer = composer_for(runtime, session, digest_id)
+        if composers is not None:
+            composers[digest_id] = composer
+    return run_batch(
+        factory,
+        composer,
+        subscriber_ids,
+        mailer_factory=runtime.mailer_factory(),
+        policy=runtime.policy,
+        bounce_sender=runtime.bounce_sender(),
+        limiter=runtime.rate_limiter(),
+        concurrency=runtime.settings.smtp_pool_size,
+    )
+
+
+@dataclass
+class RunSummary:
+    day: dt.date
+    digest_id: int | None
+    counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = list(self.notes)
+        if self.digest_id is None:
+            out.append(f"No papers for {self.day}: no digest sent.")
+            return out
+        c = self.counts
+        out.append(
+            f"Digest {self.day}: sent {c.get('sent', 0)}, failed {c.get('failed', 0)}, "
+            f"skipped {c.get('skipped', 0)}, pending {c.get('pending', 0) + c.get('sending', 0)}"
+        )
+        out.extend(f"  failed: {f}" for f in self.failures)
+        return out
+
+
+def collect_if_needed(runtime: Runtime, day: dt.date, *, allow_sample: bool) -> tuple[int | None, list[str]]:
+    factory = runtime.session_factory
+    with transaction(factory) as session:
+        if papers_of_day(session, day):
+            digest = ensure_digest(session, runtime, day)
+            return (digest.id if digest else None), []
+    with runtime.papers_client() as client, transaction(factory) as session:
+        result = collect_day(session, client, day, runtime, allow_sample=allow_sample)
+    notes = [result.note] if result.note else []
+    notes.append(f"Collected {result.stored} papers for {day} from the {'recorded sample' if result.source == 'sample' else 'papers API'}.")
+    return result.digest_id, notes
+
+
+def run_inprocess(
+    runtime: Runtime,
+    day: dt.date,
+    *,
+    allow_sample: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> RunSummary:
+    """``digest run`` without Redis: every step in this process, retries waited for here."""
+    digest_id, notes = collect_if_needed(runtime, day, allow_sample=allow_sample)
+    summary = RunSummary(day, digest_id, notes=notes)
+    if digest_id is None:
+        return summary
+    composers: dict[int, DigestComposer] = {}
+    total = BatchResult()
+
+    def enqueue(ids: list[int]) -> None:
+        total.merge(send_batch(runtime, digest_id, ids, composers))
+        if progress:
+            progress(total.sent + total.failed + total.skipped, 0)
+
+    s = runtime.settings
+    dispatch(
+        runtime.session_factory,
+        digest_id,
+        now=utcnow(),
+        page_size=s.batch_size,
+        stale_after=runtime.policy.stale_after,
+        message_domain=runtime.message_domain,
+        enqueue=enqueue,
+    )
+    factory = runtime.session_factory
+    while True:
+        with transaction(factory) as session:
+            remaining = open_count(session, digest_id)
+        if remaining == 0:
+            break
+        if not sweep(factory, digest_id, now=utcnow(), page_size=s.batch_size, enqueue=enqueue):
+            sleep(0.5)  # waiting for a retry's backoff or a lease to run out
+    with transaction(factory) as session:
+        summary.counts = counts_by_status(session, digest_id)
+    summary.failures = total.errors
+    return summary

@@ -1,0 +1,126 @@
+"""Wiring: turns ``Settings`` into the objects the domain needs. Only entry points call this."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from digest.db import make_engine, make_session_factory
+from digest.delivery import Delivery, DeliveryPolicy, RateLimiter
+from digest.links import Links
+from digest.mailer import Mailer, OutboxMailer, SMTPConfig, SMTPPool
+from digest.papers import PapersClient
+from digest.ranking import TrendingWeights
+from digest.rendering import EmailRenderer
+from digest.settings import Settings
+from digest.tokens import Tokens
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    outbox: Path | None = None  # set: write mail to files instead of SMTP (embedded default)
+    _engine: Engine | None = field(default=None, repr=False)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine(self.settings.database_url)
+        return self._engine
+
+    @cached_property
+    def session_factory(self) -> sessionmaker[Session]:
+        return make_session_factory(self.engine)
+
+    @cached_property
+    def tokens(self) -> Tokens:
+        return Tokens(self.settings.secret_key, self.settings.confirm_token_max_age_hours * 3600)
+
+    @cached_property
+    def links(self) -> Links:
+        return Links(self.settings.base_url, self.tokens, self.settings.inbound_address)
+
+    @cached_property
+    def renderer(self) -> EmailRenderer:
+        return EmailRenderer()
+
+    @cached_property
+    def weights(self) -> TrendingWeights:
+        s = self.settings
+        return TrendingWeights(
+            upvotes=s.weight_upvotes,
+            comments=s.weight_comments,
+            stars=s.weight_stars,
+            gravity=s.gravity,
+            age_offset_hours=s.age_offset_hours,
+        )
+
+    @cached_property
+    def policy(self) -> DeliveryPolicy:
+        s = self.settings
+        return DeliveryPolicy(
+            digest_size=s.digest_size,
+            max_attempts=s.send_max_attempts,
+            retry_base_seconds=s.send_retry_base_seconds,
+            retry_max_seconds=s.send_retry_max_seconds,
+            lease_seconds=s.lease_seconds,
+            stale_after=dt.timedelta(hours=s.stale_after_hours),
+            relevance_weight=s.relevance_weight,
+            soft_bounce_threshold=s.soft_bounce_threshold,
+            soft_bounce_window=dt.timedelta(days=s.soft_bounce_window_days),
+        )
+
+    @property
+    def message_domain(self) -> str:
+        return self.settings.mail_from_address.rpartition("@")[2] or "localhost"
+
+    def smtp_config(self) -> SMTPConfig:
+        s = self.settings
+        return SMTPConfig(
+            host=s.smtp_host,
+            port=s.smtp_port,
+            security=s.smtp_security,
+            username=s.smtp_username,
+            password=s.smtp_password,
+            timeout=s.smtp_timeout,
+        )
+
+    def mailer_factory(self) -> Callable[[], Mailer]:
+        if self.outbox is not None:
+            outbox = OutboxMailer(self.outbox)
+            return lambda: outbox
+        config, size = self.smtp_config(), self.settings.smtp_pool_size
+        return lambda: SMTPPool(config, size)
+
+    def bounce_sender(self) -> Callable[[Delivery], str]:
+        links = self.links
+
+        def sender(delivery: Delivery) -> str:
+            return links.bounce_address(delivery.id, delivery.subscriber_id or 0)
+
+        return sender
+
+    def rate_limiter(self) -> RateLimiter:
+        s = self.settings
+        if s.redis_url and (s.rate_limit_per_second > 0 or s.rate_limit_per_domain_per_second > 0):
+            from digest.ratelimit import RedisSendLimiter
+
+            return RedisSendLimiter(s.redis_url, s.rate_limit_per_second, s.rate_limit_per_domain_per_second)
+        return RateLimiter()
+
+    def papers_client(self) -> PapersClient:
+        s = self.settings
+        return PapersClient(
+            s.papers_api_url, timeout=s.papers_api_timeout, retries=s.papers_api_retries, backoff=s.papers_api_backoff
+        )
+
+    def dispose(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None

@@ -1,0 +1,125 @@
+"""The one place configuration is read: environment variables prefixed ``DIGEST_`` and ``.env``.
+
+Only entry points (CLI, Celery app, web app factory, mail-in listener) build a ``Settings``;
+domain code receives plain values.
+"""
+
+from __future__ import annotations
+
+from email.utils import parseaddr
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SECRET_KEY = "dev-insecure-secret-key-change-me"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DIGEST_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "test", "production"] = "development"
+
+    # Storage and queue
+    database_url: str = "sqlite:///digest.db"
+    redis_url: str | None = None
+
+    # Outgoing mail
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 1025
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_security: Literal["none", "starttls", "tls"] = "none"
+    smtp_timeout: float = 30.0
+    smtp_pool_size: int = Field(default=4, ge=1, le=64)
+    mail_from: str = "Daily Papers <papers@localhost>"
+    postal_address: str = "Daily Papers, 1 Example Street, 00000 Example City"
+    feedback_id_sender: str = "digest"
+    dkim_selector: str | None = None
+    dkim_domain: str | None = None
+    dkim_private_key_path: str | None = None
+
+    # Web and tokens
+    base_url: str = "http://127.0.0.1:8000"
+    secret_key: str = DEV_SECRET_KEY
+    confirm_token_max_age_hours: int = 48
+    max_request_bytes: int = 16_384
+    rate_limit_subscribe_per_ip: str = "10/hour"
+    rate_limit_subscribe_per_address: str = "3/hour"
+
+    # Paper source
+    papers_api_url: str = "https://huggingface.co"
+    papers_api_timeout: float = 20.0
+    papers_api_retries: int = 4
+    papers_api_backoff: float = 1.0
+
+    # Ranking
+    digest_size: int = Field(default=10, ge=1, le=30)
+    weight_upvotes: float = 1.0
+    weight_comments: float = 2.0
+    weight_stars: float = 3.0
+    gravity: float = 1.5
+    age_offset_hours: float = 2.0
+    relevance_weight: float = 0.7
+
+    # Delivery
+    batch_size: int = Field(default=500, ge=1)
+    send_max_attempts: int = Field(default=6, ge=1)
+    send_retry_base_seconds: float = 2.0
+    send_retry_max_seconds: float = 300.0
+    lease_seconds: int = 120
+    stale_after_hours: float = 20.0
+    rate_limit_per_second: float = 0.0
+    rate_limit_per_domain_per_second: float = 0.0
+    soft_bounce_threshold: int = 3
+    soft_bounce_window_days: int = 7
+    complaint_pause_threshold: float = 0.003
+    task_visibility_timeout: int = 3600
+
+    # Mail in
+    mailin_host: str = "127.0.0.1"
+    mailin_port: int = 2525
+    mailin_max_bytes: int = 10 * 1024 * 1024
+    inbound_address: str = "papers@localhost"
+    imap_host: str | None = None
+    imap_port: int = 993
+    imap_username: str | None = None
+    imap_password: str | None = None
+    imap_folder: str = "INBOX"
+    imap_ssl: bool = True
+
+    # Demo / embedded default
+    outbox_dir: str = "outbox"
+
+    @field_validator("base_url", "papers_api_url")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @field_validator("mail_from", "inbound_address")
+    @classmethod
+    def _must_hold_address(cls, value: str) -> str:
+        if "@" not in parseaddr(value)[1]:
+            raise ValueError(f"not an email address: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secret(self) -> Settings:
+        if self.environment == "production" and (
+            self.secret_key == DEV_SECRET_KEY or len(self.secret_key) < 32
+        ):
+            raise ValueError(
+                "DIGEST_SECRET_KEY must be set to a random value of 32+ characters in production"
+            )
+        return self
+
+    @property
+    def mail_from_address(self) -> str:
+        return parseaddr(self.mail_from)[1]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings for an entry point; cached so a process reads its environment once."""
+    return Settings()

@@ -1,0 +1,58 @@
+"""Signed link tokens, one salt per purpose, so a token made for one thing opens nothing else.
+
+Tokens carry the subscriber id and the second their row was created: a token made for an
+erased subscriber never opens a later row that happens to reuse the id.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+
+from digest.errors import InvalidToken
+
+
+class Purpose(enum.StrEnum):
+    CONFIRM = "confirm"
+    UNSUBSCRIBE = "unsubscribe"
+    PREFERENCES = "preferences"
+    BOUNCE = "bounce"  # VERP return path, names one delivery
+
+
+class Tokens:
+    def __init__(self, secret_key: str, confirm_max_age_seconds: int = 48 * 3600):
+        self._secret_key = secret_key
+        self.confirm_max_age_seconds = confirm_max_age_seconds
+
+    def _serializer(self, purpose: Purpose) -> URLSafeTimedSerializer:
+        return URLSafeTimedSerializer(self._secret_key, salt=f"digest.{purpose.value}")
+
+    def make(self, purpose: Purpose, object_id: int, stamp: int) -> str:
+        return str(self._serializer(purpose).dumps([object_id, stamp]))
+
+    def read(self, purpose: Purpose, token: str) -> tuple[int, int]:
+        """The (id, stamp) a token names; ``InvalidToken`` if tampered, foreign or expired."""
+        max_age = self.confirm_max_age_seconds if purpose is Purpose.CONFIRM else None
+        serializer = self._serializer(purpose)
+        try:
+            payload = serializer.loads(token, max_age=max_age)
+        except SignatureExpired as exc:
+            payload = exc.payload
+            subscriber_id = _as_pair(payload)[0] if payload is not None else None
+            raise InvalidToken(
+                "This link has expired.", expired=True, subscriber_id=subscriber_id
+            ) from exc
+        except BadSignature as exc:
+            raise InvalidToken("This link is not valid.") from exc
+        return _as_pair(payload)
+
+
+def _as_pair(payload: object) -> tuple[int, int]:
+    if (
+        isinstance(payload, list)
+        and len(payload) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in payload)
+    ):
+        return payload[0], payload[1]
+    raise InvalidToken("This link is not valid.")
