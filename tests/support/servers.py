@@ -104,7 +104,8 @@ class Redis:
             self.url = explicit
             self.port = int(urlparse(explicit).port or 6379)
         elif port_open("127.0.0.1", 6379) and not os.environ.get("DIGEST_TEST_OWN_REDIS"):
-            self.url = "redis://127.0.0.1:6379/9"
+            # A database of its own per test process, so parallel test runs do not collide.
+            self.url = f"redis://127.0.0.1:6379/{os.getpid() % 14 + 1}"
             self.port = 6379
         else:
             self.port = free_port()
