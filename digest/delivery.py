@@ -144,6 +144,11 @@ def due_subscriber_page(
     return list(session.scalars(query))
 
 
+def message_id(digest: Digest, subscriber_id: int, domain: str) -> str:
+    """Fixed at planning, so every attempt of a delivery is the same message to receivers."""
+    return f"<{digest.date.isoformat()}.{digest.kind.value}.{subscriber_id}.{secrets.token_hex(6)}@{domain}>"
+
+
 def plan_deliveries(
     session: Session,
     digest: Digest,
@@ -169,7 +174,7 @@ def plan_deliveries(
             "subscriber_id": sid,
             "status": DeliveryStatus.PENDING,
             "attempts": 0,
-            "message_id": f"<{digest.date.isoformat()}.{digest.kind.value}.{sid}.{secrets.token_hex(6)}@{message_domain}>",
+            "message_id": message_id(digest, sid, message_domain),
             "not_after": not_after,
             "created_at": now,
             "updated_at": now,
@@ -239,7 +244,14 @@ def mark_sent(session: Session, delivery_id: int, reply: str, now: dt.datetime) 
     session.execute(
         update(Delivery)
         .where(Delivery.id == delivery_id)
-        .values(status=DeliveryStatus.SENT, smtp_reply=reply[:500], sent_at=now, lease_until=None, updated_at=now, last_error=None)
+        .values(
+            status=DeliveryStatus.SENT,
+            smtp_reply=reply[:500],
+            sent_at=now,
+            lease_until=None,
+            updated_at=now,
+            last_error=None,
+        )
     )
 
 
@@ -265,7 +277,13 @@ def record_failure(
         session.execute(
             update(Delivery)
             .where(Delivery.id == delivery.id)
-            .values(status=DeliveryStatus.PENDING, next_attempt_at=when, lease_until=None, last_error=reason, updated_at=now)
+            .values(
+                status=DeliveryStatus.PENDING,
+                next_attempt_at=when,
+                lease_until=None,
+                last_error=reason,
+                updated_at=now,
+            )
         )
         return when
     session.execute(
@@ -275,9 +293,19 @@ def record_failure(
     )
     if delivery.subscriber_id is not None:
         if error.permanent and error.code is not None:
-            record_bounce(session, delivery.subscriber_id, delivery.id, hard=True, detail=reason, now=now, policy=policy)
+            record_bounce(
+                session, delivery.subscriber_id, delivery.id, hard=True, detail=reason, now=now, policy=policy
+            )
         elif not error.permanent:
-            record_bounce(session, delivery.subscriber_id, delivery.id, hard=False, detail=reason, now=now, policy=policy)
+            record_bounce(
+                session,
+                delivery.subscriber_id,
+                delivery.id,
+                hard=False,
+                detail=reason,
+                now=now,
+                policy=policy,
+            )
     return None
 
 
@@ -310,13 +338,16 @@ def record_bounce(
     if subscriber is None or subscriber.status is not SubscriberStatus.ACTIVE:
         return False
     if not hard:
-        recent = session.scalar(
-            select(func.count(SubscriberEvent.id)).where(
-                SubscriberEvent.subscriber_id == subscriber_id,
-                SubscriberEvent.kind == "soft_bounce",
-                SubscriberEvent.created_at > now - policy.soft_bounce_window,
+        recent = (
+            session.scalar(
+                select(func.count(SubscriberEvent.id)).where(
+                    SubscriberEvent.subscriber_id == subscriber_id,
+                    SubscriberEvent.kind == "soft_bounce",
+                    SubscriberEvent.created_at > now - policy.soft_bounce_window,
+                )
             )
-        ) or 0
+            or 0
+        )
         subscriber.soft_bounce_score = float(recent)
         subscriber.soft_bounce_at = now
         if recent < policy.soft_bounce_threshold:
@@ -380,7 +411,13 @@ class DigestComposer:
             default_size=policy.digest_size,
         )
 
-    def choose(self, subscriber: Subscriber, already_sent: set[str]) -> tuple[list[str], dict[str, list[str]]]:
+    @property
+    def sender_domain(self) -> str:
+        return parseaddr(self.mail_from)[1].partition("@")[2]
+
+    def choose(
+        self, subscriber: Subscriber, already_sent: set[str]
+    ) -> tuple[list[str], dict[str, list[str]]]:
         profile = Profile.from_text(subscriber.topics, subscriber.excluded)
         picks = self.ranker.pick(profile, subscriber.digest_size or self.default_size, already_sent)
         return [p.paper_id for p in picks], {p.paper_id: list(p.reasons) for p in picks if p.reasons}
@@ -393,7 +430,9 @@ class DigestComposer:
             if pid in self.papers
         ]
         context = DigestContext(
-            date_label=date_label(self.day) if self.kind is DigestKind.DAILY else f"Week to {date_label(self.day)}",
+            date_label=date_label(self.day)
+            if self.kind is DigestKind.DAILY
+            else f"Week to {date_label(self.day)}",
             papers=views,
             recipient=subscriber.email,
             frequency=subscriber.frequency.value,
@@ -412,7 +451,7 @@ class DigestComposer:
             unsubscribe_url=self.links.unsubscribe(subscriber),
             unsubscribe_mailto=self.links.unsubscribe_mailto(subscriber),
             extra_headers={
-                "Feedback-ID": f"{self.digest_id}:{self.kind.value}:digest:{parseaddr(self.mail_from)[1].partition('@')[2]}",
+                "Feedback-ID": f"{self.digest_id}:{self.kind.value}:digest:{self.sender_domain}",
                 **self.extra_headers,
             },
         )
@@ -480,10 +519,16 @@ def prepare_claimed(
     now: dt.datetime,
 ) -> tuple[list[_Prepared], int]:
     """Decide papers (first attempt only), render and skip what must not go out."""
-    deliveries = list(session.scalars(select(Delivery).where(Delivery.id.in_(delivery_ids)).order_by(Delivery.id)))
+    deliveries = list(
+        session.scalars(select(Delivery).where(Delivery.id.in_(delivery_ids)).order_by(Delivery.id))
+    )
     subscribers = {
         s.id: s
-        for s in session.scalars(select(Subscriber).where(Subscriber.id.in_([d.subscriber_id for d in deliveries if d.subscriber_id])))
+        for s in session.scalars(
+            select(Subscriber).where(
+                Subscriber.id.in_([d.subscriber_id for d in deliveries if d.subscriber_id])
+            )
+        )
     }
     need_choice = [d.subscriber_id for d in deliveries if d.paper_ids is None and d.subscriber_id]
     already = recently_sent(session, need_choice, now) if need_choice else {}
@@ -507,7 +552,9 @@ def prepare_claimed(
             skipped += 1
             continue
         delivery.recipient = subscriber.email
-        prepared.append(_Prepared(delivery, subscriber, composer.compose(delivery, subscriber), bounce_sender(delivery)))
+        prepared.append(
+            _Prepared(delivery, subscriber, composer.compose(delivery, subscriber), bounce_sender(delivery))
+        )
     session.flush()
     return prepared, skipped
 
@@ -572,7 +619,9 @@ def run_batch(
     a crash cost at most the messages in flight.
     """
     with transaction(factory) as session:
-        claimed = claim(session, composer.digest_id, subscriber_ids, now=clock(), lease_seconds=policy.lease_seconds)
+        claimed = claim(
+            session, composer.digest_id, subscriber_ids, now=clock(), lease_seconds=policy.lease_seconds
+        )
     if not claimed:
         return BatchResult()
     with transaction(factory) as session:
@@ -584,7 +633,9 @@ def run_batch(
     async def go() -> BatchResult:
         mailer = mailer_factory()
         try:
-            return await send_prepared(factory, prepared, mailer, limiter or RateLimiter(), policy, concurrency, clock)
+            return await send_prepared(
+                factory, prepared, mailer, limiter or RateLimiter(), policy, concurrency, clock
+            )
         finally:
             await mailer.close()
 
@@ -630,6 +681,20 @@ def counts_by_status(session: Session, digest_id: int) -> dict[str, int]:
 
 
 def open_count(session: Session, digest_id: int) -> int:
-    return session.scalar(
-        select(func.count()).where(Delivery.digest_id == digest_id, Delivery.status.not_in(TERMINAL))
-    ) or 0
+    return (
+        session.scalar(
+            select(func.count()).where(Delivery.digest_id == digest_id, Delivery.status.not_in(TERMINAL))
+        )
+        or 0
+    )
+
+
+def failure_reasons(session: Session, digest_id: int, limit: int = 50) -> list[str]:
+    """'recipient: reason' for failed deliveries of an edition, for operators."""
+    rows = session.execute(
+        select(Delivery.recipient, Delivery.last_error)
+        .where(Delivery.digest_id == digest_id, Delivery.status == DeliveryStatus.FAILED)
+        .order_by(Delivery.id)
+        .limit(limit)
+    )
+    return [f"{recipient or '(erased)'}: {error}" for recipient, error in rows]

@@ -92,10 +92,12 @@ class SMTPConnection:
                 if client is None:
                     client = await self._connect()
                     fresh = True
-                errors, message = await client.sendmail(sender, [recipient], data)
+                _refused, message = await client.sendmail(sender, [recipient], data)
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 refused = exc.recipients[0]
-                raise SendError(_reply(refused.code, refused.message), permanent=refused.code >= 500, code=refused.code) from exc
+                raise SendError(
+                    _reply(refused.code, refused.message), permanent=refused.code >= 500, code=refused.code
+                ) from exc
             except aiosmtplib.SMTPResponseException as exc:
                 if exc.code in (421,) or isinstance(exc, aiosmtplib.SMTPServerDisconnected):
                     await self.close()
@@ -103,8 +105,16 @@ class SMTPConnection:
                         continue
                 else:
                     await self._reset()
-                raise SendError(_reply(exc.code, exc.message), permanent=exc.code >= 500, code=exc.code) from exc
-            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError, asyncio.TimeoutError) as exc:
+                raise SendError(
+                    _reply(exc.code, exc.message), permanent=exc.code >= 500, code=exc.code
+                ) from exc
+            except (
+                TimeoutError,
+                aiosmtplib.SMTPServerDisconnected,
+                aiosmtplib.SMTPConnectError,
+                aiosmtplib.SMTPTimeoutError,
+                OSError,
+            ) as exc:
                 await self.close()
                 if not fresh:
                     continue
@@ -119,7 +129,7 @@ class SMTPConnection:
         if self._client is not None and self._client.is_connected:
             try:
                 await self._client.rset()
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+            except (TimeoutError, aiosmtplib.SMTPException, OSError):
                 await self.close()
 
 
@@ -183,4 +193,3 @@ class OutboxMailer:
 
     async def close(self) -> None:
         return None
-

@@ -113,9 +113,7 @@ class Subscriber(Base):
     )
     topics: Mapped[str] = mapped_column(String(500), default="")
     excluded: Mapped[str] = mapped_column(String(500), default="")
-    frequency: Mapped[Frequency] = mapped_column(
-        _enum(Frequency, "frequency"), default=Frequency.DAILY
-    )
+    frequency: Mapped[Frequency] = mapped_column(_enum(Frequency, "frequency"), default=Frequency.DAILY)
     digest_size: Mapped[int | None] = mapped_column(Integer, default=None)
     send_hour: Mapped[int] = mapped_column(Integer, default=8)
     timezone: Mapped[str] = mapped_column(String(64), default="UTC")
@@ -179,9 +177,7 @@ class Digest(Base):
 class DigestItem(Base):
     __tablename__ = "digest_items"
 
-    digest_id: Mapped[int] = mapped_column(
-        ForeignKey("digests.id", ondelete="CASCADE"), primary_key=True
-    )
+    digest_id: Mapped[int] = mapped_column(ForeignKey("digests.id", ondelete="CASCADE"), primary_key=True)
     paper_id: Mapped[str] = mapped_column(ForeignKey("papers.id"), primary_key=True)
     position: Mapped[int] = mapped_column(Integer)
     score: Mapped[float] = mapped_column(Float)
@@ -198,9 +194,7 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
     digest_id: Mapped[int] = mapped_column(ForeignKey("digests.id", ondelete="CASCADE"))
     # Kept (as NULL) when a subscriber erases their data, so counts stay true.
-    subscriber_id: Mapped[int | None] = mapped_column(
-        ForeignKey("subscribers.id", ondelete="SET NULL")
-    )
+    subscriber_id: Mapped[int | None] = mapped_column(ForeignKey("subscribers.id", ondelete="SET NULL"))
     recipient: Mapped[str | None] = mapped_column(String(254), default=None)
     status: Mapped[DeliveryStatus] = mapped_column(
         _enum(DeliveryStatus, "delivery_status"), default=DeliveryStatus.PENDING

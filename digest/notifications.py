@@ -23,7 +23,9 @@ from digest.rendering import (
 from digest.runtime import Runtime
 
 
-def _message(runtime: Runtime, rendered: RenderedEmail, recipient: str, with_unsubscribe: Subscriber | None) -> bytes:
+def _message(
+    runtime: Runtime, rendered: RenderedEmail, recipient: str, with_unsubscribe: Subscriber | None
+) -> bytes:
     domain = runtime.message_domain
     envelope = Envelope(
         mail_from=runtime.settings.mail_from,
@@ -67,7 +69,9 @@ def welcome_message(runtime: Runtime, subscriber: Subscriber) -> bytes:
 def unsubscribed_message(runtime: Runtime, subscriber: Subscriber) -> bytes:
     rendered = runtime.renderer.render(
         UnsubscribedContext(
-            recipient=subscriber.email, home_url=runtime.links.home, postal_address=runtime.settings.postal_address
+            recipient=subscriber.email,
+            home_url=runtime.links.home,
+            postal_address=runtime.settings.postal_address,
         )
     )
     return _message(runtime, rendered, subscriber.email, None)

@@ -239,9 +239,7 @@ class PapersClient:
                 if response.status_code == 429:
                     delay = self._retry_after(response, delay)
                 elif response.status_code < 500:
-                    raise UpstreamError(
-                        f"papers API refused {day} page {page}: HTTP {response.status_code}"
-                    )
+                    raise UpstreamError(f"papers API refused {day} page {page}: HTTP {response.status_code}")
             if attempt < self.retries:
                 log.info("papers API %s for %s p=%d; retrying in %.1fs", last_problem, day, page, delay)
                 self._sleep(delay)
@@ -282,10 +280,7 @@ def store_papers(session: Session, records: list[PaperRecord]) -> int:
     """Upsert by arXiv id: a second collection of a day updates counts and adds nothing twice."""
     if not records:
         return 0
-    existing = {
-        p.id: p
-        for p in session.scalars(select(Paper).where(Paper.id.in_([r.id for r in records])))
-    }
+    existing = {p.id: p for p in session.scalars(select(Paper).where(Paper.id.in_([r.id for r in records])))}
     for record in records:
         values = record.__dict__.copy()
         paper = existing.get(record.id)

@@ -22,6 +22,7 @@ from digest.delivery import (
     build_digest,
     counts_by_status,
     due_subscriber_page,
+    failure_reasons,
     open_count,
     plan_deliveries,
     run_batch,
@@ -69,7 +70,9 @@ def collect_day(
     return CollectResult(day, stored, source, digest.id if digest and digest.items else None, note)
 
 
-def ensure_digest(session: Session, runtime: Runtime, day: dt.date, kind: DigestKind = DigestKind.DAILY) -> Digest | None:
+def ensure_digest(
+    session: Session, runtime: Runtime, day: dt.date, kind: DigestKind = DigestKind.DAILY
+) -> Digest | None:
     digest = build_digest(session, day, runtime.weights, kind)
     return digest if digest is not None and digest.items else None
 
@@ -95,7 +98,9 @@ def dispatch(
                 raise DigestError(f"digest {digest_id} does not exist")
             ids = due_subscriber_page(session, digest, after_id, page_size, extra_filter)
             if ids:
-                plan_deliveries(session, digest, ids, now=now, not_after=not_after, message_domain=message_domain)
+                plan_deliveries(
+                    session, digest, ids, now=now, not_after=not_after, message_domain=message_domain
+                )
         if not ids:
             return pages
         enqueue(ids)
@@ -103,7 +108,14 @@ def dispatch(
         after_id = ids[-1]
 
 
-def sweep(factory: sessionmaker[Session], digest_id: int, *, now: dt.datetime, page_size: int, enqueue: Callable[[list[int]], None]) -> int:
+def sweep(
+    factory: sessionmaker[Session],
+    digest_id: int,
+    *,
+    now: dt.datetime,
+    page_size: int,
+    enqueue: Callable[[list[int]], None],
+) -> int:
     """Re-enqueue deliveries that are claimable now: due retries and leases of dead workers."""
     with transaction(factory) as session:
         ids = unfinished_subscribers(session, digest_id, now, limit=100 * page_size)
@@ -125,7 +137,12 @@ def composer_for(runtime: Runtime, session: Session, digest_id: int) -> DigestCo
     )
 
 
-def send_batch(runtime: Runtime, digest_id: int, subscriber_ids: Sequence[int], composers: dict[int, DigestComposer] | None = None) -> BatchResult:
+def send_batch(
+    runtime: Runtime,
+    digest_id: int,
+    subscriber_ids: Sequence[int],
+    composers: dict[int, DigestComposer] | None = None,
+) -> BatchResult:
     """One page of one edition: claim, render, send, record (see ``digest.delivery.run_batch``)."""
     factory = runtime.session_factory
     composer = (composers or {}).get(digest_id)
@@ -177,7 +194,10 @@ def collect_if_needed(runtime: Runtime, day: dt.date, *, allow_sample: bool) -> 
     with runtime.papers_client() as client, transaction(factory) as session:
         result = collect_day(session, client, day, runtime, allow_sample=allow_sample)
     notes = [result.note] if result.note else []
-    notes.append(f"Collected {result.stored} papers for {day} from the {'recorded sample' if result.source == 'sample' else 'papers API'}.")
+    notes.append(
+        f"Collected {result.stored} papers for {day} from the "
+        + ("recorded sample." if result.source == "sample" else "papers API.")
+    )
     return result.digest_id, notes
 
 
@@ -222,5 +242,5 @@ def run_inprocess(
             sleep(0.5)  # waiting for a retry's backoff or a lease to run out
     with transaction(factory) as session:
         summary.counts = counts_by_status(session, digest_id)
-    summary.failures = total.errors
+        summary.failures = failure_reasons(session, digest_id)
     return summary

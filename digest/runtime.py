@@ -117,7 +117,10 @@ class Runtime:
     def papers_client(self) -> PapersClient:
         s = self.settings
         return PapersClient(
-            s.papers_api_url, timeout=s.papers_api_timeout, retries=s.papers_api_retries, backoff=s.papers_api_backoff
+            s.papers_api_url,
+            timeout=s.papers_api_timeout,
+            retries=s.papers_api_retries,
+            backoff=s.papers_api_backoff,
         )
 
     def dispose(self) -> None:

@@ -40,9 +40,7 @@ class Tokens:
         except SignatureExpired as exc:
             payload = exc.payload
             subscriber_id = _as_pair(payload)[0] if payload is not None else None
-            raise InvalidToken(
-                "This link has expired.", expired=True, subscriber_id=subscriber_id
-            ) from exc
+            raise InvalidToken("This link has expired.", expired=True, subscriber_id=subscriber_id) from exc
         except BadSignature as exc:
             raise InvalidToken("This link is not valid.") from exc
         return _as_pair(payload)

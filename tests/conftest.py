@@ -93,7 +93,9 @@ def papers_api() -> Iterator[PapersAPI]:
     api.stop()
 
 
-def make_settings(database_url: str, smtp: SMTPSink, papers_api: PapersAPI | None = None, **overrides: object) -> Settings:
+def make_settings(
+    database_url: str, smtp: SMTPSink, papers_api: PapersAPI | None = None, **overrides: object
+) -> Settings:
     values: dict[str, object] = {
         "environment": "test",
         "database_url": database_url,

@@ -129,8 +129,19 @@ class Redis:
     def start(self) -> None:
         assert self._tmp is not None
         self._proc = subprocess.Popen(
-            [self.server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self._tmp],
+            [
+                self.server_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self._tmp,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -190,7 +201,9 @@ class _Handler:
     def __init__(self, sink: SMTPSink):
         self.sink = sink
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
         reply = self.sink.behaviour.refuse.get(address.lower())
         if reply:
             return reply
@@ -207,8 +220,12 @@ class _Handler:
             if behaviour.temp_fail_data > 0:
                 behaviour.temp_fail_data -= 1
                 return behaviour.data_reply
-            self.sink.messages.append(Received(str(envelope.mail_from), list(envelope.rcpt_tos), bytes(envelope.content or b"")))
-            self.sink.accepted_on_connection[id(session)] = self.sink.accepted_on_connection.get(id(session), 0) + 1
+            self.sink.messages.append(
+                Received(str(envelope.mail_from), list(envelope.rcpt_tos), bytes(envelope.content or b""))
+            )
+            self.sink.accepted_on_connection[id(session)] = (
+                self.sink.accepted_on_connection.get(id(session), 0) + 1
+            )
             count = self.sink.accepted_on_connection[id(session)]
         if behaviour.drop_after is not None and count >= behaviour.drop_after:
             transport = server.transport
@@ -229,7 +246,9 @@ class SMTPSink:
         self.controller: Controller | None = None
 
     def start(self) -> SMTPSink:
-        self.controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port, data_size_limit=50 * 1024 * 1024)
+        self.controller = Controller(
+            _Handler(self), hostname="127.0.0.1", port=self.port, data_size_limit=50 * 1024 * 1024
+        )
         self.controller.start()
         return self
 

@@ -1,0 +1,40 @@
+"""Celery configuration and beat schedule, read from ``Settings`` once per process."""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.schedules import crontab
+
+from digest.settings import get_settings
+
+settings = get_settings()
+broker = settings.redis_url or "memory://"
+
+app = Celery(
+    "digest", broker=broker, backend=settings.redis_url or "cache+memory://", include=["workers.tasks"]
+)
+app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    result_expires=3600,
+    timezone="UTC",
+    enable_utc=True,
+    # A task is acknowledged only when it finished, so a killed worker's task is redelivered;
+    # the ledger makes the redelivery send only what is missing.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    broker_transport_options={"visibility_timeout": settings.task_visibility_timeout},
+    result_backend_transport_options={"visibility_timeout": settings.task_visibility_timeout},
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    beat_schedule={
+        # The API fills a day during that day (UTC); collect a few times so late papers count.
+        "collect-latest": {"task": "digest.collect_latest", "schedule": crontab(minute=15, hour="*/3")},
+        # Each subscriber's local hour comes round once an hour somewhere.
+        "dispatch-due": {"task": "digest.dispatch_due", "schedule": crontab(minute=0)},
+        "sweep": {"task": "digest.sweep", "schedule": 60.0},
+        "poll-imap": {"task": "digest.poll_imap", "schedule": 120.0},
+    },
+)

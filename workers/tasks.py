@@ -1,0 +1,152 @@
+"""Thin Celery tasks: JSON arguments (ids, ISO dates), one domain call each, explicit names.
+
+Each task opens its own units of work through the domain code; retries cover only what can
+succeed later (database or broker hiccups, the papers API being down).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+from celery import Task
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from digest import pipeline
+from digest.db import transaction
+from digest.delivery import DigestComposer
+from digest.errors import UpstreamError
+from digest.models import Delivery, DeliveryStatus, utcnow
+from digest.runtime import Runtime
+from digest.settings import get_settings
+from workers.celery_app import app
+
+log = logging.getLogger(__name__)
+
+_runtime: Runtime | None = None
+_composers: dict[int, DigestComposer] = {}
+# Keep countdowns well below the broker's visibility timeout (house style).
+MAX_COUNTDOWN = 300.0
+
+
+def runtime() -> Runtime:
+    """One Runtime per worker process, created after the fork so no connection is shared."""
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime(get_settings())
+    return _runtime
+
+
+def enqueue_batch(digest_id: int, subscriber_ids: list[int], countdown: float | None = None) -> None:
+    send_batch.apply_async((digest_id, subscriber_ids), countdown=countdown)
+
+
+@app.task(
+    name="digest.collect",
+    bind=True,
+    autoretry_for=(UpstreamError, OperationalError),
+    retry_backoff=60,
+    max_retries=5,
+)
+def collect(self: Task, day: str, allow_sample: bool = False) -> dict[str, Any]:
+    """Fetch and store one day's papers and build that day's edition."""
+    rt = runtime()
+    with rt.papers_client() as client, transaction(rt.session_factory) as session:
+        result = pipeline.collect_day(
+            session, client, dt.date.fromisoformat(day), rt, allow_sample=allow_sample
+        )
+    return {
+        "day": day,
+        "stored": result.stored,
+        "digest_id": result.digest_id,
+        "source": result.source,
+        "note": result.note,
+    }
+
+
+@app.task(name="digest.collect_latest")
+def collect_latest() -> None:
+    """Beat: collect today's and yesterday's papers (UTC) as they accumulate."""
+    today = utcnow().date()
+    for day in (today - dt.timedelta(days=1), today):
+        collect.delay(day.isoformat())
+
+
+@app.task(name="digest.dispatch", autoretry_for=(OperationalError,), retry_backoff=5, max_retries=5)
+def dispatch(digest_id: int) -> int:
+    """Plan one edition for every due subscriber, one keyset page per send_batch task."""
+    rt = runtime()
+    return pipeline.dispatch(
+        rt.session_factory,
+        digest_id,
+        now=utcnow(),
+        page_size=rt.settings.batch_size,
+        stale_after=rt.policy.stale_after,
+        message_domain=rt.message_domain,
+        enqueue=lambda ids: enqueue_batch(digest_id, ids),
+    )
+
+
+@app.task(name="digest.dispatch_due")
+def dispatch_due() -> int:
+    """Beat, hourly: plan the editions of subscribers whose local delivery hour is now."""
+    from digest.schedule import dispatch_due as plan_due
+
+    return plan_due(runtime(), utcnow(), enqueue_batch)
+
+
+@app.task(
+    name="digest.send_batch",
+    acks_late=True,
+    autoretry_for=(OperationalError,),
+    retry_backoff=5,
+    max_retries=10,
+)
+def send_batch(digest_id: int, subscriber_ids: list[int]) -> dict[str, int]:
+    """Send one page of an edition; temporary failures come back as a delayed batch."""
+    result = pipeline.send_batch(runtime(), digest_id, subscriber_ids, _composers)
+    if result.retry_at is not None:
+        countdown = min(MAX_COUNTDOWN, max(0.0, (result.retry_at - utcnow()).total_seconds()))
+        enqueue_batch(digest_id, subscriber_ids, countdown=countdown)
+    return {"sent": result.sent, "failed": result.failed, "skipped": result.skipped}
+
+
+@app.task(name="digest.sweep")
+def sweep() -> int:
+    """Beat: re-enqueue deliveries whose worker died (lease expired) or whose retry is due."""
+    rt = runtime()
+    since = utcnow() - dt.timedelta(days=2)
+    with transaction(rt.session_factory) as session:
+        digest_ids = list(
+            session.scalars(
+                select(Delivery.digest_id)
+                .where(
+                    Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.SENDING]),
+                    Delivery.created_at > since,
+                )
+                .distinct()
+            )
+        )
+    total = 0
+    for digest_id in digest_ids:
+        total += pipeline.sweep(
+            rt.session_factory,
+            digest_id,
+            now=utcnow(),
+            page_size=rt.settings.batch_size,
+            enqueue=lambda ids, d=digest_id: enqueue_batch(d, ids),
+        )
+    return total
+
+
+@app.task(name="digest.poll_imap")
+def poll_imap() -> dict[str, int] | None:
+    """Beat: read the inbound IMAP mailbox when one is configured."""
+    rt = runtime()
+    if not rt.settings.imap_host:
+        return None
+    from digest.imap import poll_imap as poll
+
+    return dict(poll(rt))
