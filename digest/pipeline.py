@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -64,6 +65,13 @@ def collect_day(
             raise
         note = f"papers API not reachable ({exc}); using the recorded sample for {day}"
         items, source = sample, "sample"
+    return store_day(session, runtime, day, items, source, note)
+
+
+def store_day(
+    session: Session, runtime: Runtime, day: dt.date, items: list[Any], source: str, note: str = ""
+) -> CollectResult:
+    """Parse (skipping malformed items), upsert, and (re)build the day's edition."""
     records = parse_items(items, day)
     stored = store_papers(session, records)
     digest = build_digest(session, day, runtime.weights, DigestKind.DAILY)
