@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import asdict, dataclass, field
+import email.policy
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
@@ -19,6 +20,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 
 from digest.models import Paper
 
+LIST_POLICY = email.policy.default.clone(max_line_length=998)
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "email_templates"
 SUMMARY_CHARS = 420
 AUTHORS_SHOWN = 4
@@ -176,7 +178,8 @@ class Envelope:
 
 def build_message(rendered: RenderedEmail, envelope: Envelope) -> EmailMessage:
     """A ``multipart/alternative`` message (text first, HTML preferred) with list headers."""
-    message = EmailMessage()
+    # Long unbreakable values (List-Unsubscribe URLs) must stay raw, not RFC 2047-encoded.
+    message = EmailMessage(policy=LIST_POLICY)
     name, address = parseaddr(envelope.mail_from)
     message["From"] = Address(display_name=name, addr_spec=address) if name else address
     message["To"] = envelope.recipient
