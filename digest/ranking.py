@@ -1,14 +1,57 @@
 """Which papers a digest holds, in which order, and why.
 
-Two stages, so a million-subscriber run stays cheap:
+How papers are ranked
+=====================
 
-1. ``trending_scores`` scores the day's (or week's) candidates once per digest from community
-   signals; the digest stores that order (``digest_items``).
-2. ``Ranker.pick`` orders those candidates for one subscriber profile (topics, excluded words).
-   Many subscribers share a profile, so a ranker computes each distinct profile once and then
-   only filters out the papers that subscriber already received.
+**Trending score.** Every edition (a day, or the seven days of a weekly edition) orders its
+candidate papers once, by a Hacker-News-style gravity score::
 
-The formula is documented in the README ("How papers are ranked").
+    points   = w_upvotes * upvotes + w_comments * comments + w_stars * ln(1 + github_stars) + 1
+    age      = hours from when the paper reached Daily Papers (``submittedOnDailyAt``; midnight
+               UTC of its day when missing) to the end of the edition's last day (UTC), at least 0
+    trending = points / (age + age_offset_hours) ** gravity
+
+Stars are log-scaled so a famous repository does not drown the community's votes; ``+ 1`` lets
+a paper without votes still be ordered by age. Settings: ``DIGEST_WEIGHT_UPVOTES`` (1.0),
+``DIGEST_WEIGHT_COMMENTS`` (2.0), ``DIGEST_WEIGHT_STARS`` (3.0), ``DIGEST_GRAVITY`` (1.5),
+``DIGEST_AGE_OFFSET_HOURS`` (2.0). In a weekly edition older papers therefore need more votes
+to stay on top. Ties are broken by arXiv id.
+
+**Topics and relevance.** A subscriber's topics ("diffusion, reinforcement learning, LLM
+agents") are split at commas. Title, abstract, AI summary and AI keywords of each candidate are
+tokenised (lower case, words split at punctuation and hyphens, English stop words dropped,
+Snowball English stemming, plural "s" of acronyms dropped: "LLMs" = "LLM"), and indexed once
+per edition with BM25 (library ``bm25s``, Lucene variant, k1 = 1.5, b = 0.75).
+
+A topic *matches* a paper when all its words occur in the paper close together (within the
+number of the topic's words + 3 tokens of each other, stop words not counted), so "LLM agents"
+matches "LLM-based agents" and "LLMs have empowered AI research agents", "reinforcement
+learning" matches "reinforcement-learning", but a paper that says "learning" in one sentence
+and "reinforcement" in another does not.
+Synonyms and abbreviations are not expanded ("RL" does not match "reinforcement learning").
+
+For a subscriber with topics::
+
+    relevance(p) = sum over the topics that match p of BM25(topic, p)
+    score(p)     = relevance_weight * relevance(p) / max relevance
+                   + (1 - relevance_weight) * trending(p) / max trending
+
+(``DIGEST_RELEVANCE_WEIGHT``, 0.7). Papers matching at least one topic come first, by that
+score; the digest is then filled up with the other papers in trending order, so a quiet day
+still brings a digest. Each matching paper carries its reasons, the subscriber's topics it
+matched, shown in the email as "Matches: diffusion, LLM agents". Subscribers without topics get
+the trending order.
+
+**Excluded words** remove a paper outright when one of them matches it the same way as a topic,
+or occurs as a word (or the start of a word) in its title, abstract, AI summary or keywords.
+
+**No repeats.** A subscriber never gets a paper they got (or are being sent) in the last 15
+days, across daily and weekly editions; the digest takes the next papers instead.
+
+Two stages keep a million-subscriber run cheap: the trending order is computed once per edition
+(``digest_items``), and ``Ranker`` scores each distinct profile (topics + excluded words) once,
+caching per topic and per profile, so subscribers who share a profile only pay for skipping the
+papers they already received.
 """
 
 from __future__ import annotations
@@ -18,6 +61,12 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
+
+import bm25s
+import numpy as np
+import Stemmer
+from bm25s.stopwords import STOPWORDS_EN
 
 from digest.models import Paper
 
@@ -32,12 +81,7 @@ class TrendingWeights:
 
 
 def trending_score(paper: Paper, as_of: dt.datetime, weights: TrendingWeights) -> float:
-    """Hacker-News-style gravity: community points divided by a power of age.
-
-    points = w_u * upvotes + w_c * comments + w_s * ln(1 + stars) + 1
-    score  = points / (age_hours + offset) ** gravity
-    where age is measured from when the paper reached Daily Papers to ``as_of``.
-    """
+    """Hacker-News-style gravity: community points divided by a power of age (see module doc)."""
     points = (
         weights.upvotes * paper.upvotes
         + weights.comments * paper.num_comments
@@ -46,7 +90,7 @@ def trending_score(paper: Paper, as_of: dt.datetime, weights: TrendingWeights) -
     )
     reached = paper.submitted_at or dt.datetime.combine(paper.daily_date, dt.time(), dt.UTC)
     age_hours = max(0.0, (as_of - reached).total_seconds() / 3600.0)
-    return points / (age_hours + weights.age_offset_hours) ** weights.gravity
+    return float(points / (age_hours + weights.age_offset_hours) ** weights.gravity)
 
 
 def trending_order(
@@ -87,7 +131,7 @@ class Profile:
 class Candidate:
     paper_id: str
     trending: float
-    text: str  # title, abstract and AI keywords, lower-cased
+    text: str  # title, abstract, AI summary and AI keywords, lower-cased
 
 
 @dataclass(frozen=True)
@@ -98,20 +142,76 @@ class Pick:
 
 
 def candidate_text(paper: Paper) -> str:
-    return " ".join([paper.title, paper.abstract, " ".join(paper.ai_keywords or [])]).lower()
+    """Everything of a paper a topic can match and an email can show (the summary shown is
+    the AI summary when there is one, so excluded words are checked there too)."""
+    parts = [paper.title, paper.abstract, paper.ai_summary or "", " ".join(paper.ai_keywords or [])]
+    return " ".join(p for p in parts if p).lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# Text analysis shared by papers and topics, so both sides reduce words the same way
+
+_WORD = re.compile(r"\w+")
+_STOPWORDS = frozenset(STOPWORDS_EN)
+_STEMMER = Stemmer.Stemmer("english")
+
+
+@lru_cache(maxsize=200_000)
+def _stem(word: str) -> str:
+    stem: str = _STEMMER.stemWord(word)
+    # Snowball leaves acronym plurals alone ("llms"); fold them so "LLMs" matches "LLM".
+    if stem == word and len(stem) >= 4 and stem.endswith("s") and not stem.endswith(("ss", "us", "is")):
+        stem = stem[:-1]
+    return stem
+
+
+def analyse(text: str) -> list[str]:
+    """Lower-case, split at non-word characters (hyphens too), drop stop words, stem."""
+    return [_stem(w) for w in _WORD.findall(text.lower()) if w not in _STOPWORDS]
+
+
+@dataclass(frozen=True)
+class _Term:
+    """A topic or excluded word, analysed once per ranker: which candidates it matches, how well."""
+
+    matches: np.ndarray  # bool per candidate
+    bm25: np.ndarray  # BM25 score per candidate (0 where it does not match)
+
+
+def _near(positions: Sequence[list[int]], span: int) -> bool:
+    """True when some occurrence of the first word has every other word within ``span`` tokens."""
+    first, *others = positions
+    return any(all(any(abs(q - p) <= span for q in other) for other in others) for p in first)
+
+
+# Bound on cached profiles per ranker: a whole in-process run shares one ranker.
+PROFILE_CACHE_SIZE = 20_000
 
 
 @dataclass
 class Ranker:
-    """Orders one digest's candidates per profile, caching each distinct profile's order."""
+    """Orders one digest's candidates per profile, caching each distinct profile's order.
+
+    The BM25 index is built once, on the first profile with topics or excluded words.
+    """
 
     candidates: Sequence[Candidate]
     relevance_weight: float = 0.7
     _cache: dict[Profile, list[Pick]] = field(default_factory=dict)
+    _terms: dict[str, _Term] = field(default_factory=dict, repr=False)
+    _index: bm25s.BM25 | None = field(default=None, repr=False)
+    _positions: list[dict[str, list[int]]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self._trending = [Pick(c.paper_id, c.trending) for c in self.candidates]
+        values = np.array([c.trending for c in self.candidates], dtype=np.float64)
+        self._trend_values = values
 
     def order(self, profile: Profile) -> list[Pick]:
         cached = self._cache.get(profile)
         if cached is None:
+            if len(self._cache) >= PROFILE_CACHE_SIZE:
+                del self._cache[next(iter(self._cache))]  # oldest first; dicts keep insertion order
             cached = self._cache[profile] = self._rank(profile)
         return cached
 
@@ -125,24 +225,81 @@ class Ranker:
                     break
         return chosen
 
+    # -- internals ---------------------------------------------------------------------------
+
+    def _build_index(self) -> bm25s.BM25:
+        if self._index is None:
+            docs = [analyse(c.text) for c in self.candidates]
+            self._positions = []
+            for tokens in docs:
+                where: dict[str, list[int]] = {}
+                for i, token in enumerate(tokens):
+                    where.setdefault(token, []).append(i)
+                self._positions.append(where)
+            index = bm25s.BM25()
+            # bm25s refuses an empty vocabulary; a placeholder token keeps empty editions working.
+            index.index([d or ["\x00"] for d in docs], show_progress=False)
+            self._index = index
+        return self._index
+
+    def _term(self, term: str) -> _Term:
+        known = self._terms.get(term)
+        if known is not None:
+            return known
+        index = self._build_index()
+        words = list(dict.fromkeys(analyse(term)))
+        n = len(self.candidates)
+        matches = np.zeros(n, dtype=bool)
+        if words:
+            span = len(words) + 3
+            for i, where in enumerate(self._positions):
+                found = [where.get(w) for w in words]
+                if all(found) and (len(words) == 1 or _near(found, span)):  # type: ignore[arg-type]
+                    matches[i] = True
+        scores = np.asarray(index.get_scores(words), dtype=np.float64) if matches.any() else np.zeros(n)
+        known = self._terms[term] = _Term(matches, np.where(matches, scores, 0.0))
+        return known
+
+    def _excluded_mask(self, excluded: tuple[str, ...]) -> np.ndarray:
+        mask = np.zeros(len(self.candidates), dtype=bool)
+        for word in excluded:
+            mask |= self._term(word).matches
+            # The raw word as well, so what the subscriber typed never shows up in the email.
+            pattern = re.compile(r"(?<!\w)" + re.escape(word))
+            mask |= np.array([pattern.search(c.text) is not None for c in self.candidates], dtype=bool)
+        return mask
+
     def _rank(self, profile: Profile) -> list[Pick]:
-        allowed = [c for c in self.candidates if not _mentions_any(c.text, profile.excluded)]
+        allowed = (
+            ~self._excluded_mask(profile.excluded)
+            if profile.excluded
+            else np.ones(len(self.candidates), dtype=bool)
+        )
         if not profile.topics:
-            return [Pick(c.paper_id, c.trending) for c in allowed]
-        top = max((c.trending for c in allowed), default=1.0) or 1.0
-        picks = []
-        for c in allowed:
-            matches = tuple(t for t in profile.topics if _mentions(c.text, t))
-            relevance = len(matches) / len(profile.topics)
-            score = self.relevance_weight * relevance + (1 - self.relevance_weight) * c.trending / top
-            picks.append(Pick(c.paper_id, score, matches))
-        picks.sort(key=lambda p: (-p.score, p.paper_id))
-        return picks
-
-
-def _mentions(text: str, term: str) -> bool:
-    return re.search(r"\b" + re.escape(term), text) is not None
-
-
-def _mentions_any(text: str, terms: Iterable[str]) -> bool:
-    return any(_mentions(text, t) for t in terms)
+            return [p for p, ok in zip(self._trending, allowed, strict=True) if ok]
+        terms = [(topic, self._term(topic)) for topic in profile.topics]
+        relevance = np.zeros(len(self.candidates))
+        matched = np.zeros(len(self.candidates), dtype=bool)
+        for _, term in terms:
+            relevance += term.bm25
+            matched |= term.matches
+        matched &= allowed
+        if not matched.any():
+            return [p for p, ok in zip(self._trending, allowed, strict=True) if ok]
+        top_relevance = relevance[matched].max()
+        top_trending = self._trend_values[allowed].max() or 1.0
+        blended = (
+            self.relevance_weight * relevance / top_relevance
+            + (1 - self.relevance_weight) * self._trend_values / top_trending
+        )
+        first = [
+            Pick(
+                self.candidates[int(i)].paper_id,
+                float(blended[i]),
+                tuple(topic for topic, term in terms if term.matches[i]),
+            )
+            for i in np.flatnonzero(matched)
+        ]
+        first.sort(key=lambda p: (-p.score, p.paper_id))
+        rest = [p for p, ok, hit in zip(self._trending, allowed, matched, strict=True) if ok and not hit]
+        return first + rest
