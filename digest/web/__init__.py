@@ -1,0 +1,1 @@
+"""The web app: subscribe, confirm, manage preferences, unsubscribe (``create_app`` in ``app``)."""

@@ -1,0 +1,48 @@
+"""Request dependencies: the runtime, the rate limits, the client's address, subscribers by token."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from digest import subscriptions
+from digest.errors import InvalidToken, NotFound
+from digest.models import Subscriber
+from digest.runtime import Runtime
+from digest.tokens import Purpose
+from digest.web.ratelimit import WebLimits
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def get_limits(request: Request) -> WebLimits:
+    limits: WebLimits = request.app.state.limits
+    return limits
+
+
+def client_ip(request: Request) -> str:
+    # uvicorn rewrites client from X-Forwarded-For only for trusted proxies (--forwarded-allow-ips).
+    return request.client.host if request.client else "unknown"
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+LimitsDep = Annotated[WebLimits, Depends(get_limits)]
+ClientIP = Annotated[str, Depends(client_ip)]
+
+
+class UnknownLink(NotFound):
+    """A well-signed token whose subscriber no longer exists (404, unlike a bad token's 400)."""
+
+
+def load_subscriber(session: Session, runtime: Runtime, purpose: Purpose, token: str) -> Subscriber:
+    """The subscriber a link names; ``InvalidToken`` (400) if forged, ``UnknownLink`` (404) if gone."""
+    runtime.tokens.read(purpose, token)  # tampered, foreign or expired: InvalidToken
+    try:
+        return subscriptions.subscriber_from_token(session, runtime.tokens, purpose, token)
+    except InvalidToken as exc:
+        raise UnknownLink("This link does not lead anywhere any more.") from exc

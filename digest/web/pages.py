@@ -1,0 +1,296 @@
+"""HTML pages: the front page with the latest digest, confirm, unsubscribe, preferences.
+
+Links in mail are opened by scanners too, so every GET only shows a page; changes happen on
+POST (one button). Handlers are thin: the domain functions in ``digest.subscriptions`` work.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from digest import notifications, subscriptions
+from digest.db import transaction
+from digest.errors import DigestError
+from digest.models import Frequency, Subscriber, SubscriberStatus, utcnow
+from digest.runtime import Runtime
+from digest.tokens import Purpose
+from digest.web.api import SubscribeRequest, subscribe_json
+from digest.web.deps import ClientIP, LimitsDep, RuntimeDep, load_subscriber
+from digest.web.frontpage import front_page
+from digest.web.ratelimit import RateLimited
+from digest.web.signup import resend_confirmation, start_signup
+from digest.web.templating import templates
+
+router = APIRouter(include_in_schema=False)
+
+WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+def render_front(
+    request: Request, runtime: Runtime, *, error: str | None = None, status: int = 200
+) -> HTMLResponse:
+    page = front_page(runtime)
+    return templates.TemplateResponse(
+        request, "index.html", {"page": page, "error": error}, status_code=status
+    )
+
+
+def message_page(request: Request, title: str, text: str, *, status: int = 200, **extra: Any) -> HTMLResponse:
+    return templates.TemplateResponse(
+        request, "message.html", {"title": title, "text": text, **extra}, status_code=status
+    )
+
+
+@router.get("/", response_class=HTMLResponse)
+async def index(request: Request, runtime: RuntimeDep) -> HTMLResponse:
+    return await run_in_threadpool(render_front, request, runtime)
+
+
+CHECK_INBOX = (
+    "Check your inbox",
+    "If this address can subscribe, a confirmation email is on its way. "
+    "Open the link in it to start receiving the digest.",
+)
+
+
+@router.post("/subscribe", response_model=None)
+async def subscribe(request: Request, runtime: RuntimeDep, limits: LimitsDep, ip: ClientIP) -> Response:
+    """Form or JSON; the same answer for new, pending, active and unsubscribed addresses."""
+    wants_json = request.headers.get("content-type", "").split(";")[0].strip() == "application/json"
+    if wants_json:
+        try:
+            payload = SubscribeRequest.model_validate_json(await request.body())
+        except ValueError:
+            return Response(
+                json.dumps({"detail": "Send a JSON object with an email field."}),
+                status_code=422,
+                media_type="application/json",
+            )
+        return await subscribe_json(payload, runtime, limits, ip)
+    form = await request.form()
+    email, topics, website = (str(form.get(k) or "") for k in ("email", "topics", "website"))
+    form_topics = topics or None
+    if website:
+        # The hidden honeypot field is filled only by bots: pretend it worked, do nothing.
+        return message_page(request, *CHECK_INBOX)
+    try:
+        await start_signup(runtime, limits, ip, email, form_topics)
+    except RateLimited:
+        raise  # the app's handler answers 429 with Retry-After
+    except DigestError as exc:  # a bad address or topics: say what is wrong, nothing stored
+        error = str(exc)
+        return await run_in_threadpool(lambda: render_front(request, runtime, error=error, status=400))
+    return message_page(request, *CHECK_INBOX)
+
+
+# ----------------------------------------------------------------------------------- confirm
+
+
+@router.get("/confirm/{token}", response_class=HTMLResponse)
+def confirm_page(request: Request, token: str, runtime: RuntimeDep) -> HTMLResponse:
+    with transaction(runtime.session_factory) as session:
+        subscriber = load_subscriber(session, runtime, Purpose.CONFIRM, token)
+        if subscriber.status is SubscriberStatus.ACTIVE:
+            return message_page(
+                request,
+                "You are subscribed",
+                "This address is already confirmed.",
+                preferences_url=runtime.links.preferences(subscriber),
+            )
+    return templates.TemplateResponse(request, "confirm.html", {"token": token})
+
+
+@router.post("/confirm/resend", response_class=HTMLResponse)
+async def confirm_resend(
+    request: Request,
+    token: Annotated[str, Form(max_length=1000)],
+    runtime: RuntimeDep,
+    limits: LimitsDep,
+    ip: ClientIP,
+) -> HTMLResponse:
+    await resend_confirmation(runtime, limits, ip, token)
+    return message_page(
+        request, "Check your inbox", "If this address still needs confirming, a new link is on its way."
+    )
+
+
+@router.post("/confirm/{token}", response_class=HTMLResponse)
+async def confirm(request: Request, token: str, runtime: RuntimeDep) -> HTMLResponse:
+    welcome, preferences_url = await run_in_threadpool(_confirm, runtime, token)
+    if welcome is not None:
+        await notifications.deliver(runtime, welcome[0], welcome[1])
+    return message_page(
+        request,
+        "You are subscribed",
+        "Thanks for confirming. The next digest comes at your delivery hour; you can change when "
+        "and what you receive on your preferences page.",
+        preferences_url=preferences_url,
+    )
+
+
+def _confirm(runtime: Runtime, token: str) -> tuple[tuple[str, bytes] | None, str]:
+    with transaction(runtime.session_factory) as session:
+        subscriber = load_subscriber(session, runtime, Purpose.CONFIRM, token)
+        activated = subscriptions.confirm(session, subscriber, now=utcnow())
+        welcome = (
+            (subscriber.email, notifications.welcome_message(runtime, subscriber)) if activated else None
+        )
+        return welcome, runtime.links.preferences(subscriber)
+
+
+# ------------------------------------------------------------------------------- unsubscribe
+
+
+@router.get("/unsubscribe/{token}", response_class=HTMLResponse)
+def unsubscribe_page(request: Request, token: str, runtime: RuntimeDep) -> HTMLResponse:
+    with transaction(runtime.session_factory) as session:
+        subscriber = load_subscriber(session, runtime, Purpose.UNSUBSCRIBE, token)
+        done = subscriber.status is SubscriberStatus.UNSUBSCRIBED
+        return templates.TemplateResponse(
+            request, "unsubscribe.html", {"token": token, "email": subscriber.email, "done": done}
+        )
+
+
+@router.post("/unsubscribe/{token}", response_class=HTMLResponse)
+def unsubscribe(request: Request, token: str, runtime: RuntimeDep) -> HTMLResponse:
+    """The button and RFC 8058 one-click (``List-Unsubscribe=One-Click``): 200, no redirect, idempotent.
+
+    The body is not required: a POST to this signed URL is the request, whatever the client
+    sends (form-urlencoded, multipart or nothing).
+    """
+    with transaction(runtime.session_factory) as session:
+        subscriber = load_subscriber(session, runtime, Purpose.UNSUBSCRIBE, token)
+        subscriptions.unsubscribe(session, subscriber, now=utcnow())
+        home = runtime.links.home
+    return message_page(
+        request,
+        "You are unsubscribed",
+        "You will not receive any more digests. Changed your mind? You can subscribe again "
+        "from the front page at any time.",
+        home_url=home,
+    )
+
+
+# ------------------------------------------------------------------------------- preferences
+
+
+def _prefs_context(runtime: Runtime, subscriber: Subscriber, token: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "token": token,
+        "subscriber": subscriber,
+        "frequencies": [f.value for f in Frequency],
+        "weekdays": list(enumerate(WEEKDAYS)),
+        "hours": range(24),
+        "min_size": subscriptions.MIN_DIGEST_SIZE,
+        "max_size": subscriptions.MAX_DIGEST_SIZE,
+        "default_size": runtime.settings.digest_size,
+        "unsubscribe_url": runtime.links.unsubscribe(subscriber),
+        **extra,
+    }
+
+
+@router.get("/preferences/{token}", response_class=HTMLResponse)
+def preferences_page(request: Request, token: str, runtime: RuntimeDep) -> HTMLResponse:
+    with transaction(runtime.session_factory) as session:
+        subscriber = load_subscriber(session, runtime, Purpose.PREFERENCES, token)
+        return templates.TemplateResponse(
+            request, "preferences.html", _prefs_context(runtime, subscriber, token)
+        )
+
+
+def _form_int(values: dict[str, list[str]], name: str, default: int) -> int:
+    raw = (values.get(name) or [""])[0].strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise DigestError(f"{name.replace('_', ' ').capitalize()} must be a whole number.") from exc
+
+
+def _parse_preferences(
+    values: dict[str, list[str]], subscriber: Subscriber
+) -> subscriptions.PreferencesUpdate:
+    def text(name: str, default: str) -> str:
+        return (values.get(name) or [default])[0]
+
+    try:
+        frequency = Frequency(text("frequency", subscriber.frequency.value))
+    except ValueError as exc:
+        raise DigestError("Choose daily, weekly or paused.") from exc
+    return subscriptions.PreferencesUpdate(
+        frequency=frequency,
+        digest_size=_form_int(values, "digest_size", subscriber.digest_size or 10),
+        topics=text("topics", subscriber.topics),
+        excluded=text("excluded", subscriber.excluded),
+        send_hour=_form_int(values, "send_hour", subscriber.send_hour),
+        timezone=text("timezone", subscriber.timezone).strip(),
+        weekday=_form_int(values, "weekday", subscriber.weekday),
+    )
+
+
+@router.post("/preferences/{token}", response_class=HTMLResponse)
+async def save_preferences(request: Request, token: str, runtime: RuntimeDep) -> HTMLResponse:
+    form = await request.form()
+    values = {key: [str(v) for v in form.getlist(key)] for key in form}
+    return await run_in_threadpool(_save_preferences, request, runtime, token, values)
+
+
+def _save_preferences(
+    request: Request, runtime: Runtime, token: str, values: dict[str, list[str]]
+) -> HTMLResponse:
+    with transaction(runtime.session_factory) as session:
+        subscriber = load_subscriber(session, runtime, Purpose.PREFERENCES, token)
+        try:
+            subscriptions.update_preferences(session, subscriber, _parse_preferences(values, subscriber))
+        except DigestError as exc:
+            session.rollback()
+            session.refresh(subscriber)
+            return templates.TemplateResponse(
+                request,
+                "preferences.html",
+                _prefs_context(runtime, subscriber, token, error=str(exc)),
+                status_code=400,
+            )
+        return templates.TemplateResponse(
+            request, "preferences.html", _prefs_context(runtime, subscriber, token, saved=True)
+        )
+
+
+@router.get("/preferences/{token}/export")
+def export(token: str, runtime: RuntimeDep) -> Response:
+    with transaction(runtime.session_factory) as session:
+        subscriber = load_subscriber(session, runtime, Purpose.PREFERENCES, token)
+        data = subscriptions.export_data(session, subscriber)
+    return Response(
+        json.dumps(data, indent=2, ensure_ascii=False),
+        media_type="application/json",
+        headers={
+            "Content-Disposition": 'attachment; filename="my-digest-data.json"',
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+@router.get("/preferences/{token}/delete", response_class=HTMLResponse)
+def delete_page(request: Request, token: str, runtime: RuntimeDep) -> HTMLResponse:
+    with transaction(runtime.session_factory) as session:
+        subscriber = load_subscriber(session, runtime, Purpose.PREFERENCES, token)
+        return templates.TemplateResponse(request, "delete.html", {"token": token, "email": subscriber.email})
+
+
+@router.post("/preferences/{token}/delete", response_class=HTMLResponse)
+def delete(request: Request, token: str, runtime: RuntimeDep) -> HTMLResponse:
+    with transaction(runtime.session_factory) as session:
+        subscriber = load_subscriber(session, runtime, Purpose.PREFERENCES, token)
+        subscriptions.erase(session, subscriber)
+    return message_page(
+        request,
+        "Your data is deleted",
+        "We deleted your address and everything we kept about you. You will receive nothing more from us.",
+    )

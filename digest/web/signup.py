@@ -1,0 +1,70 @@
+"""Starting double opt-in from the web: rate limits, the database step, then the confirmation mail.
+
+The answer never depends on the address's state (no enumeration): callers show the same page
+whatever happens here, unless the input itself is wrong or a limit is hit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from starlette.concurrency import run_in_threadpool
+
+from digest import notifications, subscriptions
+from digest.addresses import normalise_address
+from digest.db import transaction
+from digest.errors import InvalidToken
+from digest.models import Subscriber, SubscriberStatus, utcnow
+from digest.runtime import Runtime
+from digest.tokens import Purpose
+from digest.web.ratelimit import WebLimits
+
+
+async def start_signup(runtime: Runtime, limits: WebLimits, ip: str, email: str, topics: str | None) -> None:
+    """Validate, rate-limit, store a pending subscriber and send the confirmation if one is due."""
+    await run_in_threadpool(limits.hit, "subscribe", "ip", ip)
+    address = normalise_address(email)  # InvalidAddress: nothing stored or sent
+    if topics is not None:
+        subscriptions.clean_topics(topics)  # a bad value fails before anything is counted
+    await run_in_threadpool(limits.hit, "subscribe", "address", address)
+    message = await run_in_threadpool(_store_pending, runtime, address, topics, utcnow())
+    if message is not None:
+        await notifications.deliver(runtime, address, message)
+
+
+def _store_pending(runtime: Runtime, address: str, topics: str | None, now: dt.datetime) -> bytes | None:
+    with transaction(runtime.session_factory) as session:
+        outcome = subscriptions.subscribe(session, address, now=now, topics=topics, source="web")
+        if not outcome.send_confirmation:
+            return None
+        subscriber = session.get(Subscriber, outcome.subscriber_id)
+        assert subscriber is not None
+        return notifications.confirmation_message(runtime, subscriber)
+
+
+async def resend_confirmation(runtime: Runtime, limits: WebLimits, ip: str, token: str) -> None:
+    """A fresh confirmation for the pending subscriber an (expired) confirmation link names."""
+    await run_in_threadpool(limits.hit, "resend", "ip", ip)
+    try:
+        subscriber_id: int | None = runtime.tokens.read(Purpose.CONFIRM, token)[0]
+    except InvalidToken as exc:
+        if not exc.expired:
+            raise
+        subscriber_id = exc.subscriber_id
+    found = await run_in_threadpool(_pending_address, runtime, subscriber_id)
+    if found is None:
+        return  # already confirmed, unsubscribed or erased: same answer, nothing sent
+    await run_in_threadpool(limits.hit, "resend", "address", found)
+    message = await run_in_threadpool(_store_pending, runtime, found, None, utcnow())
+    if message is not None:
+        await notifications.deliver(runtime, found, message)
+
+
+def _pending_address(runtime: Runtime, subscriber_id: int | None) -> str | None:
+    if subscriber_id is None:
+        return None
+    with transaction(runtime.session_factory) as session:
+        subscriber = session.get(Subscriber, subscriber_id)
+        if subscriber is None or subscriber.status is not SubscriberStatus.PENDING:
+            return None
+        return subscriber.email
