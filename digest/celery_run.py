@@ -20,9 +20,6 @@ from digest.models import utcnow
 from digest.pipeline import RunSummary
 from digest.runtime import Runtime
 
-TASK_TIMEOUT = 900.0
-
-
 def run_via_workers(
     runtime: Runtime, day: dt.date, *, allow_sample: bool = False, poll: float = 1.0
 ) -> RunSummary:
@@ -31,14 +28,14 @@ def run_via_workers(
     from workers import tasks
 
     try:
-        collected = tasks.collect.delay(day.isoformat(), allow_sample).get(timeout=TASK_TIMEOUT)
+        collected = tasks.collect.delay(day.isoformat(), allow_sample).get(timeout=runtime.settings.task_wait_seconds)
         summary = RunSummary(day, collected["digest_id"])
         if collected.get("note"):
             summary.notes.append(collected["note"])
         summary.notes.append(f"Collected {collected['stored']} papers for {day} ({collected['source']}).")
         if summary.digest_id is None:
             return summary
-        tasks.dispatch.delay(summary.digest_id).get(timeout=TASK_TIMEOUT)
+        tasks.dispatch.delay(summary.digest_id).get(timeout=runtime.settings.task_wait_seconds)
     except CeleryTimeout as exc:
         raise DigestError("no Celery worker answered; is `celery -A workers worker` running?") from exc
     digest_id = summary.digest_id

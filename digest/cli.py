@@ -205,6 +205,132 @@ def subscribers_list(ctx: click.Context, status: str | None) -> None:
             click.echo(f"{sub.email}\t{sub.status.value}\t{sub.frequency.value}\t{sub.topics}")
 
 
+@subscribers.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_context
+@reports_errors
+def subscribers_import(ctx: click.Context, file: Path) -> None:
+    """Import a CSV (columns: email[,topics]) as active subscribers whose consent is on record.
+
+    Bad rows are reported by line number and skipped; the rest are imported.
+    """
+    import csv
+
+    from digest import subscriptions
+
+    runtime = runtime_from(ctx)
+    imported = bad = 0
+    with file.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        session = runtime.session_factory()
+        try:
+            for row in reader:
+                if not row or not "".join(row).strip():
+                    continue
+                if reader.line_num == 1 and row[0].strip().lower() == "email":
+                    continue  # header
+                try:
+                    topics = row[1] if len(row) > 1 else ""
+                    subscriptions.add_confirmed(session, row[0], now=utcnow(), topics=topics, source="import")
+                except DigestError as exc:
+                    bad += 1
+                    click.echo(f"line {reader.line_num}: {exc}", err=True)
+                    continue
+                imported += 1
+                if imported % 1000 == 0:  # keep transactions short on big files
+                    session.commit()
+            session.commit()
+        finally:
+            session.close()
+    click.echo(f"imported {imported} subscribers; {bad} bad rows skipped")
+
+
+@subscribers.command("export")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@click.pass_context
+@reports_errors
+def subscribers_export(ctx: click.Context, file: Path | None) -> None:
+    """Write every subscriber as CSV (email, topics, status, ...) to FILE or standard output."""
+    import csv
+
+    runtime = runtime_from(ctx)
+    out = file.open("w", newline="", encoding="utf-8") if file else click.get_text_stream("stdout")
+    try:
+        writer = csv.writer(out)
+        writer.writerow(["email", "topics", "status", "frequency", "created_at", "confirmed_at"])
+        with transaction(runtime.session_factory) as session:
+            query = select(Subscriber).order_by(Subscriber.id).execution_options(yield_per=1000)
+            for sub in session.scalars(query):
+                confirmed = sub.confirmed_at.isoformat() if sub.confirmed_at else ""
+                row = [sub.email, sub.topics, sub.status.value, sub.frequency.value, sub.created_at.isoformat()]
+                writer.writerow([*row, confirmed])
+    finally:
+        if file:
+            out.close()
+    if file:
+        click.echo(f"wrote {file}", err=True)
+
+
+@subscribers.command("delete")
+@click.argument("email")
+@click.pass_context
+@reports_errors
+def subscribers_delete(ctx: click.Context, email: str) -> None:
+    """Erase a person: their subscriber row and the personal data in the delivery records."""
+    from digest import subscriptions
+
+    runtime = runtime_from(ctx)
+    with transaction(runtime.session_factory) as session:
+        subscriptions.erase(session, subscriptions.get_by_email(session, email))
+    click.echo(f"{email}: deleted")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
+@click.pass_context
+@reports_errors
+def serve(ctx: click.Context, host: str, port: int) -> None:
+    """The web app (subscribe, confirm, preferences, unsubscribe, JSON API) under uvicorn."""
+    import uvicorn
+
+    from digest.web.app import create_app
+
+    # uvicorn honours X-Forwarded-For only from FORWARDED_ALLOW_IPS (default: 127.0.0.1).
+    uvicorn.run(create_app(runtime_from(ctx)), host=host, port=port, proxy_headers=True)
+
+
+@main.command()
+@click.option("--date", "date_", help="Day of the digest (YYYY-MM-DD); default: the newest.")
+@click.pass_context
+@reports_errors
+def status(ctx: click.Context, date_: str | None) -> None:
+    """Deliveries by status, send rate, the oldest open delivery and failures with reasons."""
+    from digest.status import status_for
+
+    runtime = runtime_from(ctx)
+    now = utcnow()
+    with transaction(runtime.session_factory) as session:
+        editions = status_for(session, parse_day(date_))
+        if not editions:
+            click.echo("no digest yet")
+        for edition in editions:
+            for line in edition.lines(now):
+                click.echo(line)
+
+
+@main.command()
+@click.pass_context
+@reports_errors
+def mailin(ctx: click.Context) -> None:
+    """Receive mail to the list's address over SMTP (subscribe, unsubscribe, bounces, complaints)."""
+    from digest.mailin_server import run as run_mailin
+
+    # One log line per message received is this process's record of what it did.
+    logging.getLogger("digest").setLevel(logging.INFO)
+    run_mailin(runtime_from(ctx))
+
+
 @main.command()
 @click.option("--outbox", type=click.Path(file_okay=False, path_type=Path), default=Path("outbox"), show_default=True)
 @click.option("--date", "date_", help="Day to collect; default: the latest weekday, else the newest sample.")

@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     soft_bounce_window_days: int = 7
     complaint_pause_threshold: float = 0.003
     task_visibility_timeout: int = 3600
+    task_wait_seconds: float = 900.0  # how long `digest run` waits for a worker to answer
 
     # Mail in
     mailin_host: str = "127.0.0.1"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous import BadSignature, SignatureExpired, URLSafeSerializer, URLSafeTimedSerializer
 
 from digest.errors import InvalidToken
 
@@ -25,18 +25,24 @@ class Tokens:
         self._secret_key = secret_key
         self.confirm_max_age_seconds = confirm_max_age_seconds
 
-    def _serializer(self, purpose: Purpose) -> URLSafeTimedSerializer:
-        return URLSafeTimedSerializer(self._secret_key, salt=f"digest.{purpose.value}")
+    def _serializer(self, purpose: Purpose) -> URLSafeSerializer:
+        # Only confirmation links expire; the others carry no timestamp, so a subscriber's
+        # links are the same in every message (and a retried message is byte-identical).
+        if purpose is Purpose.CONFIRM:
+            return URLSafeTimedSerializer(self._secret_key, salt=f"digest.{purpose.value}")
+        return URLSafeSerializer(self._secret_key, salt=f"digest.{purpose.value}")
 
     def make(self, purpose: Purpose, object_id: int, stamp: int) -> str:
         return str(self._serializer(purpose).dumps([object_id, stamp]))
 
     def read(self, purpose: Purpose, token: str) -> tuple[int, int]:
         """The (id, stamp) a token names; ``InvalidToken`` if tampered, foreign or expired."""
-        max_age = self.confirm_max_age_seconds if purpose is Purpose.CONFIRM else None
         serializer = self._serializer(purpose)
         try:
-            payload = serializer.loads(token, max_age=max_age)
+            if isinstance(serializer, URLSafeTimedSerializer):
+                payload = serializer.loads(token, max_age=self.confirm_max_age_seconds)
+            else:
+                payload = serializer.loads(token)
         except SignatureExpired as exc:
             payload = exc.payload
             subscriber_id = _as_pair(payload)[0] if payload is not None else None
