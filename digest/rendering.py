@@ -1,29 +1,42 @@
 """Emails from Jinja2 templates in ``email_templates/``: subject, text and HTML from one object.
 
-Every email kind has one typed context class; the HTML part gets the shared stylesheet inlined
-(mail clients drop ``<style>`` blocks) and the text part is rendered from the same data.
+Every email kind has one typed context class. Its fields split in two: the *personal* ones
+(recipient, signed links) and everything else. The template is rendered, its stylesheet
+inlined and its text wrapped once per distinct set of shared values (for a digest: once per
+edition and list of picks), with markers where the personal values go; each message then only
+fills in those markers. The MIME bytes are built directly (quoted-printable in C through
+``binascii``) instead of through ``EmailMessage.as_bytes()``, which is several times slower.
 """
 
 from __future__ import annotations
 
+import binascii
 import datetime as dt
-from dataclasses import asdict, dataclass, field
-import email.policy
-from email.headerregistry import Address
+import hashlib
+import re
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from email import message_from_bytes, policy
 from email.message import EmailMessage
-from email.utils import format_datetime, parseaddr
+from email.utils import format_datetime, formataddr, parseaddr
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import css_inline
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from markupsafe import escape
 
 from digest.models import Paper
 
-LIST_POLICY = email.policy.default.clone(max_line_length=998)
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "email_templates"
 SUMMARY_CHARS = 420
 AUTHORS_SHOWN = 4
+TEXT_WIDTH = 78
+PART_ENCODING = b"Content-Transfer-Encoding: quoted-printable\n\n"
+MAX_LINE = 998  # RFC 5322: longer lines are cut or refused by SMTP servers
+SHARED_RENDERINGS = 256  # distinct (edition, picks) renderings kept per process
 
 
 def shorten(text: str, limit: int = SUMMARY_CHARS) -> str:
@@ -40,6 +53,22 @@ def authors_line(authors: list[str], shown: int = AUTHORS_SHOWN) -> str:
     if len(authors) <= shown:
         return ", ".join(authors)
     return ", ".join(authors[:shown]) + " et al."
+
+
+@lru_cache(maxsize=4096)
+def wrap(text: str, width: int = TEXT_WIDTH, indent: str = "   ", first: str | None = None) -> str:
+    """Wrap for the text part; cached because the same abstract is wrapped for many messages.
+
+    Long words (URLs) are never broken, so every link stays clickable.
+    """
+    return textwrap.fill(
+        " ".join(text.split()),
+        width=width,
+        initial_indent=indent if first is None else first,
+        subsequent_indent=indent,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -79,8 +108,10 @@ class PaperView:
 
 @dataclass(frozen=True)
 class DigestContext:
+    PERSONAL: ClassVar[tuple[str, ...]] = ("recipient", "unsubscribe_url", "preferences_url")
+
     date_label: str
-    papers: list[PaperView]
+    papers: Sequence[PaperView]
     recipient: str
     frequency: str
     unsubscribe_url: str
@@ -91,6 +122,8 @@ class DigestContext:
 
 @dataclass(frozen=True)
 class ConfirmContext:
+    PERSONAL: ClassVar[tuple[str, ...]] = ("recipient", "confirm_url")
+
     recipient: str
     confirm_url: str
     valid_hours: int
@@ -99,6 +132,8 @@ class ConfirmContext:
 
 @dataclass(frozen=True)
 class WelcomeContext:
+    PERSONAL: ClassVar[tuple[str, ...]] = ("recipient", "preferences_url", "unsubscribe_url")
+
     recipient: str
     frequency: str
     send_hour: int
@@ -110,6 +145,8 @@ class WelcomeContext:
 
 @dataclass(frozen=True)
 class UnsubscribedContext:
+    PERSONAL: ClassVar[tuple[str, ...]] = ("recipient",)
+
     recipient: str
     home_url: str
     postal_address: str
@@ -134,10 +171,57 @@ def date_label(day: dt.date) -> str:
     return f"{day.strftime('%A')}, {day.day} {day.strftime('%B %Y')}"
 
 
-class EmailRenderer:
-    """Renders any email kind; the environment and stylesheet are loaded once per process."""
+# Plain ASCII word characters: autoescaping, the CSS inliner and URL attributes leave them as is.
+_MARKER = "__digest_personal_{}__"
+_MARKER_RE = re.compile(r"__digest_personal_(\w+?)__")
 
-    def __init__(self, templates_dir: Path = TEMPLATES_DIR):
+
+@dataclass(frozen=True)
+class _Filled:
+    """A rendered text cut at its personal markers: literal, name, literal, name, ..., literal."""
+
+    pieces: tuple[str, ...]
+
+    @classmethod
+    def of(cls, text: str) -> _Filled:
+        return cls(tuple(_MARKER_RE.split(text)))
+
+    def fill(self, values: dict[str, str], quote: Callable[[str], str]) -> str:
+        pieces = self.pieces
+        if len(pieces) == 1:
+            return pieces[0]
+        out = [pieces[0]]
+        for i in range(1, len(pieces), 2):
+            value = values.get(pieces[i])
+            # A marker-like string that is not a personal field (say, in a paper title) stays as is.
+            out.append(_MARKER.format(pieces[i]) if value is None else quote(value))
+            out.append(pieces[i + 1])
+        return "".join(out)
+
+
+@dataclass(frozen=True)
+class _Shared:
+    subject: _Filled
+    text: _Filled
+    html: _Filled
+
+
+def _plain(value: str) -> str:
+    return value
+
+
+def _html(value: str) -> str:
+    return str(escape(value))
+
+
+def _one_line(value: str) -> str:
+    return " ".join(value.split())
+
+
+class EmailRenderer:
+    """Renders any email kind; templates, stylesheet and shared renderings live per process."""
+
+    def __init__(self, templates_dir: Path = TEMPLATES_DIR, cache_size: int = SHARED_RENDERINGS):
         self._env = Environment(
             loader=FileSystemLoader(templates_dir),
             autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=False),
@@ -145,21 +229,49 @@ class EmailRenderer:
             trim_blocks=False,
             keep_trailing_newline=True,
         )
+        self._env.filters["wrap"] = wrap
+        self._env.filters["shorten"] = shorten
         css = (templates_dir / "_base" / "style.css").read_text(encoding="utf-8")
-        self._inliner = css_inline.CSSInliner(extra_css=css, load_remote_stylesheets=False)
+        # keep_at_rules: @media rules (dark mode, small screens) cannot be inlined, so they stay
+        # in a <style> block; everything the layout needs is inlined.
+        self._inliner = css_inline.CSSInliner(
+            extra_css=css, load_remote_stylesheets=False, keep_at_rules=True, minify_css=True
+        )
+        self._shared = lru_cache(maxsize=cache_size)(self._render_shared)
 
     def render(self, context: Any) -> RenderedEmail:
-        name = TEMPLATE_OF[type(context)]
-        values = asdict(context)
-        # asdict turns nested dataclasses into dicts, which templates read the same way.
+        personal_names: tuple[str, ...] = context.PERSONAL
+        shared_values = tuple(
+            (f.name, _frozen(getattr(context, f.name)))
+            for f in fields(context)
+            if f.name not in personal_names
+        )
+        shared = self._shared(TEMPLATE_OF[type(context)], personal_names, shared_values)
+        personal = {name: getattr(context, name) for name in personal_names}
+        return RenderedEmail(
+            subject=shared.subject.fill(personal, _one_line),
+            text=shared.text.fill(personal, _plain),
+            html=shared.html.fill(personal, _html),
+        )
+
+    def _render_shared(
+        self, name: str, personal_names: tuple[str, ...], shared_values: tuple[tuple[str, Any], ...]
+    ) -> _Shared:
+        values = dict(shared_values)
+        values.update({field_name: _MARKER.format(field_name) for field_name in personal_names})
         subject = self._env.get_template(f"{name}/subject.txt").render(values)
         text = self._env.get_template(f"{name}/body.txt").render(values)
         html = self._env.get_template(f"{name}/body.html").render(values)
-        return RenderedEmail(
-            subject=" ".join(subject.split()),
-            text=text,
-            html=self._inliner.inline(html),
+        return _Shared(
+            subject=_Filled.of(" ".join(subject.split())),
+            text=_Filled.of(text),
+            html=_Filled.of(self._inliner.inline(html)),
         )
+
+
+def _frozen(value: Any) -> Any:
+    """Hashable form of a context value (lists of papers become tuples) for the cache key."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 @dataclass(frozen=True)
@@ -176,26 +288,82 @@ class Envelope:
     extra_headers: dict[str, str] = field(default_factory=dict)
 
 
-def build_message(rendered: RenderedEmail, envelope: Envelope) -> EmailMessage:
-    """A ``multipart/alternative`` message (text first, HTML preferred) with list headers."""
-    # Long unbreakable values (List-Unsubscribe URLs) must stay raw, not RFC 2047-encoded.
-    message = EmailMessage(policy=LIST_POLICY)
-    name, address = parseaddr(envelope.mail_from)
-    message["From"] = Address(display_name=name, addr_spec=address) if name else address
-    message["To"] = envelope.recipient
-    message["Subject"] = rendered.subject
-    message["Date"] = format_datetime(envelope.date)
-    message["Message-ID"] = envelope.message_id
+_FOLD_POLICY = policy.default.clone(max_line_length=TEXT_WIDTH)
+
+
+@lru_cache(maxsize=1024)
+def _folded(name: str, value: str) -> bytes:
+    """One header as wire bytes, folded at spaces to about 78 characters.
+
+    ASCII values are folded here: the email package would turn an unbreakable long value
+    (a ``List-Unsubscribe`` URL) into RFC 2047 encoded words, which receivers do not decode
+    in that header. Non-ASCII values (subjects, names) get RFC 2047 from the email package.
+    Cached because From, Subject and List-Id repeat across messages.
+    """
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"header {name} may not contain line breaks")
+    if not value.isascii():
+        return _FOLD_POLICY.fold_binary(name, value)
+    lines = [f"{name}:"]
+    for word in value.split(" "):
+        if len(lines[-1]) + 1 + len(word) > TEXT_WIDTH and lines[-1] != f"{name}:":
+            lines.append("")
+        lines[-1] += " " + word
+    if any(len(line) > MAX_LINE for line in lines):
+        raise ValueError(f"header {name} has a word too long for one line")
+    return ("\n".join(lines) + "\n").encode("ascii")
+
+
+def _qp(text: str) -> bytes:
+    """Quoted-printable in C: lines of at most 76 characters, safe for any SMTP hop."""
+    data = text.encode("utf-8")
+    if not data.endswith(b"\n"):
+        data += b"\n"
+    return binascii.b2a_qp(data, quotetabs=False, istext=True, header=False)
+
+
+def message_bytes(rendered: RenderedEmail, envelope: Envelope) -> bytes:
+    """The wire form of a ``multipart/alternative`` message (text first, HTML preferred).
+
+    The boundary derives from the Message-ID, so the same message is the same bytes (and a
+    retry after a crash sends exactly what was sent before). It starts with ``=_``, which
+    quoted-printable never produces, so it cannot occur in a body.
+    """
+    boundary = "=_" + hashlib.sha256(envelope.message_id.encode("utf-8")).hexdigest()[:32]
+    headers = [
+        _folded("From", formataddr(parseaddr(envelope.mail_from))),
+        _folded("To", envelope.recipient),
+        _folded("Subject", rendered.subject),
+        _folded("Date", format_datetime(envelope.date)),
+        _folded("Message-ID", envelope.message_id),
+    ]
     if envelope.list_id:
-        message["List-Id"] = envelope.list_id
+        headers.append(_folded("List-Id", envelope.list_id))
     if envelope.unsubscribe_url:
         targets = [f"<{envelope.unsubscribe_url}>"]
         if envelope.unsubscribe_mailto:
             targets.append(f"<mailto:{envelope.unsubscribe_mailto}>")
-        message["List-Unsubscribe"] = ", ".join(targets)
-        message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-    for key, value in envelope.extra_headers.items():
-        message[key] = value
-    message.set_content(rendered.text, subtype="plain", charset="utf-8")
-    message.add_alternative(rendered.html, subtype="html", charset="utf-8")
+        headers.append(_folded("List-Unsubscribe", ", ".join(targets)))
+        headers.append(b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\n")
+    headers.extend(_folded(key, value) for key, value in envelope.extra_headers.items())
+    part_head = b'--%s\nContent-Type: text/%s; charset="utf-8"\n' + PART_ENCODING
+
+    marker = boundary.encode("ascii")
+    return b"".join(
+        [
+            *headers,
+            b'MIME-Version: 1.0\nContent-Type: multipart/alternative; boundary="%s"\n\n' % marker,
+            part_head % (marker, b"plain"),
+            _qp(rendered.text),
+            part_head % (marker, b"html"),
+            _qp(rendered.html),
+            b"--%s--\n" % marker,
+        ]
+    )
+
+
+def build_message(rendered: RenderedEmail, envelope: Envelope) -> EmailMessage:
+    """``message_bytes`` as an ``EmailMessage``, for callers that inspect or adjust a message."""
+    message = message_from_bytes(message_bytes(rendered, envelope), policy=policy.default)
+    assert isinstance(message, EmailMessage)  # policy.default parses into EmailMessage
     return message
