@@ -1,0 +1,124 @@
+"""Polling an IMAP mailbox for mail to the list's address (beat task ``digest.poll_imap``).
+
+Each unseen message is fetched without marking it (BODY.PEEK), handled by
+``digest.mailin.process`` and flagged ``\\Seen`` only after its transaction committed, so a crash
+or a database outage leaves it for the next poll. ``ProcessedMessage`` keeps a message that
+changed something from being handled again even if someone marks it unread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import imaplib
+import logging
+import re
+from dataclasses import dataclass
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from digest.errors import DigestError
+from digest.mailin import process, send_replies
+from digest.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+SIZE = re.compile(rb"RFC822\.SIZE (\d+)")
+
+
+@dataclass
+class PollStats:
+    seen: int = 0  # unseen messages found
+    handled: int = 0  # changed something
+    ignored: int = 0  # junk, auto-replies, duplicates, oversized
+    failed: int = 0  # left unseen for the next poll
+
+    def line(self) -> str:
+        return (
+            f"{self.seen} new, {self.handled} handled, {self.ignored} ignored, {self.failed} left for later"
+        )
+
+
+def connect(runtime: Runtime) -> imaplib.IMAP4:
+    s = runtime.settings
+    if not s.imap_host or not s.imap_username or s.imap_password is None:
+        raise DigestError(
+            "IMAP polling needs DIGEST_IMAP_HOST, DIGEST_IMAP_USERNAME and DIGEST_IMAP_PASSWORD"
+        )
+    client = (
+        imaplib.IMAP4_SSL(s.imap_host, s.imap_port) if s.imap_ssl else imaplib.IMAP4(s.imap_host, s.imap_port)
+    )
+    client.login(s.imap_username, s.imap_password)
+    return client
+
+
+def poll_imap(runtime: Runtime) -> PollStats:
+    """Handle every unseen message in DIGEST_IMAP_FOLDER once; returns what happened."""
+    stats = PollStats()
+    limit = runtime.settings.mailin_max_bytes
+    client = connect(runtime)
+    try:
+        status, _ = client.select(_quoted(runtime.settings.imap_folder))
+        if status != "OK":
+            raise DigestError(f"IMAP folder {runtime.settings.imap_folder!r} cannot be opened")
+        _, found = client.uid("SEARCH", "UNSEEN")
+        uids = found[0].split() if found and found[0] else []
+        replies: list[tuple[str, bytes]] = []
+        for uid in uids:
+            stats.seen += 1
+            _, sized = client.uid("FETCH", uid, "(RFC822.SIZE)")
+            size = _size(sized)
+            if size is None or size > limit:
+                log.warning(
+                    "mail in: IMAP message %s of %s bytes is over the %d byte limit; ignored",
+                    uid.decode(),
+                    size,
+                    limit,
+                )
+                stats.ignored += 1
+                client.uid("STORE", uid, "+FLAGS", r"(\Seen)")
+                continue
+            _, fetched = client.uid("FETCH", uid, "(BODY.PEEK[])")
+            data = _body(fetched)
+            try:
+                processed = process(runtime, data, envelope_sender=None, recipients=None)
+            except SQLAlchemyError:
+                log.exception(
+                    "mail in: database unavailable; IMAP message %s left for the next poll", uid.decode()
+                )
+                stats.failed += 1
+                continue
+            client.uid("STORE", uid, "+FLAGS", r"(\Seen)")
+            replies.extend(processed.replies)
+            if processed.changed:
+                stats.handled += 1
+            else:
+                stats.ignored += 1
+        if replies:
+            asyncio.run(send_replies(runtime, replies))
+    finally:
+        try:
+            client.logout()
+        except (imaplib.IMAP4.error, OSError):
+            log.warning("mail in: IMAP logout failed", exc_info=True)
+    return stats
+
+
+def _quoted(folder: str) -> str:
+    return '"' + folder.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _size(response: list[object]) -> int | None:
+    for item in response:
+        raw = item[0] if isinstance(item, tuple) else item
+        if isinstance(raw, bytes):
+            found = SIZE.search(raw)
+            if found:
+                return int(found.group(1))
+    return None
+
+
+def _body(response: list[object]) -> bytes:
+    for item in response:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], bytes):
+            return item[1]
+    return b""

@@ -1,0 +1,515 @@
+"""Mail in: what a message to the list's address means, and what we do about it.
+
+Messages reach us through the SMTP listener (``digest.mailin_server``) or an IMAP poll
+(``digest.imap``); both call ``process``. A message is read once into an ``Inbound`` (what it
+is, whom it names), then ``handle`` acts on it in the caller's transaction:
+
+* ``+subscribe`` (or subject / first line "subscribe"): double opt-in for the sender; the
+  confirmation goes to that address, so a forged sender cannot subscribe someone else.
+* ``+unsubscribe-<token>`` (the ``List-Unsubscribe`` mailto), or "unsubscribe" from a subscribed
+  address: unsubscribed at once, with a short confirmation.
+* delivery-status reports (RFC 3464) to ``+bounce-<token>``: 5.x.x bounces the subscriber,
+  4.x.x counts toward the windowed soft-bounce score.
+* abuse reports (ARF, RFC 5965): a complaint is recorded and the subscriber unsubscribed.
+* everything else (auto-replies, junk, forged tokens): one log line, no change, no answer.
+
+Only messages that changed something are remembered (``ProcessedMessage``), so junk leaves the
+database as it was; a remembered message is never handled twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from email import message_from_bytes, message_from_string
+from email import policy as email_policy
+from email.message import Message
+from email.utils import getaddresses, parseaddr
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from digest import subscriptions
+from digest.addresses import normalise_address
+from digest.db import transaction
+from digest.delivery import DeliveryPolicy, record_bounce
+from digest.errors import DigestError, InvalidToken
+from digest.models import Delivery, ProcessedMessage, Subscriber, SubscriberEvent, SubscriberStatus, utcnow
+from digest.runtime import Runtime
+from digest.tokens import Purpose, Tokens
+
+log = logging.getLogger(__name__)
+
+STATUS_CODE = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+OUT_OF_OFFICE = re.compile(
+    r"^\s*(out of (the )?office|automatic reply|auto[- ]?reply|autoreply|auto:|away from|on vacation|"
+    r"vacation|abwesenheit|absence|réponse automatique|respuesta automática)",
+    re.IGNORECASE,
+)
+COMMANDS = ("subscribe", "unsubscribe")
+# Headers that may name the address a message was delivered to, when there is no SMTP envelope.
+RECIPIENT_HEADERS = ("Delivered-To", "X-Original-To", "Envelope-To", "To", "Cc")
+
+
+class Kind(enum.StrEnum):
+    SUBSCRIBE = "subscribe"
+    UNSUBSCRIBE = "unsubscribe"
+    DSN = "dsn"
+    COMPLAINT = "complaint"
+    AUTO_REPLY = "auto_reply"
+    UNRECOGNISED = "unrecognised"
+    MALFORMED = "malformed"
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """What one inbound message is, read once from its bytes and envelope."""
+
+    kind: Kind
+    key: str  # ProcessedMessage key: the Message-ID, or a hash of the bytes
+    sender: str | None = None  # where an answer may go; None when we must never answer
+    token: str | None = None  # signed part of the sub-address it was sent to
+    tag: str = ""  # "subscribe", "unsubscribe", "bounce" or "" (the plain address)
+    status: str | None = None  # DSN status code of the failed recipient, e.g. "5.1.1"
+    detail: str = ""
+    original_message_id: str | None = None  # of the digest a report is about
+
+
+@dataclass(frozen=True)
+class Handled:
+    """The outcome of one message, and the answer to send after the commit (if any)."""
+
+    outcome: str
+    reply: str | None = None  # "confirmation" or "unsubscribed"
+    subscriber_id: int | None = None
+    changed: bool = False
+
+
+@dataclass(frozen=True)
+class MailinConfig:
+    """The values mail-in needs from settings."""
+
+    inbound_address: str
+    tokens: Tokens
+    policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
+
+    @property
+    def local(self) -> str:
+        return self.inbound_address.rpartition("@")[0].lower()
+
+    @property
+    def domain(self) -> str:
+        return self.inbound_address.rpartition("@")[2].lower()
+
+    def tag_of(self, address: str) -> tuple[str, str] | None:
+        """(tag, token) if ``address`` is ours, else None.
+
+        ``papers@`` gives ("", ""), ``papers+bounce-T@`` gives ("bounce", "T").
+        """
+        local, _, domain = address.strip().strip("<>").rpartition("@")
+        if domain.lower() != self.domain:
+            return None
+        base, plus, detail = local.partition("+")
+        if base.lower() != self.local:
+            return None
+        if not plus:
+            return "", ""
+        tag, _, token = detail.partition("-")
+        # Tokens are case-sensitive; only the tag is matched without regard to case.
+        return tag.lower(), token
+
+    def accepts(self, address: str) -> bool:
+        return self.tag_of(address) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a message
+
+
+def message_key(msg: Message | None, data: bytes) -> str:
+    message_id = _header(msg, "Message-ID") if msg is not None else ""
+    message_id = message_id.strip()
+    if message_id and len(message_id) <= 240:
+        return "mid:" + message_id
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _header(msg: Message, name: str) -> str:
+    """A header as text, whatever its encoding; '' when missing or unreadable."""
+    try:
+        value = msg.get(name)
+    except Exception:  # a broken header must not stop the rest of the message being read
+        return ""
+    if value is None:
+        return ""
+    return " ".join(str(value).split())
+
+
+def _fields(part: Message) -> list[Message]:
+    """The header blocks of a report part (delivery-status or feedback-report), however parsed."""
+    payload = part.get_payload(decode=False)
+    if isinstance(payload, list):
+        return [p for p in payload if isinstance(p, Message)]
+    text = payload if isinstance(payload, str) else ""
+    blocks = re.split(r"\r?\n\s*\r?\n", text.strip())
+    return [message_from_string(block + "\n") for block in blocks if block.strip()]
+
+
+def _report_parts(msg: Message) -> dict[str, Message]:
+    parts: dict[str, Message] = {}
+    for part in msg.walk():
+        parts.setdefault(part.get_content_type(), part)
+    return parts
+
+
+def _original_message_id(parts: dict[str, Message]) -> str | None:
+    """The Message-ID of the message a report is about (its attached copy or headers)."""
+    original = parts.get("message/rfc822")
+    if original is not None:
+        payload = original.get_payload()
+        if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+            value = _header(payload[0], "Message-ID")
+            if value:
+                return value
+    for name in ("text/rfc822-headers", "message/rfc822-headers"):
+        headers = parts.get(name)
+        if headers is not None:
+            payload = headers.get_payload(decode=True)
+            if isinstance(payload, bytes):
+                value = _header(message_from_bytes(payload, policy=email_policy.compat32), "Message-ID")
+                if value:
+                    return value
+    return None
+
+
+def _failed_status(parts: dict[str, Message]) -> tuple[str, str] | None:
+    """The first non-success Status of a delivery-status report, with its diagnostic text."""
+    report = parts.get("message/delivery-status") or parts.get("message/global-delivery-status")
+    if report is None:
+        return None
+    for block in _fields(report)[1:] or _fields(report):
+        action = _header(block, "Action").lower()
+        found = STATUS_CODE.search(_header(block, "Status"))
+        if found is None or found.group(1) == "2" or action in ("delivered", "relayed", "expanded"):
+            continue
+        diagnostic = _header(block, "Diagnostic-Code") or _header(block, "Status")
+        return found.group(0), f"{action or 'failed'} {found.group(0)}: {diagnostic}"[:500]
+    return None
+
+
+def _is_auto_reply(msg: Message) -> bool:
+    auto = _header(msg, "Auto-Submitted").lower()
+    if auto and auto != "no":
+        return True
+    if any(_header(msg, name) for name in ("X-Autoreply", "X-Autorespond", "X-Auto-Response-Suppress")):
+        return True
+    if _header(msg, "Precedence").lower() in ("auto_reply", "bulk", "junk", "list"):
+        return True
+    return bool(OUT_OF_OFFICE.match(_header(msg, "Subject")))
+
+
+def _first_line(msg: Message) -> str:
+    try:
+        part = msg.get_body(preferencelist=("plain",)) if hasattr(msg, "get_body") else None
+        text = part.get_content() if part is not None else ""
+    except Exception:  # an undecodable body simply has no command in it
+        return ""
+    for line in str(text).splitlines():
+        if line.strip():
+            return line.strip().lower()
+    return ""
+
+
+def _command(msg: Message) -> str | None:
+    """'subscribe' or 'unsubscribe' when the subject or first body line is exactly that word."""
+    subject = _header(msg, "Subject").strip().lower()
+    if subject in COMMANDS:
+        return subject
+    line = _first_line(msg)
+    return line if line in COMMANDS else None
+
+
+def reply_address(msg: Message, envelope_sender: str | None) -> str | None:
+    """Where an answer may go: the From address (else the envelope's); None for a null sender."""
+    if envelope_sender is not None and envelope_sender.strip() in ("", "<>"):
+        return None
+    if _header(msg, "Return-Path").strip() == "<>":
+        return None
+    from_address = parseaddr(_header(msg, "From"))[1]
+    return from_address or (envelope_sender or "").strip("<> ") or None
+
+
+def our_recipients(
+    config: MailinConfig, msg: Message | None, recipients: list[str] | None
+) -> list[tuple[str, str]]:
+    """(tag, token) of each of our addresses the message went to: the SMTP envelope, else headers."""
+    if recipients is None:
+        addresses = [a for _, a in getaddresses([_header(msg, h) for h in RECIPIENT_HEADERS])] if msg else []
+    else:
+        addresses = recipients
+    found = [config.tag_of(a) for a in addresses]
+    return [t for t in found if t is not None]
+
+
+def classify(
+    config: MailinConfig, data: bytes, *, envelope_sender: str | None, recipients: list[str] | None
+) -> Inbound:
+    """What a message is. Never raises: unreadable input is ``Kind.MALFORMED``."""
+    try:
+        msg = message_from_bytes(data, policy=email_policy.default)
+        key = message_key(msg, data)
+    except Exception as exc:  # the parser is lenient; this is for input that still breaks it
+        return Inbound(Kind.MALFORMED, "sha256:" + hashlib.sha256(data).hexdigest(), detail=repr(exc)[:200])
+    try:
+        return _classify(config, msg, key, envelope_sender, recipients)
+    except Exception as exc:  # headers or parts that break the parser's lazy decoding
+        return Inbound(Kind.MALFORMED, key, detail=repr(exc)[:200])
+
+
+def _classify(
+    config: MailinConfig, msg: Message, key: str, envelope_sender: str | None, recipients: list[str] | None
+) -> Inbound:
+    if msg.defects and not msg.keys():
+        return Inbound(Kind.MALFORMED, key, detail="no headers")
+    targets = our_recipients(config, msg, recipients)
+    priority = {"bounce": 0, "unsubscribe": 1, "subscribe": 2, "": 3}
+    targets.sort(key=lambda t: priority.get(t[0], 4))
+    tag, token = targets[0] if targets else ("", "")
+    # Reports come from machines and carry Auto-Submitted: read them before the auto-reply rule.
+    if msg.get_content_type() == "multipart/report":
+        parts = _report_parts(msg)
+        report_type = str(msg.get_param("report-type", "")).lower()
+        original = _original_message_id(parts)
+        if report_type == "feedback-report" or "message/feedback-report" in parts:
+            feedback = parts.get("message/feedback-report")
+            feedback_type = ""
+            if feedback is not None:
+                blocks = _fields(feedback)
+                feedback_type = _header(blocks[0], "Feedback-Type").lower() if blocks else ""
+            return Inbound(
+                Kind.COMPLAINT,
+                key,
+                token=token if tag == "bounce" else None,
+                tag=tag,
+                detail=f"feedback-type {feedback_type or 'unknown'}",
+                original_message_id=original,
+            )
+        failed = _failed_status(parts)
+        if failed is not None and tag == "bounce":
+            return Inbound(
+                Kind.DSN,
+                key,
+                token=token,
+                tag=tag,
+                status=failed[0],
+                detail=failed[1],
+                original_message_id=original,
+            )
+        return Inbound(
+            Kind.UNRECOGNISED,
+            key,
+            tag=tag,
+            detail=f"report {report_type or 'unknown'} without a failure we can use",
+        )
+    if tag == "unsubscribe" and token:
+        # The token proves whose link it is; honoured even from a machine, but never answered.
+        sender = None if _is_auto_reply(msg) else reply_address(msg, envelope_sender)
+        return Inbound(Kind.UNSUBSCRIBE, key, sender=sender, token=token, tag=tag)
+    if _is_auto_reply(msg):
+        return Inbound(Kind.AUTO_REPLY, key, tag=tag, detail=_header(msg, "Subject")[:200])
+    sender = reply_address(msg, envelope_sender)
+    if sender is None:
+        return Inbound(Kind.UNRECOGNISED, key, tag=tag, detail="null sender")
+    if tag == "bounce":
+        return Inbound(Kind.UNRECOGNISED, key, tag=tag, detail="not a delivery-status report")
+    command = tag if tag in COMMANDS else _command(msg)
+    if command == "subscribe":
+        return Inbound(Kind.SUBSCRIBE, key, sender=sender, tag=tag)
+    if command == "unsubscribe":
+        return Inbound(Kind.UNSUBSCRIBE, key, sender=sender, tag=tag)
+    return Inbound(Kind.UNRECOGNISED, key, tag=tag, detail=_header(msg, "Subject")[:200])
+
+
+# ---------------------------------------------------------------------------------------------
+# Acting on it
+
+
+def handle(session: Session, config: MailinConfig, inbound: Inbound, *, now: dt.datetime) -> Handled:
+    """Act on one classified message in the caller's transaction (flushes, never commits)."""
+    if session.get(ProcessedMessage, inbound.key) is not None:
+        return Handled("duplicate")
+    try:
+        handled = _act(session, config, inbound, now)
+    except InvalidToken:
+        return Handled(f"ignored: invalid {inbound.tag or 'unsubscribe'} token")
+    except DigestError as exc:  # e.g. an unusable sender address
+        return Handled(f"ignored: {exc}")
+    if handled.changed:
+        session.add(ProcessedMessage(message_key=inbound.key, outcome=handled.outcome[:64], created_at=now))
+        session.flush()
+    return handled
+
+
+def _act(session: Session, config: MailinConfig, inbound: Inbound, now: dt.datetime) -> Handled:
+    if inbound.kind is Kind.SUBSCRIBE:
+        return _subscribe(session, config, inbound, now)
+    if inbound.kind is Kind.UNSUBSCRIBE:
+        return _unsubscribe(session, config, inbound, now)
+    if inbound.kind is Kind.DSN:
+        return _bounce(session, config, inbound, now)
+    if inbound.kind is Kind.COMPLAINT:
+        return _complaint(session, config, inbound, now)
+    return Handled(f"ignored: {inbound.kind.value} {inbound.detail}".strip())
+
+
+def _subscribe(session: Session, config: MailinConfig, inbound: Inbound, now: dt.datetime) -> Handled:
+    assert inbound.sender is not None
+    address = normalise_address(inbound.sender)
+    if config.tag_of(address) is not None or address.rpartition("@")[2] == config.domain:
+        return Handled("ignored: mail from our own domain")  # never start a loop with ourselves
+    outcome = subscriptions.subscribe(session, address, now=now, source="email")
+    return Handled(
+        "confirmation sent" if outcome.send_confirmation else "subscribe: nothing to send",
+        reply="confirmation" if outcome.send_confirmation else None,
+        subscriber_id=outcome.subscriber_id,
+        changed=outcome.send_confirmation,
+    )
+
+
+def _unsubscribe(session: Session, config: MailinConfig, inbound: Inbound, now: dt.datetime) -> Handled:
+    if inbound.token:
+        subscriber = subscriptions.subscriber_from_token(
+            session, config.tokens, Purpose.UNSUBSCRIBE, inbound.token
+        )
+    else:
+        assert inbound.sender is not None
+        found = subscriptions.find_by_email(session, normalise_address(inbound.sender))
+        if found is None or found.status not in (SubscriberStatus.ACTIVE, SubscriberStatus.PENDING):
+            return Handled("ignored: unsubscribe from an address not subscribed")
+        subscriber = found
+    changed = subscriptions.unsubscribe(session, subscriber, now=now)
+    return Handled(
+        "unsubscribed" if changed else "unsubscribe: already unsubscribed",
+        # The answer goes to the subscriber's own address, never to a (forgeable) sender.
+        reply="unsubscribed" if changed and inbound.sender is not None else None,
+        subscriber_id=subscriber.id,
+        changed=changed,
+    )
+
+
+def delivery_from_bounce_token(session: Session, tokens: Tokens, token: str) -> Delivery:
+    """The delivery a VERP token names; ``InvalidToken`` unless it still names that subscriber."""
+    delivery_id, subscriber_id = tokens.read(Purpose.BOUNCE, token)
+    delivery = session.get(Delivery, delivery_id)
+    if delivery is None or delivery.subscriber_id is None or delivery.subscriber_id != subscriber_id:
+        raise InvalidToken("This bounce address is not valid.")
+    return delivery
+
+
+def _bounce(session: Session, config: MailinConfig, inbound: Inbound, now: dt.datetime) -> Handled:
+    assert inbound.token is not None and inbound.status is not None
+    delivery = delivery_from_bounce_token(session, config.tokens, inbound.token)
+    assert delivery.subscriber_id is not None
+    hard = inbound.status.startswith("5")
+    bounced = record_bounce(
+        session,
+        delivery.subscriber_id,
+        delivery.id,
+        hard=hard,
+        detail=inbound.detail,
+        now=now,
+        policy=config.policy,
+    )
+    kind = "hard bounce" if hard else "soft bounce"
+    return Handled(
+        f"{kind}{' (bounced)' if bounced else ''}", subscriber_id=delivery.subscriber_id, changed=True
+    )
+
+
+def _complaint(session: Session, config: MailinConfig, inbound: Inbound, now: dt.datetime) -> Handled:
+    delivery: Delivery | None = None
+    if inbound.token:
+        delivery = delivery_from_bounce_token(session, config.tokens, inbound.token)
+    elif inbound.original_message_id:
+        delivery = session.scalar(select(Delivery).where(Delivery.message_id == inbound.original_message_id))
+    if delivery is None or delivery.subscriber_id is None:
+        return Handled("ignored: complaint about no delivery of ours")
+    subscriber = session.get(Subscriber, delivery.subscriber_id)
+    assert subscriber is not None
+    session.add(
+        SubscriberEvent(
+            subscriber_id=subscriber.id,
+            delivery_id=delivery.id,
+            kind="complaint",
+            detail=inbound.detail[:500],
+            created_at=now,
+        )
+    )
+    subscriptions.unsubscribe(session, subscriber, now=now)
+    return Handled("complaint (unsubscribed)", subscriber_id=subscriber.id, changed=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The boundary both receivers share
+
+
+@dataclass(frozen=True)
+class Processed:
+    outcome: str
+    changed: bool
+    replies: list[tuple[str, bytes]]  # (recipient, message) to send now that the change is committed
+
+
+def config_from(runtime: Runtime) -> MailinConfig:
+    return MailinConfig(runtime.settings.inbound_address, runtime.tokens, runtime.policy)
+
+
+def process(
+    runtime: Runtime, data: bytes, *, envelope_sender: str | None, recipients: list[str] | None
+) -> Processed:
+    """Classify and handle one message in its own transaction; logs one line about it.
+
+    ``recipients`` are the SMTP envelope's (None for a mailbox, where headers tell). Database
+    errors propagate, so the caller can ask the sender to retry (SMTP 451, IMAP: left unseen).
+    """
+    from digest import notifications
+
+    config = config_from(runtime)
+    inbound = classify(config, data, envelope_sender=envelope_sender, recipients=recipients)
+    replies: list[tuple[str, bytes]] = []
+    with transaction(runtime.session_factory) as session:
+        handled = handle(session, config, inbound, now=utcnow())
+        if handled.reply is not None and handled.subscriber_id is not None:
+            subscriber = session.get(Subscriber, handled.subscriber_id)
+            assert subscriber is not None
+            build = (
+                notifications.confirmation_message
+                if handled.reply == "confirmation"
+                else notifications.unsubscribed_message
+            )
+            replies.append((subscriber.email, build(runtime, subscriber)))
+    level = logging.INFO if handled.changed or inbound.kind is Kind.AUTO_REPLY else logging.WARNING
+    log.log(
+        level,
+        "mail in %s (%s, %d bytes): %s",
+        inbound.key[:80],
+        inbound.kind.value,
+        len(data),
+        handled.outcome,
+    )
+    return Processed(handled.outcome, handled.changed, replies)
+
+
+async def send_replies(runtime: Runtime, replies: list[tuple[str, bytes]]) -> None:
+    """Send the answers of a committed change; a failure is logged, not retried."""
+    from digest import notifications
+
+    for recipient, data in replies:
+        try:
+            await notifications.deliver(runtime, recipient, data)
+        except Exception:
+            log.exception("mail in: could not send the answer to %s", recipient)

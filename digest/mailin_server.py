@@ -1,0 +1,91 @@
+"""The inbound SMTP listener (``digest mailin``): an MX, or the target of a relay that forwards.
+
+It accepts mail only for the list's own address and its sub-addresses, refuses anything over
+``DIGEST_MAILIN_MAX_BYTES`` (advertised as SIZE, 552 otherwise), and hands each message to
+``digest.mailin.process`` off the event loop. Junk is accepted and ignored (a refusal would only
+make someone else send a bounce); a database failure answers 451 so the sender retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from sqlalchemy.exc import SQLAlchemyError
+
+from digest.mailin import MailinConfig, config_from, process, send_replies
+from digest.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class MailinHandler:
+    """aiosmtpd handler: RCPT filtering and DATA processing."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.config: MailinConfig = config_from(runtime)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        if not self.config.accepts(address):
+            return "550 5.1.1 No such mailbox here"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        data: bytes = envelope.original_content or b""
+        try:
+            processed = await asyncio.to_thread(
+                process,
+                self.runtime,
+                data,
+                envelope_sender=str(envelope.mail_from or ""),
+                recipients=list(envelope.rcpt_tos),
+            )
+        except SQLAlchemyError:
+            log.exception("mail in: database unavailable; asked the sender to retry")
+            return "451 4.3.0 Temporary failure, please retry"
+        except Exception:
+            log.exception("mail in: could not handle a message; asked the sender to retry")
+            return "451 4.3.0 Temporary failure, please retry"
+        await send_replies(self.runtime, processed.replies)
+        return "250 2.0.0 OK"
+
+
+async def serve(runtime: Runtime) -> None:
+    """Listen on DIGEST_MAILIN_HOST:PORT until SIGTERM or SIGINT."""
+    settings = runtime.settings
+    handler = MailinHandler(runtime)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTP(
+            handler,
+            data_size_limit=settings.mailin_max_bytes,
+            enable_SMTPUTF8=True,
+            # Naming ourselves avoids a reverse-DNS lookup (socket.getfqdn) per connection.
+            hostname=handler.config.domain,
+        ),
+        host=settings.mailin_host,
+        port=settings.mailin_port,
+    )
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.warning(
+        "mail in: listening on %s:%d for %s (limit %d bytes)",
+        settings.mailin_host,
+        settings.mailin_port,
+        settings.inbound_address,
+        settings.mailin_max_bytes,
+    )
+    async with server:
+        await stop.wait()
+    log.warning("mail in: stopped")
+
+
+def run(runtime: Runtime) -> None:
+    asyncio.run(serve(runtime))
