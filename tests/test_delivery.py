@@ -1,0 +1,166 @@
+"""The delivery ledger against a real SMTP server that refuses, defers and drops connections."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from digest.db import transaction
+from digest.delivery import claim
+from digest.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
+from digest.pipeline import collect_day, dispatch, run_inprocess, send_batch
+from digest.runtime import Runtime
+from digest.subscriptions import add_confirmed, unsubscribe
+from tests.support.servers import SMTPSink
+
+DAY = dt.date(2024, 10, 25)
+
+
+def people(runtime: Runtime, count: int) -> list[str]:
+    emails = [f"reader{n:03d}@example.com" for n in range(count)]
+    with transaction(runtime.session_factory) as session:
+        for email in emails:
+            add_confirmed(session, email, now=utcnow())
+    return emails
+
+
+def deliveries(session: Session) -> dict[str, Delivery]:
+    session.expire_all()
+    rows = session.execute(select(Subscriber.email, Delivery).join(Delivery, Delivery.subscriber_id == Subscriber.id))
+    return {email: delivery for email, delivery in rows}
+
+
+def received_counts(smtp: SMTPSink) -> Counter[str]:
+    return Counter(r for m in smtp.messages for r in m.rcpt_tos)
+
+
+def test_a_recipient_refused_with_550_fails_alone_with_the_reason(
+    runtime: Runtime, smtp: SMTPSink, session: Session
+) -> None:
+    emails = people(runtime, 5)
+    smtp.behaviour.refuse[emails[2]] = "550 5.1.1 No such user here"
+    summary = run_inprocess(runtime, DAY)
+    assert summary.counts["sent"] == 4 and summary.counts["failed"] == 1
+    assert set(received_counts(smtp)) == set(emails) - {emails[2]}
+    rows = deliveries(session)
+    assert rows[emails[2]].status is DeliveryStatus.FAILED
+    assert rows[emails[2]].last_error == "550 5.1.1 No such user here"
+    assert rows[emails[2]].attempts == 1, "a 5xx is not retried"
+    assert f"{emails[2]}: 550 5.1.1 No such user here" in summary.lines()[-1]
+    bounced = session.scalar(select(Subscriber).where(Subscriber.email == emails[2]))
+    assert bounced is not None and bounced.status is SubscriberStatus.BOUNCED
+
+
+def test_the_server_closing_the_connection_mid_batch_costs_no_message(
+    runtime: Runtime, smtp: SMTPSink, session: Session
+) -> None:
+    emails = people(runtime, 12)
+    smtp.behaviour.drop_after = 2  # hang up after every second message on a connection
+    summary = run_inprocess(runtime, DAY)
+    assert summary.counts["sent"] == 12
+    assert received_counts(smtp) == Counter(emails), "each exactly once"
+    assert len(smtp.accepted_on_connection) >= 6, "the server really hung up and we reconnected"
+    assert all(d.status is DeliveryStatus.SENT for d in deliveries(session).values())
+
+
+def test_temporary_failures_are_retried_with_backoff_then_delivered(
+    runtime: Runtime, smtp: SMTPSink, session: Session
+) -> None:
+    emails = people(runtime, 3)
+    smtp.behaviour.temp_fail_data = 4
+    smtp.behaviour.data_reply = "451 4.7.1 Greylisted, try again"
+    summary = run_inprocess(runtime, DAY)
+    assert summary.counts["sent"] == 3
+    assert received_counts(smtp) == Counter(emails)
+    rows = deliveries(session)
+    assert sum(d.attempts for d in rows.values()) == 3 + 4
+    assert all("queued as test" in (d.smtp_reply or "") for d in rows.values())
+
+
+def test_temporary_failures_past_the_limit_fail_with_the_reason(
+    runtime: Runtime, smtp: SMTPSink, session: Session
+) -> None:
+    (email,) = people(runtime, 1)
+    smtp.behaviour.temp_fail_data = 100
+    summary = run_inprocess(runtime, DAY)
+    assert summary.counts["failed"] == 1
+    delivery = deliveries(session)[email]
+    assert delivery.attempts == runtime.settings.send_max_attempts
+    assert delivery.last_error == "451 4.3.0 Try again later"
+    assert smtp.messages == []
+
+
+def prepare(runtime: Runtime, emails: list[str]) -> int:
+    with runtime.papers_client() as client, transaction(runtime.session_factory) as session:
+        digest_id = collect_day(session, client, DAY, runtime).digest_id
+    assert digest_id is not None
+    dispatch(
+        runtime.session_factory,
+        digest_id,
+        now=utcnow(),
+        page_size=100,
+        stale_after=runtime.policy.stale_after,
+        message_domain="digest.example.org",
+        enqueue=lambda ids: None,
+    )
+    return digest_id
+
+
+def test_a_dead_workers_lease_expires_and_the_same_message_is_sent(
+    runtime: Runtime, smtp: SMTPSink, session: Session
+) -> None:
+    (email,) = people(runtime, 1)
+    digest_id = prepare(runtime, [email])
+    with transaction(runtime.session_factory) as s:
+        (subscriber_id,) = s.scalars(select(Subscriber.id))
+        claimed = claim(s, digest_id, [subscriber_id], now=utcnow(), lease_seconds=60)
+    assert len(claimed) == 1
+    # The worker "dies" here: the row stays `sending` and nobody else may take it...
+    assert send_batch(runtime, digest_id, [subscriber_id]).sent == 0
+    # ...until its lease runs out.
+    with transaction(runtime.session_factory) as s:
+        s.execute(update(Delivery).values(lease_until=utcnow() - dt.timedelta(seconds=1)))
+    assert send_batch(runtime, digest_id, [subscriber_id]).sent == 1
+    delivery = deliveries(session)[email]
+    assert delivery.status is DeliveryStatus.SENT and delivery.attempts == 2
+    assert smtp.messages[0].message["Message-ID"] == delivery.message_id
+
+
+def test_two_workers_claiming_the_same_page_send_once(runtime: Runtime, smtp: SMTPSink) -> None:
+    emails = people(runtime, 4)
+    digest_id = prepare(runtime, emails)
+    with transaction(runtime.session_factory) as s:
+        ids = list(s.scalars(select(Subscriber.id)))
+    first = send_batch(runtime, digest_id, ids)
+    second = send_batch(runtime, digest_id, ids)
+    assert (first.sent, second.sent) == (4, 0)
+    assert received_counts(smtp) == Counter(emails)
+
+
+def test_stale_deliveries_are_skipped_not_dropped(runtime: Runtime, smtp: SMTPSink, session: Session) -> None:
+    (email,) = people(runtime, 1)
+    digest_id = prepare(runtime, [email])
+    with transaction(runtime.session_factory) as s:
+        s.execute(update(Delivery).values(not_after=utcnow() - dt.timedelta(minutes=1)))
+        ids = list(s.scalars(select(Subscriber.id)))
+    result = send_batch(runtime, digest_id, ids)
+    assert result.skipped == 1 and smtp.messages == []
+    delivery = deliveries(session)[email]
+    assert delivery.status is DeliveryStatus.SKIPPED
+    assert delivery.last_error is not None and delivery.last_error.startswith("stale: not sent before")
+
+
+def test_unsubscribing_after_planning_stops_the_queued_digest(runtime: Runtime, smtp: SMTPSink, session: Session) -> None:
+    emails = people(runtime, 2)
+    digest_id = prepare(runtime, emails)
+    with transaction(runtime.session_factory) as s:
+        subscriber = s.scalar(select(Subscriber).where(Subscriber.email == emails[0]))
+        assert subscriber is not None
+        unsubscribe(s, subscriber, now=utcnow())
+        ids = list(s.scalars(select(Subscriber.id)))
+    send_batch(runtime, digest_id, ids)
+    assert set(received_counts(smtp)) == {emails[1]}
+    assert deliveries(session)[emails[0]].status is DeliveryStatus.SKIPPED
