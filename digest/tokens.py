@@ -44,7 +44,8 @@ class Tokens:
             else:
                 payload = serializer.loads(token)
         except SignatureExpired as exc:
-            payload = exc.payload
+            # The signature was good; the signer hands over the still-encoded payload.
+            payload = serializer.load_payload(exc.payload) if exc.payload is not None else None
             subscriber_id = _as_pair(payload)[0] if payload is not None else None
             raise InvalidToken("This link has expired.", expired=True, subscriber_id=subscriber_id) from exc
         except BadSignature as exc:
