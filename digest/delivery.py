@@ -30,6 +30,7 @@ from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from digest.db import transaction
+from digest.dkim import DkimSigner
 from digest.links import Links
 from digest.mailer import Mailer, SendError
 from digest.models import (
@@ -46,7 +47,7 @@ from digest.models import (
     utcnow,
 )
 from digest.ranking import Candidate, Profile, Ranker, TrendingWeights, candidate_text, trending_order
-from digest.rendering import DigestContext, EmailRenderer, Envelope, PaperView, build_message, date_label
+from digest.rendering import DigestContext, EmailRenderer, Envelope, PaperView, date_label, message_bytes
 
 log = logging.getLogger(__name__)
 
@@ -378,6 +379,7 @@ class DigestComposer:
     postal_address: str
     default_size: int
     extra_headers: dict[str, str] = field(default_factory=dict)
+    dkim: DkimSigner | None = None  # set by the runtime when DIGEST_DKIM_* are configured
 
     @classmethod
     def load(
@@ -455,7 +457,8 @@ class DigestComposer:
                 **self.extra_headers,
             },
         )
-        return build_message(rendered, envelope).as_bytes()
+        data = message_bytes(rendered, envelope)
+        return self.dkim.sign(data) if self.dkim else data
 
 
 def recently_sent(session: Session, subscriber_ids: Sequence[int], now: dt.datetime) -> dict[int, set[str]]:

@@ -134,7 +134,7 @@ def sweep(
 
 def composer_for(runtime: Runtime, session: Session, digest_id: int) -> DigestComposer:
     s = runtime.settings
-    return DigestComposer.load(
+    composer = DigestComposer.load(
         session,
         digest_id,
         renderer=runtime.renderer,
@@ -143,6 +143,8 @@ def composer_for(runtime: Runtime, session: Session, digest_id: int) -> DigestCo
         postal_address=s.postal_address,
         policy=runtime.policy,
     )
+    composer.dkim = runtime.dkim_signer
+    return composer
 
 
 def send_batch(

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from digest.db import make_engine, make_session_factory
 from digest.delivery import Delivery, DeliveryPolicy, RateLimiter
+from digest.dkim import DkimSigner
 from digest.links import Links
 from digest.mailer import Mailer, OutboxMailer, SMTPConfig, SMTPPool
 from digest.papers import PapersClient
@@ -49,6 +50,11 @@ class Runtime:
     @cached_property
     def renderer(self) -> EmailRenderer:
         return EmailRenderer()
+
+    @cached_property
+    def dkim_signer(self) -> DkimSigner | None:
+        s = self.settings
+        return DkimSigner.from_settings(s.dkim_selector, s.dkim_domain, s.dkim_private_key_path)
 
     @cached_property
     def weights(self) -> TrendingWeights:
