@@ -1,0 +1,100 @@
+"""The preferences page: change what and when, export my data, delete me."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi.testclient import TestClient
+
+from digest import subscriptions
+from digest.db import transaction
+from digest.models import Frequency, utcnow
+from digest.runtime import Runtime
+from tests.web.conftest import snapshot, subscriber
+
+
+def prefs_path(runtime: Runtime, email: str) -> str:
+    with transaction(runtime.session_factory) as session:
+        sub = subscriptions.add_confirmed(session, email, now=utcnow(), topics="diffusion")
+        return runtime.links.preferences(sub).removeprefix(runtime.settings.base_url)
+
+
+GOOD = {
+    "frequency": "weekly",
+    "digest_size": "12",
+    "topics": "LLM agents, robotics",
+    "excluded": "survey",
+    "send_hour": "7",
+    "timezone": "Europe/Berlin",
+    "weekday": "4",
+}
+
+
+def test_page_shows_current_settings(client: TestClient, runtime: Runtime) -> None:
+    path = prefs_path(runtime, "me@example.org")
+    page = client.get(path)
+    assert page.status_code == 200
+    assert "me@example.org" in page.text
+    assert 'value="diffusion"' in page.text
+    assert 'value="daily" checked' in page.text
+    for field in ("frequency", "digest_size", "topics", "excluded", "send_hour", "timezone", "weekday"):
+        assert f'name="{field}"' in page.text
+    assert f"{path}/export" in page.text and f"{path}/delete" in page.text
+
+
+def test_save_preferences(client: TestClient, runtime: Runtime) -> None:
+    path = prefs_path(runtime, "me@example.org")
+    page = client.post(path, data=GOOD)
+    assert page.status_code == 200
+    assert "Saved." in page.text
+    sub = subscriber(runtime, "me@example.org")
+    assert sub is not None
+    assert (sub.frequency, sub.digest_size, sub.send_hour, sub.timezone, sub.weekday) == (
+        Frequency.WEEKLY, 12, 7, "Europe/Berlin", 4,
+    )
+    assert sub.topics == "llm agents, robotics"
+    assert sub.excluded == "survey"
+    paused = client.post(path, data={**GOOD, "frequency": "paused"})
+    assert paused.status_code == 200
+    assert subscriber(runtime, "me@example.org").frequency is Frequency.PAUSED  # type: ignore[union-attr]
+
+
+def test_bad_values_are_explained_and_nothing_changes(client: TestClient, runtime: Runtime) -> None:
+    path = prefs_path(runtime, "me@example.org")
+    before = snapshot(runtime)
+    cases = {
+        "digest_size": ("4", "Papers per email must be between 5 and 30."),
+        "send_hour": ("24", "The delivery hour must be between 0 and 23."),
+        "timezone": ("Mars/Olympus", "Unknown time zone"),
+        "frequency": ("hourly", "Choose daily, weekly or paused."),
+        "weekday": ("x", "Weekday must be a whole number."),
+        "topics": ("t" * 501, "Topics are limited to 500 characters."),
+    }
+    for field, (value, message) in cases.items():
+        page = client.post(path, data={**GOOD, field: value})
+        assert page.status_code == 400, field
+        assert message in page.text, field
+    assert snapshot(runtime) == before
+
+
+def test_export_my_data(client: TestClient, runtime: Runtime) -> None:
+    path = prefs_path(runtime, "me@example.org")
+    download = client.get(f"{path}/export")
+    assert download.status_code == 200
+    assert download.headers["content-type"].startswith("application/json")
+    assert "attachment" in download.headers["content-disposition"]
+    data = json.loads(download.content)
+    assert data["email"] == "me@example.org" and data["topics"] == "diffusion"
+    assert data["deliveries"] == []
+
+
+def test_delete_me_asks_first_then_erases(client: TestClient, runtime: Runtime) -> None:
+    path = prefs_path(runtime, "me@example.org")
+    before = snapshot(runtime)
+    ask = client.get(f"{path}/delete")
+    assert ask.status_code == 200 and "Yes, delete my data" in ask.text
+    assert snapshot(runtime) == before
+    done = client.post(f"{path}/delete")
+    assert done.status_code == 200 and "Your data is deleted" in done.text
+    assert subscriber(runtime, "me@example.org") is None
+    assert client.get(path).status_code == 404
