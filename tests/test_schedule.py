@@ -1,0 +1,195 @@
+"""Each subscriber's digest at their local hour: time zones, DST, daily, weekly, paused, no repeats."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+
+from sqlalchemy import select
+
+from digest import schedule
+from digest.db import transaction
+from digest.delivery import build_digest
+from digest.models import Delivery, Digest, DigestKind, Frequency, Paper, Subscriber
+from digest.runtime import Runtime
+from tests.support.servers import SMTPSink
+from tests.test_ranking import THURSDAY, add_subscriber, collect, deliver_due, papers_in_text
+
+HOUR = dt.timedelta(hours=1)
+
+
+def utc(*args: int) -> dt.datetime:
+    return dt.datetime(*args, tzinfo=dt.UTC)  # type: ignore[misc]
+
+
+def add_papers(runtime: Runtime, day: dt.date, count: int = 3) -> None:
+    """A quiet day's papers (factory data for dates the recording does not cover) and its edition."""
+    with transaction(runtime.session_factory) as session:
+        for i in range(count):
+            session.add(
+                Paper(
+                    id=f"{day:%y%m%d}.{i:05d}",
+                    title=f"Paper {i} of {day}",
+                    abstract="An abstract.",
+                    authors=["A. Author"],
+                    upvotes=10 - i,
+                    daily_date=day,
+                    submitted_at=dt.datetime.combine(day, dt.time(6), dt.UTC),
+                )
+            )
+        session.flush()
+        build_digest(session, day, runtime.weights, DigestKind.DAILY)
+
+
+# Offsets from UTC written down by hand (not from zoneinfo) for the 2026 changes.
+def offset_hours(zone: str, day: dt.date) -> int:
+    if zone == "America/Los_Angeles":
+        return -8 if day < dt.date(2026, 3, 8) else -7
+    if zone == "Europe/Berlin":
+        return 1 if day < dt.date(2026, 3, 29) else 2
+    if zone == "Asia/Tokyo":
+        return 9
+    if zone == "Australia/Sydney":
+        return 11 if day < dt.date(2026, 4, 5) else 10
+    return 0
+
+
+ZONES = ("America/Los_Angeles", "Europe/Berlin", "Asia/Tokyo", "Australia/Sydney", "UTC")
+DST_DAYS = (dt.date(2026, 3, 8), dt.date(2026, 3, 29), dt.date(2026, 4, 5))
+
+
+def test_each_zone_is_dispatched_in_its_hour_across_dst_changes(runtime: Runtime) -> None:
+    for change in DST_DAYS:
+        for offset in range(-3, 3):
+            add_papers(runtime, change + dt.timedelta(days=offset), count=1)
+    with transaction(runtime.session_factory) as session:
+        ids = {
+            zone: add_subscriber(session, f"{zone.replace('/', '.')}@example.org", timezone=zone).id
+            for zone in ZONES
+        }
+    dispatched: dict[int, list[dt.datetime]] = defaultdict(list)
+    for change in DST_DAYS:
+        start = utc(change.year, change.month, change.day) - dt.timedelta(days=1)
+        hours = [start + i * HOUR for i in range(72)]
+        for now in hours:
+            # A few minutes past the hour, as beat runs; it is the UTC hour that counts.
+            def record(_digest: int, page: list[int], hour: dt.datetime = now) -> None:
+                for sid in page:
+                    dispatched[sid].append(hour)
+
+            schedule.dispatch_due(runtime, now + dt.timedelta(minutes=4), record)
+        for zone, sid in ids.items():
+            expected = set()
+            for day in (change + dt.timedelta(days=d) for d in range(-1, 3)):
+                instant = dt.datetime.combine(day, dt.time(8), dt.UTC) - offset_hours(zone, day) * HOUR
+                if hours[0] <= instant <= hours[-1]:
+                    expected.add(instant)
+            got = [t for t in dispatched[sid] if hours[0] <= t <= hours[-1]]
+            assert sorted(got) == sorted(expected), (zone, change)  # each local day once, at 08:00
+    with runtime.session_factory() as session:
+        # One ledger row per subscriber and day: 3 days around each of 3 changes.
+        for sid in ids.values():
+            count = len(session.scalars(select(Delivery.id).where(Delivery.subscriber_id == sid)).all())
+            assert count == 9
+
+
+def test_hours_that_dst_skips_or_repeats_are_due_exactly_once() -> None:
+    zones = ["America/Los_Angeles"]
+    # 2026-03-08: 02:00 PST does not exist; clocks jump from 01:59 to 03:00 PDT (10:00 UTC).
+    skipped = schedule.Slot("America/Los_Angeles", 2, dt.date(2026, 3, 8))
+    assert skipped in schedule.due_slots(zones, utc(2026, 3, 8, 10))
+    assert {(s.hour, s.date) for s in schedule.due_slots(zones, utc(2026, 3, 8, 10, 30))} == {
+        (2, dt.date(2026, 3, 8)),
+        (3, dt.date(2026, 3, 8)),
+    }
+    # 2026-11-01: 01:00-01:59 happens twice (08:00 and 09:00 UTC); due only the first time.
+    assert {s.hour for s in schedule.due_slots(zones, utc(2026, 11, 1, 8))} == {1}
+    assert {s.hour for s in schedule.due_slots(zones, utc(2026, 11, 1, 9))} == set()
+    assert {s.hour for s in schedule.due_slots(zones, utc(2026, 11, 1, 10))} == {2}
+    # Half-hour zones are due at the first run after their hour starts, never before it.
+    assert {(s.hour, s.date) for s in schedule.due_slots(["Asia/Kolkata"], utc(2026, 4, 16, 3))} == {
+        (8, dt.date(2026, 4, 16))
+    }
+    # An unknown zone is treated as UTC.
+    assert schedule.due_slots(["Mars/Olympus_Mons"], utc(2026, 4, 16, 8)) == [
+        schedule.Slot("Mars/Olympus_Mons", 8, dt.date(2026, 4, 16))
+    ]
+
+
+def test_daily_subscribers_get_days_with_papers_only_and_paused_get_nothing(
+    runtime: Runtime, smtp: SMTPSink
+) -> None:
+    collect(runtime, THURSDAY)
+    with transaction(runtime.session_factory) as session:
+        add_subscriber(session, "daily@example.org")
+        add_subscriber(session, "tokyo@example.org", timezone="Asia/Tokyo")
+        add_subscriber(session, "paused@example.org", frequency=Frequency.PAUSED)
+    # Thursday to Sunday, every hour: Friday, Saturday and Sunday have no papers.
+    start = utc(2026, 4, 16)  # Thursday's papers arrive during Thursday (UTC)
+    for i in range(4 * 24):
+        deliver_due(runtime, start + i * HOUR + dt.timedelta(minutes=1))
+    assert len(smtp.to("daily@example.org")) == 1
+    assert len(smtp.to("tokyo@example.org")) == 1  # at 08:00 on Friday in Tokyo, Thursday's papers
+    assert smtp.to("paused@example.org") == []
+    assert len(smtp.messages) == 2
+    with runtime.session_factory() as session:
+        sent_at = {r: s for r, s in session.execute(select(Delivery.recipient, Delivery.sent_at))}
+    assert sent_at["daily@example.org"] == utc(2026, 4, 16, 8, 1)
+    assert sent_at["tokyo@example.org"] == utc(2026, 4, 16, 23, 1)
+
+
+def test_a_day_without_papers_sends_nothing(runtime: Runtime, smtp: SMTPSink) -> None:
+    collect(runtime, THURSDAY)
+    with transaction(runtime.session_factory) as session:
+        add_subscriber(session, "daily@example.org")
+    # Saturday: the newest edition (Thursday) is more than a day old.
+    assert deliver_due(runtime, utc(2026, 4, 18, 8)) == 0
+    assert smtp.messages == []
+
+
+def test_weekly_subscribers_get_one_digest_a_week_with_that_weeks_top_papers(
+    runtime: Runtime, smtp: SMTPSink
+) -> None:
+    collect(runtime, THURSDAY)
+    add_papers(runtime, dt.date(2026, 4, 21))  # a Tuesday of the following week
+    with transaction(runtime.session_factory) as session:
+        add_subscriber(
+            session, "weekly@example.org", timezone="Europe/Berlin", frequency=Frequency.WEEKLY, weekday=4
+        )
+    start = utc(2026, 4, 16)
+    for i in range(10 * 24):  # Thursday 16 to Saturday 25 April, every hour
+        deliver_due(runtime, start + i * HOUR)
+
+    first, second = smtp.to("weekly@example.org")
+    with runtime.session_factory() as session:
+        weekly_editions = select(Digest).where(Digest.kind == DigestKind.WEEKLY).order_by(Digest.date)
+        weeklies = session.scalars(weekly_editions).all()
+        assert [w.date for w in weeklies] == [dt.date(2026, 4, 16), dt.date(2026, 4, 23)]
+        top = [item.paper_id for item in weeklies[0].items][: runtime.settings.digest_size]
+        deliveries = session.execute(select(Delivery.digest_id, Delivery.sent_at).order_by(Delivery.id)).all()
+    assert "Week to" in str(first["Subject"])
+    assert [pid for pid, _ in papers_in_text(first)] == top
+    assert [pid for pid, _ in papers_in_text(second)] == ["260421.00000", "260421.00001", "260421.00002"]
+    # Friday 08:00 in Berlin (CEST) is 06:00 UTC.
+    assert [sent for _, sent in deliveries] == [utc(2026, 4, 17, 6), utc(2026, 4, 24, 6)]
+
+
+def test_two_digests_in_a_row_never_repeat_a_paper(runtime: Runtime, smtp: SMTPSink) -> None:
+    collect(runtime, THURSDAY)  # 22 papers
+    with transaction(runtime.session_factory) as session:
+        sid = add_subscriber(session, "switcher@example.org", topics="agents").id
+    deliver_due(runtime, utc(2026, 4, 16, 8))
+    # The subscriber switches to weekly on Fridays: the week's edition holds Thursday's papers again.
+    with transaction(runtime.session_factory) as session:
+        subscriber = session.get(Subscriber, sid)
+        assert subscriber is not None
+        subscriber.frequency, subscriber.weekday = Frequency.WEEKLY, 4
+    deliver_due(runtime, utc(2026, 4, 17, 8))
+    deliver_due(runtime, utc(2026, 4, 17, 8, 30))  # beat running twice in the hour changes nothing
+
+    daily, weekly = smtp.to("switcher@example.org")
+    first = [pid for pid, _ in papers_in_text(daily)]
+    again = [pid for pid, _ in papers_in_text(weekly)]
+    assert len(first) == len(again) == runtime.settings.digest_size
+    assert set(first).isdisjoint(again)
+    assert "Week to" in str(weekly["Subject"])
