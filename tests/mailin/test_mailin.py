@@ -1,0 +1,241 @@
+"""Reading and handling inbound mail (digest.mailin) against the real database and SMTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import pytest
+
+from digest.db import transaction
+from digest.mailin import Kind, MailinConfig, classify, config_from, handle, process, send_replies
+from digest.models import SubscriberStatus
+from digest.runtime import Runtime
+from digest.tokens import Purpose, Tokens
+from tests.mailin import messages
+from tests.mailin.conftest import INBOUND, add_active, events, send_digest, snapshot, subscriber
+from tests.support.servers import SMTPSink
+
+
+def config(runtime: Runtime) -> MailinConfig:
+    return config_from(runtime)
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("papers@digest.example.org", ("", "")),
+        ("PAPERS+Subscribe@Digest.Example.org", ("subscribe", "")),
+        ("<papers+bounce-abc.DEF-x@digest.example.org>", ("bounce", "abc.DEF-x")),
+        ("papers+unsubscribe-tok@digest.example.org", ("unsubscribe", "tok")),
+        ("other@digest.example.org", None),
+        ("papers@elsewhere.example", None),
+    ],
+)
+def test_only_our_address_and_its_sub_addresses_are_ours(
+    address: str, expected: tuple[str, str] | None, runtime: Runtime
+) -> None:
+    assert config(runtime).tag_of(address) == expected
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Auto-Submitted": "auto-replied"},
+        {"X-Autoreply": "yes"},
+        {"Precedence": "bulk"},
+        {"Precedence": "junk"},
+    ],
+)
+def test_auto_replies_are_recognised(headers: dict[str, str], runtime: Runtime) -> None:
+    data = messages.plain("alice@example.net", INBOUND, "subscribe", headers=headers)
+    assert classify(
+        config(runtime), data, envelope_sender="alice@example.net", recipients=[INBOUND]
+    ).kind is (Kind.AUTO_REPLY)
+
+
+@pytest.mark.parametrize(
+    "subject", ["Out of Office: back Monday", "Automatic reply: Daily Papers", "Auto: away"]
+)
+def test_out_of_office_subjects_are_auto_replies(subject: str, runtime: Runtime) -> None:
+    data = messages.plain("alice@example.net", INBOUND, subject)
+    assert classify(config(runtime), data, envelope_sender="a@example.net", recipients=[INBOUND]).kind is (
+        Kind.AUTO_REPLY
+    )
+
+
+def test_a_command_from_a_null_sender_is_never_answered(runtime: Runtime) -> None:
+    data = messages.plain("alice@example.net", INBOUND, "subscribe")
+    inbound = classify(config(runtime), data, envelope_sender="", recipients=[INBOUND])
+    assert inbound.kind is Kind.UNRECOGNISED and inbound.sender is None
+
+
+def test_first_body_line_can_carry_the_command(runtime: Runtime) -> None:
+    data = messages.plain("alice@example.net", INBOUND, "hi", "\n  Unsubscribe\nthanks")
+    inbound = classify(config(runtime), data, envelope_sender="alice@example.net", recipients=[INBOUND])
+    assert inbound.kind is Kind.UNSUBSCRIBE and inbound.sender == "alice@example.net"
+
+
+def test_non_utf8_headers_and_broken_mime_never_raise(runtime: Runtime) -> None:
+    for data in (
+        b"",
+        b"\xff\xfe\x00",
+        b"Subject: \xe9t\xe9\r\nFrom: \xff@\xfe\r\nContent-Type: multipart/report; boundary=x\r\n\r\n--x\r\n",
+        b"Content-Type: multipart/report; report-type=delivery-status; boundary=b\r\n\r\n--b\r\n"
+        b"Content-Type: message/delivery-status\r\n\r\nStatus: \xff5.1.1\r\n--b--\r\n",
+    ):
+        inbound = classify(
+            config(runtime), data, envelope_sender=None, recipients=["papers+bounce-x@digest.example.org"]
+        )
+        assert inbound.kind in (Kind.MALFORMED, Kind.UNRECOGNISED, Kind.DSN)
+
+
+def test_unsubscribe_subject_from_an_unknown_address_changes_nothing(
+    runtime: Runtime, smtp: SMTPSink
+) -> None:
+    add_active(runtime, "alice@example.net")
+    before = snapshot(runtime)
+    processed = process(
+        runtime,
+        messages.plain("stranger@example.com", INBOUND, "unsubscribe"),
+        envelope_sender="stranger@example.com",
+        recipients=[INBOUND],
+    )
+    assert processed.replies == [] and not processed.changed
+    assert snapshot(runtime) == before
+
+
+def test_unsubscribe_subject_from_a_subscribed_address_unsubscribes_and_answers(
+    runtime: Runtime, smtp: SMTPSink
+) -> None:
+    add_active(runtime, "alice@example.net")
+    processed = process(
+        runtime,
+        messages.plain("Alice <Alice@Example.net>", INBOUND, "UNSUBSCRIBE"),
+        envelope_sender="alice@example.net",
+        recipients=[INBOUND],
+    )
+    assert subscriber(runtime, "alice@example.net").status is SubscriberStatus.UNSUBSCRIBED
+    asyncio.run(send_replies(runtime, processed.replies))
+    (reply,) = smtp.to("alice@example.net")
+    assert reply["Auto-Submitted"] == "auto-generated"
+
+
+def test_the_same_message_is_handled_once(runtime: Runtime, smtp: SMTPSink) -> None:
+    to = "papers+subscribe@digest.example.org"
+    data = messages.plain("carol@example.net", to, "")
+    first = process(runtime, data, envelope_sender="carol@example.net", recipients=[to])
+    second = process(runtime, data, envelope_sender="carol@example.net", recipients=[to])
+    assert first.changed and len(first.replies) == 1
+    assert second.outcome == "duplicate" and second.replies == []
+
+
+def test_subscribe_requests_from_our_own_domain_are_ignored(runtime: Runtime) -> None:
+    to = "papers+subscribe@digest.example.org"
+    before = snapshot(runtime)
+    processed = process(
+        runtime, messages.plain("papers@digest.example.org", to, ""), envelope_sender="", recipients=[to]
+    )
+    assert processed.replies == []
+    assert snapshot(runtime) == before
+
+
+def test_a_token_signed_with_another_key_bounces_nobody(runtime: Runtime, smtp: SMTPSink) -> None:
+    digest = send_digest(runtime, smtp, "alice@example.net")["alice@example.net"]
+    delivery_token = digest.mail_from.partition("+bounce-")[2].partition("@")[0]
+    delivery_id, subscriber_id = runtime.tokens.read(Purpose.BOUNCE, delivery_token)
+    forged = Tokens("an attacker's guess at the key").make(Purpose.BOUNCE, delivery_id, subscriber_id)
+    to = f"papers+bounce-{forged}@digest.example.org"
+    before = snapshot(runtime)
+    report = messages.dsn(
+        to, "alice@example.net", digest.data, status="5.1.1", action="failed", diagnostic="550"
+    )
+    processed = process(runtime, report, envelope_sender="", recipients=[to])
+    assert processed.outcome == "ignored: invalid bounce token"
+    assert snapshot(runtime) == before
+
+
+def test_a_valid_token_for_a_delivery_of_someone_else_is_refused(runtime: Runtime, smtp: SMTPSink) -> None:
+    received = send_digest(runtime, smtp, "alice@example.net", "bob@example.net")
+    alice_token = received["alice@example.net"].mail_from.partition("+bounce-")[2].partition("@")[0]
+    bob_token = received["bob@example.net"].mail_from.partition("+bounce-")[2].partition("@")[0]
+    alice_delivery, _ = runtime.tokens.read(Purpose.BOUNCE, alice_token)
+    _, bob_id = runtime.tokens.read(Purpose.BOUNCE, bob_token)
+    # Even a correctly signed token must name the delivery's own subscriber.
+    mixed = runtime.tokens.make(Purpose.BOUNCE, alice_delivery, bob_id)
+    to = f"papers+bounce-{mixed}@digest.example.org"
+    report = messages.dsn(
+        to,
+        "bob@example.net",
+        received["bob@example.net"].data,
+        status="5.1.1",
+        action="failed",
+        diagnostic="550",
+    )
+    assert (
+        process(runtime, report, envelope_sender="", recipients=[to]).outcome
+        == "ignored: invalid bounce token"
+    )
+    assert subscriber(runtime, "bob@example.net").status is SubscriberStatus.ACTIVE
+    assert subscriber(runtime, "alice@example.net").status is SubscriberStatus.ACTIVE
+
+
+def test_soft_bounces_bounce_past_the_threshold_within_the_window_and_decay_outside_it(
+    runtime: Runtime, smtp: SMTPSink
+) -> None:
+    digest = send_digest(runtime, smtp, "alice@example.net")["alice@example.net"]
+    cfg = config(runtime)  # threshold 3 in 7 days
+
+    def soft(now: dt.datetime, n: int) -> None:
+        report = messages.dsn(
+            digest.mail_from,
+            "alice@example.net",
+            digest.data,
+            status="4.2.2",
+            action="delayed",
+            diagnostic=f"452 4.2.2 Mailbox full ({n})",
+        )
+        inbound = classify(cfg, report, envelope_sender="", recipients=[digest.mail_from])
+        assert inbound.kind is Kind.DSN and inbound.status == "4.2.2"
+        with transaction(runtime.session_factory) as session:
+            handle(session, cfg, inbound, now=now)
+
+    start = dt.datetime.now(dt.UTC)
+    soft(start - dt.timedelta(days=20), 1)
+    soft(start - dt.timedelta(days=10), 2)
+    soft(start, 3)
+    alice = subscriber(runtime, "alice@example.net")
+    assert alice.status is SubscriberStatus.ACTIVE  # the older two have decayed out of the window
+    assert alice.soft_bounce_score == 1.0
+    soft(start + dt.timedelta(days=1), 4)
+    soft(start + dt.timedelta(days=2), 5)
+    assert subscriber(runtime, "alice@example.net").status is SubscriberStatus.BOUNCED
+    assert events(runtime, "alice@example.net") == ["soft_bounce"] * 5
+
+
+def test_an_abuse_report_sent_to_the_bounce_address_names_its_delivery(
+    runtime: Runtime, smtp: SMTPSink
+) -> None:
+    digest = send_digest(runtime, smtp, "alice@example.net")["alice@example.net"]
+    # Some feedback loops quote only headers, without the Message-ID; the VERP token still tells.
+    stripped = b"Subject: Daily Papers\r\n\r\nbody\r\n"
+    report = messages.arf(digest.mail_from, "alice@example.net", stripped)
+    processed = process(runtime, report, envelope_sender="", recipients=[digest.mail_from])
+    assert processed.outcome == "complaint (unsubscribed)" and processed.replies == []
+    assert subscriber(runtime, "alice@example.net").status is SubscriberStatus.UNSUBSCRIBED
+    assert events(runtime, "alice@example.net") == ["complaint"]
+
+
+def test_a_successful_delivery_report_changes_nothing(runtime: Runtime, smtp: SMTPSink) -> None:
+    digest = send_digest(runtime, smtp, "alice@example.net")["alice@example.net"]
+    before = snapshot(runtime)
+    report = messages.dsn(
+        digest.mail_from,
+        "alice@example.net",
+        digest.data,
+        status="2.0.0",
+        action="delivered",
+        diagnostic="250 2.0.0 OK",
+    )
+    assert not process(runtime, report, envelope_sender="", recipients=[digest.mail_from]).changed
+    assert snapshot(runtime) == before
