@@ -1,0 +1,78 @@
+"""The public archive: the list of past digests, one digest's page, and the Atom feed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+import feedparser
+from fastapi.testclient import TestClient
+
+from digest.db import transaction
+from digest.delivery import build_digest
+from digest.models import utcnow
+from digest.papers import SAMPLE_DATES, load_sample, parse_items, store_papers
+from digest.runtime import Runtime
+from digest.subscriptions import add_confirmed
+
+OLD, NEW = sorted(SAMPLE_DATES)
+
+
+def publish_sample_days(runtime: Runtime) -> None:
+    with transaction(runtime.session_factory) as session:
+        for day in SAMPLE_DATES:
+            store_papers(session, parse_items(load_sample(day) or [], day))
+            build_digest(session, day, runtime.weights)
+        add_confirmed(session, "ada@example.com", now=utcnow())
+
+
+def test_archive_lists_each_daily_digest_newest_first(client: TestClient, runtime: Runtime) -> None:
+    publish_sample_days(runtime)
+    page = client.get("/digests")
+    assert page.status_code == 200
+    links = re.findall(r'href="(/digests/\d{4}-\d{2}-\d{2})"', page.text)
+    assert links == [f"/digests/{NEW}", f"/digests/{OLD}"]
+    assert "Thursday, 16 April 2026" in page.text and "Friday, 25 October 2024" in page.text
+    assert 'href="/digests/feed.atom"' in page.text
+
+
+def test_a_digest_page_shows_its_papers_without_personal_links(client: TestClient, runtime: Runtime) -> None:
+    publish_sample_days(runtime)
+    page = client.get(f"/digests/{NEW}")
+    assert page.status_code == 200
+    expected = parse_items(load_sample(NEW) or [], NEW)
+    for record in expected:
+        assert f"https://huggingface.co/papers/{record.id}" in page.text
+        assert f"https://arxiv.org/pdf/{record.id}" in page.text
+    assert "/unsubscribe/" not in page.text and "/preferences/" not in page.text
+    assert "ada@example.com" not in page.text
+
+
+def test_unknown_or_malformed_dates_are_not_found(client: TestClient, runtime: Runtime) -> None:
+    publish_sample_days(runtime)
+    assert client.get("/digests/2025-01-01").status_code == 404
+    assert client.get("/digests/not-a-date").status_code in (400, 404, 422)
+
+
+def test_empty_archive_and_feed_still_answer(client: TestClient) -> None:
+    assert "No digests yet" in client.get("/digests").text
+    feed = feedparser.parse(client.get("/digests/feed.atom").content)
+    assert not feed.bozo and feed.entries == []
+
+
+def test_feed_is_valid_atom_linking_each_digest(client: TestClient, runtime: Runtime) -> None:
+    publish_sample_days(runtime)
+    response = client.get("/digests/feed.atom")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/atom+xml")
+    feed = feedparser.parse(response.content)
+    assert not feed.bozo, feed.bozo_exception
+    assert feed.version == "atom10"
+    base = runtime.settings.base_url
+    assert [e.link for e in feed.entries] == [f"{base}/digests/{NEW}", f"{base}/digests/{OLD}"]
+    first = feed.entries[0]
+    assert first.title.startswith("Thursday, 16 April 2026: Seedance 2.0")
+    assert first.updated_parsed is not None
+    assert "https://huggingface.co/papers/" in first.content[0].value
+    assert any(link.rel == "self" and link.href == f"{base}/digests/feed.atom" for link in feed.feed.links)
+    assert dt.date.fromisoformat(first.link.rsplit("/", 1)[1]) == NEW
