@@ -303,7 +303,8 @@ def _folded(name: str, value: str) -> bytes:
     if "\r" in value or "\n" in value:
         raise ValueError(f"header {name} may not contain line breaks")
     if not value.isascii():
-        return _FOLD_POLICY.fold_binary(name, value)
+        folded: str = _FOLD_POLICY.header_factory(name, value).fold(policy=_FOLD_POLICY)
+        return folded.encode("ascii")
     lines = [f"{name}:"]
     for word in value.split(" "):
         if len(lines[-1]) + 1 + len(word) > TEXT_WIDTH and lines[-1] != f"{name}:":

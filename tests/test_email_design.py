@@ -1,0 +1,154 @@
+"""What mailbox providers and readers see: size, layout without <style>, no external resources,
+DKIM signatures that verify, and a signed digest arriving over real SMTP."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import re
+import subprocess
+from pathlib import Path
+
+import dkim
+import pytest
+
+from digest.db import transaction
+from digest.dkim import DkimConfigError, DkimSigner
+from digest.models import utcnow
+from digest.pipeline import run_inprocess
+from digest.rendering import EmailRenderer
+from digest.runtime import Runtime
+from digest.subscriptions import add_confirmed
+from tests.conftest import make_settings
+from tests.support.emails import digest_bytes, html_of, parse, strip_style_blocks
+from tests.support.servers import PapersAPI, SMTPSink
+
+GMAIL_CLIP_BYTES = 102 * 1024
+
+
+def test_a_30_paper_digest_stays_under_gmails_clipping_size() -> None:
+    data = digest_bytes(30)
+    assert len(data) < GMAIL_CLIP_BYTES
+    assert len(html_of(parse(data)).encode()) < GMAIL_CLIP_BYTES
+
+
+def test_layout_is_carried_by_inline_styles() -> None:
+    html = strip_style_blocks(html_of(parse(digest_bytes(10))))
+    assert "<style" not in html
+    container = re.search(r'<table class="container"[^>]*>', html)
+    assert container and "max-width:640px" in container.group(0) and "width:100%" in container.group(0)
+    assert 'role="presentation"' in container.group(0)
+    for cell in re.findall(r'<td class="paper"[^>]*>', html):
+        assert "padding:18px 24px" in cell
+    for element in re.findall(r"<(?:p|h1|h2|a|td|table|div)\b[^>]*>", html):
+        assert "style=" in element, element  # nothing depends on a class rule surviving
+
+
+def test_style_block_only_adds_dark_mode_and_small_screens() -> None:
+    html = html_of(parse(digest_bytes(3)))
+    blocks = re.findall(r"<style\b[^>]*>(.*?)</style>", html, flags=re.S)
+    assert blocks
+    for block in blocks:
+        rules = re.sub(r"@media[^{]*\{(?:[^{}]*\{[^{}]*\})*\s*\}", "", block)
+        assert not rules.strip(), rules  # nothing outside @media
+    assert "prefers-color-scheme: dark" in "".join(blocks) and "max-width: 480px" in "".join(blocks)
+    assert '<meta name="color-scheme" content="light dark">' in html
+
+
+def test_needs_no_external_resource_and_has_a_hidden_preheader() -> None:
+    html = html_of(parse(digest_bytes(30)))
+    assert not re.search(r"<(img|link|script|iframe|object|embed)\b", html, flags=re.I)
+    assert not re.search(r"\bsrc=|url\(|@import", html, flags=re.I)
+    for href in re.findall(r'href="([^"]*)"', html):
+        assert href.startswith(("https://", "http://", "mailto:")), href
+    preheader = re.search(r'<div class="preheader" style="([^"]*)">([^<]*)<', html)
+    assert preheader and "display:none" in preheader.group(1)
+    assert preheader.group(2).startswith("30 trending papers, led by Seedance 2.0")
+
+
+@pytest.fixture(scope="module")
+def key_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+    folder = tmp_path_factory.mktemp("dkim")
+    private = folder / "dkim.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(private), "2048"], check=True, capture_output=True)
+    public = subprocess.run(
+        ["openssl", "rsa", "-in", str(private), "-pubout", "-outform", "DER"], check=True, capture_output=True
+    ).stdout
+    return private, b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+
+
+def dns_for(record: bytes, selector: str = "mail", domain: str = "example.org"):  # type: ignore[no-untyped-def]
+    def lookup(name: bytes, timeout: int = 5) -> bytes | None:
+        return record if name == f"{selector}._domainkey.{domain}.".encode() else None
+
+    return lookup
+
+
+def signed_headers(data: bytes) -> list[str]:
+    signature = parse(data)["DKIM-Signature"]
+    found = re.search(r"\bh=([^;]+)", "".join(str(signature).split()))
+    assert found
+    return found.group(1).lower().split(":")
+
+
+def test_dkim_signature_verifies_and_covers_the_unsubscribe_headers(key_pair: tuple[Path, bytes]) -> None:
+    private, record = key_pair
+    signer = DkimSigner.from_settings("mail", "example.org", str(private))
+    assert signer is not None
+    data = signer.sign(digest_bytes(10, EmailRenderer()))
+    assert dkim.verify(data, dnsfunc=dns_for(record))
+    covered = signed_headers(data)
+    for name in (
+        "from",
+        "to",
+        "subject",
+        "date",
+        "message-id",
+        "list-id",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+        "mime-version",
+        "content-type",
+    ):
+        assert name in covered
+    tampered = data.replace(
+        b"List-Unsubscribe: <https://papers.example.org/unsubscribe/tok-ada>",
+        b"List-Unsubscribe: <https://evil.example.net/unsubscribe/tok-ada>",
+    )
+    assert tampered != data and not dkim.verify(tampered, dnsfunc=dns_for(record))
+
+
+def test_dkim_settings_come_all_together_or_not_at_all(tmp_path: Path) -> None:
+    assert DkimSigner.from_settings(None, None, None) is None
+    with pytest.raises(DkimConfigError):
+        DkimSigner.from_settings("mail", None, None)
+    with pytest.raises(DkimConfigError):
+        DkimSigner.from_settings("mail", "example.org", str(tmp_path / "missing.pem"))
+
+
+def test_a_sent_digest_arrives_signed(
+    database: str, smtp: SMTPSink, papers_api: PapersAPI, key_pair: tuple[Path, bytes]
+) -> None:
+    private, record = key_pair
+    settings = make_settings(
+        database,
+        smtp,
+        papers_api,
+        dkim_selector="mail",
+        dkim_domain="example.org",
+        dkim_private_key_path=str(private),
+        mail_from="Daily Papers <papers@example.org>",
+        inbound_address="papers@example.org",
+    )
+    runtime = Runtime(settings)
+    try:
+        with transaction(runtime.session_factory) as session:
+            add_confirmed(session, "ada@example.com", now=utcnow())
+        summary = run_inprocess(runtime, dt.date(2026, 4, 16))
+    finally:
+        runtime.dispose()
+    assert summary.counts.get("sent") == 1, summary.lines()
+    [received] = [m for m in smtp.messages if m.rcpt_tos == ["ada@example.com"]]
+    raw = received.data  # the bytes the SMTP server got, CRLF line ends and all
+    assert dkim.verify(raw, dnsfunc=dns_for(record))
+    assert "list-unsubscribe" in signed_headers(raw) and "list-unsubscribe-post" in signed_headers(raw)

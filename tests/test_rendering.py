@@ -1,0 +1,216 @@
+"""Every email template renders; digest messages are well-formed MIME; one digest is pinned byte for byte."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import re
+from pathlib import Path
+
+import pytest
+import time_machine
+
+from digest.delivery import DigestComposer
+from digest.links import Links
+from digest.models import Delivery, DigestKind, Frequency, Subscriber
+from digest.ranking import Candidate, Ranker
+from digest.rendering import (
+    ConfirmContext,
+    EmailRenderer,
+    UnsubscribedContext,
+    WelcomeContext,
+    build_message,
+    message_bytes,
+)
+from digest.tokens import Tokens
+from tests.conftest import TEST_SECRET
+from tests.support.emails import (
+    BASE,
+    DAY,
+    POSTAL,
+    digest_bytes,
+    digest_context,
+    envelope,
+    html_of,
+    parse,
+    sample_papers,
+    text_of,
+)
+
+GOLDEN = Path(__file__).parent / "golden" / "digest-2026-04-16.eml"
+URL = re.compile(r"https?://\S+|mailto:\S+")
+
+
+def every_kind() -> list[object]:
+    return [
+        digest_context(sample_papers(5)),
+        ConfirmContext(
+            recipient="ada@example.com",
+            confirm_url=f"{BASE}/confirm/c-tok",
+            valid_hours=48,
+            postal_address=POSTAL,
+        ),
+        WelcomeContext(
+            recipient="ada@example.com",
+            frequency="weekly",
+            send_hour=7,
+            timezone="Europe/Berlin",
+            preferences_url=f"{BASE}/preferences/p-tok",
+            unsubscribe_url=f"{BASE}/unsubscribe/u-tok",
+            postal_address=POSTAL,
+        ),
+        UnsubscribedContext(recipient="ada@example.com", home_url=f"{BASE}/", postal_address=POSTAL),
+    ]
+
+
+@pytest.mark.parametrize("context", every_kind(), ids=lambda c: type(c).__name__)
+def test_every_template_renders_with_one_line_subject_and_both_parts(context: object) -> None:
+    rendered = EmailRenderer().render(context)
+    assert rendered.subject and "\n" not in rendered.subject and rendered.subject == rendered.subject.strip()
+    message = parse(message_bytes(rendered, envelope()))
+    assert message.get_content_type() == "multipart/alternative"
+    assert [p.get_content_type() for p in message.iter_parts()] == ["text/plain", "text/html"]
+    assert all(p.get_content_charset() == "utf-8" for p in message.iter_parts())
+    assert "ada@example.com" in text_of(message) and "ada@example.com" in html_of(message)
+    assert POSTAL in text_of(message) and POSTAL in html_of(message)
+    assert "__digest_personal" not in text_of(message) + html_of(message)
+
+
+def test_digest_shows_each_paper_with_its_links_and_reason() -> None:
+    papers = sample_papers(22)
+    message = parse(digest_bytes(22))
+    html, text = html_of(message), text_of(message)
+    assert message["Subject"] == f"Thursday, 16 April 2026: {' '.join(papers[0].title.split())} and 21 more"
+    for paper in papers:
+        assert f'href="https://huggingface.co/papers/{paper.id}"' in html
+        assert f"https://arxiv.org/pdf/{paper.id}" in text
+        if paper.github_repo:
+            assert paper.github_repo in html and paper.github_repo in text
+        if paper.project_page:
+            assert paper.project_page in html and paper.project_page in text
+    starred = next(p for p in papers if p.github_stars)
+    assert f"{starred.github_stars:,} GitHub stars" in text
+    assert "Matches: diffusion, video" in html and "Matches: diffusion, video" in text
+    assert "et al." in html
+    assert (
+        f'href="{BASE}/digests/2026-04-16"' in html and f"View in browser: {BASE}/digests/2026-04-16" in text
+    )
+    for link in ("unsubscribe", "preferences"):
+        assert f'href="{BASE}/{link}/tok-ada"' in html and f"{BASE}/{link}/tok-ada" in text
+
+
+def test_text_part_is_wrapped_near_78_characters_with_links_whole() -> None:
+    text = text_of(parse(digest_bytes(30)))
+    for line in text.splitlines():
+        assert len(line) <= 78 or URL.search(line), line
+    assert "https://huggingface.co/papers/2604." in text
+
+
+def test_personal_parts_differ_while_the_shared_rendering_is_reused() -> None:
+    renderer = EmailRenderer()
+    papers = sample_papers(10)
+    first = renderer.render(digest_context(papers, "ada@example.com", "tok-ada"))
+    second = renderer.render(digest_context(papers, "bob@example.net", "a&b<c>"))
+    assert "tok-ada" not in second.html + second.text and "ada@example.com" not in second.html + second.text
+    assert "/unsubscribe/a&amp;b&lt;c&gt;" in second.html  # escaped like any autoescaped value
+    assert "/unsubscribe/a&b<c>" in second.text
+    unpersonal = (
+        first.html.replace("tok-ada", "X").replace("ada@example.com", "Y"),
+        second.html.replace("a&amp;b&lt;c&gt;", "X").replace("bob@example.net", "Y"),
+    )
+    assert unpersonal[0] == unpersonal[1]
+
+
+def test_a_marker_lookalike_in_a_title_stays_text() -> None:
+    paper = sample_papers(1)[0]
+    paper.title = "On __digest_personal_recipient__ and __digest_personal_nothing__"
+    rendered = EmailRenderer().render(digest_context([paper]))
+    assert "On ada@example.com and __digest_personal_nothing__" in rendered.text  # substituted at most
+
+
+def test_non_ascii_names_and_titles_round_trip() -> None:
+    paper = sample_papers(1)[0]
+    paper.title = "Ünïcode — 多语言 models: “quotes” ✓"
+    paper.authors = ["Zoë Ångström", "李明", "Łukasz Kaiser", "José Núñez", "Anaïs"]
+    data = message_bytes(
+        EmailRenderer().render(digest_context([paper])),
+        dataclasses.replace(envelope(), mail_from="Ünïcode Papers <papers@example.org>"),
+    )
+    assert data.isascii()  # quoted-printable bodies and RFC 2047 headers: any hop can carry it
+    message = parse(data)
+    assert message["Subject"] == f"Thursday, 16 April 2026: {paper.title}"
+    assert message["From"].addresses[0].display_name == "Ünïcode Papers"
+    assert "Zoë Ångström, 李明, Łukasz Kaiser, José Núñez et al." in text_of(message)
+    assert "Zoë Ångström, 李明, Łukasz Kaiser, José Núñez et al." in html_of(message)
+
+
+def test_headers_and_lines_are_fit_for_smtp() -> None:
+    token = "t" * 120  # real tokens are long; the header must stay raw, not RFC 2047-encoded
+    data = message_bytes(EmailRenderer().render(digest_context(sample_papers(30))), envelope(token=token))
+    assert max(len(line) for line in data.split(b"\n")) < 998
+    message = parse(data)
+    assert message["List-Unsubscribe"] == (
+        f"<{BASE}/unsubscribe/{token}>, <mailto:papers+unsubscribe-{token}@example.org>"
+    )
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert message["List-Id"] == "Daily Papers <daily-papers.example.org>"
+    assert message["Feedback-ID"] == "1:daily:digest:example.org"
+    assert message["Message-ID"] == "<2026-04-16.daily.1.cafe@example.org>"
+    assert message["MIME-Version"] == "1.0"
+    with pytest.raises(ValueError):
+        message_bytes(
+            EmailRenderer().render(digest_context(sample_papers(1))),
+            dataclasses.replace(envelope(), recipient="a@example.com\nBcc: x@example.com"),
+        )
+
+
+def test_build_message_gives_the_same_message_as_an_object() -> None:
+    rendered = EmailRenderer().render(every_kind()[1])
+    message = build_message(rendered, envelope())
+    assert message["Subject"] == "Confirm your subscription to Daily Papers"
+    assert f"{BASE}/confirm/c-tok" in text_of(message)
+
+
+def compose_one() -> bytes:
+    papers = sample_papers(12)
+    links = Links(BASE, Tokens(TEST_SECRET), "papers@example.org")
+    composer = DigestComposer(
+        digest_id=1,
+        kind=DigestKind.DAILY,
+        day=DAY,
+        papers={p.id: p for p in papers},
+        ranker=Ranker([Candidate(p.id, 1.0, p.title) for p in papers]),
+        renderer=EmailRenderer(),
+        links=links,
+        mail_from="Daily Papers <papers@example.org>",
+        postal_address=POSTAL,
+        default_size=10,
+    )
+    subscriber = Subscriber(
+        id=7,
+        email="zoe.reader@example.org",
+        frequency=Frequency.DAILY,
+        created_at=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
+    )
+    delivery = Delivery(
+        id=42,
+        digest_id=1,
+        subscriber_id=7,
+        message_id="<2026-04-16.daily.7.0123456789ab@example.org>",
+        created_at=dt.datetime(2026, 4, 16, 6, 0, tzinfo=dt.UTC),
+        paper_ids=[p.id for p in papers[:10]],
+        reasons={papers[0].id: ["video generation"]},
+    )
+    return composer.compose(delivery, subscriber)
+
+
+@time_machine.travel(dt.datetime(2026, 4, 16, 6, 0, 1, tzinfo=dt.UTC), tick=False)
+def test_golden_digest_message() -> None:
+    """The whole message of one digest, byte for byte. After a deliberate change to templates,
+    headers or encoding, look at the diff and rerun with UPDATE_GOLDEN=1."""
+    data = compose_one()
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        GOLDEN.write_bytes(data)
+    assert data == GOLDEN.read_bytes()
+    assert compose_one() == data  # retries after a crash send identical bytes
