@@ -199,6 +199,7 @@ class Ranker:
     relevance_weight: float = 0.7
     _cache: dict[Profile, list[Pick]] = field(default_factory=dict)
     _terms: dict[str, _Term] = field(default_factory=dict, repr=False)
+    _excluded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _index: bm25s.BM25 | None = field(default=None, repr=False)
     _positions: list[dict[str, list[int]]] = field(default_factory=list, repr=False)
 
@@ -260,13 +261,20 @@ class Ranker:
         known = self._terms[term] = _Term(matches, np.where(matches, scores, 0.0))
         return known
 
+    def _excluding(self, word: str) -> np.ndarray:
+        known = self._excluded.get(word)
+        if known is None:
+            # The raw word as well as its analysed form, so what the subscriber typed never
+            # shows up in the email. The substring test first: the regex is only the boundary.
+            pattern = re.compile(r"(?<!\w)" + re.escape(word))
+            raw = [word in c.text and pattern.search(c.text) is not None for c in self.candidates]
+            known = self._excluded[word] = self._term(word).matches | np.array(raw, dtype=bool)
+        return known
+
     def _excluded_mask(self, excluded: tuple[str, ...]) -> np.ndarray:
         mask = np.zeros(len(self.candidates), dtype=bool)
         for word in excluded:
-            mask |= self._term(word).matches
-            # The raw word as well, so what the subscriber typed never shows up in the email.
-            pattern = re.compile(r"(?<!\w)" + re.escape(word))
-            mask |= np.array([pattern.search(c.text) is not None for c in self.candidates], dtype=bool)
+            mask |= self._excluding(word)
         return mask
 
     def _rank(self, profile: Profile) -> list[Pick]:

@@ -1,0 +1,135 @@
+"""Time to rank one edition for 100 000 subscribers, against a per-subscriber reference.
+
+Subscribers are drawn to look like a real list: about half without topics, the rest with one to
+three topics picked by a Zipf-like popularity from ~200 phrases (the recorded papers' AI keywords
+plus common field names), one in ten with an excluded word, and a third who already received
+ten of the candidates (a weekly edition overlapping their daily ones). Candidates: a full
+edition of 100 papers (the 51 recorded papers, then copies under new ids).
+
+* shipped: one ``Ranker`` per edition (BM25 index built once, per-topic and per-profile caches),
+  ``Profile.from_text`` + ``Ranker.pick`` per subscriber, as ``DigestComposer.choose`` does;
+* reference: what a straightforward implementation does, a fresh ``Ranker`` (index and scores)
+  per subscriber; timed on a sample and scaled to the full count, in the same run;
+* index once, no caches: the edition's index shared, every subscriber scored from scratch, to
+  show what the per-topic and per-profile caches add.
+
+Run by hand: ``.venv/bin/python bench/ranking.py [subscribers]``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import random
+import sys
+import time
+
+from digest.models import Paper
+from digest.papers import SAMPLE_DATES, load_sample, parse_items
+from digest.ranking import Candidate, Profile, Ranker, TrendingWeights, candidate_text, trending_order
+
+EDITION_SIZE = 100
+REFERENCE_SAMPLE = 1_000
+FIELDS = [
+    "diffusion", "reinforcement learning", "LLM agents", "GUI agents", "robotics", "3D reconstruction",
+    "video generation", "hallucination", "reasoning", "code generation", "multimodal", "speech",
+    "retrieval-augmented generation", "alignment", "interpretability", "benchmarks", "efficiency",
+    "quantization", "long context", "knowledge editing", "distillation", "reward models",
+    "vision transformers",
+]  # fmt: skip
+EXCLUDED = ["survey", "benchmark", "medical", "chinese", "game", "robot", "video", "audio", "math", "agent"]
+
+
+def edition() -> list[Candidate]:
+    weights = TrendingWeights()
+    pool: list[Candidate] = []
+    for day in SAMPLE_DATES:
+        items = load_sample(day) or []
+        papers = [Paper(**dataclasses.asdict(r)) for r in parse_items(items, day)]
+        as_of = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
+        pool += [Candidate(p.id, s, candidate_text(p)) for p, s in trending_order(papers, as_of, weights)]
+    copies = [dataclasses.replace(c, paper_id=f"{c.paper_id}-b", trending=c.trending / 2) for c in pool]
+    return sorted(pool + copies, key=lambda c: -c.trending)[:EDITION_SIZE]
+
+
+def subscribers(count: int, candidates: list[Candidate], seed: int = 5) -> list[tuple[str, str, set[str]]]:
+    rng = random.Random(seed)
+    keywords: dict[str, None] = dict.fromkeys(FIELDS)
+    for day in SAMPLE_DATES:
+        for item in load_sample(day) or []:
+            keywords.update(dict.fromkeys(item["paper"].get("ai_keywords") or []))
+    vocabulary = list(keywords)
+    popularity = [1 / (rank + 1) ** 1.1 for rank in range(len(vocabulary))]
+    ids = [c.paper_id for c in candidates]
+    people = []
+    for _ in range(count):
+        topics = ""
+        if rng.random() < 0.5:
+            topics = ", ".join(dict.fromkeys(rng.choices(vocabulary, popularity, k=rng.randint(1, 3))))
+        excluded = rng.choice(EXCLUDED) if rng.random() < 0.1 else ""
+        sent = set(rng.sample(ids, 10)) if rng.random() < 0.33 else set()
+        people.append((topics, excluded, sent))
+    return people
+
+
+def main() -> None:
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+    candidates = edition()
+    people = subscribers(count, candidates)
+    distinct = len({Profile.from_text(t, e) for t, e, _ in people})
+
+    started = time.perf_counter()
+    ranker = Ranker(candidates)
+    picked = 0
+    for topics, excluded, sent in people:
+        picked += len(ranker.pick(Profile.from_text(topics, excluded), 10, sent))
+    shipped = time.perf_counter() - started
+
+    sample = people[:REFERENCE_SAMPLE]
+    started = time.perf_counter()
+    for topics, excluded, sent in sample:
+        Ranker(candidates).pick(Profile.from_text(topics, excluded), 10, sent)
+    reference = (time.perf_counter() - started) * count / len(sample)
+
+    shared = Ranker(candidates)
+    started = time.perf_counter()
+    for topics, excluded, sent in sample:
+        # One index per edition, but every subscriber scored from scratch (no caches).
+        shared._cache.clear()
+        shared._terms.clear()
+        shared._excluded.clear()
+        shared.pick(Profile.from_text(topics, excluded), 10, sent)
+    uncached = (time.perf_counter() - started) * count / len(sample)
+
+    print(f"{count} subscribers, {distinct} distinct profiles, {len(candidates)} candidates, {picked} picks")
+    print(
+        f"shipped   (one ranker, cached per profile): {shipped:8.2f} s  "
+        f"({shipped / count * 1e6:.1f} µs/subscriber)"
+    )
+    print(
+        f"reference (fresh ranker per subscriber):   {reference:8.2f} s  "
+        f"(measured on {len(sample)}, scaled; {reference / count * 1e6:.1f} µs/subscriber)"
+    )
+    print(
+        f"index once, no caches:                     {uncached:8.2f} s  "
+        f"(measured on {len(sample)}, scaled; {uncached / count * 1e6:.1f} µs/subscriber)"
+    )
+    print(f"speed-up: {reference / shipped:.0f}x over the reference, {uncached / shipped:.1f}x over no cache")
+    print(
+        json.dumps(
+            {
+                "bench": "ranking",
+                "subscribers": count,
+                "distinct_profiles": distinct,
+                "candidates": len(candidates),
+                "shipped_seconds": round(shipped, 3),
+                "reference_seconds": round(reference, 1),
+                "index_once_no_cache_seconds": round(uncached, 2),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
