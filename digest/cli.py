@@ -231,7 +231,11 @@ def subscribers_import(ctx: click.Context, file: Path) -> None:
                     continue  # header
                 try:
                     topics = row[1] if len(row) > 1 else ""
-                    subscriptions.add_confirmed(session, row[0], now=utcnow(), topics=topics, source="import")
+                    # A savepoint per row: a row refused half way leaves nothing behind.
+                    with session.begin_nested():
+                        subscriptions.add_confirmed(
+                            session, row[0], now=utcnow(), topics=topics, source="import"
+                        )
                 except DigestError as exc:
                     bad += 1
                     click.echo(f"line {reader.line_num}: {exc}", err=True)
@@ -262,8 +266,10 @@ def subscribers_export(ctx: click.Context, file: Path | None) -> None:
             query = select(Subscriber).order_by(Subscriber.id).execution_options(yield_per=1000)
             for sub in session.scalars(query):
                 confirmed = sub.confirmed_at.isoformat() if sub.confirmed_at else ""
-                row = [sub.email, sub.topics, sub.status.value, sub.frequency.value, sub.created_at.isoformat()]
-                writer.writerow([*row, confirmed])
+                created = sub.created_at.isoformat()
+                writer.writerow(
+                    [sub.email, sub.topics, sub.status.value, sub.frequency.value, created, confirmed]
+                )
     finally:
         if file:
             out.close()
@@ -306,7 +312,7 @@ def serve(ctx: click.Context, host: str, port: int) -> None:
 @reports_errors
 def status(ctx: click.Context, date_: str | None) -> None:
     """Deliveries by status, send rate, the oldest open delivery and failures with reasons."""
-    from digest.status import status_for
+    from digest.status import reputation_lines, status_for
 
     runtime = runtime_from(ctx)
     now = utcnow()
@@ -317,6 +323,11 @@ def status(ctx: click.Context, date_: str | None) -> None:
         for edition in editions:
             for line in edition.lines(now):
                 click.echo(line)
+        s = runtime.settings
+        for line in reputation_lines(
+            session, now, s.complaint_window_days, s.complaint_pause_threshold, s.complaint_min_sent
+        ):
+            click.echo(line)
 
 
 @main.command()
