@@ -20,6 +20,7 @@ from digest.models import utcnow
 from digest.pipeline import RunSummary
 from digest.runtime import Runtime
 
+
 def run_via_workers(
     runtime: Runtime, day: dt.date, *, allow_sample: bool = False, poll: float = 1.0
 ) -> RunSummary:
@@ -28,7 +29,9 @@ def run_via_workers(
     from workers import tasks
 
     try:
-        collected = tasks.collect.delay(day.isoformat(), allow_sample).get(timeout=runtime.settings.task_wait_seconds)
+        collected = tasks.collect.delay(day.isoformat(), allow_sample).get(
+            timeout=runtime.settings.task_wait_seconds
+        )
         summary = RunSummary(day, collected["digest_id"])
         if collected.get("note"):
             summary.notes.append(collected["note"])
@@ -57,6 +60,8 @@ def run_via_workers(
             if remaining != last_open:
                 last_open, last_change = remaining, time.monotonic()
             elif time.monotonic() - last_change > stall_after:
+                with transaction(factory) as session:
+                    pipeline.check_not_paused(runtime, session, utcnow())
                 pipeline.sweep(
                     factory,
                     digest_id,

@@ -256,9 +256,10 @@ def subscribers_import(ctx: click.Context, file: Path) -> None:
 def subscribers_export(ctx: click.Context, file: Path | None) -> None:
     """Write every subscriber as CSV (email, topics, status, ...) to FILE or standard output."""
     import csv
+    from typing import TextIO
 
     runtime = runtime_from(ctx)
-    out = file.open("w", newline="", encoding="utf-8") if file else click.get_text_stream("stdout")
+    out: TextIO = file.open("w", newline="", encoding="utf-8") if file else click.get_text_stream("stdout")
     try:
         writer = csv.writer(out)
         writer.writerow(["email", "topics", "status", "frequency", "created_at", "confirmed_at"])

@@ -45,7 +45,7 @@ class Links:
         return self.sub_address("subscribe")
 
     def unsubscribe_mailto(self, subscriber: Subscriber) -> str:
-        return self.sub_address("unsubscribe-" + self._token(Purpose.UNSUBSCRIBE, subscriber))
+        return self.sub_address("unsubscribe-" + self._token(Purpose.MAIL_UNSUBSCRIBE, subscriber))
 
     def bounce_address(self, delivery_id: int, subscriber_id: int) -> str:
         """VERP return path naming one delivery; the signature stops forged bounces."""

@@ -383,7 +383,7 @@ def _subscribe(session: Session, config: MailinConfig, inbound: Inbound, now: dt
 def _unsubscribe(session: Session, config: MailinConfig, inbound: Inbound, now: dt.datetime) -> Handled:
     if inbound.token:
         subscriber = subscriptions.subscriber_from_token(
-            session, config.tokens, Purpose.UNSUBSCRIBE, inbound.token
+            session, config.tokens, Purpose.MAIL_UNSUBSCRIBE, inbound.token
         )
     else:
         assert inbound.sender is not None

@@ -217,6 +217,8 @@ class Delivery(Base):
         Index("ix_deliveries_digest_status", "digest_id", "status"),
         # "No repeats" reads a subscriber's recent deliveries.
         Index("ix_deliveries_subscriber_created", "subscriber_id", "created_at"),
+        # The complaint-rate guard counts recent sent deliveries before every batch.
+        Index("ix_deliveries_status_sent_at", "status", "sent_at"),
     )
 
 

@@ -29,9 +29,10 @@ from digest.delivery import (
     run_batch,
     unfinished_subscribers,
 )
-from digest.errors import DigestError, UpstreamError
+from digest.errors import DigestError, SendingPaused, UpstreamError
 from digest.models import Digest, DigestKind, utcnow
 from digest.papers import PapersClient, load_sample, papers_of_day, parse_items, store_papers
+from digest.reputation import complaint_rate, sending_paused
 from digest.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,20 @@ def composer_for(runtime: Runtime, session: Session, digest_id: int) -> DigestCo
     return composer
 
 
+def check_not_paused(runtime: Runtime, session: Session, now: dt.datetime) -> None:
+    """Stop sending while complaints run above the threshold (mailbox providers punish it)."""
+    s = runtime.settings
+    window = dt.timedelta(days=s.complaint_window_days)
+    if sending_paused(
+        session, now, s.complaint_pause_threshold, window=window, min_sent=s.complaint_min_sent
+    ):
+        rate = complaint_rate(session, now, window)
+        raise SendingPaused(
+            f"sending paused: complaint rate {rate:.2%} over the last {s.complaint_window_days} days is above "
+            f"{s.complaint_pause_threshold:.2%} (DIGEST_COMPLAINT_PAUSE_THRESHOLD); deliveries stay pending"
+        )
+
+
 def send_batch(
     runtime: Runtime,
     digest_id: int,
@@ -155,6 +170,8 @@ def send_batch(
 ) -> BatchResult:
     """One page of one edition: claim, render, send, record (see ``digest.delivery.run_batch``)."""
     factory = runtime.session_factory
+    with transaction(factory) as session:
+        check_not_paused(runtime, session, utcnow())
     composer = (composers or {}).get(digest_id)
     if composer is None:
         with transaction(factory) as session:

@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     soft_bounce_threshold: int = 3
     soft_bounce_window_days: int = 7
     complaint_pause_threshold: float = 0.003
+    complaint_window_days: int = 7
+    complaint_min_sent: int = 200  # judge the complaint rate only past this many sent messages
     task_visibility_timeout: int = 3600
     task_wait_seconds: float = 900.0  # how long `digest run` waits for a worker to answer
 

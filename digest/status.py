@@ -25,13 +25,17 @@ class EditionStatus:
         c = self.counts
         out = [
             f"{self.kind} digest {self.day}: "
-            + ", ".join(f"{name} {c.get(name, 0)}" for name in ("sent", "sending", "pending", "failed", "skipped"))
+            + ", ".join(
+                f"{name} {c.get(name, 0)}" for name in ("sent", "sending", "pending", "failed", "skipped")
+            )
         ]
         if self.rate_per_second is not None:
             out.append(f"  send rate: {self.rate_per_second:.1f} messages/s")
         if self.oldest_open is not None:
             age = now - self.oldest_open
-            out.append(f"  oldest open delivery: planned {self.oldest_open:%Y-%m-%d %H:%M} UTC ({age.total_seconds() / 60:.0f} min ago)")
+            out.append(
+                f"  oldest open delivery: planned {self.oldest_open:%Y-%m-%d %H:%M} UTC ({age.total_seconds() / 60:.0f} min ago)"
+            )
         out.extend(f"  failed: {reason}" for reason in self.failures)
         return out
 
@@ -61,6 +65,22 @@ def edition_status(session: Session, digest: Digest) -> EditionStatus:
         oldest_open=oldest,
         failures=failure_reasons(session, digest.id, limit=20),
     )
+
+
+def reputation_lines(
+    session: Session, now: dt.datetime, window_days: int, threshold: float, min_sent: int
+) -> list[str]:
+    from digest.reputation import complaints_in, sending_paused, sent_in
+
+    window = dt.timedelta(days=window_days)
+    complaints, sent = complaints_in(session, now, window), sent_in(session, now, window)
+    rate = complaints / sent if sent else 0.0
+    paused = sending_paused(session, now, threshold, window=window, min_sent=min_sent)
+    return [
+        f"complaint rate (last {window_days} days): {rate:.2%} ({complaints} of {sent} sent); "
+        + ("SENDING PAUSED" if paused else "sending on")
+        + f", pause threshold {threshold:.2%}"
+    ]
 
 
 def status_for(session: Session, day: dt.date | None) -> list[EditionStatus]:

@@ -29,7 +29,9 @@ def people(runtime: Runtime, count: int) -> list[str]:
 
 def deliveries(session: Session) -> dict[str, Delivery]:
     session.expire_all()
-    rows = session.execute(select(Subscriber.email, Delivery).join(Delivery, Delivery.subscriber_id == Subscriber.id))
+    rows = session.execute(
+        select(Subscriber.email, Delivery).join(Delivery, Delivery.subscriber_id == Subscriber.id)
+    )
     return {email: delivery for email, delivery in rows}
 
 
@@ -153,7 +155,9 @@ def test_stale_deliveries_are_skipped_not_dropped(runtime: Runtime, smtp: SMTPSi
     assert delivery.last_error is not None and delivery.last_error.startswith("stale: not sent before")
 
 
-def test_unsubscribing_after_planning_stops_the_queued_digest(runtime: Runtime, smtp: SMTPSink, session: Session) -> None:
+def test_unsubscribing_after_planning_stops_the_queued_digest(
+    runtime: Runtime, smtp: SMTPSink, session: Session
+) -> None:
     emails = people(runtime, 2)
     digest_id = prepare(runtime, emails)
     with transaction(runtime.session_factory) as s:
@@ -164,3 +168,41 @@ def test_unsubscribing_after_planning_stops_the_queued_digest(runtime: Runtime, 
     send_batch(runtime, digest_id, ids)
     assert set(received_counts(smtp)) == {emails[1]}
     assert deliveries(session)[emails[0]].status is DeliveryStatus.SKIPPED
+
+
+def test_sending_pauses_itself_above_the_complaint_threshold(
+    runtime: Runtime, smtp: SMTPSink, session: Session
+) -> None:
+    import pytest
+
+    from digest.errors import SendingPaused
+    from digest.models import Digest, DigestKind, SubscriberEvent
+
+    emails = people(runtime, 3)
+    now = utcnow()
+    with transaction(runtime.session_factory) as s:
+        old = Digest(kind=DigestKind.DAILY, date=DAY - dt.timedelta(days=1), created_at=now)
+        s.add(old)
+        s.flush()
+        s.execute(
+            Delivery.__table__.insert(),
+            [
+                {
+                    "digest_id": old.id,
+                    "subscriber_id": None,
+                    "status": "sent",
+                    "attempts": 1,
+                    "message_id": f"<old{n}@x>",
+                    "sent_at": now,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for n in range(300)
+            ],
+        )
+        s.add(SubscriberEvent(kind="complaint", created_at=now, detail="abuse report"))
+    with pytest.raises(SendingPaused, match=r"complaint rate 0.33% .* above 0.30%"):
+        run_inprocess(runtime, DAY)
+    assert smtp.messages == []
+    assert {d.status for d in deliveries(session).values()} == {DeliveryStatus.PENDING}
+    assert len(deliveries(session)) == len(emails)

@@ -79,7 +79,9 @@ def test_collecting_a_day_twice_updates_counts_and_duplicates_nothing(
     assert session.scalar(select(func.count()).select_from(Digest)) == 1
 
 
-def test_429_then_success_honours_retry_after(runtime: Runtime, session: Session, papers_api: PapersAPI) -> None:
+def test_429_then_success_honours_retry_after(
+    runtime: Runtime, session: Session, papers_api: PapersAPI
+) -> None:
     papers_api.behaviour.faults = [429, 429]
     papers_api.behaviour.retry_after = "1"
     slept: list[float] = []
@@ -93,12 +95,16 @@ def test_5xx_on_every_try_is_a_clear_error_and_stores_nothing(
     runtime: Runtime, session: Session, papers_api: PapersAPI
 ) -> None:
     papers_api.behaviour.faults = [503] * 10
-    with pytest.raises(UpstreamError, match=r"unavailable for 2024-10-25 .* after 4 attempts \(last: HTTP 503\)"):
+    with pytest.raises(
+        UpstreamError, match=r"unavailable for 2024-10-25 .* after 4 attempts \(last: HTTP 503\)"
+    ):
         collect(runtime, OLD_DAY)
     assert paper_count(session) == 0
 
 
-def test_failure_on_a_later_page_stores_nothing_half_way(runtime: Runtime, session: Session, papers_api: PapersAPI) -> None:
+def test_failure_on_a_later_page_stores_nothing_half_way(
+    runtime: Runtime, session: Session, papers_api: PapersAPI
+) -> None:
     # 150 items: page 0 is full, page 1 fails every time.
     many = []
     for n in range(150):
@@ -158,8 +164,8 @@ def test_oversized_fields_are_cut(session: Session) -> None:
 
 
 def test_an_empty_day_sends_no_digest_and_says_so(runtime: Runtime, smtp: SMTPSink, session: Session) -> None:
-    from digest.subscriptions import add_confirmed
     from digest.models import utcnow
+    from digest.subscriptions import add_confirmed
 
     with transaction(runtime.session_factory) as s:
         add_confirmed(s, "reader@example.com", now=utcnow())

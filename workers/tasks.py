@@ -6,6 +6,7 @@ succeed later (database or broker hiccups, the papers API being down).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from typing import Any
@@ -149,4 +150,4 @@ def poll_imap() -> dict[str, int] | None:
         return None
     from digest.imap import poll_imap as poll
 
-    return dict(poll(rt))
+    return dataclasses.asdict(poll(rt))

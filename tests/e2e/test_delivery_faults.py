@@ -32,7 +32,13 @@ def add_subscribers(runtime: Runtime, count: int) -> list[str]:
         session.execute(
             insert(Subscriber),
             [
-                {"email": e, "status": SubscriberStatus.ACTIVE, "created_at": now, "updated_at": now, "confirmed_at": now}
+                {
+                    "email": e,
+                    "status": SubscriberStatus.ACTIVE,
+                    "created_at": now,
+                    "updated_at": now,
+                    "confirmed_at": now,
+                }
                 for e in emails
             ],
         )
@@ -96,7 +102,9 @@ def ledger(runtime: Runtime) -> dict[str, tuple[DeliveryStatus, str]]:
         return {email: (status, message_id) for email, status, message_id in rows}
 
 
-def assert_exactly_once(runtime: Runtime, smtp: SMTPSink, emails: list[str], allowed_duplicates: int = 0) -> None:
+def assert_exactly_once(
+    runtime: Runtime, smtp: SMTPSink, emails: list[str], allowed_duplicates: int = 0
+) -> None:
     rows = ledger(runtime)
     assert {e for e, (status, _) in rows.items() if status is DeliveryStatus.SENT} == set(emails)
     counts = Counter(m.rcpt_tos[0] for m in smtp.messages)

@@ -85,5 +85,11 @@ def start_worker(env: dict[str, str], log_path: Path, extra: list[str] | None = 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(BIN / "digest"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+        [str(BIN / "digest"), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
