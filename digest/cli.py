@@ -259,8 +259,8 @@ def subscribers_export(ctx: click.Context, file: Path | None) -> None:
     from typing import TextIO
 
     runtime = runtime_from(ctx)
-    out: TextIO = file.open("w", newline="", encoding="utf-8") if file else click.get_text_stream("stdout")
-    try:
+
+    def write(out: TextIO) -> None:
         writer = csv.writer(out)
         writer.writerow(["email", "topics", "status", "frequency", "created_at", "confirmed_at"])
         with transaction(runtime.session_factory) as session:
@@ -271,11 +271,13 @@ def subscribers_export(ctx: click.Context, file: Path | None) -> None:
                 writer.writerow(
                     [sub.email, sub.topics, sub.status.value, sub.frequency.value, created, confirmed]
                 )
-    finally:
-        if file:
-            out.close()
-    if file:
-        click.echo(f"wrote {file}", err=True)
+
+    if file is None:
+        write(sys.stdout)
+        return
+    with file.open("w", newline="", encoding="utf-8") as handle:
+        write(handle)
+    click.echo(f"wrote {file}", err=True)
 
 
 @subscribers.command("delete")
