@@ -14,6 +14,7 @@ import binascii
 import datetime as dt
 import hashlib
 import re
+import secrets
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -172,8 +173,10 @@ def date_label(day: dt.date) -> str:
 
 
 # Plain ASCII word characters: autoescaping, the CSS inliner and URL attributes leave them as is.
-_MARKER = "__digest_personal_{}__"
-_MARKER_RE = re.compile(r"__digest_personal_(\w+?)__")
+# The random part keeps text from the papers API from ever looking like a marker.
+_NONCE = secrets.token_hex(8)
+_MARKER = f"__personal_{_NONCE}_{{}}__"
+_MARKER_RE = re.compile(rf"__personal_{_NONCE}_(\w+?)__")
 
 
 @dataclass(frozen=True)
@@ -192,9 +195,7 @@ class _Filled:
             return pieces[0]
         out = [pieces[0]]
         for i in range(1, len(pieces), 2):
-            value = values.get(pieces[i])
-            # A marker-like string that is not a personal field (say, in a paper title) stays as is.
-            out.append(_MARKER.format(pieces[i]) if value is None else quote(value))
+            out.append(quote(values[pieces[i]]))
             out.append(pieces[i + 1])
         return "".join(out)
 

@@ -74,7 +74,7 @@ def test_every_template_renders_with_one_line_subject_and_both_parts(context: ob
     assert all(p.get_content_charset() == "utf-8" for p in message.iter_parts())
     assert "ada@example.com" in text_of(message) and "ada@example.com" in html_of(message)
     assert POSTAL in text_of(message) and POSTAL in html_of(message)
-    assert "__digest_personal" not in text_of(message) + html_of(message)
+    assert "__personal_" not in text_of(message) + html_of(message)
 
 
 def test_digest_shows_each_paper_with_its_links_and_reason() -> None:
@@ -122,11 +122,12 @@ def test_personal_parts_differ_while_the_shared_rendering_is_reused() -> None:
     assert unpersonal[0] == unpersonal[1]
 
 
-def test_a_marker_lookalike_in_a_title_stays_text() -> None:
+def test_text_from_the_api_cannot_pose_as_a_personal_field() -> None:
     paper = sample_papers(1)[0]
-    paper.title = "On __digest_personal_recipient__ and __digest_personal_nothing__"
+    paper.title = "On __personal_recipient__ and {{ recipient }}"
     rendered = EmailRenderer().render(digest_context([paper]))
-    assert "On ada@example.com and __digest_personal_nothing__" in rendered.text  # substituted at most
+    assert "On __personal_recipient__ and {{ recipient }}" in rendered.text
+    assert "ada@example.com" not in rendered.text.split("--\n")[0]  # only the footer names them
 
 
 def test_non_ascii_names_and_titles_round_trip() -> None:
