@@ -290,6 +290,7 @@ class Envelope:
 
 
 _FOLD_POLICY = policy.default.clone(max_line_length=TEXT_WIDTH)
+_KEEP_POLICY = policy.default.clone(max_line_length=MAX_LINE)
 
 
 @lru_cache(maxsize=1024)
@@ -366,6 +367,8 @@ def message_bytes(rendered: RenderedEmail, envelope: Envelope) -> bytes:
 
 def build_message(rendered: RenderedEmail, envelope: Envelope) -> EmailMessage:
     """``message_bytes`` as an ``EmailMessage``, for callers that inspect or adjust a message."""
-    message = message_from_bytes(message_bytes(rendered, envelope), policy=policy.default)
-    assert isinstance(message, EmailMessage)  # policy.default parses into EmailMessage
+    # Lines up to 998 long: serialising again must keep our folding, not refold long
+    # List-Unsubscribe URLs into RFC 2047 encoded words.
+    message = message_from_bytes(message_bytes(rendered, envelope), policy=_KEEP_POLICY)
+    assert isinstance(message, EmailMessage)  # an EmailPolicy parses into EmailMessage
     return message
