@@ -32,6 +32,9 @@ SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
     (b"permissions-policy", b"camera=(), microphone=(), geolocation=(), interest-cohort=()"),
 ]
 
+# Pages opened from a personal link show an address and carry a token: no cache may keep them.
+PERSONAL_PREFIXES = ("/confirm/", "/unsubscribe/", "/preferences/")
+
 
 class SecurityHeaders:
     def __init__(self, app: ASGIApp):
@@ -42,10 +45,14 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
 
+        personal = scope["path"].startswith(PERSONAL_PREFIXES)
+
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 present = {name.lower() for name, _ in message.get("headers", [])}
                 extra = [(n, v) for n, v in SECURITY_HEADERS if n not in present]
+                if personal and b"cache-control" not in present:
+                    extra.append((b"cache-control", b"no-store"))
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 

@@ -26,6 +26,7 @@ def test_get_shows_button_and_changes_nothing(client: TestClient, runtime: Runti
     assert page.status_code == 200
     assert f'<form method="post" action="{path}">' in page.text
     assert ">Unsubscribe</button>" in page.text
+    assert page.headers["cache-control"] == "no-store"
     assert snapshot(runtime) == before
 
 
