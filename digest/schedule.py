@@ -11,9 +11,9 @@ Rules:
   skips the hour (02:00 on a spring-forward night) it is due at the moment of the change, and an
   hour that happens twice (autumn) is due only the first time. So DST neither skips nor doubles
   a day; the unique (subscriber, edition) ledger row guards against doubles as well.
-* Daily subscribers get the newest daily edition dated on their local date or the day before.
-  Days without papers have no edition, and an edition already received is not sent again, so
-  weekends and quiet days send nothing (no empty emails).
+* Daily subscribers get the edition of the day before their local date: by their morning that
+  day is over. Days without papers have no edition, so weekends and quiet days send nothing
+  (no empty emails).
 * Weekly subscribers get, on their weekday (Monday = 0), the weekly edition of the seven days
   up to the day before their local date, built here when first needed.
 * Paused, pending and unsubscribed subscribers get nothing (``due_subscriber_page``).
@@ -113,10 +113,11 @@ def due_editions(
     daily_slots: dict[int, list[Slot]] = defaultdict(list)
     weekly_slots: dict[int, list[Slot]] = defaultdict(list)
     for slot in slots:
-        recent = (slot.date, slot.date - dt.timedelta(days=1))
-        newest = next((dailies[d] for d in recent if d in dailies), None)
-        if newest is not None:
-            daily_slots[newest].append(slot)
+        # Yesterday's edition in the subscriber's own calendar: by their morning that day is
+        # over (in UTC too, for every zone up to UTC+8), so nobody gets a half-collected day.
+        edition = dailies.get(slot.date - dt.timedelta(days=1))
+        if edition is not None:
+            daily_slots[edition].append(slot)
     for week_end in sorted({s.date - dt.timedelta(days=1) for s in slots}):
         due = [s for s in slots if s.date - dt.timedelta(days=1) == week_end]
         # Build a weekly edition only when someone is due for it: most hours nobody is.

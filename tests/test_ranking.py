@@ -153,7 +153,7 @@ def test_topics_come_first_with_their_reason_in_both_parts(runtime: Runtime, smt
     with transaction(runtime.session_factory) as session:
         add_subscriber(session, "ada@example.org", topics="GUI agents, Reinforcement learning")
         add_subscriber(session, "plain@example.org")
-    deliver_due(runtime, dt.datetime(2026, 4, 16, 8, 3, tzinfo=dt.UTC))
+    deliver_due(runtime, dt.datetime(2026, 4, 17, 8, 3, tzinfo=dt.UTC))
 
     (mail,) = smtp.to("ada@example.org")
     for listed in (papers_in_text(mail), papers_in_html(mail)):
@@ -182,7 +182,7 @@ def test_excluded_words_never_appear(runtime: Runtime, smtp: SMTPSink) -> None:
     with transaction(runtime.session_factory) as session:
         add_subscriber(session, "reader@example.org", excluded="agent, video", digest_size=30)
         add_subscriber(session, "rl@example.org", topics="reinforcement learning", excluded="reward")
-    deliver_due(runtime, dt.datetime(2026, 4, 16, 8, 0, tzinfo=dt.UTC))
+    deliver_due(runtime, dt.datetime(2026, 4, 17, 8, 0, tzinfo=dt.UTC))
 
     (mail,) = smtp.to("reader@example.org")
     received = [pid for pid, _ in papers_in_text(mail)]

@@ -134,7 +134,8 @@ def test_daily_subscribers_get_days_with_papers_only_and_paused_get_nothing(
     assert len(smtp.messages) == 2
     with runtime.session_factory() as session:
         sent_at = {r: s for r, s in session.execute(select(Delivery.recipient, Delivery.sent_at))}
-    assert sent_at["daily@example.org"] == utc(2026, 4, 16, 8, 1)
+    # Each gets Thursday's papers on their own Friday morning, when Thursday is over.
+    assert sent_at["daily@example.org"] == utc(2026, 4, 17, 8, 1)
     assert sent_at["tokyo@example.org"] == utc(2026, 4, 16, 23, 1)
 
 
@@ -142,7 +143,7 @@ def test_a_day_without_papers_sends_nothing(runtime: Runtime, smtp: SMTPSink) ->
     collect(runtime, THURSDAY)
     with transaction(runtime.session_factory) as session:
         add_subscriber(session, "daily@example.org")
-    # Saturday: the newest edition (Thursday) is more than a day old.
+    # Saturday: yesterday (Friday) has no edition; Thursday's went out on Friday.
     assert deliver_due(runtime, utc(2026, 4, 18, 8)) == 0
     assert smtp.messages == []
 
@@ -178,14 +179,14 @@ def test_two_digests_in_a_row_never_repeat_a_paper(runtime: Runtime, smtp: SMTPS
     collect(runtime, THURSDAY)  # 22 papers
     with transaction(runtime.session_factory) as session:
         sid = add_subscriber(session, "switcher@example.org", topics="agents").id
-    deliver_due(runtime, utc(2026, 4, 16, 8))
-    # The subscriber switches to weekly on Fridays: the week's edition holds Thursday's papers again.
+    deliver_due(runtime, utc(2026, 4, 17, 8))  # Friday morning: Thursday's papers
+    # The subscriber switches to weekly on Saturdays: the week's edition holds Thursday's papers again.
     with transaction(runtime.session_factory) as session:
         subscriber = session.get(Subscriber, sid)
         assert subscriber is not None
-        subscriber.frequency, subscriber.weekday = Frequency.WEEKLY, 4
-    deliver_due(runtime, utc(2026, 4, 17, 8))
-    deliver_due(runtime, utc(2026, 4, 17, 8, 30))  # beat running twice in the hour changes nothing
+        subscriber.frequency, subscriber.weekday = Frequency.WEEKLY, 5
+    deliver_due(runtime, utc(2026, 4, 18, 8))
+    deliver_due(runtime, utc(2026, 4, 18, 8, 30))  # beat running twice in the hour changes nothing
 
     daily, weekly = smtp.to("switcher@example.org")
     first = [pid for pid, _ in papers_in_text(daily)]
