@@ -22,6 +22,7 @@ import datetime as dt
 import logging
 import random
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import parseaddr
@@ -87,8 +88,8 @@ def build_digest(
 ) -> Digest | None:
     """The edition of ``day`` with its candidates in trending order; None when there are no papers.
 
-    Re-running refreshes the order until the first delivery is planned; after that an edition
-    is frozen, so every subscriber of one edition chooses from the same list.
+    Every collection refreshes the candidates and their order (votes keep coming in, late papers
+    join); each delivery keeps the papers it chose, so nobody's message changes under them.
     """
     first = day - dt.timedelta(days=6) if kind is DigestKind.WEEKLY else day
     papers = list(session.scalars(select(Paper).where(Paper.daily_date.between(first, day))))
@@ -99,8 +100,6 @@ def build_digest(
         digest = Digest(kind=kind, date=day, created_at=utcnow())
         session.add(digest)
         session.flush()
-    elif session.scalar(select(Delivery.id).where(Delivery.digest_id == digest.id).limit(1)):
-        return digest
     as_of = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
     digest.items.clear()
     session.flush()
@@ -379,6 +378,7 @@ class DigestComposer:
     postal_address: str
     default_size: int
     extra_headers: dict[str, str] = field(default_factory=dict)
+    loaded_at: float = field(default_factory=time.monotonic)
     dkim: DkimSigner | None = None  # set by the runtime when DIGEST_DKIM_* are configured
 
     @classmethod

@@ -37,6 +37,9 @@ from digest.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+# An edition's candidates are refreshed by each collection; workers reload them this often.
+COMPOSER_MAX_AGE_SECONDS = 300.0
+
 
 @dataclass(frozen=True)
 class CollectResult:
@@ -173,7 +176,7 @@ def send_batch(
     with transaction(factory) as session:
         check_not_paused(runtime, session, utcnow())
     composer = (composers or {}).get(digest_id)
-    if composer is None:
+    if composer is None or time.monotonic() - composer.loaded_at > COMPOSER_MAX_AGE_SECONDS:
         with transaction(factory) as session:
             composer = composer_for(runtime, session, digest_id)
         if composers is not None:

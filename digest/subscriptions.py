@@ -98,12 +98,13 @@ def add_confirmed(
 ) -> Subscriber:
     """Operator path: an already confirmed subscriber (e.g. an import with consent on record)."""
     address = normalise_address(email)
+    wanted_topics = clean_topics(topics)  # refuse bad input before anything is added
     subscriber = find_by_email(session, address)
     if subscriber is None:
         subscriber = Subscriber(email=address, source=source, created_at=now, updated_at=now)
         session.add(subscriber)
     subscriber.status = SubscriberStatus.ACTIVE
-    subscriber.topics = clean_topics(topics)
+    subscriber.topics = wanted_topics
     subscriber.confirmed_at = subscriber.confirmed_at or now
     session.flush()
     return subscriber
