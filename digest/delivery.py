@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import parseaddr
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from digest.db import transaction
@@ -52,6 +52,8 @@ from digest.rendering import DigestContext, EmailRenderer, Envelope, PaperView, 
 
 log = logging.getLogger(__name__)
 
+SENT_GROUP_SIZE = 16
+SENT_GROUP_SECONDS = 0.02
 TERMINAL = (DeliveryStatus.SENT, DeliveryStatus.FAILED, DeliveryStatus.SKIPPED)
 # Candidates of a weekly digest span 7 days; a paper can only repeat within that reach.
 NO_REPEAT_LOOKBACK = dt.timedelta(days=15)
@@ -213,45 +215,40 @@ def claim(
         ),
         and_(Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until < now),
     )
-    candidates = list(
-        session.scalars(
-            select(Delivery.id).where(
-                Delivery.digest_id == digest_id,
-                Delivery.subscriber_id.in_(subscriber_ids),
-                claimable,
-            )
-        )
-    )
-    claimed: list[int] = []
-    for delivery_id in candidates:
-        result = session.execute(
-            update(Delivery)
-            .where(Delivery.id == delivery_id, claimable)
-            .values(
-                status=DeliveryStatus.SENDING,
-                lease_until=lease_until,
-                attempts=Delivery.attempts + 1,
-                updated_at=now,
-            )
-        )
-        if result.rowcount:  # type: ignore[attr-defined]
-            claimed.append(delivery_id)
-    session.flush()
-    return claimed
-
-
-def mark_sent(session: Session, delivery_id: int, reply: str, now: dt.datetime) -> None:
-    session.execute(
+    # One statement for the whole page; RETURNING says which rows this worker won.
+    claimed = session.scalars(
         update(Delivery)
-        .where(Delivery.id == delivery_id)
+        .where(Delivery.digest_id == digest_id, Delivery.subscriber_id.in_(subscriber_ids), claimable)
         .values(
-            status=DeliveryStatus.SENT,
-            smtp_reply=reply[:500],
-            sent_at=now,
-            lease_until=None,
+            status=DeliveryStatus.SENDING,
+            lease_until=lease_until,
+            attempts=Delivery.attempts + 1,
             updated_at=now,
-            last_error=None,
         )
+        .returning(Delivery.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    session.flush()
+    return sorted(claimed)
+
+
+def mark_sent(session: Session, outcomes: Sequence[tuple[int, str, dt.datetime]]) -> None:
+    """Record (delivery id, server reply, when) for a group of accepted messages at once."""
+    if not outcomes:
+        return
+    table = Delivery.__table__
+    session.connection().execute(
+        update(table)
+        .where(table.c.id == bindparam("delivery_id"))
+        .values(
+            status=DeliveryStatus.SENT.value,
+            smtp_reply=bindparam("reply"),
+            sent_at=bindparam("at"),
+            updated_at=bindparam("at"),
+            lease_until=None,
+            last_error=None,
+        ),
+        [{"delivery_id": d, "reply": r[:500], "at": at} for d, r, at in outcomes],
     )
 
 
@@ -571,11 +568,28 @@ async def send_prepared(
     concurrency: int,
     clock: Callable[[], dt.datetime] = utcnow,
 ) -> BatchResult:
-    """Send concurrently over the mailer's pool; record each outcome as soon as it is known."""
+    """Send concurrently over the mailer's pool, recording outcomes as they come.
+
+    Accepted messages are recorded in small groups (``SENT_GROUP_SIZE`` messages or
+    ``SENT_GROUP_SECONDS``, whichever comes first): one statement and one commit per group
+    instead of per message. A crash can therefore cost at most one unrecorded group per
+    process, which the lease sends again with the same Message-ID.
+    """
     result = BatchResult()
     queue: asyncio.Queue[_Prepared] = asyncio.Queue()
     for item in prepared:
         queue.put_nowait(item)
+    accepted: list[tuple[int, str, dt.datetime]] = []
+    last_flush = time.monotonic()
+
+    def flush() -> None:
+        nonlocal last_flush
+        if accepted:
+            with transaction(factory) as session:
+                mark_sent(session, accepted)
+            result.sent += len(accepted)
+            accepted.clear()
+        last_flush = time.monotonic()
 
     async def worker() -> None:
         while True:
@@ -596,11 +610,14 @@ async def send_prepared(
                 elif result.retry_at is None or when < result.retry_at:
                     result.retry_at = when
                 continue
-            with transaction(factory) as session:
-                mark_sent(session, item.delivery.id, reply, clock())
-            result.sent += 1
+            accepted.append((item.delivery.id, reply, clock()))
+            if len(accepted) >= SENT_GROUP_SIZE or time.monotonic() - last_flush >= SENT_GROUP_SECONDS:
+                flush()
 
-    await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+    try:
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+    finally:
+        flush()
     return result
 
 

@@ -36,17 +36,24 @@ class Tokens:
     def __init__(self, secret_key: str, confirm_max_age_seconds: int = 48 * 3600):
         self._secret_key = secret_key
         self.confirm_max_age_seconds = confirm_max_age_seconds
+        self._serializers: dict[Purpose, URLSafeSerializer] = {}
+        self._compact_keys = {
+            p: hashlib.sha256(f"digest.{p.value}.{secret_key}".encode()).digest() for p in COMPACT
+        }
 
     def _serializer(self, purpose: Purpose) -> URLSafeSerializer:
-        # Only confirmation links expire; the others carry no timestamp, so a subscriber's
-        # links are the same in every message (and a retried message is byte-identical).
-        if purpose is Purpose.CONFIRM:
-            return URLSafeTimedSerializer(self._secret_key, salt=f"digest.{purpose.value}")
-        return URLSafeSerializer(self._secret_key, salt=f"digest.{purpose.value}")
+        # Built once per purpose: a serializer derives its key on creation, and a digest run
+        # makes several tokens per message.
+        serializer = self._serializers.get(purpose)
+        if serializer is None:
+            # Only confirmation links expire; the others carry no timestamp, so a subscriber's
+            # links are the same in every message (and a retried message is byte-identical).
+            kind = URLSafeTimedSerializer if purpose is Purpose.CONFIRM else URLSafeSerializer
+            serializer = self._serializers[purpose] = kind(self._secret_key, salt=f"digest.{purpose.value}")
+        return serializer
 
     def _tag(self, purpose: Purpose, object_id: int, stamp: int) -> str:
-        key = hashlib.sha256(f"digest.{purpose.value}.{self._secret_key}".encode()).digest()
-        mac = hmac.new(key, f"{object_id}.{stamp}".encode(), hashlib.sha256).hexdigest()
+        mac = hmac.new(self._compact_keys[purpose], f"{object_id}.{stamp}".encode(), hashlib.sha256).hexdigest()
         return mac[:TAG_HEX_CHARS]
 
     def make(self, purpose: Purpose, object_id: int, stamp: int) -> str:
