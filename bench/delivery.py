@@ -1,0 +1,194 @@
+"""Delivery benchmark (run by hand, not in CI): personalised digests per second end to end.
+
+N active subscribers with varied topics in PostgreSQL, the 2026-04-16 digest from the recorded
+data, Celery worker processes on Redis, and Postfix's ``smtp-sink`` as the receiving server.
+In the same run it measures the ceiling: Postfix's ``smtp-source`` sending messages of the same
+size over 8 sessions to the same sink. Prints one JSON line per N.
+
+    apt-get install -y postfix        # for smtp-sink / smtp-source; the daemon is not started
+    .venv/bin/python bench/delivery.py --n 10000 --n 100000
+
+Uses the machine's PostgreSQL and Redis (127.0.0.1) like the tests, in a database of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import text  # noqa: E402
+
+from digest import db  # noqa: E402
+from tests.support.processes import BIN, Process, digest_env, procfile_command  # noqa: E402
+from tests.support.servers import PapersAPI, Postgres, free_port, port_open  # noqa: E402
+
+DAY = "2026-04-16"
+TOPIC_POOL = [
+    "", "", "", "diffusion", "video generation", "reinforcement learning", "LLM agents",
+    "reasoning", "multimodal", "robotics", "speech", "benchmark", "efficient inference",
+    "diffusion, video generation", "agents, reasoning", "vision language models",
+]
+EXCLUDED_POOL = ["", "", "", "", "robot", "survey", "medical"]
+
+
+def insert_subscribers(url: str, n: int) -> None:
+    """Bulk-load with COPY: the benchmark measures sending, not loading."""
+    import psycopg
+
+    rng = random.Random(42)
+    dsn = url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur:
+        with cur.copy(
+            "COPY subscribers (email, status, topics, excluded, frequency, send_hour, timezone, weekday,"
+            " source, soft_bounce_score, created_at, updated_at, confirmed_at) FROM STDIN"
+        ) as copy:
+            for i in range(n):
+                copy.write_row(
+                    (f"reader{i}@example{i % 50}.org", "active", rng.choice(TOPIC_POOL), rng.choice(EXCLUDED_POOL),
+                     "daily", 8, "UTC", 0, "bench", 0.0, "2026-01-01T00:00:00Z", "2026-01-01T00:00:00Z",
+                     "2026-01-01T00:00:00Z")
+                )
+        conn.commit()
+
+
+class Sink:
+    """smtp-sink on a free port (-u: as root it must drop privileges; 1000 = backlog)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["/usr/sbin/smtp-sink", "-u", "nobody", "-c", f"127.0.0.1:{self.port}", "1000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not port_open("127.0.0.1", self.port):
+            if time.monotonic() > deadline:
+                raise RuntimeError("smtp-sink did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def ceiling(sample: Path, count: int) -> float:
+    """Messages per second smtp-source reaches against a fresh sink, 8 sessions, same size."""
+    sink = Sink()
+    try:
+        start = time.perf_counter()
+        subprocess.run(
+            ["/usr/sbin/smtp-source", "-s", "8", "-m", str(count), "-F", str(sample),
+             "-f", "bench@example.org", "-t", "reader@example.org", f"127.0.0.1:{sink.port}"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        return count / (time.perf_counter() - start)
+    finally:
+        sink.stop()
+
+
+def pool_processes(worker: Process) -> list[psutil.Process]:
+    assert worker.proc is not None
+    return psutil.Process(worker.proc.pid).children(recursive=True)
+
+
+def run_once(n: int, postgres: Postgres, api: PapersAPI, redis_url: str, workers: int, tmp: Path) -> dict[str, object]:
+    name = f"digest_bench_{os.getpid()}"
+    url = postgres.create_database(name)
+    db.upgrade(url)
+    insert_subscribers(url, n)
+    sink = Sink()
+    env = digest_env(
+        environment="test", database_url=url, redis_url=redis_url, smtp_port=sink.port,
+        papers_api_url=api.url, secret_key="bench-secret-key-0123456789abcdef0123",
+        base_url="https://papers.example.org", mail_from="Daily Papers <papers@example.org>",
+        inbound_address="papers@example.org", batch_size=500, smtp_pool_size=4, lease_seconds=600,
+    )
+    subprocess.run(["redis-cli", "-u", redis_url, "flushdb"], check=False, stdout=subprocess.DEVNULL)
+    # The Procfile's worker line, with the process count under test (the last flag wins).
+    worker = Process(procfile_command("worker") + [f"--concurrency={workers}"], env, tmp / f"worker-{n}.log").start()
+    worker.wait_for_output("ready.", timeout=60)
+    children = pool_processes(worker)
+    cpu_before = sum(p.cpu_times().user + p.cpu_times().system for p in children)
+    start = time.perf_counter()
+    run = subprocess.run([str(BIN / "digest"), "run", "--date", DAY], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    cpu_after = sum(p.cpu_times().user + p.cpu_times().system for p in children)
+    peak_rss = []
+    for p in children:
+        with open(f"/proc/{p.pid}/status") as status:
+            hwm = next(line for line in status if line.startswith("VmHWM"))
+        peak_rss.append(int(hwm.split()[1]) / 1024)
+    worker.stop()
+    sink.stop()
+    engine = db.make_engine(url)
+    with engine.connect() as conn:
+        sent = conn.execute(text("select count(*) from deliveries where status = 'sent'")).scalar_one()
+    engine.dispose()
+    postgres.drop_database(name)
+    if run.returncode != 0:
+        raise RuntimeError(run.stderr + run.stdout)
+    return {
+        "n": n, "sent": sent, "wall_s": round(wall, 2), "digests_per_s": round(sent / wall, 1),
+        "worker_cpu_ms_per_message": round(1000 * (cpu_after - cpu_before) / max(1, sent), 3),
+        "peak_rss_mb_per_worker_process": [round(r, 1) for r in peak_rss],
+    }
+
+
+def sample_message(api: PapersAPI, postgres: Postgres, tmp: Path) -> Path:
+    """One real digest of the run's shape, rendered by `digest preview`, for smtp-source."""
+    name = f"digest_bench_sample_{os.getpid()}"
+    url = postgres.create_database(name)
+    db.upgrade(url)
+    insert_subscribers(url, 1)
+    env = digest_env(database_url=url, papers_api_url=api.url, base_url="https://papers.example.org",
+                     mail_from="Daily Papers <papers@example.org>", inbound_address="papers@example.org")
+    subprocess.run([str(BIN / "digest"), "collect", "--date", DAY], env=env, check=True, capture_output=True)
+    target = tmp / "sample.eml"
+    subprocess.run([str(BIN / "digest"), "preview", "reader0@example0.org", "--date", DAY, "-o", str(target)],
+                   env=env, check=True, capture_output=True)
+    postgres.drop_database(name)
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, action="append", help="subscribers (repeatable); default 10000 and 100000")
+    parser.add_argument("--workers", type=int, default=2, help="Celery worker processes")
+    args = parser.parse_args()
+    if not shutil.which("smtp-sink") and not Path("/usr/sbin/smtp-sink").exists():
+        sys.exit("needs Postfix's smtp-sink: apt-get install -y postfix")
+    tmp = Path(tempfile.mkdtemp(prefix="digest-bench-"))
+    postgres, api = Postgres(), PapersAPI().start()
+    redis_url = "redis://127.0.0.1:6379/15"
+    try:
+        sample = sample_message(api, postgres, tmp)
+        size = sample.stat().st_size
+        for n in args.n or [10_000, 100_000]:
+            ceiling_rate = ceiling(sample, min(n, 50_000))
+            result = run_once(n, postgres, api, redis_url, args.workers, tmp)
+            result.update(
+                message_bytes=size,
+                ceiling_smtp_source_8_sessions_per_s=round(ceiling_rate, 1),
+                ratio_to_ceiling=round(float(result["digests_per_s"]) / ceiling_rate, 3),  # type: ignore[arg-type]
+            )
+            print(json.dumps(result), flush=True)
+    finally:
+        api.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
