@@ -21,6 +21,19 @@ from digest.pipeline import RunSummary
 from digest.runtime import Runtime
 
 
+def require_redis(url: str) -> None:
+    """Fail in one clear line, rather than after Celery's own reconnect loop, when Redis is away."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise DigestError(f"Redis at DIGEST_REDIS_URL is not reachable: {exc}") from exc
+    finally:
+        client.close()
+
+
 def run_via_workers(
     runtime: Runtime, day: dt.date, *, allow_sample: bool = False, poll: float = 1.0
 ) -> RunSummary:
@@ -28,6 +41,7 @@ def run_via_workers(
 
     from workers import tasks
 
+    require_redis(str(runtime.settings.redis_url))
     try:
         collected = tasks.collect.delay(day.isoformat(), allow_sample).get(
             timeout=runtime.settings.task_wait_seconds

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from digest import db
 from digest.db import transaction
@@ -21,6 +23,10 @@ from digest.runtime import Runtime
 from digest.settings import get_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_line(exc: object) -> str:
+    return " ".join(str(exc).split())[:500]
 
 
 def reports_errors(func: F) -> F:
@@ -34,8 +40,15 @@ def reports_errors(func: F) -> F:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
         except ValueError as exc:  # settings validation and bad option values
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {one_line(exc)}", err=True)
             sys.exit(2)
+        except SQLAlchemyError as exc:
+            reason = getattr(exc, "orig", None) or exc
+            click.echo(f"error: database: {one_line(reason)}", err=True)
+            sys.exit(1)
+        except (ConnectionError, OSError, BrokerError) as exc:  # Redis, SMTP or the network
+            click.echo(f"error: {type(exc).__name__}: {one_line(exc)}", err=True)
+            sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
 

@@ -35,7 +35,6 @@ class Settings(BaseSettings):
     smtp_pool_size: int = Field(default=4, ge=1, le=64)
     mail_from: str = "Daily Papers <papers@localhost>"
     postal_address: str = "Daily Papers, 1 Example Street, 00000 Example City"
-    feedback_id_sender: str = "digest"
     dkim_selector: str | None = None
     dkim_domain: str | None = None
     dkim_private_key_path: str | None = None
@@ -92,9 +91,6 @@ class Settings(BaseSettings):
     imap_folder: str = "INBOX"
     imap_ssl: bool = True
 
-    # Demo / embedded default
-    outbox_dir: str = "outbox"
-
     @field_validator("base_url", "papers_api_url")
     @classmethod
     def _strip_trailing_slash(cls, value: str) -> str:
@@ -109,11 +105,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> Settings:
-        if self.environment == "production" and (
+        if self.environment != "development" and (
             self.secret_key == DEV_SECRET_KEY or len(self.secret_key) < 32
         ):
             raise ValueError(
-                "DIGEST_SECRET_KEY must be set to a random value of 32+ characters in production"
+                "DIGEST_SECRET_KEY must be set to a random value of 32+ characters outside development"
             )
         return self
 

@@ -173,3 +173,11 @@ def test_run_without_workers_reports_a_clear_error(
     )
     assert result.returncode != 0
     assert "no Celery worker answered" in result.stderr
+
+
+def test_run_with_redis_unreachable_is_a_one_line_error(runtime: Runtime) -> None:
+    env = env_for(runtime, "redis://127.0.0.1:1/0")
+    result = run_cli(["run", "--date", DAY.isoformat()], env, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: Redis at DIGEST_REDIS_URL is not reachable")
+    assert result.stderr.strip().count("\n") == 0
