@@ -120,7 +120,9 @@ def collect(ctx: click.Context, date_: str | None) -> None:
 
 @main.command()
 @click.option("--date", "date_", help="Day whose digest to send (YYYY-MM-DD); default: the latest weekday.")
-@click.option("--sample/--no-sample", default=False, help="Fall back to the recorded sample when the API is unreachable.")
+@click.option(
+    "--sample/--no-sample", default=False, help="Fall back to the recorded sample when the API is unreachable."
+)
 @click.pass_context
 @reports_errors
 def run(ctx: click.Context, date_: str | None, sample: bool) -> None:
@@ -132,9 +134,17 @@ def run(ctx: click.Context, date_: str | None, sample: bool) -> None:
 
         summary = run_via_workers(runtime, day, allow_sample=sample)
     else:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
         from digest.pipeline import run_inprocess
 
-        summary = run_inprocess(runtime, day, allow_sample=sample)
+        with Progress(
+            SpinnerColumn(), TextColumn("{task.completed} handled"), TimeElapsedColumn(), transient=True
+        ) as bar:
+            task = bar.add_task("sending", total=None)
+            summary = run_inprocess(
+                runtime, day, allow_sample=sample, progress=lambda done: bar.update(task, completed=done)
+            )
     for line in summary.lines():
         click.echo(line)
     if summary.counts.get("failed"):
@@ -144,7 +154,12 @@ def run(ctx: click.Context, date_: str | None, sample: bool) -> None:
 @main.command()
 @click.argument("email")
 @click.option("--date", "date_", required=True, help="Day of the digest (YYYY-MM-DD).")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Where to write (.eml); default: preview-DATE.eml")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write (.eml); default: preview-DATE.eml",
+)
 @click.pass_context
 @reports_errors
 def preview(ctx: click.Context, email: str, date_: str, output: Path | None) -> None:
@@ -246,9 +261,7 @@ def subscribers_import(ctx: click.Context, file: Path) -> None:
                     topics = row[1] if len(row) > 1 else ""
                     # A savepoint per row: a row refused half way leaves nothing behind.
                     with session.begin_nested():
-                        subscriptions.add_confirmed(
-                            session, row[0], now=utcnow(), topics=topics, source="import"
-                        )
+                        subscriptions.add_confirmed(session, row[0], now=utcnow(), topics=topics, source="import")
                 except DigestError as exc:
                     bad += 1
                     click.echo(f"line {reader.line_num}: {exc}", err=True)
@@ -281,9 +294,7 @@ def subscribers_export(ctx: click.Context, file: Path | None) -> None:
             for sub in session.scalars(query):
                 confirmed = sub.confirmed_at.isoformat() if sub.confirmed_at else ""
                 created = sub.created_at.isoformat()
-                writer.writerow(
-                    [sub.email, sub.topics, sub.status.value, sub.frequency.value, created, confirmed]
-                )
+                writer.writerow([sub.email, sub.topics, sub.status.value, sub.frequency.value, created, confirmed])
 
     if file is None:
         write(sys.stdout)

@@ -293,7 +293,7 @@ def record_failure(
             record_bounce(
                 session, delivery.subscriber_id, delivery.id, hard=True, detail=reason, now=now, policy=policy
             )
-        elif not error.permanent:
+        elif error.code is not None:  # the server deferred this recipient; a dead connection is not their fault
             record_bounce(
                 session,
                 delivery.subscriber_id,

@@ -110,9 +110,7 @@ def dispatch(
                 raise DigestError(f"digest {digest_id} does not exist")
             ids = due_subscriber_page(session, digest, after_id, page_size, extra_filter)
             if ids:
-                plan_deliveries(
-                    session, digest, ids, now=now, not_after=not_after, message_domain=message_domain
-                )
+                plan_deliveries(session, digest, ids, now=now, not_after=not_after, message_domain=message_domain)
         if not ids:
             return pages
         enqueue(ids)
@@ -155,9 +153,7 @@ def check_not_paused(runtime: Runtime, session: Session, now: dt.datetime) -> No
     """Stop sending while complaints run above the threshold (mailbox providers punish it)."""
     s = runtime.settings
     window = dt.timedelta(days=s.complaint_window_days)
-    if sending_paused(
-        session, now, s.complaint_pause_threshold, window=window, min_sent=s.complaint_min_sent
-    ):
+    if sending_paused(session, now, s.complaint_pause_threshold, window=window, min_sent=s.complaint_min_sent):
         rate = complaint_rate(session, now, window)
         raise SendingPaused(
             f"sending paused: complaint rate {rate:.2%} over the last {s.complaint_window_days} days is above "
@@ -236,7 +232,7 @@ def run_inprocess(
     day: dt.date,
     *,
     allow_sample: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> RunSummary:
     """``digest run`` without Redis: every step in this process, retries waited for here."""
@@ -250,7 +246,7 @@ def run_inprocess(
     def enqueue(ids: list[int]) -> None:
         total.merge(send_batch(runtime, digest_id, ids, composers))
         if progress:
-            progress(total.sent + total.failed + total.skipped, 0)
+            progress(total.sent + total.failed + total.skipped)
 
     s = runtime.settings
     dispatch(
