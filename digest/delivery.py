@@ -25,6 +25,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from email.utils import parseaddr
 
 from sqlalchemy import and_, bindparam, func, insert, or_, select, update
@@ -376,6 +377,7 @@ class DigestComposer:
     default_size: int
     extra_headers: dict[str, str] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.monotonic)
+    _views: dict[tuple[str, tuple[str, ...]], PaperView] = field(default_factory=dict)
     dkim: DkimSigner | None = None  # set by the runtime when DIGEST_DKIM_* are configured
 
     @classmethod
@@ -410,7 +412,7 @@ class DigestComposer:
             default_size=policy.digest_size,
         )
 
-    @property
+    @cached_property
     def sender_domain(self) -> str:
         return parseaddr(self.mail_from)[1].partition("@")[2]
 
@@ -421,13 +423,20 @@ class DigestComposer:
         picks = self.ranker.pick(profile, subscriber.digest_size or self.default_size, already_sent)
         return [p.paper_id for p in picks], {p.paper_id: list(p.reasons) for p in picks if p.reasons}
 
+    def _view(self, paper_id: str, reasons: tuple[str, ...]) -> PaperView:
+        # Shared by every subscriber with the same pick: built once per edition and reason.
+        key = (paper_id, reasons)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = PaperView.from_paper(self.papers[paper_id], reasons)
+        return view
+
     def compose(self, delivery: Delivery, subscriber: Subscriber) -> bytes:
         reasons = delivery.reasons or {}
         views = [
-            PaperView.from_paper(self.papers[pid], tuple(reasons.get(pid, ())))
-            for pid in delivery.paper_ids or []
-            if pid in self.papers
+            self._view(pid, tuple(reasons.get(pid, ()))) for pid in delivery.paper_ids or [] if pid in self.papers
         ]
+        unsubscribe_url = self.links.unsubscribe(subscriber)
         context = DigestContext(
             date_label=date_label(self.day)
             if self.kind is DigestKind.DAILY
@@ -435,7 +444,7 @@ class DigestComposer:
             papers=views,
             recipient=subscriber.email,
             frequency=subscriber.frequency.value,
-            unsubscribe_url=self.links.unsubscribe(subscriber),
+            unsubscribe_url=unsubscribe_url,
             preferences_url=self.links.preferences(subscriber),
             view_url=self.links.digest_view(self.day),
             postal_address=self.postal_address,
@@ -447,7 +456,7 @@ class DigestComposer:
             message_id=delivery.message_id,
             date=delivery.created_at,
             list_id=self.links.list_id(),
-            unsubscribe_url=self.links.unsubscribe(subscriber),
+            unsubscribe_url=unsubscribe_url,
             unsubscribe_mailto=self.links.unsubscribe_mailto(subscriber),
             extra_headers={
                 "Feedback-ID": f"{self.digest_id}:{self.kind.value}:digest:{self.sender_domain}",

@@ -325,6 +325,11 @@ def _qp(text: str) -> bytes:
     return binascii.b2a_qp(data, quotetabs=False, istext=True, header=False)
 
 
+@lru_cache(maxsize=8)
+def _from_header(mail_from: str) -> str:
+    return formataddr(parseaddr(mail_from))
+
+
 def message_bytes(rendered: RenderedEmail, envelope: Envelope) -> bytes:
     """The wire form of a ``multipart/alternative`` message (text first, HTML preferred).
 
@@ -334,7 +339,7 @@ def message_bytes(rendered: RenderedEmail, envelope: Envelope) -> bytes:
     """
     boundary = "=_" + hashlib.sha256(envelope.message_id.encode("utf-8")).hexdigest()[:32]
     headers = [
-        _folded("From", formataddr(parseaddr(envelope.mail_from))),
+        _folded("From", _from_header(envelope.mail_from)),
         _folded("To", envelope.recipient),
         _folded("Subject", rendered.subject),
         _folded("Date", format_datetime(envelope.date)),
