@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import datetime as dt
 import os
 import re
@@ -143,7 +144,8 @@ def test_non_ascii_names_and_titles_round_trip() -> None:
     assert message["Subject"] == f"Thursday, 16 April 2026: {paper.title}"
     assert message["From"].addresses[0].display_name == "Ünïcode Papers"
     assert "Zoë Ångström, 李明, Łukasz Kaiser, José Núñez et al." in text_of(message)
-    assert "Zoë Ångström, 李明, Łukasz Kaiser, José Núñez et al." in html_of(message)
+    # The HTML part carries non-ASCII as character references (7bit); a reader sees the names.
+    assert "Zoë Ångström, 李明, Łukasz Kaiser, José Núñez et al." in html.unescape(html_of(message))
 
 
 def test_headers_and_lines_are_fit_for_smtp() -> None:
