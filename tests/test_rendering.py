@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import html
 import datetime as dt
+import html
 import os
 import re
 from pathlib import Path
