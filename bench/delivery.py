@@ -136,12 +136,18 @@ def run_once(n: int, postgres: Postgres, api: PapersAPI, redis_url: str, workers
     engine = db.make_engine(url)
     with engine.connect() as conn:
         sent = conn.execute(text("select count(*) from deliveries where status = 'sent'")).scalar_one()
+        first_sent, last_sent, planned = conn.execute(
+            text("select min(sent_at), max(sent_at), min(created_at) from deliveries")
+        ).one()
     engine.dispose()
     postgres.drop_database(name)
     if run.returncode != 0:
         raise RuntimeError(run.stderr + run.stdout)
     return {
         "n": n, "sent": sent, "wall_s": round(wall, 2), "digests_per_s": round(sent / wall, 1),
+        "sending_s": round((last_sent - first_sent).total_seconds(), 2),
+        "send_phase_digests_per_s": round(sent / max(0.001, (last_sent - first_sent).total_seconds()), 1),
+        "start_to_first_send_s": round((first_sent - planned).total_seconds(), 2),
         "worker_cpu_ms_per_message": round(1000 * (cpu_after - cpu_before) / max(1, sent), 3),
         "peak_rss_mb_per_worker_process": [round(r, 1) for r in peak_rss],
     }

@@ -35,7 +35,7 @@ def require_redis(url: str) -> None:
 
 
 def run_via_workers(
-    runtime: Runtime, day: dt.date, *, allow_sample: bool = False, poll: float = 1.0
+    runtime: Runtime, day: dt.date, *, allow_sample: bool = False, poll: float = 0.25
 ) -> RunSummary:
     from celery.exceptions import TimeoutError as CeleryTimeout
 
