@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 from alembic import context
-
 from digest.db import make_engine
 from digest.models import Base
 

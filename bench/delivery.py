@@ -37,9 +37,22 @@ from tests.support.servers import PapersAPI, Postgres, free_port, port_open  # n
 
 DAY = "2026-04-16"
 TOPIC_POOL = [
-    "", "", "", "diffusion", "video generation", "reinforcement learning", "LLM agents",
-    "reasoning", "multimodal", "robotics", "speech", "benchmark", "efficient inference",
-    "diffusion, video generation", "agents, reasoning", "vision language models",
+    "",
+    "",
+    "",
+    "diffusion",
+    "video generation",
+    "reinforcement learning",
+    "LLM agents",
+    "reasoning",
+    "multimodal",
+    "robotics",
+    "speech",
+    "benchmark",
+    "efficient inference",
+    "diffusion, video generation",
+    "agents, reasoning",
+    "vision language models",
 ]
 EXCLUDED_POOL = ["", "", "", "", "robot", "survey", "medical"]
 
@@ -57,9 +70,21 @@ def insert_subscribers(url: str, n: int) -> None:
         ) as copy:
             for i in range(n):
                 copy.write_row(
-                    (f"reader{i}@example{i % 50}.org", "active", rng.choice(TOPIC_POOL), rng.choice(EXCLUDED_POOL),
-                     "daily", 8, "UTC", 0, "bench", 0.0, "2026-01-01T00:00:00Z", "2026-01-01T00:00:00Z",
-                     "2026-01-01T00:00:00Z")
+                    (
+                        f"reader{i}@example{i % 50}.org",
+                        "active",
+                        rng.choice(TOPIC_POOL),
+                        rng.choice(EXCLUDED_POOL),
+                        "daily",
+                        8,
+                        "UTC",
+                        0,
+                        "bench",
+                        0.0,
+                        "2026-01-01T00:00:00Z",
+                        "2026-01-01T00:00:00Z",
+                        "2026-01-01T00:00:00Z",
+                    )
                 )
         conn.commit()
 
@@ -71,7 +96,8 @@ class Sink:
         self.port = free_port()
         self.proc = subprocess.Popen(
             ["/usr/sbin/smtp-sink", "-u", "nobody", "-c", f"127.0.0.1:{self.port}", "1000"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while not port_open("127.0.0.1", self.port):
@@ -90,9 +116,23 @@ def ceiling(sample: Path, count: int) -> float:
     try:
         start = time.perf_counter()
         subprocess.run(
-            ["/usr/sbin/smtp-source", "-s", "8", "-m", str(count), "-F", str(sample),
-             "-f", "bench@example.org", "-t", "reader@example.org", f"127.0.0.1:{sink.port}"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "/usr/sbin/smtp-source",
+                "-s",
+                "8",
+                "-m",
+                str(count),
+                "-F",
+                str(sample),
+                "-f",
+                "bench@example.org",
+                "-t",
+                "reader@example.org",
+                f"127.0.0.1:{sink.port}",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         return count / (time.perf_counter() - start)
     finally:
@@ -111,14 +151,22 @@ def run_once(n: int, postgres: Postgres, api: PapersAPI, redis_url: str, workers
     insert_subscribers(url, n)
     sink = Sink()
     env = digest_env(
-        environment="test", database_url=url, redis_url=redis_url, smtp_port=sink.port,
-        papers_api_url=api.url, secret_key="bench-secret-key-0123456789abcdef0123",
-        base_url="https://papers.example.org", mail_from="Daily Papers <papers@example.org>",
-        inbound_address="papers@example.org", batch_size=500, smtp_pool_size=4, lease_seconds=600,
+        environment="test",
+        database_url=url,
+        redis_url=redis_url,
+        smtp_port=sink.port,
+        papers_api_url=api.url,
+        secret_key="bench-secret-key-0123456789abcdef0123",
+        base_url="https://papers.example.org",
+        mail_from="Daily Papers <papers@example.org>",
+        inbound_address="papers@example.org",
+        batch_size=500,
+        smtp_pool_size=4,
+        lease_seconds=600,
     )
     subprocess.run(["redis-cli", "-u", redis_url, "flushdb"], check=False, stdout=subprocess.DEVNULL)
     # The Procfile's worker line, with the process count under test (the last flag wins).
-    worker = Process(procfile_command("worker") + [f"--concurrency={workers}"], env, tmp / f"worker-{n}.log").start()
+    worker = Process([*procfile_command("worker"), f"--concurrency={workers}"], env, tmp / f"worker-{n}.log").start()
     worker.wait_for_output("ready.", timeout=60)
     children = pool_processes(worker)
     cpu_before = sum(p.cpu_times().user + p.cpu_times().system for p in children)
@@ -144,7 +192,10 @@ def run_once(n: int, postgres: Postgres, api: PapersAPI, redis_url: str, workers
     if run.returncode != 0:
         raise RuntimeError(run.stderr + run.stdout)
     return {
-        "n": n, "sent": sent, "wall_s": round(wall, 2), "digests_per_s": round(sent / wall, 1),
+        "n": n,
+        "sent": sent,
+        "wall_s": round(wall, 2),
+        "digests_per_s": round(sent / wall, 1),
         "sending_s": round((last_sent - first_sent).total_seconds(), 2),
         "send_phase_digests_per_s": round(sent / max(0.001, (last_sent - first_sent).total_seconds()), 1),
         "start_to_first_send_s": round((first_sent - planned).total_seconds(), 2),
@@ -159,12 +210,21 @@ def sample_message(api: PapersAPI, postgres: Postgres, tmp: Path) -> Path:
     url = postgres.create_database(name)
     db.upgrade(url)
     insert_subscribers(url, 1)
-    env = digest_env(database_url=url, papers_api_url=api.url, base_url="https://papers.example.org",
-                     mail_from="Daily Papers <papers@example.org>", inbound_address="papers@example.org")
+    env = digest_env(
+        database_url=url,
+        papers_api_url=api.url,
+        base_url="https://papers.example.org",
+        mail_from="Daily Papers <papers@example.org>",
+        inbound_address="papers@example.org",
+    )
     subprocess.run([str(BIN / "digest"), "collect", "--date", DAY], env=env, check=True, capture_output=True)
     target = tmp / "sample.eml"
-    subprocess.run([str(BIN / "digest"), "preview", "reader0@example0.org", "--date", DAY, "-o", str(target)],
-                   env=env, check=True, capture_output=True)
+    subprocess.run(
+        [str(BIN / "digest"), "preview", "reader0@example0.org", "--date", DAY, "-o", str(target)],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     postgres.drop_database(name)
     return target
 

@@ -103,10 +103,7 @@ def main() -> None:
     uncached = (time.perf_counter() - started) * count / len(sample)
 
     print(f"{count} subscribers, {distinct} distinct profiles, {len(candidates)} candidates, {picked} picks")
-    print(
-        f"shipped   (one ranker, cached per profile): {shipped:8.2f} s  "
-        f"({shipped / count * 1e6:.1f} µs/subscriber)"
-    )
+    print(f"shipped   (one ranker, cached per profile): {shipped:8.2f} s  ({shipped / count * 1e6:.1f} µs/subscriber)")
     print(
         f"reference (fresh ranker per subscriber):   {reference:8.2f} s  "
         f"(measured on {len(sample)}, scaled; {reference / count * 1e6:.1f} µs/subscriber)"

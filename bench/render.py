@@ -110,12 +110,18 @@ def main() -> None:
     print(f"{len(views)}-paper digest, {n} messages per row, per-message time (render + MIME bytes)")
 
     straightforward = reference(EmailRenderer())
-    measure("reference: Jinja + css-inline + as_bytes per message", n,
-            lambda i: straightforward(context(views, i), envelope(i)))
+    measure(
+        "reference: Jinja + css-inline + as_bytes per message",
+        n,
+        lambda i: straightforward(context(views, i), envelope(i)),
+    )
 
     shared = EmailRenderer()
-    measure("ours, subscribers sharing one list of picks", n,
-            lambda i: message_bytes(shared.render(context(views, i)), envelope(i)))
+    measure(
+        "ours, subscribers sharing one list of picks",
+        n,
+        lambda i: message_bytes(shared.render(context(views, i)), envelope(i)),
+    )
 
     # Worst case: every subscriber's picks differ, so each message misses the shared cache
     # (the cache is sized below n so nothing is reused).

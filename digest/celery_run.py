@@ -34,18 +34,14 @@ def require_redis(url: str) -> None:
         client.close()
 
 
-def run_via_workers(
-    runtime: Runtime, day: dt.date, *, allow_sample: bool = False, poll: float = 0.25
-) -> RunSummary:
+def run_via_workers(runtime: Runtime, day: dt.date, *, allow_sample: bool = False, poll: float = 0.25) -> RunSummary:
     from celery.exceptions import TimeoutError as CeleryTimeout
 
     from workers import tasks
 
     require_redis(str(runtime.settings.redis_url))
     try:
-        collected = tasks.collect.delay(day.isoformat(), allow_sample).get(
-            timeout=runtime.settings.task_wait_seconds
-        )
+        collected = tasks.collect.delay(day.isoformat(), allow_sample).get(timeout=runtime.settings.task_wait_seconds)
         summary = RunSummary(day, collected["digest_id"])
         if collected.get("note"):
             summary.notes.append(collected["note"])
@@ -63,11 +59,13 @@ def run_via_workers(
     ) as progress:
         bar = progress.add_task("sending", total=None)
         last_open, last_change = -1, time.monotonic()
+        with transaction(factory) as session:
+            total = sum(counts_by_status(session, digest_id).values())
         while True:
+            # One cheap count per poll; the poll slows down while much is left, so watching a
+            # million-row ledger costs the database little.
             with transaction(factory) as session:
-                counts = counts_by_status(session, digest_id)
                 remaining = open_count(session, digest_id)
-            total = sum(counts.values())
             progress.update(bar, total=total, completed=total - remaining)
             if remaining == 0:
                 break
@@ -84,7 +82,7 @@ def run_via_workers(
                     enqueue=lambda ids: tasks.enqueue_batch(digest_id, ids),
                 )
                 last_change = time.monotonic()
-            time.sleep(poll)
+            time.sleep(poll if remaining < 4 * runtime.settings.batch_size else 4 * poll)
     with transaction(factory) as session:
         summary.counts = counts_by_status(session, digest_id)
         summary.failures = failure_reasons(session, digest_id)

@@ -25,8 +25,8 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from email.utils import parseaddr
+from functools import cached_property
 
 from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 
 SENT_GROUP_SIZE = 16
 SENT_GROUP_SECONDS = 0.02
-TERMINAL = (DeliveryStatus.SENT, DeliveryStatus.FAILED, DeliveryStatus.SKIPPED)
 # Candidates of a weekly digest span 7 days; a paper can only repeat within that reach.
 NO_REPEAT_LOOKBACK = dt.timedelta(days=15)
 
@@ -416,9 +415,7 @@ class DigestComposer:
     def sender_domain(self) -> str:
         return parseaddr(self.mail_from)[1].partition("@")[2]
 
-    def choose(
-        self, subscriber: Subscriber, already_sent: set[str]
-    ) -> tuple[list[str], dict[str, list[str]]]:
+    def choose(self, subscriber: Subscriber, already_sent: set[str]) -> tuple[list[str], dict[str, list[str]]]:
         profile = Profile.from_text(subscriber.topics, subscriber.excluded)
         picks = self.ranker.pick(profile, subscriber.digest_size or self.default_size, already_sent)
         return [p.paper_id for p in picks], {p.paper_id: list(p.reasons) for p in picks if p.reasons}
@@ -433,14 +430,10 @@ class DigestComposer:
 
     def compose(self, delivery: Delivery, subscriber: Subscriber) -> bytes:
         reasons = delivery.reasons or {}
-        views = [
-            self._view(pid, tuple(reasons.get(pid, ()))) for pid in delivery.paper_ids or [] if pid in self.papers
-        ]
+        views = [self._view(pid, tuple(reasons.get(pid, ()))) for pid in delivery.paper_ids or [] if pid in self.papers]
         unsubscribe_url = self.links.unsubscribe(subscriber)
         context = DigestContext(
-            date_label=date_label(self.day)
-            if self.kind is DigestKind.DAILY
-            else f"Week to {date_label(self.day)}",
+            date_label=date_label(self.day) if self.kind is DigestKind.DAILY else f"Week to {date_label(self.day)}",
             papers=views,
             recipient=subscriber.email,
             frequency=subscriber.frequency.value,
@@ -528,15 +521,11 @@ def prepare_claimed(
     now: dt.datetime,
 ) -> tuple[list[_Prepared], int]:
     """Decide papers (first attempt only), render and skip what must not go out."""
-    deliveries = list(
-        session.scalars(select(Delivery).where(Delivery.id.in_(delivery_ids)).order_by(Delivery.id))
-    )
+    deliveries = list(session.scalars(select(Delivery).where(Delivery.id.in_(delivery_ids)).order_by(Delivery.id)))
     subscribers = {
         s.id: s
         for s in session.scalars(
-            select(Subscriber).where(
-                Subscriber.id.in_([d.subscriber_id for d in deliveries if d.subscriber_id])
-            )
+            select(Subscriber).where(Subscriber.id.in_([d.subscriber_id for d in deliveries if d.subscriber_id]))
         )
     }
     need_choice = [d.subscriber_id for d in deliveries if d.paper_ids is None and d.subscriber_id]
@@ -648,9 +637,7 @@ def run_batch(
     a crash cost at most the messages in flight.
     """
     with transaction(factory) as session:
-        claimed = claim(
-            session, composer.digest_id, subscriber_ids, now=clock(), lease_seconds=policy.lease_seconds
-        )
+        claimed = claim(session, composer.digest_id, subscriber_ids, now=clock(), lease_seconds=policy.lease_seconds)
     if not claimed:
         return BatchResult()
     with transaction(factory) as session:
@@ -662,9 +649,7 @@ def run_batch(
     async def go() -> BatchResult:
         mailer = mailer_factory()
         try:
-            return await send_prepared(
-                factory, prepared, mailer, limiter or RateLimiter(), policy, concurrency, clock
-            )
+            return await send_prepared(factory, prepared, mailer, limiter or RateLimiter(), policy, concurrency, clock)
         finally:
             await mailer.close()
 
@@ -710,12 +695,10 @@ def counts_by_status(session: Session, digest_id: int) -> dict[str, int]:
 
 
 def open_count(session: Session, digest_id: int) -> int:
-    return (
-        session.scalar(
-            select(func.count()).where(Delivery.digest_id == digest_id, Delivery.status.not_in(TERMINAL))
-        )
-        or 0
-    )
+    """Deliveries of an edition not yet sent, failed or skipped (two ranges of one index)."""
+    open_statuses = [DeliveryStatus.PENDING, DeliveryStatus.SENDING]
+    query = select(func.count()).where(Delivery.digest_id == digest_id, Delivery.status.in_(open_statuses))
+    return session.scalar(query) or 0
 
 
 def failure_reasons(session: Session, digest_id: int, limit: int = 50) -> list[str]:

@@ -40,17 +40,14 @@ class DkimSigner:
     private_key: bytes  # PEM
 
     @classmethod
-    def from_settings(
-        cls, selector: str | None, domain: str | None, key_path: str | None
-    ) -> DkimSigner | None:
+    def from_settings(cls, selector: str | None, domain: str | None, key_path: str | None) -> DkimSigner | None:
         """A signer when all three settings are given, None when none is; half a setup is an error."""
         given = [v for v in (selector, domain, key_path) if v]
         if not given:
             return None
         if selector is None or domain is None or key_path is None or len(given) != 3:
             raise DkimConfigError(
-                "DKIM needs DIGEST_DKIM_SELECTOR, DIGEST_DKIM_DOMAIN and "
-                "DIGEST_DKIM_PRIVATE_KEY_PATH together"
+                "DKIM needs DIGEST_DKIM_SELECTOR, DIGEST_DKIM_DOMAIN and DIGEST_DKIM_PRIVATE_KEY_PATH together"
             )
         try:
             key = Path(key_path).read_bytes()

@@ -33,20 +33,14 @@ class PollStats:
     failed: int = 0  # left unseen for the next poll
 
     def line(self) -> str:
-        return (
-            f"{self.seen} new, {self.handled} handled, {self.ignored} ignored, {self.failed} left for later"
-        )
+        return f"{self.seen} new, {self.handled} handled, {self.ignored} ignored, {self.failed} left for later"
 
 
 def connect(runtime: Runtime) -> imaplib.IMAP4:
     s = runtime.settings
     if not s.imap_host or not s.imap_username or s.imap_password is None:
-        raise DigestError(
-            "IMAP polling needs DIGEST_IMAP_HOST, DIGEST_IMAP_USERNAME and DIGEST_IMAP_PASSWORD"
-        )
-    client = (
-        imaplib.IMAP4_SSL(s.imap_host, s.imap_port) if s.imap_ssl else imaplib.IMAP4(s.imap_host, s.imap_port)
-    )
+        raise DigestError("IMAP polling needs DIGEST_IMAP_HOST, DIGEST_IMAP_USERNAME and DIGEST_IMAP_PASSWORD")
+    client = imaplib.IMAP4_SSL(s.imap_host, s.imap_port) if s.imap_ssl else imaplib.IMAP4(s.imap_host, s.imap_port)
     client.login(s.imap_username, s.imap_password)
     return client
 
@@ -82,9 +76,7 @@ def poll_imap(runtime: Runtime) -> PollStats:
             try:
                 processed = process(runtime, data, envelope_sender=None, recipients=None)
             except SQLAlchemyError:
-                log.exception(
-                    "mail in: database unavailable; IMAP message %s left for the next poll", uid.decode()
-                )
+                log.exception("mail in: database unavailable; IMAP message %s left for the next poll", uid.decode())
                 stats.failed += 1
                 continue
             client.uid("STORE", uid, "+FLAGS", r"(\Seen)")

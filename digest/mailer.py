@@ -109,9 +109,7 @@ class SMTPConnection:
                         continue
                 else:
                     await self._reset()
-                raise SendError(
-                    _reply(exc.code, exc.message), permanent=exc.code >= 500, code=exc.code
-                ) from exc
+                raise SendError(_reply(exc.code, exc.message), permanent=exc.code >= 500, code=exc.code) from exc
             except (
                 TimeoutError,
                 aiosmtplib.SMTPServerDisconnected,

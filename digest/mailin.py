@@ -243,9 +243,7 @@ def reply_address(msg: Message, envelope_sender: str | None) -> str | None:
     return from_address or (envelope_sender or "").strip("<> ") or None
 
 
-def our_recipients(
-    config: MailinConfig, msg: Message | None, recipients: list[str] | None
-) -> list[tuple[str, str]]:
+def our_recipients(config: MailinConfig, msg: Message | None, recipients: list[str] | None) -> list[tuple[str, str]]:
     """(tag, token) of each of our addresses the message went to: the SMTP envelope, else headers."""
     if recipients is None:
         addresses = [a for _, a in getaddresses([_header(msg, h) for h in RECIPIENT_HEADERS])] if msg else []
@@ -425,9 +423,7 @@ def _bounce(session: Session, config: MailinConfig, inbound: Inbound, now: dt.da
         policy=config.policy,
     )
     kind = "hard bounce" if hard else "soft bounce"
-    return Handled(
-        f"{kind}{' (bounced)' if bounced else ''}", subscriber_id=delivery.subscriber_id, changed=True
-    )
+    return Handled(f"{kind}{' (bounced)' if bounced else ''}", subscriber_id=delivery.subscriber_id, changed=True)
 
 
 def _complaint(session: Session, config: MailinConfig, inbound: Inbound, now: dt.datetime) -> Handled:
@@ -468,9 +464,7 @@ def config_from(runtime: Runtime) -> MailinConfig:
     return MailinConfig(runtime.settings.inbound_address, runtime.tokens, runtime.policy)
 
 
-def process(
-    runtime: Runtime, data: bytes, *, envelope_sender: str | None, recipients: list[str] | None
-) -> Processed:
+def process(runtime: Runtime, data: bytes, *, envelope_sender: str | None, recipients: list[str] | None) -> Processed:
     """Classify and handle one message in its own transaction; logs one line about it.
 
     ``recipients`` are the SMTP envelope's (None for a mailbox, where headers tell). Database

@@ -228,12 +228,8 @@ class SubscriberEvent(Base):
     __tablename__ = "subscriber_events"
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
-    subscriber_id: Mapped[int | None] = mapped_column(
-        ForeignKey("subscribers.id", ondelete="SET NULL"), index=True
-    )
-    delivery_id: Mapped[int | None] = mapped_column(
-        ForeignKey("deliveries.id", ondelete="SET NULL"), default=None
-    )
+    subscriber_id: Mapped[int | None] = mapped_column(ForeignKey("subscribers.id", ondelete="SET NULL"), index=True)
+    delivery_id: Mapped[int | None] = mapped_column(ForeignKey("deliveries.id", ondelete="SET NULL"), default=None)
     kind: Mapped[str] = mapped_column(String(32))  # hard_bounce, soft_bounce, complaint, ...
     detail: Mapped[str] = mapped_column(String(500), default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

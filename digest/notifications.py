@@ -18,14 +18,12 @@ from digest.rendering import (
     RenderedEmail,
     UnsubscribedContext,
     WelcomeContext,
-    build_message,
+    message_bytes,
 )
 from digest.runtime import Runtime
 
 
-def _message(
-    runtime: Runtime, rendered: RenderedEmail, recipient: str, with_unsubscribe: Subscriber | None
-) -> bytes:
+def _message(runtime: Runtime, rendered: RenderedEmail, recipient: str, with_unsubscribe: Subscriber | None) -> bytes:
     domain = runtime.message_domain
     envelope = Envelope(
         mail_from=runtime.settings.mail_from,
@@ -36,7 +34,9 @@ def _message(
         unsubscribe_mailto=runtime.links.unsubscribe_mailto(with_unsubscribe) if with_unsubscribe else None,
         extra_headers={"Auto-Submitted": "auto-generated"},
     )
-    return build_message(rendered, envelope).as_bytes()
+    data = message_bytes(rendered, envelope)
+    signer = runtime.dkim_signer
+    return signer.sign(data) if signer else data
 
 
 def confirmation_message(runtime: Runtime, subscriber: Subscriber) -> bytes:

@@ -131,9 +131,7 @@ def parse_item(item: object, daily_date: dt.date) -> PaperRecord:
 
     keywords_raw = _maybe_literal(paper.get("ai_keywords"))
     keywords = (
-        [clean_text(k, 100) for k in keywords_raw if isinstance(k, str)][:50]
-        if isinstance(keywords_raw, list)
-        else []
+        [clean_text(k, 100) for k in keywords_raw if isinstance(k, str)][:50] if isinstance(keywords_raw, list) else []
     )
     organization = _maybe_literal(item.get("organization") or paper.get("organization"))
     org_name = None
@@ -244,8 +242,7 @@ class PapersClient:
                 log.info("papers API %s for %s p=%d; retrying in %.1fs", last_problem, day, page, delay)
                 self._sleep(delay)
         raise UpstreamError(
-            f"papers API unavailable for {day} page {page} after {self.retries} attempts "
-            f"(last: {last_problem})"
+            f"papers API unavailable for {day} page {page} after {self.retries} attempts (last: {last_problem})"
         )
 
     def _retry_after(self, response: httpx.Response, fallback: float) -> float:

@@ -93,9 +93,7 @@ def trending_score(paper: Paper, as_of: dt.datetime, weights: TrendingWeights) -
     return float(points / (age_hours + weights.age_offset_hours) ** weights.gravity)
 
 
-def trending_order(
-    papers: Iterable[Paper], as_of: dt.datetime, weights: TrendingWeights
-) -> list[tuple[Paper, float]]:
+def trending_order(papers: Iterable[Paper], as_of: dt.datetime, weights: TrendingWeights) -> list[tuple[Paper, float]]:
     scored = [(p, trending_score(p, as_of, weights)) for p in papers]
     # Ties broken by id so the order is stable across runs and databases.
     scored.sort(key=lambda ps: (-ps[1], ps[0].id))
@@ -279,9 +277,7 @@ class Ranker:
 
     def _rank(self, profile: Profile) -> list[Pick]:
         allowed = (
-            ~self._excluded_mask(profile.excluded)
-            if profile.excluded
-            else np.ones(len(self.candidates), dtype=bool)
+            ~self._excluded_mask(profile.excluded) if profile.excluded else np.ones(len(self.candidates), dtype=bool)
         )
         if not profile.topics:
             return [p for p, ok in zip(self._trending, allowed, strict=True) if ok]

@@ -245,9 +245,7 @@ class EmailRenderer:
     def render(self, context: Any) -> RenderedEmail:
         personal_names: tuple[str, ...] = context.PERSONAL
         shared_values = tuple(
-            (f.name, _frozen(getattr(context, f.name)))
-            for f in fields(context)
-            if f.name not in personal_names
+            (f.name, _frozen(getattr(context, f.name))) for f in fields(context) if f.name not in personal_names
         )
         shared = self._shared(TEMPLATE_OF[type(context)], personal_names, shared_values)
         personal = {name: getattr(context, name) for name in personal_names}

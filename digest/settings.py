@@ -105,12 +105,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> Settings:
-        if self.environment != "development" and (
-            self.secret_key == DEV_SECRET_KEY or len(self.secret_key) < 32
-        ):
-            raise ValueError(
-                "DIGEST_SECRET_KEY must be set to a random value of 32+ characters outside development"
-            )
+        if self.environment != "development" and (self.secret_key == DEV_SECRET_KEY or len(self.secret_key) < 32):
+            raise ValueError("DIGEST_SECRET_KEY must be set to a random value of 32+ characters outside development")
         return self
 
     @property

@@ -25,16 +25,15 @@ class EditionStatus:
         c = self.counts
         out = [
             f"{self.kind} digest {self.day}: "
-            + ", ".join(
-                f"{name} {c.get(name, 0)}" for name in ("sent", "sending", "pending", "failed", "skipped")
-            )
+            + ", ".join(f"{name} {c.get(name, 0)}" for name in ("sent", "sending", "pending", "failed", "skipped"))
         ]
         if self.rate_per_second is not None:
             out.append(f"  send rate: {self.rate_per_second:.1f} messages/s")
         if self.oldest_open is not None:
             age = now - self.oldest_open
             out.append(
-                f"  oldest open delivery: planned {self.oldest_open:%Y-%m-%d %H:%M} UTC ({age.total_seconds() / 60:.0f} min ago)"
+                f"  oldest open delivery: planned {self.oldest_open:%Y-%m-%d %H:%M} UTC"
+                f" ({age.total_seconds() / 60:.0f} min ago)"
             )
         out.extend(f"  failed: {reason}" for reason in self.failures)
         return out

@@ -205,8 +205,10 @@ def export_data(session: Session, subscriber: Subscriber) -> dict[str, Any]:
         .where(Delivery.subscriber_id == subscriber.id)
         .order_by(Delivery.id)
     ).all()
+
     def iso(value: dt.datetime | None) -> str | None:
         return value.isoformat() if value else None
+
     return {
         "email": subscriber.email,
         "status": subscriber.status.value,

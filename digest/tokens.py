@@ -37,9 +37,7 @@ class Tokens:
         self._secret_key = secret_key
         self.confirm_max_age_seconds = confirm_max_age_seconds
         self._serializers: dict[Purpose, URLSafeSerializer] = {}
-        self._compact_keys = {
-            p: hashlib.sha256(f"digest.{p.value}.{secret_key}".encode()).digest() for p in COMPACT
-        }
+        self._compact_keys = {p: hashlib.sha256(f"digest.{p.value}.{secret_key}".encode()).digest() for p in COMPACT}
 
     def _serializer(self, purpose: Purpose) -> URLSafeSerializer:
         # Built once per purpose: a serializer derives its key on creation, and a digest run

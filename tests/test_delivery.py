@@ -29,9 +29,7 @@ def people(runtime: Runtime, count: int) -> list[str]:
 
 def deliveries(session: Session) -> dict[str, Delivery]:
     session.expire_all()
-    rows = session.execute(
-        select(Subscriber.email, Delivery).join(Delivery, Delivery.subscriber_id == Subscriber.id)
-    )
+    rows = session.execute(select(Subscriber.email, Delivery).join(Delivery, Delivery.subscriber_id == Subscriber.id))
     return {email: delivery for email, delivery in rows}
 
 

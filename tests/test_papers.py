@@ -79,9 +79,7 @@ def test_collecting_a_day_twice_updates_counts_and_duplicates_nothing(
     assert session.scalar(select(func.count()).select_from(Digest)) == 1
 
 
-def test_429_then_success_honours_retry_after(
-    runtime: Runtime, session: Session, papers_api: PapersAPI
-) -> None:
+def test_429_then_success_honours_retry_after(runtime: Runtime, session: Session, papers_api: PapersAPI) -> None:
     papers_api.behaviour.faults = [429, 429]
     papers_api.behaviour.retry_after = "1"
     slept: list[float] = []
@@ -95,9 +93,7 @@ def test_5xx_on_every_try_is_a_clear_error_and_stores_nothing(
     runtime: Runtime, session: Session, papers_api: PapersAPI
 ) -> None:
     papers_api.behaviour.faults = [503] * 10
-    with pytest.raises(
-        UpstreamError, match=r"unavailable for 2024-10-25 .* after 4 attempts \(last: HTTP 503\)"
-    ):
+    with pytest.raises(UpstreamError, match=r"unavailable for 2024-10-25 .* after 4 attempts \(last: HTTP 503\)"):
         collect(runtime, OLD_DAY)
     assert paper_count(session) == 0
 

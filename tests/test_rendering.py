@@ -94,9 +94,7 @@ def test_digest_shows_each_paper_with_its_links_and_reason() -> None:
     assert f"{starred.github_stars:,} GitHub stars" in text
     assert "Matches: diffusion, video" in html and "Matches: diffusion, video" in text
     assert "et al." in html
-    assert (
-        f'href="{BASE}/digests/2026-04-16"' in html and f"View in browser: {BASE}/digests/2026-04-16" in text
-    )
+    assert f'href="{BASE}/digests/2026-04-16"' in html and f"View in browser: {BASE}/digests/2026-04-16" in text
     for link in ("unsubscribe", "preferences"):
         assert f'href="{BASE}/{link}/tok-ada"' in html and f"{BASE}/{link}/tok-ada" in text
 

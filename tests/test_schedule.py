@@ -64,8 +64,7 @@ def test_each_zone_is_dispatched_in_its_hour_across_dst_changes(runtime: Runtime
             add_papers(runtime, change + dt.timedelta(days=offset), count=1)
     with transaction(runtime.session_factory) as session:
         ids = {
-            zone: add_subscriber(session, f"{zone.replace('/', '.')}@example.org", timezone=zone).id
-            for zone in ZONES
+            zone: add_subscriber(session, f"{zone.replace('/', '.')}@example.org", timezone=zone).id for zone in ZONES
         }
     dispatched: dict[int, list[dt.datetime]] = defaultdict(list)
     for change in DST_DAYS:
@@ -116,9 +115,7 @@ def test_hours_that_dst_skips_or_repeats_are_due_exactly_once() -> None:
     ]
 
 
-def test_daily_subscribers_get_days_with_papers_only_and_paused_get_nothing(
-    runtime: Runtime, smtp: SMTPSink
-) -> None:
+def test_daily_subscribers_get_days_with_papers_only_and_paused_get_nothing(runtime: Runtime, smtp: SMTPSink) -> None:
     collect(runtime, THURSDAY)
     with transaction(runtime.session_factory) as session:
         add_subscriber(session, "daily@example.org")
@@ -148,15 +145,11 @@ def test_a_day_without_papers_sends_nothing(runtime: Runtime, smtp: SMTPSink) ->
     assert smtp.messages == []
 
 
-def test_weekly_subscribers_get_one_digest_a_week_with_that_weeks_top_papers(
-    runtime: Runtime, smtp: SMTPSink
-) -> None:
+def test_weekly_subscribers_get_one_digest_a_week_with_that_weeks_top_papers(runtime: Runtime, smtp: SMTPSink) -> None:
     collect(runtime, THURSDAY)
     add_papers(runtime, dt.date(2026, 4, 21))  # a Tuesday of the following week
     with transaction(runtime.session_factory) as session:
-        add_subscriber(
-            session, "weekly@example.org", timezone="Europe/Berlin", frequency=Frequency.WEEKLY, weekday=4
-        )
+        add_subscriber(session, "weekly@example.org", timezone="Europe/Berlin", frequency=Frequency.WEEKLY, weekday=4)
     start = utc(2026, 4, 16)
     for i in range(10 * 24):  # Thursday 16 to Saturday 25 April, every hour
         deliver_due(runtime, start + i * HOUR)

@@ -10,9 +10,7 @@ from digest.settings import get_settings
 settings = get_settings()
 broker = settings.redis_url or "memory://"
 
-app = Celery(
-    "digest", broker=broker, backend=settings.redis_url or "cache+memory://", include=["workers.tasks"]
-)
+app = Celery("digest", broker=broker, backend=settings.redis_url or "cache+memory://", include=["workers.tasks"])
 app.conf.update(
     task_serializer="json",
     accept_content=["json"],

@@ -55,9 +55,7 @@ def collect(self: Task, day: str, allow_sample: bool = False) -> dict[str, Any]:
     """Fetch and store one day's papers and build that day's edition."""
     rt = runtime()
     with rt.papers_client() as client, transaction(rt.session_factory) as session:
-        result = pipeline.collect_day(
-            session, client, dt.date.fromisoformat(day), rt, allow_sample=allow_sample
-        )
+        result = pipeline.collect_day(session, client, dt.date.fromisoformat(day), rt, allow_sample=allow_sample)
     return {
         "day": day,
         "stored": result.stored,

@@ -66,9 +66,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-async def subscribe_json(
-    payload: SubscribeRequest, runtime: Runtime, limits: LimitsDep, ip: str
-) -> JSONResponse:
+async def subscribe_json(payload: SubscribeRequest, runtime: Runtime, limits: LimitsDep, ip: str) -> JSONResponse:
     try:
         await start_signup(runtime, limits, ip, payload.email, payload.topics)
     except RateLimited:

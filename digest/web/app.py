@@ -73,9 +73,7 @@ def install_error_pages(app: FastAPI) -> None:
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         if wants_json(request):
             return JSONResponse({"detail": jsonable_errors(exc)}, status_code=422)
-        return error_response(
-            request, 400, "Something is missing", "The form was incomplete. Please try again."
-        )
+        return error_response(request, 400, "Something is missing", "The form was incomplete. Please try again.")
 
 
 def jsonable_errors(exc: RequestValidationError) -> list[dict[str, object]]:

@@ -101,8 +101,7 @@ def atom_feed(entries: list[Edition], base_url: str) -> bytes:
 
 def _feed_html(item: Edition) -> str:
     rows = "".join(
-        f'<li><a href="{escape(p.url)}">{escape(p.title)}</a> ({p.upvotes} upvotes)<br>'
-        f"{escape(p.summary)}</li>"
+        f'<li><a href="{escape(p.url)}">{escape(p.title)}</a> ({p.upvotes} upvotes)<br>{escape(p.summary)}</li>'
         for p in item.papers[:FEED_PAPERS]
     )
     more = len(item.papers) - FEED_PAPERS
@@ -119,9 +118,7 @@ def feed(runtime: RuntimeDep) -> Response:
 
 
 @router.get("/digests", response_class=HTMLResponse)
-def archive(
-    request: Request, runtime: RuntimeDep, before: Annotated[dt.date | None, Query()] = None
-) -> HTMLResponse:
+def archive(request: Request, runtime: RuntimeDep, before: Annotated[dt.date | None, Query()] = None) -> HTMLResponse:
     with transaction(runtime.session_factory) as session:
         page = editions(session, before=before, limit=PAGE_SIZE + 1)
     older = page[PAGE_SIZE - 1].day if len(page) > PAGE_SIZE else None

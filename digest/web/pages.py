@@ -31,13 +31,9 @@ router = APIRouter(include_in_schema=False)
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 
 
-def render_front(
-    request: Request, runtime: Runtime, *, error: str | None = None, status: int = 200
-) -> HTMLResponse:
+def render_front(request: Request, runtime: Runtime, *, error: str | None = None, status: int = 200) -> HTMLResponse:
     page = front_page(runtime)
-    return templates.TemplateResponse(
-        request, "index.html", {"page": page, "error": error}, status_code=status
-    )
+    return templates.TemplateResponse(request, "index.html", {"page": page, "error": error}, status_code=status)
 
 
 def message_page(request: Request, title: str, text: str, *, status: int = 200, **extra: Any) -> HTMLResponse:
@@ -137,9 +133,7 @@ def _confirm(runtime: Runtime, token: str) -> tuple[tuple[str, bytes] | None, st
     with transaction(runtime.session_factory) as session:
         subscriber = load_subscriber(session, runtime, Purpose.CONFIRM, token)
         activated = subscriptions.confirm(session, subscriber, now=utcnow())
-        welcome = (
-            (subscriber.email, notifications.welcome_message(runtime, subscriber)) if activated else None
-        )
+        welcome = (subscriber.email, notifications.welcome_message(runtime, subscriber)) if activated else None
         return welcome, runtime.links.preferences(subscriber)
 
 
@@ -198,9 +192,7 @@ def _prefs_context(runtime: Runtime, subscriber: Subscriber, token: str, **extra
 def preferences_page(request: Request, token: str, runtime: RuntimeDep) -> HTMLResponse:
     with transaction(runtime.session_factory) as session:
         subscriber = load_subscriber(session, runtime, Purpose.PREFERENCES, token)
-        return templates.TemplateResponse(
-            request, "preferences.html", _prefs_context(runtime, subscriber, token)
-        )
+        return templates.TemplateResponse(request, "preferences.html", _prefs_context(runtime, subscriber, token))
 
 
 def _form_int(values: dict[str, list[str]], name: str, default: int) -> int:
@@ -213,9 +205,7 @@ def _form_int(values: dict[str, list[str]], name: str, default: int) -> int:
         raise DigestError(f"{name.replace('_', ' ').capitalize()} must be a whole number.") from exc
 
 
-def _parse_preferences(
-    values: dict[str, list[str]], subscriber: Subscriber
-) -> subscriptions.PreferencesUpdate:
+def _parse_preferences(values: dict[str, list[str]], subscriber: Subscriber) -> subscriptions.PreferencesUpdate:
     def text(name: str, default: str) -> str:
         return (values.get(name) or [default])[0]
 
@@ -241,9 +231,7 @@ async def save_preferences(request: Request, token: str, runtime: RuntimeDep) ->
     return await run_in_threadpool(_save_preferences, request, runtime, token, values)
 
 
-def _save_preferences(
-    request: Request, runtime: Runtime, token: str, values: dict[str, list[str]]
-) -> HTMLResponse:
+def _save_preferences(request: Request, runtime: Runtime, token: str, values: dict[str, list[str]]) -> HTMLResponse:
     with transaction(runtime.session_factory) as session:
         subscriber = load_subscriber(session, runtime, Purpose.PREFERENCES, token)
         try:

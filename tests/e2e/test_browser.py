@@ -68,9 +68,7 @@ def live(database: str, smtp: SMTPSink, papers_api: PapersAPI) -> Iterator[tuple
         runtime.dispose()
 
 
-def test_subscribe_confirm_receive_unsubscribe(
-    chromium_path: Path, live: tuple[Runtime, str], smtp: SMTPSink
-) -> None:
+def test_subscribe_confirm_receive_unsubscribe(chromium_path: Path, live: tuple[Runtime, str], smtp: SMTPSink) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     runtime, base = live

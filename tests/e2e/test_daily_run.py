@@ -164,13 +164,9 @@ def normalised(message: EmailMessage) -> tuple[str, str, str]:
     return (str(message["Subject"]), TOKEN.sub(r"\1\2T", text), TOKEN.sub(r"\1\2T", html))
 
 
-def test_run_without_workers_reports_a_clear_error(
-    runtime: Runtime, redis_url: str, papers_api: PapersAPI
-) -> None:
+def test_run_without_workers_reports_a_clear_error(runtime: Runtime, redis_url: str, papers_api: PapersAPI) -> None:
     env = env_for(runtime, redis_url)
-    result = run_cli(
-        ["run", "--date", DAY.isoformat()], {**env, "DIGEST_TASK_WAIT_SECONDS": "3"}, timeout=120
-    )
+    result = run_cli(["run", "--date", DAY.isoformat()], {**env, "DIGEST_TASK_WAIT_SECONDS": "3"}, timeout=120)
     assert result.returncode != 0
     assert "no Celery worker answered" in result.stderr
 

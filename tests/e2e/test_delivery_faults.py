@@ -103,9 +103,7 @@ def ledger(runtime: Runtime) -> dict[str, tuple[DeliveryStatus, str]]:
         return {email: (status, message_id) for email, status, message_id in rows}
 
 
-def assert_exactly_once(
-    runtime: Runtime, smtp: SMTPSink, emails: list[str], allowed_duplicates: int = 0
-) -> None:
+def assert_exactly_once(runtime: Runtime, smtp: SMTPSink, emails: list[str], allowed_duplicates: int = 0) -> None:
     rows = ledger(runtime)
     assert {e for e, (status, _) in rows.items() if status is DeliveryStatus.SENT} == set(emails)
     counts = Counter(m.rcpt_tos[0] for m in smtp.messages)

@@ -54,9 +54,7 @@ def browser() -> Iterator[Browser]:
 
 
 def open_page(browser: Browser, width: int, dark: bool = False) -> Page:
-    context = browser.new_context(
-        viewport={"width": width, "height": 900}, color_scheme="dark" if dark else "light"
-    )
+    context = browser.new_context(viewport={"width": width, "height": 900}, color_scheme="dark" if dark else "light")
     return context.new_page()
 
 

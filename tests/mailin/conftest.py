@@ -210,9 +210,7 @@ def dovecot() -> Iterator[Dovecot]:
     deadline = time.monotonic() + 20
     while not port_open("127.0.0.1", port):
         if time.monotonic() > deadline:
-            log = (
-                (root / "dovecot.log").read_text(errors="replace") if (root / "dovecot.log").exists() else ""
-            )
+            log = (root / "dovecot.log").read_text(errors="replace") if (root / "dovecot.log").exists() else ""
             pytest.fail(f"dovecot did not start:\n{log}")
         time.sleep(0.05)
     yield Dovecot(port, root)

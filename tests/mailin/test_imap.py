@@ -139,9 +139,7 @@ def test_junk_in_the_mailbox_changes_nothing(imap_runtime: Runtime, smtp: SMTPSi
         runtime,
         b"From: \xff\xfe <@@>\r\nTo: papers@digest.example.org\r\nSubject: \xe9\r\n"
         b"Content-Type: multipart/mixed; boundary=zz\r\n\r\n--zz\r\nbroken",
-        messages.dsn(
-            forged, "alice@example.net", digest.data, status="5.1.1", action="failed", diagnostic="550"
-        ),
+        messages.dsn(forged, "alice@example.net", digest.data, status="5.1.1", action="failed", diagnostic="550"),
         b"To: papers@digest.example.org\r\nSubject: huge\r\n\r\n" + (b"y" * 998 + b"\r\n") * 2_000,  # 2 MB
     )
     stats = poll_imap(runtime)

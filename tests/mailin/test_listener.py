@@ -55,9 +55,7 @@ def test_subscribe_by_email_sends_a_confirmation_and_confirming_activates(
     assert subscriber(runtime, "carol@example.net").source == "email"
 
 
-def test_subject_subscribe_to_the_plain_address_works_too(
-    listener: Listener, runtime: Runtime, smtp: SMTPSink
-) -> None:
+def test_subject_subscribe_to_the_plain_address_works_too(listener: Listener, runtime: Runtime, smtp: SMTPSink) -> None:
     send(listener, "dan@example.net", INBOUND, messages.plain("dan@example.net", INBOUND, "subscribe"))
     assert len(smtp.to("dan@example.net")) == 1
     assert subscriber(runtime, "dan@example.net").status is SubscriberStatus.PENDING
@@ -76,9 +74,7 @@ def test_list_unsubscribe_mailto_unsubscribes_and_the_next_run_skips_them(
         listener,
         "alice@example.net",
         mailto.group(1),
-        messages.plain(
-            "alice@example.net", mailto.group(1), "Unsubscribe", "This message was sent by Gmail."
-        ),
+        messages.plain("alice@example.net", mailto.group(1), "Unsubscribe", "This message was sent by Gmail."),
     )
 
     assert subscriber(runtime, "alice@example.net").status is SubscriberStatus.UNSUBSCRIBED
@@ -99,9 +95,7 @@ def test_every_digest_is_sent_from_its_own_verp_bounce_address(runtime: Runtime,
         assert parseaddr(str(got.message["From"]))[1] == "papers@digest.example.org"
 
 
-def test_hard_dsn_for_a_digest_bounces_its_subscriber(
-    listener: Listener, runtime: Runtime, smtp: SMTPSink
-) -> None:
+def test_hard_dsn_for_a_digest_bounces_its_subscriber(listener: Listener, runtime: Runtime, smtp: SMTPSink) -> None:
     digest = send_digest(runtime, smtp, "alice@example.net", "bob@example.net")["alice@example.net"]
     smtp.clear()
     report = messages.dsn(
@@ -142,9 +136,7 @@ def test_soft_dsn_below_the_threshold_keeps_the_subscriber(
     assert smtp.messages == []
 
 
-def test_abuse_report_unsubscribes_and_counts_a_complaint(
-    listener: Listener, runtime: Runtime, smtp: SMTPSink
-) -> None:
+def test_abuse_report_unsubscribes_and_counts_a_complaint(listener: Listener, runtime: Runtime, smtp: SMTPSink) -> None:
     digest = send_digest(runtime, smtp, "alice@example.net", "bob@example.net")["alice@example.net"]
     smtp.clear()
     send(listener, "fbl@fbl.example.com", INBOUND, messages.arf(INBOUND, "alice@example.net", digest.data))
@@ -202,9 +194,7 @@ def test_junk_leaves_the_database_unchanged_and_the_listener_running(
         (tampered, forged_dsn),
         (
             "papers+unsubscribe-not.a.token@digest.example.org",
-            messages.plain(
-                "mallory@example.com", "papers+unsubscribe-not.a.token@digest.example.org", "unsubscribe"
-            ),
+            messages.plain("mallory@example.com", "papers+unsubscribe-not.a.token@digest.example.org", "unsubscribe"),
         ),
         (
             "papers+bounce-abc@digest.example.org",
@@ -236,9 +226,7 @@ def test_junk_leaves_the_database_unchanged_and_the_listener_running(
         smtplib.SMTP("127.0.0.1", listener.port, timeout=30) as client,
         pytest.raises(smtplib.SMTPRecipientsRefused),
     ):
-        client.sendmail(
-            "mallory@example.com", ["someone@elsewhere.example"], b"Subject: relay?\r\n\r\nhi\r\n"
-        )
+        client.sendmail("mallory@example.com", ["someone@elsewhere.example"], b"Subject: relay?\r\n\r\nhi\r\n")
 
     assert snapshot(runtime) == before
     assert smtp.messages == []

@@ -49,14 +49,12 @@ def test_only_our_address_and_its_sub_addresses_are_ours(
 )
 def test_auto_replies_are_recognised(headers: dict[str, str], runtime: Runtime) -> None:
     data = messages.plain("alice@example.net", INBOUND, "subscribe", headers=headers)
-    assert classify(
-        config(runtime), data, envelope_sender="alice@example.net", recipients=[INBOUND]
-    ).kind is (Kind.AUTO_REPLY)
+    assert classify(config(runtime), data, envelope_sender="alice@example.net", recipients=[INBOUND]).kind is (
+        Kind.AUTO_REPLY
+    )
 
 
-@pytest.mark.parametrize(
-    "subject", ["Out of Office: back Monday", "Automatic reply: Daily Papers", "Auto: away"]
-)
+@pytest.mark.parametrize("subject", ["Out of Office: back Monday", "Automatic reply: Daily Papers", "Auto: away"])
 def test_out_of_office_subjects_are_auto_replies(subject: str, runtime: Runtime) -> None:
     data = messages.plain("alice@example.net", INBOUND, subject)
     assert classify(config(runtime), data, envelope_sender="a@example.net", recipients=[INBOUND]).kind is (
@@ -90,9 +88,7 @@ def test_non_utf8_headers_and_broken_mime_never_raise(runtime: Runtime) -> None:
         assert inbound.kind in (Kind.MALFORMED, Kind.UNRECOGNISED, Kind.DSN)
 
 
-def test_unsubscribe_subject_from_an_unknown_address_changes_nothing(
-    runtime: Runtime, smtp: SMTPSink
-) -> None:
+def test_unsubscribe_subject_from_an_unknown_address_changes_nothing(runtime: Runtime, smtp: SMTPSink) -> None:
     add_active(runtime, "alice@example.net")
     before = snapshot(runtime)
     processed = process(
@@ -147,9 +143,7 @@ def test_a_token_signed_with_another_key_bounces_nobody(runtime: Runtime, smtp: 
     forged = Tokens("an attacker's guess at the key").make(Purpose.BOUNCE, delivery_id, subscriber_id)
     to = f"papers+bounce-{forged}@digest.example.org"
     before = snapshot(runtime)
-    report = messages.dsn(
-        to, "alice@example.net", digest.data, status="5.1.1", action="failed", diagnostic="550"
-    )
+    report = messages.dsn(to, "alice@example.net", digest.data, status="5.1.1", action="failed", diagnostic="550")
     processed = process(runtime, report, envelope_sender="", recipients=[to])
     assert processed.outcome == "ignored: invalid bounce token"
     assert snapshot(runtime) == before
@@ -172,10 +166,7 @@ def test_a_valid_token_for_a_delivery_of_someone_else_is_refused(runtime: Runtim
         action="failed",
         diagnostic="550",
     )
-    assert (
-        process(runtime, report, envelope_sender="", recipients=[to]).outcome
-        == "ignored: invalid bounce token"
-    )
+    assert process(runtime, report, envelope_sender="", recipients=[to]).outcome == "ignored: invalid bounce token"
     assert subscriber(runtime, "bob@example.net").status is SubscriberStatus.ACTIVE
     assert subscriber(runtime, "alice@example.net").status is SubscriberStatus.ACTIVE
 
@@ -213,9 +204,7 @@ def test_soft_bounces_bounce_past_the_threshold_within_the_window_and_decay_outs
     assert events(runtime, "alice@example.net") == ["soft_bounce"] * 5
 
 
-def test_an_abuse_report_sent_to_the_bounce_address_names_its_delivery(
-    runtime: Runtime, smtp: SMTPSink
-) -> None:
+def test_an_abuse_report_sent_to_the_bounce_address_names_its_delivery(runtime: Runtime, smtp: SMTPSink) -> None:
     digest = send_digest(runtime, smtp, "alice@example.net")["alice@example.net"]
     # Some feedback loops quote only headers, without the Message-ID; the VERP token still tells.
     stripped = b"Subject: Daily Papers\r\n\r\nbody\r\n"

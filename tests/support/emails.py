@@ -25,15 +25,10 @@ def sample_papers(count: int) -> list[Paper]:
     return papers[:count]
 
 
-def digest_context(
-    papers: list[Paper], recipient: str = "ada@example.com", token: str = "tok-ada"
-) -> DigestContext:
+def digest_context(papers: list[Paper], recipient: str = "ada@example.com", token: str = "tok-ada") -> DigestContext:
     return DigestContext(
         date_label=date_label(DAY),
-        papers=[
-            PaperView.from_paper(p, ("diffusion", "video") if i % 3 == 0 else ())
-            for i, p in enumerate(papers)
-        ],
+        papers=[PaperView.from_paper(p, ("diffusion", "video") if i % 3 == 0 else ()) for i, p in enumerate(papers)],
         recipient=recipient,
         frequency="daily",
         unsubscribe_url=f"{BASE}/unsubscribe/{token}",
@@ -57,9 +52,7 @@ def envelope(recipient: str = "ada@example.com", token: str = "tok-ada") -> Enve
 
 
 def digest_bytes(count: int, renderer: EmailRenderer | None = None) -> bytes:
-    return message_bytes(
-        (renderer or EmailRenderer()).render(digest_context(sample_papers(count))), envelope()
-    )
+    return message_bytes((renderer or EmailRenderer()).render(digest_context(sample_papers(count))), envelope())
 
 
 def parse(data: bytes) -> EmailMessage:

@@ -225,9 +225,7 @@ class _Handler:
             self.sink.messages.append(
                 Received(str(envelope.mail_from), list(envelope.rcpt_tos), bytes(envelope.content or b""))
             )
-            self.sink.accepted_on_connection[id(session)] = (
-                self.sink.accepted_on_connection.get(id(session), 0) + 1
-            )
+            self.sink.accepted_on_connection[id(session)] = self.sink.accepted_on_connection.get(id(session), 0) + 1
             count = self.sink.accepted_on_connection[id(session)]
         if behaviour.drop_after is not None and count >= behaviour.drop_after:
             transport = server.transport

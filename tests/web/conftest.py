@@ -66,8 +66,21 @@ def _rows(session: Session) -> list[tuple[object, ...]]:
     events = session.scalars(select(SubscriberEvent).order_by(SubscriberEvent.id)).all()
     return [
         *[
-            (s.id, s.email, s.status, s.topics, s.excluded, s.frequency, s.digest_size, s.send_hour,
-             s.timezone, s.weekday, s.confirmation_sent_at, s.confirmed_at, s.unsubscribed_at)
+            (
+                s.id,
+                s.email,
+                s.status,
+                s.topics,
+                s.excluded,
+                s.frequency,
+                s.digest_size,
+                s.send_hour,
+                s.timezone,
+                s.weekday,
+                s.confirmation_sent_at,
+                s.confirmed_at,
+                s.unsubscribed_at,
+            )
             for s in subs
         ],
         *[(e.id, e.kind, e.subscriber_id) for e in events],

@@ -51,7 +51,10 @@ def serve_process(settings: Settings, cwd: Path) -> Iterator[str]:
     log = (cwd / f"serve-{port}.log").open("wb")
     proc = subprocess.Popen(
         [str(digest), "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=settings_env(settings), cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+        env=settings_env(settings),
+        cwd=cwd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         _wait_until_up(f"http://127.0.0.1:{port}", lambda: proc.poll() is None)

@@ -30,7 +30,7 @@ def test_import_reports_bad_rows_and_imports_the_rest(
         "not-an-address,robotics\n"
         "\n"
         "Grace@Example.org\n"
-        "alan@example.org,\"" + "x" * 600 + "\"\n",
+        'alan@example.org,"' + "x" * 600 + '"\n',
         encoding="utf-8",
     )
     done = digest(settings, tmp_path, "subscribers", "import", str(source))

@@ -50,7 +50,11 @@ def test_save_preferences(client: TestClient, runtime: Runtime) -> None:
     sub = subscriber(runtime, "me@example.org")
     assert sub is not None
     assert (sub.frequency, sub.digest_size, sub.send_hour, sub.timezone, sub.weekday) == (
-        Frequency.WEEKLY, 12, 7, "Europe/Berlin", 4,
+        Frequency.WEEKLY,
+        12,
+        7,
+        "Europe/Berlin",
+        4,
     )
     assert sub.topics == "llm agents, robotics"
     assert sub.excluded == "survey"

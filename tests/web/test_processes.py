@@ -18,8 +18,11 @@ def test_rate_limit_is_shared_by_two_processes(
     from digest.runtime import Runtime
 
     shared = settings.model_copy(
-        update={"redis_url": redis_url, "rate_limit_subscribe_per_ip": "4/hour",
-                "rate_limit_subscribe_per_address": "100/hour"}
+        update={
+            "redis_url": redis_url,
+            "rate_limit_subscribe_per_ip": "4/hour",
+            "rate_limit_subscribe_per_address": "100/hour",
+        }
     )
     with serve_process(shared, tmp_path) as a, serve_process(shared, tmp_path) as b:
         codes = []

@@ -15,9 +15,7 @@ from tests.support.servers import SMTPSink
 from tests.web.conftest import link_in, only_mail_to, path_of, snapshot, subscriber
 
 
-def test_front_page_shows_form_and_latest_papers(
-    client: TestClient, runtime: Runtime, papers_api: object
-) -> None:
+def test_front_page_shows_form_and_latest_papers(client: TestClient, runtime: Runtime, papers_api: object) -> None:
     from digest.pipeline import collect_if_needed
 
     collect_if_needed(runtime, dt.date(2024, 10, 25), allow_sample=False)
