@@ -178,7 +178,7 @@ def preview(ctx: click.Context, email: str, date_: str, output: Path | None) -> 
     from email import message_from_bytes, policy
 
     msg = message_from_bytes(data, policy=policy.default)
-    body = msg.get_body(preferencelist=("html",))  # type: ignore[attr-defined]
+    body = msg.get_body(preferencelist=("html",))
     if body is not None:
         html.write_text(body.get_content(), encoding="utf-8")
     click.echo(f"wrote {target} and {html}")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from email.utils import parseaddr
 from functools import cached_property
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Table, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from digest.db import transaction
@@ -237,6 +237,7 @@ def mark_sent(session: Session, outcomes: Sequence[tuple[int, str, dt.datetime]]
     if not outcomes:
         return
     table = Delivery.__table__
+    assert isinstance(table, Table)
     session.connection().execute(
         update(table)
         .where(table.c.id == bindparam("delivery_id"))

@@ -75,7 +75,7 @@ def _int(value: object, default: int | None = 0) -> int | None:
     if isinstance(value, bool):
         raise MalformedItem("expected a number, got a boolean")
     try:
-        number = int(value)  # type: ignore[call-overload]
+        number = int(str(value).strip())
     except (TypeError, ValueError) as exc:
         raise MalformedItem(f"expected a number, got {value!r:.40}") from exc
     return max(0, number)
@@ -222,7 +222,7 @@ class PapersClient:
         raise UpstreamError(f"papers API returned more than {MAX_PAGES} full pages for {day}")
 
     def _get_page(self, day: dt.date, page: int) -> list[Any]:
-        params = {"date": day.isoformat(), "limit": PAGE_SIZE, "p": page}
+        params: dict[str, str | int] = {"date": day.isoformat(), "limit": PAGE_SIZE, "p": page}
         last_problem = ""
         for attempt in range(1, self.retries + 1):
             delay = self.backoff * 2 ** (attempt - 1) * (0.5 + random.random())

@@ -6,9 +6,9 @@ import datetime as dt
 
 from sqlalchemy.orm import Session
 
-from digest.delivery import Delivery, message_id, recently_sent
+from digest.delivery import message_id, recently_sent
 from digest.errors import DigestError
-from digest.models import DeliveryStatus, utcnow
+from digest.models import Delivery, DeliveryStatus, utcnow
 from digest.pipeline import composer_for, ensure_digest
 from digest.runtime import Runtime
 from digest.subscriptions import get_by_email

@@ -12,10 +12,11 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from digest.db import make_engine, make_session_factory
-from digest.delivery import Delivery, DeliveryPolicy, RateLimiter
+from digest.delivery import DeliveryPolicy, RateLimiter
 from digest.dkim import DkimSigner
 from digest.links import Links
 from digest.mailer import Mailer, OutboxMailer, SMTPConfig, SMTPPool
+from digest.models import Delivery
 from digest.papers import PapersClient
 from digest.ranking import TrendingWeights
 from digest.rendering import EmailRenderer

@@ -32,22 +32,31 @@ COMPACT = frozenset({Purpose.BOUNCE, Purpose.MAIL_UNSUBSCRIBE})
 TAG_HEX_CHARS = 20  # 80 bits: far beyond online guessing through a mail server
 
 
+AnySerializer = URLSafeSerializer | URLSafeTimedSerializer
+
+
 class Tokens:
     def __init__(self, secret_key: str, confirm_max_age_seconds: int = 48 * 3600):
         self._secret_key = secret_key
         self.confirm_max_age_seconds = confirm_max_age_seconds
-        self._serializers: dict[Purpose, URLSafeSerializer] = {}
+        self._serializers: dict[Purpose, AnySerializer] = {}
         self._compact_keys = {p: hashlib.sha256(f"digest.{p.value}.{secret_key}".encode()).digest() for p in COMPACT}
 
-    def _serializer(self, purpose: Purpose) -> URLSafeSerializer:
+    def _serializer(self, purpose: Purpose) -> AnySerializer:
         # Built once per purpose: a serializer derives its key on creation, and a digest run
         # makes several tokens per message.
-        serializer = self._serializers.get(purpose)
-        if serializer is None:
-            # Only confirmation links expire; the others carry no timestamp, so a subscriber's
-            # links are the same in every message (and a retried message is byte-identical).
-            kind = URLSafeTimedSerializer if purpose is Purpose.CONFIRM else URLSafeSerializer
-            serializer = self._serializers[purpose] = kind(self._secret_key, salt=f"digest.{purpose.value}")
+        cached = self._serializers.get(purpose)
+        if cached is not None:
+            return cached
+        # Only confirmation links expire; the others carry no timestamp, so a subscriber's links
+        # are the same in every message (and a retried message is byte-identical).
+        salt = f"digest.{purpose.value}"
+        serializer: AnySerializer = (
+            URLSafeTimedSerializer(self._secret_key, salt=salt)
+            if purpose is Purpose.CONFIRM
+            else URLSafeSerializer(self._secret_key, salt=salt)
+        )
+        self._serializers[purpose] = serializer
         return serializer
 
     def _tag(self, purpose: Purpose, object_id: int, stamp: int) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
 from typing import Any
 
@@ -41,7 +42,7 @@ def runtime() -> Runtime:
 
 
 def enqueue_batch(digest_id: int, subscriber_ids: list[int], countdown: float | None = None) -> None:
-    send_batch.apply_async((digest_id, subscriber_ids), countdown=countdown)
+    send_batch.apply_async((digest_id, subscriber_ids), countdown=countdown or 0)
 
 
 @app.task(
@@ -51,7 +52,7 @@ def enqueue_batch(digest_id: int, subscriber_ids: list[int], countdown: float | 
     retry_backoff=60,
     max_retries=5,
 )
-def collect(self: Task, day: str, allow_sample: bool = False) -> dict[str, Any]:
+def collect(self: Task[Any, Any], day: str, allow_sample: bool = False) -> dict[str, Any]:
     """Fetch and store one day's papers and build that day's edition."""
     rt = runtime()
     with rt.papers_client() as client, transaction(rt.session_factory) as session:
@@ -135,7 +136,7 @@ def sweep() -> int:
             digest_id,
             now=utcnow(),
             page_size=rt.settings.batch_size,
-            enqueue=lambda ids, d=digest_id: enqueue_batch(d, ids),
+            enqueue=functools.partial(enqueue_batch, digest_id),
         )
     return total
 
