@@ -8,7 +8,6 @@ test-artifacts/screenshots/.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,23 +20,13 @@ from digest.pipeline import collect_if_needed, run_inprocess
 from digest.runtime import Runtime
 from digest.web.app import create_app
 from tests.conftest import make_settings
+from tests.support.browser import CHROMIUM_ARGS, SHOTS, require_chromium
 from tests.support.servers import PapersAPI, SMTPSink, free_port
 from tests.web.conftest import link_in, subscriber
 from tests.web.live import server_thread
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-SHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
 EMAIL = "reader@example.org"
 T = TypeVar("T")
 
@@ -50,11 +39,7 @@ def off_the_browser_loop(func: Callable[..., T], *args: object) -> T:
 
 @pytest.fixture
 def chromium_path() -> Path:
-    if not CHROMIUM.exists():
-        if os.environ.get("DIGEST_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"{CHROMIUM} is missing and DIGEST_REQUIRE_BROWSER=1 (apt-get install -y chromium)")
-        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium (DIGEST_REQUIRE_BROWSER=1 fails)")
-    return CHROMIUM
+    return require_chromium()
 
 
 @pytest.fixture
@@ -72,7 +57,6 @@ def test_subscribe_confirm_receive_unsubscribe(chromium_path: Path, live: tuple[
     from playwright.sync_api import expect, sync_playwright
 
     runtime, base = live
-    SHOTS.mkdir(parents=True, exist_ok=True)
     collect_if_needed(runtime, dt.date(2024, 10, 25), allow_sample=False)
 
     with sync_playwright() as p:

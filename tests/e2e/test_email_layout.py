@@ -7,9 +7,7 @@ Screenshots land in test-artifacts/screenshots/ for a human to look at. Without
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, Route, sync_playwright
@@ -17,6 +15,7 @@ from playwright.sync_api import Browser, Page, Route, sync_playwright
 from digest.papers import load_sample
 from digest.runtime import Runtime
 from digest.web.app import create_app
+from tests.support.browser import CHROMIUM_ARGS, SHOTS, require_chromium
 from tests.support.emails import digest_bytes, html_of, parse, strip_style_blocks
 from tests.support.servers import free_port
 from tests.web.live import server_thread
@@ -24,31 +23,15 @@ from tests.web.test_archive import NEW, publish_sample_days
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-SHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
 WIDTHS = (375, 800)
 PAPERS = 30
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        reason = "Debian's Chromium is not installed (apt-get install -y chromium)"
-        if os.environ.get("DIGEST_REQUIRE_BROWSER") == "1":
-            pytest.fail(reason + " and DIGEST_REQUIRE_BROWSER=1")
-        pytest.skip(reason)
-    SHOTS.mkdir(parents=True, exist_ok=True)
+    executable = require_chromium()
     with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        chromium = p.chromium.launch(executable_path=str(executable), args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
 
