@@ -139,6 +139,17 @@ def ceiling(sample: Path, count: int) -> float:
         sink.stop()
 
 
+def cpu_by_program() -> dict[str, float]:
+    """CPU seconds so far of the other programs sharing the machine (database, sink, broker)."""
+    totals: dict[str, float] = {}
+    for proc in psutil.process_iter(["name", "cpu_times"]):
+        name, times = proc.info["name"], proc.info["cpu_times"]
+        if times is None or name not in ("postgres", "smtp-sink", "redis-server", "digest"):
+            continue
+        totals[name] = totals.get(name, 0.0) + times.user + times.system
+    return totals
+
+
 def pool_processes(worker: Process) -> list[psutil.Process]:
     assert worker.proc is not None
     return psutil.Process(worker.proc.pid).children(recursive=True)
@@ -170,10 +181,12 @@ def run_once(n: int, postgres: Postgres, api: PapersAPI, redis_url: str, workers
     worker.wait_for_output("ready.", timeout=60)
     children = pool_processes(worker)
     cpu_before = sum(p.cpu_times().user + p.cpu_times().system for p in children)
+    others_before = cpu_by_program()
     start = time.perf_counter()
     run = subprocess.run([str(BIN / "digest"), "run", "--date", DAY], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     cpu_after = sum(p.cpu_times().user + p.cpu_times().system for p in children)
+    others = {k: v - others_before.get(k, 0.0) for k, v in cpu_by_program().items()}
     peak_rss = []
     for p in children:
         with open(f"/proc/{p.pid}/status") as status:
@@ -200,6 +213,9 @@ def run_once(n: int, postgres: Postgres, api: PapersAPI, redis_url: str, workers
         "send_phase_digests_per_s": round(sent / max(0.001, (last_sent - first_sent).total_seconds()), 1),
         "start_to_first_send_s": round((first_sent - planned).total_seconds(), 2),
         "worker_cpu_ms_per_message": round(1000 * (cpu_after - cpu_before) / max(1, sent), 3),
+        "other_cpu_ms_per_message": {
+            k: round(1000 * v / max(1, sent), 3) for k, v in sorted(others.items()) if v > 0.5
+        },
         "peak_rss_mb_per_worker_process": [round(r, 1) for r in peak_rss],
     }
 
