@@ -6,7 +6,6 @@ import datetime as dt
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,84 +22,49 @@ from digest.models import Subscriber
 from digest.pipeline import run_inprocess
 from digest.runtime import Runtime
 from digest.settings import Settings
-from tests.support.servers import Received, SMTPSink, free_port, port_open
+from tests.support.processes import BIN, Process, settings_env
+from tests.support.servers import Received, SMTPSink, free_port, port_open, wait_until
 
 DAY = dt.date(2024, 10, 25)
 NEXT_DAY = dt.date(2026, 4, 16)
 INBOUND = "papers@digest.example.org"
-# Copied into the listener's environment: what it needs to reach our database and mail server.
-SETTING_NAMES = (
-    "environment",
-    "database_url",
-    "smtp_host",
-    "smtp_port",
-    "secret_key",
-    "base_url",
-    "mail_from",
-    "inbound_address",
-    "papers_api_url",
-    "soft_bounce_threshold",
-    "soft_bounce_window_days",
-)
 TABLES = ("subscribers", "deliveries", "subscriber_events", "processed_messages")
 
 
-def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DIGEST_")}
-    for name in SETTING_NAMES:
-        env[f"DIGEST_{name.upper()}"] = str(getattr(settings, name))
-    env.update(extra)
-    return env
-
-
+# Copied into the listener's environment: what it needs to reach our database and mail server.
 @dataclass
 class Listener:
-    """A running ``digest mailin`` process, as the Procfile starts it."""
-
-    proc: subprocess.Popen[bytes]
+    process: Process
     port: int
-    log_path: Path
 
     @property
     def running(self) -> bool:
-        return self.proc.poll() is None
+        return self.process.running
 
     def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
+        return self.process.output()
 
 
 @pytest.fixture
 def listener(settings: Settings, tmp_path: Path) -> Iterator[Listener]:
     port = free_port()
-    log_path = tmp_path / "mailin.log"
-    digest_bin = Path(sys.executable).parent / "digest"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [str(digest_bin), "mailin"],
-            env=settings_env(
-                settings,
-                DIGEST_MAILIN_HOST="127.0.0.1",
-                DIGEST_MAILIN_PORT=str(port),
-                DIGEST_MAILIN_MAX_BYTES=str(1024 * 1024),
-            ),
-            cwd=tmp_path,  # no stray .env file
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    listener = Listener(proc, port, log_path)
-    deadline = time.monotonic() + 30
-    while not port_open("127.0.0.1", port):
-        if not listener.running or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"digest mailin did not start:\n{listener.log()}")
-        time.sleep(0.05)
-    yield listener
-    proc.terminate()
+    env = settings_env(
+        settings,
+        DIGEST_MAILIN_HOST="127.0.0.1",
+        DIGEST_MAILIN_PORT=str(port),
+        DIGEST_MAILIN_MAX_BYTES=str(1024 * 1024),
+    )
+    # cwd: an empty folder, so no stray .env file is read.
+    process = Process([str(BIN / "digest"), "mailin"], env, tmp_path / "mailin.log", cwd=tmp_path).start()
+    listener = Listener(process, port)
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        if not wait_until(lambda: port_open("127.0.0.1", port) or not process.running, timeout=30) or not (
+            process.running
+        ):
+            pytest.fail(f"digest mailin did not start:\n{listener.log()}")
+        yield listener
+    finally:
+        process.stop()
 
 
 def add_active(runtime: Runtime, email: str) -> int:

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from digest.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -31,22 +33,37 @@ def digest_env(**values: str | int | float) -> dict[str, str]:
     return env
 
 
+def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment that gives a `digest` process these settings (plus ``extra`` variables)."""
+    env = digest_env()
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"DIGEST_{name.upper()}"] = str(value)
+    env.update(extra)
+    return env
+
+
 class Process:
     """A child process with its output in a file, so tests can wait for a line and read logs."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path):
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path = ROOT):
         self.argv = argv
         self.env = env
         self.log_path = log_path
+        self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Process:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            self.argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            self.argv, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         log.close()
         return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

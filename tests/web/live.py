@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from digest.settings import Settings
+from tests.support.processes import BIN, Process, settings_env
 from tests.support.servers import free_port, port_open
 
 
@@ -34,39 +32,17 @@ def server_thread(app: FastAPI, port: int) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that gives a `digest` process these settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DIGEST_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"DIGEST_{name.upper()}"] = str(value)
-    return env
-
-
 @contextmanager
 def serve_process(settings: Settings, cwd: Path) -> Iterator[str]:
     """`digest serve` as its own process (what the Procfile's `web` runs); yields the base URL."""
     port = free_port()
-    digest = Path(sys.executable).with_name("digest")
-    log = (cwd / f"serve-{port}.log").open("wb")
-    proc = subprocess.Popen(
-        [str(digest), "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=settings_env(settings),
-        cwd=cwd,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    argv = [str(BIN / "digest"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    server = Process(argv, settings_env(settings), cwd / f"serve-{port}.log", cwd=cwd).start()
     try:
-        _wait_until_up(f"http://127.0.0.1:{port}", lambda: proc.poll() is None)
+        _wait_until_up(f"http://127.0.0.1:{port}", lambda: server.running)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        server.stop()
 
 
 def _wait_until_up(base: str, alive: object) -> None:

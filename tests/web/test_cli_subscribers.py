@@ -10,8 +10,8 @@ from pathlib import Path
 from digest.models import SubscriberStatus
 from digest.runtime import Runtime
 from digest.settings import Settings
+from tests.support.processes import settings_env
 from tests.web.conftest import subscriber
-from tests.web.live import settings_env
 
 
 def digest(settings: Settings, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
