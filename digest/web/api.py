@@ -95,18 +95,7 @@ async def api_latest(runtime: RuntimeDep) -> LatestDigest:
     page = await run_in_threadpool(front_page, runtime)
     return LatestDigest(
         date=page.day,
-        papers=[
-            PaperOut(
-                id=p.id,
-                title=p.title,
-                authors=p.authors,
-                upvotes=p.upvotes,
-                comments=p.comments,
-                summary=p.summary,
-                url=p.url,
-            )
-            for p in page.papers
-        ],
+        papers=[PaperOut.model_validate(p, from_attributes=True) for p in page.papers],
     )
 
 
