@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from email.utils import parseaddr
 from functools import cached_property
 
-from sqlalchemy import Table, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Table, and_, bindparam, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from digest.db import transaction
@@ -70,6 +72,9 @@ class DeliveryPolicy:
     relevance_weight: float = 0.7
     soft_bounce_threshold: int = 3
     soft_bounce_window: dt.timedelta = dt.timedelta(days=7)
+    # Rows claimed at a time within a batch: small, so an unsubscribe or a dead worker holds
+    # few rows, yet large enough that claiming costs little per message.
+    claim_chunk: int = 50
 
     def backoff(self, attempts: int) -> float:
         """Exponential backoff with full jitter, capped."""
@@ -159,17 +164,14 @@ def plan_deliveries(
     now: dt.datetime,
     not_after: dt.datetime,
     message_domain: str,
-) -> list[int]:
-    """Create the missing ledger rows for these subscribers; returns who now has a pending row."""
+) -> None:
+    """Create the missing ledger rows for these subscribers.
+
+    ``ON CONFLICT DO NOTHING`` on the (subscriber, edition) key: two dispatchers planning the
+    same page at once (beat's hour and an operator's ``digest run``) both succeed, once.
+    """
     if not subscriber_ids:
-        return []
-    existing = set(
-        session.scalars(
-            select(Delivery.subscriber_id).where(
-                Delivery.digest_id == digest.id, Delivery.subscriber_id.in_(subscriber_ids)
-            )
-        )
-    )
+        return
     rows = [
         {
             "digest_id": digest.id,
@@ -182,12 +184,11 @@ def plan_deliveries(
             "updated_at": now,
         }
         for sid in subscriber_ids
-        if sid not in existing
     ]
-    if rows:
-        session.execute(insert(Delivery), rows)
+    dialect_insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    statement = dialect_insert(Delivery).on_conflict_do_nothing(index_elements=["subscriber_id", "digest_id"])
+    session.execute(statement, rows)
     session.flush()
-    return [sid for sid in subscriber_ids if sid not in existing]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +254,15 @@ def mark_sent(session: Session, outcomes: Sequence[tuple[int, str, dt.datetime]]
     )
 
 
+def extend_leases(session: Session, delivery_ids: Sequence[int], lease_until: dt.datetime) -> None:
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(delivery_ids), Delivery.status == DeliveryStatus.SENDING)
+        .values(lease_until=lease_until)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def mark_skipped(session: Session, delivery_id: int, reason: str, now: dt.datetime) -> None:
     session.execute(
         update(Delivery)
@@ -289,21 +299,18 @@ def record_failure(
         .where(Delivery.id == delivery.id)
         .values(status=DeliveryStatus.FAILED, lease_until=None, last_error=reason, updated_at=now)
     )
-    if delivery.subscriber_id is not None:
-        if error.permanent and error.code is not None:
-            record_bounce(
-                session, delivery.subscriber_id, delivery.id, hard=True, detail=reason, now=now, policy=policy
-            )
-        elif error.code is not None:  # the server deferred this recipient; a dead connection is not their fault
-            record_bounce(
-                session,
-                delivery.subscriber_id,
-                delivery.id,
-                hard=False,
-                detail=reason,
-                now=now,
-                policy=policy,
-            )
+    # Only a refusal of the recipient is about them; a refused sender, rejected content or an
+    # unreachable relay must not bounce anyone.
+    if delivery.subscriber_id is not None and error.about_recipient:
+        record_bounce(
+            session,
+            delivery.subscriber_id,
+            delivery.id,
+            hard=error.permanent,
+            detail=reason,
+            now=now,
+            policy=policy,
+        )
     return None
 
 
@@ -580,6 +587,7 @@ async def send_prepared(
         queue.put_nowait(item)
     accepted: list[tuple[int, str, dt.datetime]] = []
     last_flush = time.monotonic()
+    unsent = {item.delivery.id for item in prepared}
 
     def flush() -> None:
         nonlocal last_flush
@@ -601,6 +609,7 @@ async def send_prepared(
             try:
                 reply = await mailer.send(item.sender, item.subscriber.email, item.data)
             except SendError as exc:
+                unsent.discard(item.delivery.id)
                 with transaction(factory) as session:
                     when = record_failure(session, item.delivery, exc, policy, clock())
                 if when is None:
@@ -609,13 +618,25 @@ async def send_prepared(
                 elif result.retry_at is None or when < result.retry_at:
                     result.retry_at = when
                 continue
+            unsent.discard(item.delivery.id)
             accepted.append((item.delivery.id, reply, clock()))
             if len(accepted) >= SENT_GROUP_SIZE or time.monotonic() - last_flush >= SENT_GROUP_SECONDS:
                 flush()
 
+    async def keep_leases() -> None:
+        # A slow send (rate limits, a slow relay) must not let the lease of rows still waiting
+        # here run out: the sweep would hand them to another worker and both would send.
+        while True:
+            await asyncio.sleep(policy.lease_seconds / 3)
+            if unsent:
+                with transaction(factory) as session:
+                    extend_leases(session, sorted(unsent), clock() + dt.timedelta(seconds=policy.lease_seconds))
+
+    heartbeat = asyncio.create_task(keep_leases())
     try:
         await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
     finally:
+        heartbeat.cancel()
         flush()
     return result
 
@@ -634,29 +655,37 @@ def run_batch(
 ) -> BatchResult:
     """Claim, compose and send one page of subscribers' deliveries of ``composer``'s edition.
 
-    Commits in small steps on purpose (claim, then one commit per outcome): that is what makes
-    a crash cost at most the messages in flight.
+    Works through the page ``policy.claim_chunk`` rows at a time, claiming each chunk just
+    before sending it, over one pool of SMTP connections. Commits in small steps on purpose
+    (claim, then outcomes in small groups): that is what makes a crash cost at most the
+    messages in flight.
     """
-    with transaction(factory) as session:
-        claimed = claim(session, composer.digest_id, subscriber_ids, now=clock(), lease_seconds=policy.lease_seconds)
-    if not claimed:
-        return BatchResult()
-    with transaction(factory) as session:
-        prepared, skipped = prepare_claimed(session, composer, claimed, bounce_sender, clock())
-        for item in prepared:
-            session.expunge(item.delivery)
-            session.expunge(item.subscriber)
 
     async def go() -> BatchResult:
+        total = BatchResult()
         mailer = mailer_factory()
         try:
-            return await send_prepared(factory, prepared, mailer, limiter or RateLimiter(), policy, concurrency, clock)
+            for start in range(0, len(subscriber_ids), policy.claim_chunk):
+                chunk = subscriber_ids[start : start + policy.claim_chunk]
+                with transaction(factory) as session:
+                    claimed = claim(session, composer.digest_id, chunk, now=clock(), lease_seconds=policy.lease_seconds)
+                if not claimed:
+                    continue
+                with transaction(factory) as session:
+                    prepared, skipped = prepare_claimed(session, composer, claimed, bounce_sender, clock())
+                    for item in prepared:
+                        session.expunge(item.delivery)
+                        session.expunge(item.subscriber)
+                total.skipped += skipped
+                sent = await send_prepared(
+                    factory, prepared, mailer, limiter or RateLimiter(), policy, concurrency, clock
+                )
+                total.merge(sent)
         finally:
             await mailer.close()
+        return total
 
-    result = asyncio.run(go())
-    result.skipped += skipped
-    return result
+    return asyncio.run(go())
 
 
 # ---------------------------------------------------------------------------------------------

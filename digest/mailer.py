@@ -21,13 +21,22 @@ log = logging.getLogger(__name__)
 
 
 class SendError(Exception):
-    """A message was not accepted. ``permanent`` (5xx) must not be retried; the rest may."""
+    """A message was not accepted. ``permanent`` (5xx) must not be retried; the rest may.
 
-    def __init__(self, reason: str, *, permanent: bool, code: int | None = None):
+    ``stage`` says where it failed: only a refusal at ``rcpt`` is about the recipient (a bounce);
+    ``connect``, ``mail`` and ``data`` failures are about us, the relay or the content.
+    """
+
+    def __init__(self, reason: str, *, permanent: bool, code: int | None = None, stage: str = "data"):
         super().__init__(reason)
         self.reason = reason
         self.permanent = permanent
         self.code = code
+        self.stage = stage
+
+    @property
+    def about_recipient(self) -> bool:
+        return self.stage == "rcpt" and self.code is not None
 
 
 class Mailer(Protocol):
@@ -84,9 +93,12 @@ class SMTPConnection:
             client.close()
 
     async def send(self, sender: str, recipient: str, data: bytes) -> str:
-        # A connection that went stale between messages is retried once on a fresh one; a
-        # failure during the new attempt is reported to the caller, who decides on retries.
+        # A connection that went stale between messages shows up at MAIL; only then is the
+        # message tried once more on a fresh connection. Once DATA has started the server may
+        # have the message, so a failure there goes back to the caller (the ledger's backoff)
+        # rather than straight into a second copy.
         for fresh in (False, True):
+            stage = "connect"
             try:
                 client = self._client if (self._client and self._client.is_connected) else None
                 if client is None:
@@ -96,20 +108,27 @@ class SMTPConnection:
                 # parse both addresses again for every message (addresses were validated at
                 # subscribe time).
                 options = [] if (sender + recipient).isascii() else ["SMTPUTF8"]
+                stage = "mail"
                 await client.mail(sender, options=options)
+                stage = "rcpt"
                 await client.rcpt(recipient)
+                stage = "data"
                 message = (await client.data(data)).message
             except aiosmtplib.SMTPRecipientRefused as exc:
                 await self._reset()
-                raise SendError(_reply(exc.code, exc.message), permanent=exc.code >= 500, code=exc.code) from exc
+                raise SendError(
+                    _reply(exc.code, exc.message), permanent=exc.code >= 500, code=exc.code, stage="rcpt"
+                ) from exc
             except aiosmtplib.SMTPResponseException as exc:
-                if exc.code in (421,) or isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+                if exc.code == 421 or isinstance(exc, aiosmtplib.SMTPServerDisconnected):
                     await self.close()
-                    if not fresh:
+                    if not fresh and stage == "mail":
                         continue
                 else:
                     await self._reset()
-                raise SendError(_reply(exc.code, exc.message), permanent=exc.code >= 500, code=exc.code) from exc
+                raise SendError(
+                    _reply(exc.code, exc.message), permanent=exc.code >= 500, code=exc.code, stage=stage
+                ) from exc
             except (
                 TimeoutError,
                 aiosmtplib.SMTPServerDisconnected,
@@ -118,12 +137,14 @@ class SMTPConnection:
                 OSError,
             ) as exc:
                 await self.close()
-                if not fresh:
+                if not fresh and stage == "mail":
                     continue
-                raise SendError(f"connection problem: {type(exc).__name__}: {exc}", permanent=False) from exc
+                raise SendError(
+                    f"connection problem: {type(exc).__name__}: {exc}", permanent=False, stage=stage
+                ) from exc
             except aiosmtplib.SMTPException as exc:
                 await self.close()
-                raise SendError(f"SMTP error: {exc}", permanent=False) from exc
+                raise SendError(f"SMTP error: {exc}", permanent=False, stage=stage) from exc
             return message or "250 OK"
         raise AssertionError("unreachable")
 

@@ -41,9 +41,11 @@ class SubscribeOutcome:
 def clean_topics(text: str | None) -> str:
     if text is None:
         return ""
-    if len(text) > MAX_TOPICS_CHARS:
+    cleaned = ", ".join(parse_terms(text))
+    # Checked after normalising too: "a,b,c" grows to "a, b, c" and the column holds 500.
+    if len(text) > MAX_TOPICS_CHARS or len(cleaned) > MAX_TOPICS_CHARS:
         raise DigestError(f"Topics are limited to {MAX_TOPICS_CHARS} characters.")
-    return ", ".join(parse_terms(text))
+    return cleaned
 
 
 def find_by_email(session: Session, email: str) -> Subscriber | None:
@@ -231,6 +233,13 @@ def export_data(session: Session, subscriber: Subscriber) -> dict[str, Any]:
 
 def erase(session: Session, subscriber: Subscriber) -> None:
     """Delete a person: their row, and the personal data in their deliveries and events."""
+    # Open deliveries are closed first: once the row is gone nothing could ever send or
+    # finish them, and a run waiting for its edition to complete would wait forever.
+    session.execute(
+        update(Delivery)
+        .where(Delivery.subscriber_id == subscriber.id, Delivery.status.in_(["pending", "sending"]))
+        .values(status="skipped", last_error="erased", lease_until=None)
+    )
     session.execute(
         update(Delivery)
         .where(Delivery.subscriber_id == subscriber.id)

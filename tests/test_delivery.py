@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import threading
+import time
 from collections import Counter
 
 from sqlalchemy import select, update
@@ -11,7 +14,7 @@ from sqlalchemy.orm import Session
 from digest.db import transaction
 from digest.delivery import claim
 from digest.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
-from digest.pipeline import collect_day, dispatch, run_inprocess, send_batch
+from digest.pipeline import collect_day, dispatch, run_inprocess, send_batch, sweep
 from digest.runtime import Runtime
 from digest.subscriptions import add_confirmed, unsubscribe
 from tests.support.servers import SMTPSink
@@ -204,3 +207,79 @@ def test_sending_pauses_itself_above_the_complaint_threshold(
     assert smtp.messages == []
     assert {d.status for d in deliveries(session).values()} == {DeliveryStatus.PENDING}
     assert len(deliveries(session)) == len(emails)
+
+
+def statuses(session: Session) -> set[SubscriberStatus]:
+    session.expire_all()
+    return set(session.scalars(select(Subscriber.status)))
+
+
+def test_a_refused_sender_fails_the_run_but_bounces_nobody(runtime: Runtime, smtp: SMTPSink, session: Session) -> None:
+    people(runtime, 3)
+    smtp.behaviour.mail_reply = "530 5.7.0 Authentication required"
+    summary = run_inprocess(runtime, DAY)
+    assert summary.counts["failed"] == 3
+    assert statuses(session) == {SubscriberStatus.ACTIVE}, "the relay's problem is not the readers'"
+    assert {d.last_error for d in deliveries(session).values()} == {"530 5.7.0 Authentication required"}
+
+
+def test_rejected_content_fails_the_run_but_bounces_nobody(runtime: Runtime, smtp: SMTPSink, session: Session) -> None:
+    people(runtime, 3)
+    smtp.behaviour.temp_fail_data = 3
+    smtp.behaviour.data_reply = "554 5.7.1 Message content rejected"
+    summary = run_inprocess(runtime, DAY)
+    assert summary.counts["failed"] == 3
+    assert statuses(session) == {SubscriberStatus.ACTIVE}
+
+
+def test_a_slow_batch_keeps_its_leases_so_no_one_else_sends_it(runtime: Runtime, smtp: SMTPSink) -> None:
+    """A batch slower than its lease (rate limits, a slow relay) must not be swept to a second worker."""
+    emails = people(runtime, 6)
+    digest_id = prepare(runtime, emails)
+    with transaction(runtime.session_factory) as s:
+        ids = list(s.scalars(select(Subscriber.id)))
+    smtp.behaviour.delay = 0.5  # 6 messages over one connection: ~3 s, the lease is 1 s
+    runtime.policy = dataclasses.replace(runtime.policy, lease_seconds=1)  # type: ignore[misc]
+    runtime.settings.smtp_pool_size = 1
+    swept: list[int] = []
+
+    def sweeper() -> None:
+        for _ in range(5):
+            time.sleep(0.6)
+            sweep(runtime.session_factory, digest_id, now=utcnow(), page_size=100, enqueue=swept.extend)
+
+    thread = threading.Thread(target=sweeper)
+    thread.start()
+    result = send_batch(runtime, digest_id, ids)
+    thread.join()
+    assert result.sent == 6
+    assert swept == [], "rows still waiting in the batch were handed out again"
+    assert received_counts(smtp) == Counter(emails)
+
+
+def test_erasing_someone_with_a_queued_digest_lets_the_run_finish(runtime: Runtime, smtp: SMTPSink) -> None:
+    from digest.subscriptions import erase, get_by_email
+
+    emails = people(runtime, 2)
+    digest_id = prepare(runtime, emails)
+    with transaction(runtime.session_factory) as s:
+        erase(s, get_by_email(s, emails[0]))
+    summary = run_inprocess(runtime, DAY, sleep=lambda _: (_ for _ in ()).throw(AssertionError("waiting forever")))
+    assert summary.digest_id == digest_id
+    assert summary.counts["sent"] == 1 and summary.counts["skipped"] == 1
+    assert set(received_counts(smtp)) == {emails[1]}
+
+
+def test_two_dispatchers_planning_the_same_page_both_succeed_once(runtime: Runtime, smtp: SMTPSink) -> None:
+    from digest.delivery import plan_deliveries
+    from digest.models import Digest
+
+    emails = people(runtime, 3)
+    digest_id = prepare(runtime, emails)  # plans everyone once
+    with transaction(runtime.session_factory) as s:
+        digest = s.get(Digest, digest_id)
+        assert digest is not None
+        ids = list(s.scalars(select(Subscriber.id)))
+        plan_deliveries(s, digest, ids, now=utcnow(), not_after=utcnow(), message_domain="x.org")
+    with runtime.session_factory() as s:
+        assert len(list(s.scalars(select(Delivery.id)))) == 3

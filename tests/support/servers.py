@@ -193,6 +193,7 @@ class SMTPBehaviour:
     """What the test server answers; tests change it while a run goes on."""
 
     refuse: dict[str, str] = field(default_factory=dict)  # recipient -> "550 ..." reply at RCPT
+    mail_reply: str | None = None  # answer every MAIL FROM with this (e.g. "530 ...")
     temp_fail_data: int = 0  # answer the next N DATA commands with a 451
     data_reply: str = "451 4.3.0 Try again later"
     drop_after: int | None = None  # close the connection after accepting this many messages
@@ -202,6 +203,15 @@ class SMTPBehaviour:
 class _Handler:
     def __init__(self, sink: SMTPSink):
         self.sink = sink
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        if self.sink.behaviour.mail_reply:
+            return self.sink.behaviour.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
