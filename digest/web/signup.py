@@ -7,6 +7,7 @@ whatever happens here, unless the input itself is wrong or a limit is hit.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 
 from starlette.concurrency import run_in_threadpool
 
@@ -14,10 +15,13 @@ from digest import notifications, subscriptions
 from digest.addresses import normalise_address
 from digest.db import transaction
 from digest.errors import InvalidToken
+from digest.mailer import SendError
 from digest.models import Subscriber, SubscriberStatus, utcnow
 from digest.runtime import Runtime
 from digest.tokens import Purpose
 from digest.web.ratelimit import WebLimits
+
+log = logging.getLogger(__name__)
 
 
 async def start_signup(runtime: Runtime, limits: WebLimits, ip: str, email: str, topics: str | None) -> None:
@@ -29,7 +33,7 @@ async def start_signup(runtime: Runtime, limits: WebLimits, ip: str, email: str,
     await run_in_threadpool(limits.hit, "subscribe", "address", address)
     message = await run_in_threadpool(_store_pending, runtime, address, topics, utcnow())
     if message is not None:
-        await notifications.deliver(runtime, address, message)
+        await _send_confirmation(runtime, address, message)
 
 
 def _store_pending(runtime: Runtime, address: str, topics: str | None, now: dt.datetime) -> bytes | None:
@@ -57,7 +61,27 @@ async def resend_confirmation(runtime: Runtime, limits: WebLimits, ip: str, toke
     await run_in_threadpool(limits.hit, "resend", "address", found)
     message = await run_in_threadpool(_store_pending, runtime, found, None, utcnow())
     if message is not None:
-        await notifications.deliver(runtime, found, message)
+        await _send_confirmation(runtime, found, message)
+
+
+async def _send_confirmation(runtime: Runtime, address: str, message: bytes) -> None:
+    """Send, or if the relay refuses or is down, log it and forget that a link was sent.
+
+    The answer stays the same either way (no enumeration, no 500); forgetting the send lets the
+    person's next attempt send a link at once instead of waiting out the resend window.
+    """
+    try:
+        await notifications.deliver(runtime, address, message)
+    except SendError as exc:
+        log.warning("confirmation to a subscriber could not be sent: %s", exc.reason)
+        await run_in_threadpool(_forget_confirmation, runtime, address)
+
+
+def _forget_confirmation(runtime: Runtime, address: str) -> None:
+    with transaction(runtime.session_factory) as session:
+        subscriber = subscriptions.find_by_email(session, address)
+        if subscriber is not None and subscriber.status is SubscriberStatus.PENDING:
+            subscriber.confirmation_sent_at = None
 
 
 def _pending_address(runtime: Runtime, subscriber_id: int | None) -> str | None:

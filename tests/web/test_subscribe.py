@@ -155,3 +155,19 @@ def test_resend_is_rate_limited(runtime: Runtime, smtp: SMTPSink) -> None:
     third = client.post("/confirm/resend", data={"token": "x.y.z"})
     assert int(third.headers["Retry-After"]) > 0
     assert smtp.messages == []
+
+
+def test_a_relay_that_is_down_gives_the_same_answer_and_the_next_try_sends(
+    client: TestClient, runtime: Runtime, smtp: SMTPSink
+) -> None:
+    _make(runtime, "active@example.org", SubscriberStatus.ACTIVE)
+    expected = client.post("/subscribe", data={"email": "active@example.org"})
+    smtp.behaviour.mail_reply = "421 4.3.2 Service shutting down"
+    down = client.post("/subscribe", data={"email": "new@example.org"})
+    assert (down.status_code, down.content) == (expected.status_code, expected.content)
+    assert smtp.messages == []
+    smtp.behaviour.mail_reply = None
+    again = client.post("/subscribe", data={"email": "new@example.org"})
+    assert again.content == expected.content
+    smtp.wait_for(1)
+    assert len(smtp.to("new@example.org")) == 1, "the second try sends at once, not after the resend window"
