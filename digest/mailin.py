@@ -44,6 +44,8 @@ from digest.tokens import Purpose, Tokens
 
 log = logging.getLogger(__name__)
 
+MAIL_RESEND_AFTER = dt.timedelta(minutes=20)
+
 STATUS_CODE = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 OUT_OF_OFFICE = re.compile(
     r"^\s*(out of (the )?office|automatic reply|auto[- ]?reply|autoreply|auto:|away from|on vacation|"
@@ -369,7 +371,9 @@ def _subscribe(session: Session, config: MailinConfig, inbound: Inbound, now: dt
     address = normalise_address(inbound.sender)
     if config.tag_of(address) is not None or address.rpartition("@")[2] == config.domain:
         return Handled("ignored: mail from our own domain")  # never start a loop with ourselves
-    outcome = subscriptions.subscribe(session, address, now=now, source="email")
+    # From is forgeable and mail has no client IP to limit: at most one confirmation per address
+    # per MAIL_RESEND_AFTER (as the web's 3 an hour), kept in the database for every listener.
+    outcome = subscriptions.subscribe(session, address, now=now, source="email", resend_after=MAIL_RESEND_AFTER)
     return Handled(
         "confirmation sent" if outcome.send_confirmation else "subscribe: nothing to send",
         reply="confirmation" if outcome.send_confirmation else None,
@@ -436,6 +440,15 @@ def _complaint(session: Session, config: MailinConfig, inbound: Inbound, now: dt
         return Handled("ignored: complaint about no delivery of ours")
     subscriber = session.get(Subscriber, delivery.subscriber_id)
     assert subscriber is not None
+    already = session.scalar(
+        select(SubscriberEvent.id).where(
+            SubscriberEvent.kind == "complaint", SubscriberEvent.delivery_id == delivery.id
+        )
+    )
+    if already is not None:
+        # Reports are not authenticated: one message draws at most one complaint, so nobody
+        # can push the complaint rate (and pause everyone's mail) by reporting it again.
+        return Handled("ignored: this delivery's complaint is already recorded")
     session.add(
         SubscriberEvent(
             subscriber_id=subscriber.id,

@@ -22,7 +22,9 @@ DEFAULT_MIN_SENT = 200
 def complaints_in(session: Session, now: dt.datetime, window: dt.timedelta = DEFAULT_WINDOW) -> int:
     return (
         session.scalar(
-            select(func.count(SubscriberEvent.id)).where(
+            # Distinct deliveries: one message reported many times is one complaint (a complaint
+            # without a delivery counts on its own).
+            select(func.count(func.distinct(func.coalesce(SubscriberEvent.delivery_id, -SubscriberEvent.id)))).where(
                 SubscriberEvent.kind == "complaint", SubscriberEvent.created_at > now - window
             )
         )

@@ -228,3 +228,36 @@ def test_a_successful_delivery_report_changes_nothing(runtime: Runtime, smtp: SM
     )
     assert not process(runtime, report, envelope_sender="", recipients=[digest.mail_from]).changed
     assert snapshot(runtime) == before
+
+
+def test_reporting_the_same_digest_again_adds_no_complaint(runtime: Runtime, smtp: SMTPSink) -> None:
+    from digest import reputation
+    from digest.models import utcnow
+
+    digest = send_digest(runtime, smtp, "alice@example.net")["alice@example.net"]
+    for n in range(5):
+        # Each report is a new message (new Message-ID), as a forger would send them.
+        report = messages.arf(digest.mail_from, "alice@example.net", digest.data).replace(
+            b"Message-ID: <", f"Message-ID: <again{n}.".encode(), 1
+        )
+        process(runtime, report, envelope_sender="", recipients=[digest.mail_from])
+    assert events(runtime, "alice@example.net") == ["complaint"]
+    with runtime.session_factory() as session:
+        assert reputation.complaints_in(session, utcnow()) == 1
+
+
+def test_subscribe_requests_cannot_mail_bomb_an_address(runtime: Runtime, smtp: SMTPSink) -> None:
+    import time_machine
+
+    to = "papers+subscribe@digest.example.org"
+    start = dt.datetime(2026, 4, 16, 9, 0, tzinfo=dt.UTC)
+    sent = 0
+    for n in range(5):
+        # A forger sending "subscribe" in the victim's name every three minutes.
+        request = messages.plain("victim@example.net", to, "subscribe").replace(
+            b"Subject:", f"Message-ID: <bomb{n}@forger.example>\r\nSubject:".encode(), 1
+        )
+        with time_machine.travel(start + dt.timedelta(minutes=3 * n), tick=False):
+            processed = process(runtime, request, envelope_sender="victim@example.net", recipients=[to])
+        sent += len(processed.replies)
+    assert sent == 1, "one confirmation in twenty minutes, not one per forged request"
