@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -26,8 +27,20 @@ def get_limits(request: Request) -> WebLimits:
 
 
 def client_ip(request: Request) -> str:
-    # uvicorn rewrites client from X-Forwarded-For only for trusted proxies (--forwarded-allow-ips).
-    return request.client.host if request.client else "unknown"
+    """The rate-limit key of a client: its IPv4 address, or its IPv6 /64.
+
+    One IPv6 subscriber usually holds a whole /64, so limiting single v6 addresses would not
+    limit anyone. uvicorn rewrites the client from X-Forwarded-For only for trusted proxies
+    (FORWARDED_ALLOW_IPS).
+    """
+    host = request.client.host if request.client else "unknown"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6 and address.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address.ipv4_mapped) if address.version == 6 else host
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

@@ -129,3 +129,17 @@ def test_security_headers_on_every_response(client: TestClient) -> None:
         assert r.headers["x-content-type-options"] == "nosniff"
     page = client.get("/").text
     assert "<script" not in page and "style=" not in page and "<style" not in page
+
+
+def test_ipv6_clients_are_limited_by_their_64_prefix() -> None:
+    from starlette.requests import Request
+
+    from digest.web.deps import client_ip
+
+    def key(host: str) -> str:
+        return client_ip(Request({"type": "http", "client": (host, 1234), "headers": []}))
+
+    # Every address in one /64 is one client for the limits; other clients are not.
+    assert key("2001:db8:1:2::1") == key("2001:db8:1:2:ffff:ffff:ffff:ffff") == "2001:db8:1:2::/64"
+    assert key("2001:db8:1:3::1") != key("2001:db8:1:2::1")
+    assert key("::ffff:192.0.2.7") == key("192.0.2.7") == "192.0.2.7"
