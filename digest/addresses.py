@@ -25,7 +25,9 @@ def normalise_address(raw: str) -> str:
         result = validate_email(candidate, check_deliverability=False, allow_smtputf8=True)
     except EmailNotValidError as exc:
         raise InvalidAddress(f"That does not look like an email address: {exc}") from exc
-    normalised = result.normalized
+    # IDNA domains are kept in their ASCII (punycode) form whenever the local part allows, so
+    # the address travels through any SMTP server, not only those that speak SMTPUTF8.
+    normalised = result.ascii_email or result.normalized
     if len(normalised) > MAX_ADDRESS_LENGTH:
         raise InvalidAddress("That email address is too long.")
     local, _, domain = normalised.rpartition("@")

@@ -352,6 +352,17 @@ def _body(text: str) -> tuple[bytes, bytes]:
     return QP, _qp(text)
 
 
+def _to_header(address: str) -> bytes:
+    """An internationalised address (non-ASCII local part) goes raw in UTF-8 (RFC 6532): an
+    RFC 2047 encoded word is not allowed inside an address. Sending it needs SMTPUTF8, which
+    the mailer asks for exactly then."""
+    if address.isascii():
+        return _folded("To", address)
+    if "\r" in address or "\n" in address:
+        raise ValueError("header To may not contain line breaks")
+    return f"To: {address}\n".encode()
+
+
 @lru_cache(maxsize=8)
 def _from_header(mail_from: str) -> str:
     return formataddr(parseaddr(mail_from))
@@ -367,7 +378,7 @@ def message_bytes(rendered: RenderedEmail, envelope: Envelope) -> bytes:
     boundary = "=_" + hashlib.sha256(envelope.message_id.encode("utf-8")).hexdigest()[:32]
     headers = [
         _folded("From", _from_header(envelope.mail_from)),
-        _folded("To", envelope.recipient),
+        _to_header(envelope.recipient),
         _folded("Subject", rendered.subject),
         _folded("Date", format_datetime(envelope.date)),
         _folded("Message-ID", envelope.message_id),

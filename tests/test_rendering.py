@@ -216,3 +216,17 @@ def test_golden_digest_message() -> None:
         GOLDEN.write_bytes(data)
     assert data == GOLDEN.read_bytes()
     assert compose_one() == data  # retries after a crash send identical bytes
+
+
+def test_an_internationalised_address_stays_an_address_in_to() -> None:
+    from digest.rendering import Envelope, RenderedEmail, message_bytes
+
+    envelope = Envelope(
+        mail_from="Daily Papers <papers@example.org>",
+        recipient="jörg@example.org",
+        message_id="<x@example.org>",
+        date=dt.datetime(2026, 4, 16, 8, tzinfo=dt.UTC),
+    )
+    data = message_bytes(RenderedEmail("Subject", "text", "<p>html</p>"), envelope)
+    assert "To: jörg@example.org\n".encode() in data
+    assert b"=?utf-8?" not in data.split(b"\n\n", 1)[0]
