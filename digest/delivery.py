@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from email.utils import parseaddr
 from functools import cached_property
 
-from sqlalchemy import Table, and_, bindparam, func, or_, select, update
+from sqlalchemy import Table, and_, bindparam, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 SENT_GROUP_SIZE = 16
 SENT_GROUP_SECONDS = 0.02
 # Candidates of a weekly digest span 7 days; a paper can only repeat within that reach.
+# Papers in these deliveries count as received (failed and skipped ones never arrived).
+REPEAT_STATUSES = frozenset({DeliveryStatus.SENT, DeliveryStatus.SENDING, DeliveryStatus.PENDING})
 NO_REPEAT_LOOKBACK = dt.timedelta(days=15)
 
 
@@ -216,10 +218,19 @@ def claim(
         ),
         and_(Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until < now),
     )
-    # One statement for the whole page; RETURNING says which rows this worker won.
+    # Rows are found by their exact (subscriber, edition) key and updated by primary key, a
+    # shape no planner gets wrong: right after a dispatch the statistics still say the edition
+    # has no rows, and a plan through the (edition, status) index read every row of it per
+    # chunk. RETURNING says which rows this worker won.
+    keys = [(sid, digest_id) for sid in subscriber_ids]
+    delivery_ids = list(
+        session.scalars(select(Delivery.id).where(tuple_(Delivery.subscriber_id, Delivery.digest_id).in_(keys)))
+    )
+    if not delivery_ids:
+        return []
     claimed = session.scalars(
         update(Delivery)
-        .where(Delivery.digest_id == digest_id, Delivery.subscriber_id.in_(subscriber_ids), claimable)
+        .where(Delivery.id.in_(delivery_ids), claimable)
         .values(
             status=DeliveryStatus.SENDING,
             lease_until=lease_until,
@@ -472,15 +483,15 @@ def recently_sent(session: Session, subscriber_ids: Sequence[int], now: dt.datet
     """Papers each subscriber already got (or is about to get) within the no-repeat reach."""
     sent: dict[int, set[str]] = {sid: set() for sid in subscriber_ids}
     rows = session.execute(
-        select(Delivery.subscriber_id, Delivery.paper_ids).where(
+        select(Delivery.subscriber_id, Delivery.paper_ids, Delivery.status).where(
             Delivery.subscriber_id.in_(subscriber_ids),
             Delivery.created_at > now - NO_REPEAT_LOOKBACK,
             Delivery.paper_ids.is_not(None),
-            Delivery.status.in_([DeliveryStatus.SENT, DeliveryStatus.SENDING, DeliveryStatus.PENDING]),
         )
     )
-    for sid, paper_ids in rows:
-        if sid is not None:
+    # Status is checked here, not in SQL, so the query stays on the (subscriber, created) index.
+    for sid, paper_ids, status in rows:
+        if sid is not None and status in REPEAT_STATUSES:
             sent[sid].update(paper_ids or [])
     return sent
 

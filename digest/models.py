@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -217,8 +218,14 @@ class Delivery(Base):
         Index("ix_deliveries_digest_status", "digest_id", "status"),
         # "No repeats" reads a subscriber's recent deliveries.
         Index("ix_deliveries_subscriber_created", "subscriber_id", "created_at"),
-        # The complaint-rate guard counts recent sent deliveries before every batch.
-        Index("ix_deliveries_status_sent_at", "status", "sent_at"),
+        # The complaint-rate guard counts recent sent deliveries before every batch. Partial, so
+        # that no query on pending or sending rows can be planned through it.
+        Index(
+            "ix_deliveries_sent_at",
+            "sent_at",
+            postgresql_where=text("status = 'sent'"),
+            sqlite_where=text("status = 'sent'"),
+        ),
     )
 
 
