@@ -76,7 +76,7 @@ class DeliveryPolicy:
     soft_bounce_window: dt.timedelta = dt.timedelta(days=7)
     # Rows claimed at a time within a batch: small, so an unsubscribe or a dead worker holds
     # few rows, yet large enough that claiming costs little per message.
-    claim_chunk: int = 50
+    claim_chunk: int = 100
 
     def backoff(self, attempts: int) -> float:
         """Exponential backoff with full jitter, capped."""
