@@ -703,6 +703,23 @@ def run_batch(
 # Progress and sweeping
 
 
+def expire_stale(session: Session, digest_id: int, now: dt.datetime) -> int:
+    """Record as skipped the open deliveries of an edition that are past their ``not_after``."""
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.digest_id == digest_id,
+            Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.SENDING]),
+            Delivery.not_after < now,
+            # A row being sent right now (live lease) is left to its worker.
+            or_(Delivery.lease_until.is_(None), Delivery.lease_until < now),
+        )
+        .values(status=DeliveryStatus.SKIPPED, last_error="stale: not sent in time", lease_until=None, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
 def unfinished_subscribers(session: Session, digest_id: int, now: dt.datetime, limit: int) -> list[int]:
     """Subscribers whose delivery can be claimed now (due retries, expired leases)."""
     return list(

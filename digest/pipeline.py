@@ -23,6 +23,7 @@ from digest.delivery import (
     build_digest,
     counts_by_status,
     due_subscriber_page,
+    expire_stale,
     failure_reasons,
     open_count,
     plan_deliveries,
@@ -126,8 +127,14 @@ def sweep(
     page_size: int,
     enqueue: Callable[[list[int]], None],
 ) -> int:
-    """Re-enqueue deliveries that are claimable now: due retries and leases of dead workers."""
+    """Close deliveries past their stale limit, then re-enqueue what is claimable now: due
+    retries and leases of dead workers.
+
+    Closing here, not only when a batch claims a row, matters while sending is paused: rows
+    nobody claims would otherwise stay open for good.
+    """
     with transaction(factory) as session:
+        expire_stale(session, digest_id, now)
         ids = unfinished_subscribers(session, digest_id, now, limit=100 * page_size)
     for start in range(0, len(ids), page_size):
         enqueue(ids[start : start + page_size])

@@ -283,3 +283,18 @@ def test_two_dispatchers_planning_the_same_page_both_succeed_once(runtime: Runti
         plan_deliveries(s, digest, ids, now=utcnow(), not_after=utcnow(), message_domain="x.org")
     with runtime.session_factory() as s:
         assert len(list(s.scalars(select(Delivery.id)))) == 3
+
+
+def test_the_sweep_closes_stale_rows_even_while_sending_is_paused(
+    runtime: Runtime, smtp: SMTPSink, session: Session
+) -> None:
+    emails = people(runtime, 2)
+    digest_id = prepare(runtime, emails)
+    with transaction(runtime.session_factory) as s:
+        s.execute(update(Delivery).values(not_after=utcnow() - dt.timedelta(minutes=1)))
+    enqueued: list[int] = []
+    sweep(runtime.session_factory, digest_id, now=utcnow(), page_size=100, enqueue=enqueued.extend)
+    assert enqueued == [] and smtp.messages == []
+    rows = deliveries(session)
+    assert {d.status for d in rows.values()} == {DeliveryStatus.SKIPPED}
+    assert {d.last_error for d in rows.values()} == {"stale: not sent in time"}

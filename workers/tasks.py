@@ -117,7 +117,8 @@ def send_batch(digest_id: int, subscriber_ids: list[int]) -> dict[str, int]:
 def sweep() -> int:
     """Beat: re-enqueue deliveries whose worker died (lease expired) or whose retry is due."""
     rt = runtime()
-    since = utcnow() - dt.timedelta(days=2)
+    # Reaches past the stale limit, so editions stuck while sending was paused get closed.
+    since = utcnow() - dt.timedelta(days=7)
     with transaction(rt.session_factory) as session:
         digest_ids = list(
             session.scalars(
