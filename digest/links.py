@@ -41,9 +41,6 @@ class Links:
     def sub_address(self, tag: str) -> str:
         return f"{self.inbound_local}+{tag}@{self.inbound_domain}"
 
-    def subscribe_address(self) -> str:
-        return self.sub_address("subscribe")
-
     def unsubscribe_mailto(self, subscriber: Subscriber) -> str:
         return self.sub_address("unsubscribe-" + self._token(Purpose.MAIL_UNSUBSCRIBE, subscriber))
 
