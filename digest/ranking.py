@@ -57,6 +57,7 @@ papers they already received.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -69,6 +70,9 @@ import Stemmer
 from bm25s.stopwords import STOPWORDS_EN
 
 from digest.models import Paper
+
+# bm25s sets its own logger to DEBUG on import, which prints index building on every run.
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
