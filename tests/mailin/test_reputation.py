@@ -59,6 +59,18 @@ def test_sending_pauses_above_the_threshold_only(session: Session) -> None:
     assert not reputation.sending_paused(session, NOW + dt.timedelta(days=8), 0.003)  # it passes with time
 
 
+def test_the_pause_decision_is_exact_at_the_threshold(session: Session) -> None:
+    sent(session, 999, NOW - dt.timedelta(days=1))
+    assert not reputation.sending_paused(session, NOW, 0.003)  # no complaints at all
+    complaints(session, 3, NOW - dt.timedelta(hours=1))
+    assert reputation.sending_paused(session, NOW, 0.003)  # 3 / 999 is above 0.3 %
+    sent(session, 1, NOW - dt.timedelta(days=2))
+    assert not reputation.sending_paused(session, NOW, 0.003)  # 3 / 1000 is not
+    sent(session, 50_000, NOW - dt.timedelta(days=3))
+    assert not reputation.sending_paused(session, NOW, 0.003)
+    assert reputation.sending_paused(session, NOW, 0.00005)  # 3 / 51 000 is above 0.005 %
+
+
 def test_a_small_list_is_not_paused_by_one_complaint(session: Session) -> None:
     sent(session, 20, NOW - dt.timedelta(days=1))
     complaints(session, 1, NOW)
