@@ -196,6 +196,16 @@ def run_once(n: int, postgres: Postgres, api: PapersAPI, redis_url: str, workers
     sink.stop()
     engine = db.make_engine(url)
     with engine.connect() as conn:
+        # What the run asked of PostgreSQL, per message: commits, statements' row writes, and
+        # how many updates were HOT (no index entries written).
+        commits = conn.execute(
+            text("select xact_commit from pg_stat_database where datname = current_database()")
+        ).scalar_one()
+        upd, hot, ins = conn.execute(
+            text(
+                "select n_tup_upd, n_tup_hot_upd, n_tup_ins from pg_stat_user_tables where relname = 'deliveries'"
+            )
+        ).one()
         sent = conn.execute(text("select count(*) from deliveries where status = 'sent'")).scalar_one()
         first_sent, last_sent, planned = conn.execute(
             text("select min(sent_at), max(sent_at), min(created_at) from deliveries")
@@ -217,6 +227,12 @@ def run_once(n: int, postgres: Postgres, api: PapersAPI, redis_url: str, workers
             k: round(1000 * v / max(1, sent), 3) for k, v in sorted(others.items()) if v > 0.5
         },
         "peak_rss_mb_per_worker_process": [round(r, 1) for r in peak_rss],
+        "postgres_per_message": {
+            "commits": round(commits / max(1, sent), 3),
+            "delivery_row_updates": round(upd / max(1, sent), 3),
+            "of_which_hot": round(hot / max(1, sent), 3),
+            "delivery_row_inserts": round(ins / max(1, sent), 3),
+        },
     }
 
 

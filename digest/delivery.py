@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from email.utils import parseaddr
 from functools import cached_property
 
-from sqlalchemy import Table, and_, bindparam, func, or_, select, tuple_, update
+from sqlalchemy import BigInteger, String, Table, and_, bindparam, column, func, or_, select, tuple_, update, values
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
@@ -48,6 +48,7 @@ from digest.models import (
     Subscriber,
     SubscriberEvent,
     SubscriberStatus,
+    UTCDateTime,
     utcnow,
 )
 from digest.ranking import Candidate, Profile, Ranker, TrendingWeights, candidate_text, trending_order
@@ -59,6 +60,7 @@ SENT_GROUP_SIZE = 16
 SENT_GROUP_SECONDS = 0.02
 # Candidates of a weekly digest span 7 days; a paper can only repeat within that reach.
 # Papers in these deliveries count as received (failed and skipped ones never arrived).
+NOTHING_NEW = "no new papers for this subscriber"
 REPEAT_STATUSES = frozenset({DeliveryStatus.SENT, DeliveryStatus.SENDING, DeliveryStatus.PENDING})
 NO_REPEAT_LOOKBACK = dt.timedelta(days=15)
 
@@ -163,30 +165,45 @@ def plan_deliveries(
     digest: Digest,
     subscriber_ids: Sequence[int],
     *,
+    composer: DigestComposer,
     now: dt.datetime,
     not_after: dt.datetime,
     message_domain: str,
 ) -> None:
-    """Create the missing ledger rows for these subscribers.
+    """Create the missing ledger rows for these subscribers, each with its papers already chosen.
+
+    Choosing here, not at send time, fixes every delivery's content before anything is sent (a
+    retry is the same message even if the edition is refreshed meanwhile) and spares each row
+    an update on the way out. Someone with nothing new to read gets a ``skipped`` row.
 
     ``ON CONFLICT DO NOTHING`` on the (subscriber, edition) key: two dispatchers planning the
     same page at once (beat's hour and an operator's ``digest run``) both succeed, once.
     """
     if not subscriber_ids:
         return
-    rows = [
-        {
-            "digest_id": digest.id,
-            "subscriber_id": sid,
-            "status": DeliveryStatus.PENDING,
-            "attempts": 0,
-            "message_id": message_id(digest, sid, message_domain),
-            "not_after": not_after,
-            "created_at": now,
-            "updated_at": now,
-        }
-        for sid in subscriber_ids
-    ]
+    subscribers = session.scalars(select(Subscriber).where(Subscriber.id.in_(subscriber_ids)).order_by(Subscriber.id))
+    already = recently_sent(session, subscriber_ids, now)
+    rows = []
+    for subscriber in subscribers:
+        paper_ids, reasons = composer.choose(subscriber, already.get(subscriber.id, set()))
+        rows.append(
+            {
+                "digest_id": digest.id,
+                "subscriber_id": subscriber.id,
+                "recipient": subscriber.email,
+                "status": DeliveryStatus.PENDING if paper_ids else DeliveryStatus.SKIPPED,
+                "last_error": None if paper_ids else NOTHING_NEW,
+                "paper_ids": paper_ids,
+                "reasons": reasons,
+                "attempts": 0,
+                "message_id": message_id(digest, subscriber.id, message_domain),
+                "not_after": not_after,
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+    if not rows:
+        return
     dialect_insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     statement = dialect_insert(Delivery).on_conflict_do_nothing(index_elements=["subscriber_id", "digest_id"])
     session.execute(statement, rows)
@@ -248,20 +265,28 @@ def mark_sent(session: Session, outcomes: Sequence[tuple[int, str, dt.datetime]]
     """Record (delivery id, server reply, when) for a group of accepted messages at once."""
     if not outcomes:
         return
+    rows = [(d, r[:500], at) for d, r, at in outcomes]
+    sent = {"status": DeliveryStatus.SENT, "lease_until": None, "last_error": None}
+    if session.get_bind().dialect.name == "postgresql":
+        # One statement for the group instead of one execution per row: the ledger's
+        # busiest write. (SQLite has no column names for a VALUES list.)
+        accepted = values(
+            column("delivery_id", BigInteger), column("reply", String), column("at", UTCDateTime), name="accepted"
+        ).data(rows)
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == accepted.c.delivery_id)
+            .values(smtp_reply=accepted.c.reply, sent_at=accepted.c.at, updated_at=accepted.c.at, **sent)
+            .execution_options(synchronize_session=False)
+        )
+        return
     table = Delivery.__table__
     assert isinstance(table, Table)
     session.connection().execute(
         update(table)
         .where(table.c.id == bindparam("delivery_id"))
-        .values(
-            status=DeliveryStatus.SENT.value,
-            smtp_reply=bindparam("reply"),
-            sent_at=bindparam("at"),
-            updated_at=bindparam("at"),
-            lease_until=None,
-            last_error=None,
-        ),
-        [{"delivery_id": d, "reply": r[:500], "at": at} for d, r, at in outcomes],
+        .values(smtp_reply=bindparam("reply"), sent_at=bindparam("at"), updated_at=bindparam("at"), **sent),
+        [{"delivery_id": d, "reply": r, "at": at} for d, r, at in rows],
     )
 
 
@@ -559,16 +584,18 @@ def prepare_claimed(
         elif delivery.not_after is not None and now > delivery.not_after:
             reason = f"stale: not sent before {delivery.not_after.isoformat()}"
         if reason is None and subscriber is not None and delivery.paper_ids is None:
+            # Planned without papers (by an older release): choose now, once, as planning would.
             paper_ids, reasons = composer.choose(subscriber, already.get(subscriber.id, set()))
             delivery.paper_ids = paper_ids
             delivery.reasons = reasons
             if not paper_ids:
-                reason = "no new papers for this subscriber"
+                reason = NOTHING_NEW
         if reason is not None or subscriber is None:
             mark_skipped(session, delivery.id, reason or "skipped", now)
             skipped += 1
             continue
-        delivery.recipient = subscriber.email
+        if delivery.recipient != subscriber.email:
+            delivery.recipient = subscriber.email
         prepared.append(
             _Prepared(delivery, subscriber, composer.compose(delivery, subscriber), bounce_sender(delivery))
         )

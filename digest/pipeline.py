@@ -98,10 +98,12 @@ def dispatch(
     page_size: int,
     stale_after: dt.timedelta,
     message_domain: str,
+    composer: DigestComposer,
     enqueue: Callable[[list[int]], None],
     extra_filter: object | None = None,
 ) -> int:
-    """Walk due subscribers by keyset, planning each page and enqueueing it after its commit."""
+    """Walk due subscribers by keyset, planning each page (papers chosen by ``composer``) and
+    enqueueing it after its commit."""
     after_id, pages = 0, 0
     not_after = now + stale_after
     while True:
@@ -111,7 +113,15 @@ def dispatch(
                 raise DigestError(f"digest {digest_id} does not exist")
             ids = due_subscriber_page(session, digest, after_id, page_size, extra_filter)
             if ids:
-                plan_deliveries(session, digest, ids, now=now, not_after=not_after, message_domain=message_domain)
+                plan_deliveries(
+                    session,
+                    digest,
+                    ids,
+                    composer=composer,
+                    now=now,
+                    not_after=not_after,
+                    message_domain=message_domain,
+                )
         if not ids:
             return pages
         enqueue(ids)
@@ -156,6 +166,17 @@ def composer_for(runtime: Runtime, session: Session, digest_id: int) -> DigestCo
     return composer
 
 
+def composer_of(runtime: Runtime, digest_id: int, cache: dict[int, DigestComposer] | None = None) -> DigestComposer:
+    """The edition's composer, from ``cache`` (one per worker process) while it is fresh."""
+    composer = (cache or {}).get(digest_id)
+    if composer is None or time.monotonic() - composer.loaded_at > COMPOSER_MAX_AGE_SECONDS:
+        with transaction(runtime.session_factory) as session:
+            composer = composer_for(runtime, session, digest_id)
+        if cache is not None:
+            cache[digest_id] = composer
+    return composer
+
+
 def check_not_paused(runtime: Runtime, session: Session, now: dt.datetime) -> None:
     """Stop sending while complaints run above the threshold (mailbox providers punish it)."""
     s = runtime.settings
@@ -178,15 +199,9 @@ def send_batch(
     factory = runtime.session_factory
     with transaction(factory) as session:
         check_not_paused(runtime, session, utcnow())
-    composer = (composers or {}).get(digest_id)
-    if composer is None or time.monotonic() - composer.loaded_at > COMPOSER_MAX_AGE_SECONDS:
-        with transaction(factory) as session:
-            composer = composer_for(runtime, session, digest_id)
-        if composers is not None:
-            composers[digest_id] = composer
     return run_batch(
         factory,
-        composer,
+        composer_of(runtime, digest_id, composers),
         subscriber_ids,
         mailer_factory=runtime.mailer_factory(),
         policy=runtime.policy,
@@ -263,6 +278,7 @@ def run_inprocess(
         page_size=s.batch_size,
         stale_after=runtime.policy.stale_after,
         message_domain=runtime.message_domain,
+        composer=composer_of(runtime, digest_id, composers),
         enqueue=enqueue,
     )
     factory = runtime.session_factory

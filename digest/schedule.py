@@ -32,9 +32,9 @@ from sqlalchemy import ColumnElement, and_, exists, or_, select
 from sqlalchemy.orm import Session
 
 from digest.db import transaction
-from digest.delivery import build_digest
+from digest.delivery import DigestComposer, build_digest
 from digest.models import Digest, DigestItem, DigestKind, Frequency, Subscriber, SubscriberStatus
-from digest.pipeline import dispatch
+from digest.pipeline import composer_of, dispatch
 from digest.ranking import TrendingWeights
 from digest.runtime import Runtime
 
@@ -138,7 +138,12 @@ def due_editions(
     ]
 
 
-def dispatch_due(runtime: Runtime, now: dt.datetime, enqueue: Callable[[int, list[int]], None]) -> int:
+def dispatch_due(
+    runtime: Runtime,
+    now: dt.datetime,
+    enqueue: Callable[[int, list[int]], None],
+    composers: dict[int, DigestComposer] | None = None,
+) -> int:
     """Plan and hand out every digest due in the UTC hour of ``now``; returns the number of pages.
 
     ``enqueue(digest_id, subscriber_ids)`` is called after each page's commit. Running it twice
@@ -159,6 +164,7 @@ def dispatch_due(runtime: Runtime, now: dt.datetime, enqueue: Callable[[int, lis
             page_size=runtime.settings.batch_size,
             stale_after=runtime.policy.stale_after,
             message_domain=runtime.message_domain,
+            composer=composer_of(runtime, digest_id, composers),
             enqueue=lambda ids, d=digest_id: enqueue(d, ids),  # type: ignore[misc]
             extra_filter=condition,
         )

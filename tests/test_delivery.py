@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from digest.db import transaction
 from digest.delivery import claim
 from digest.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
-from digest.pipeline import collect_day, dispatch, run_inprocess, send_batch, sweep
+from digest.pipeline import collect_day, composer_of, dispatch, run_inprocess, send_batch, sweep
 from digest.runtime import Runtime
 from digest.subscriptions import add_confirmed, unsubscribe
 from tests.support.servers import SMTPSink
@@ -107,6 +107,7 @@ def prepare(runtime: Runtime, emails: list[str]) -> int:
         page_size=100,
         stale_after=runtime.policy.stale_after,
         message_domain="digest.example.org",
+        composer=composer_of(runtime, digest_id),
         enqueue=lambda ids: None,
     )
     return digest_id
@@ -280,7 +281,8 @@ def test_two_dispatchers_planning_the_same_page_both_succeed_once(runtime: Runti
         digest = s.get(Digest, digest_id)
         assert digest is not None
         ids = list(s.scalars(select(Subscriber.id)))
-        plan_deliveries(s, digest, ids, now=utcnow(), not_after=utcnow(), message_domain="x.org")
+        composer = composer_of(runtime, digest_id)
+        plan_deliveries(s, digest, ids, composer=composer, now=utcnow(), not_after=utcnow(), message_domain="x.org")
     with runtime.session_factory() as s:
         assert len(list(s.scalars(select(Delivery.id)))) == 3
 

@@ -85,6 +85,7 @@ def dispatch(digest_id: int) -> int:
         page_size=rt.settings.batch_size,
         stale_after=rt.policy.stale_after,
         message_domain=rt.message_domain,
+        composer=pipeline.composer_of(rt, digest_id, _composers),
         enqueue=lambda ids: enqueue_batch(digest_id, ids),
     )
 
@@ -94,7 +95,7 @@ def dispatch_due() -> int:
     """Beat, hourly: plan the editions of subscribers whose local delivery hour is now."""
     from digest.schedule import dispatch_due as plan_due
 
-    return plan_due(runtime(), utcnow(), enqueue_batch)
+    return plan_due(runtime(), utcnow(), enqueue_batch, _composers)
 
 
 @app.task(
