@@ -202,9 +202,7 @@ def run_once(n: int, postgres: Postgres, api: PapersAPI, redis_url: str, workers
             text("select xact_commit from pg_stat_database where datname = current_database()")
         ).scalar_one()
         upd, hot, ins = conn.execute(
-            text(
-                "select n_tup_upd, n_tup_hot_upd, n_tup_ins from pg_stat_user_tables where relname = 'deliveries'"
-            )
+            text("select n_tup_upd, n_tup_hot_upd, n_tup_ins from pg_stat_user_tables where relname = 'deliveries'")
         ).one()
         sent = conn.execute(text("select count(*) from deliveries where status = 'sent'")).scalar_one()
         first_sent, last_sent, planned = conn.execute(
