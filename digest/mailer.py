@@ -25,15 +25,18 @@ def data_payload(message: bytes) -> bytes:
     """The DATA payload exactly as aiosmtplib would send it: CRLF line endings, lines starting
     with a period doubled (RFC 5321 4.5.2), the terminating ``.`` line.
 
-    Our messages already have CRLF endings, so two ``bytes.replace`` calls do the work of
-    aiosmtplib's two regular-expression passes over the whole body: ~0.05 ms instead of ~0.6 ms
-    for a 28 KB digest, the largest single cost of sending one. Anything else takes the
-    library's own path.
+    Our messages are built with LF endings (as the outbox writes them to files), so
+    ``bytes.replace`` calls do the work of aiosmtplib's two regular-expression passes over the
+    whole body: ~0.05 ms instead of ~0.3-0.6 ms for a 28 KB digest, the largest single cost of
+    sending one. Mixed endings take the library's own normalisation.
     """
-    bare = message.replace(b"\r\n", b"")
-    if b"\r" in bare or b"\n" in bare:
-        message = normalize_message_line_endings(message)
-    elif not message.endswith(b"\r\n"):
+    if b"\r" not in message:
+        message = message.replace(b"\n", b"\r\n")
+    else:
+        bare = message.replace(b"\r\n", b"")
+        if b"\r" in bare or b"\n" in bare:
+            message = normalize_message_line_endings(message)
+    if not message.endswith(b"\r\n"):
         message += b"\r\n"
     if message.startswith(b"."):
         message = b"." + message
