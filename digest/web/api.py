@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from fastapi import APIRouter
+from fastapi import APIRouter, BackgroundTasks
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import text
@@ -66,9 +66,11 @@ ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-async def subscribe_json(payload: SubscribeRequest, runtime: Runtime, limits: LimitsDep, ip: str) -> JSONResponse:
+async def subscribe_json(
+    payload: SubscribeRequest, runtime: Runtime, limits: LimitsDep, ip: str, background: BackgroundTasks
+) -> JSONResponse:
     try:
-        await start_signup(runtime, limits, ip, payload.email, payload.topics)
+        await start_signup(runtime, limits, ip, payload.email, payload.topics, background)
     except RateLimited:
         raise
     except DigestError as exc:
@@ -84,10 +86,10 @@ async def subscribe_json(payload: SubscribeRequest, runtime: Runtime, limits: Li
     summary="Start double opt-in for an address",
 )
 async def api_subscribe(
-    payload: SubscribeRequest, runtime: RuntimeDep, limits: LimitsDep, ip: ClientIP
+    payload: SubscribeRequest, runtime: RuntimeDep, limits: LimitsDep, ip: ClientIP, background: BackgroundTasks
 ) -> JSONResponse:
     """Sends a confirmation email when one is due. The answer is the same for every address."""
-    return await subscribe_json(payload, runtime, limits, ip)
+    return await subscribe_json(payload, runtime, limits, ip, background)
 
 
 @router.get("/api/digests/latest", response_model=LatestDigest, summary="The latest daily digest's papers")

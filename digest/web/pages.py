@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, BackgroundTasks, Form, Request
 from fastapi.responses import HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -23,7 +23,7 @@ from digest.web.api import SubscribeRequest, subscribe_json
 from digest.web.deps import ClientIP, LimitsDep, RuntimeDep, load_subscriber
 from digest.web.frontpage import front_page
 from digest.web.ratelimit import RateLimited
-from digest.web.signup import resend_confirmation, start_signup
+from digest.web.signup import resend_confirmation, send_welcome, start_signup
 from digest.web.templating import templates
 
 router = APIRouter(include_in_schema=False)
@@ -55,7 +55,9 @@ CHECK_INBOX = (
 
 
 @router.post("/subscribe", response_model=None)
-async def subscribe(request: Request, runtime: RuntimeDep, limits: LimitsDep, ip: ClientIP) -> Response:
+async def subscribe(
+    request: Request, runtime: RuntimeDep, limits: LimitsDep, ip: ClientIP, background: BackgroundTasks
+) -> Response:
     """Form or JSON; the same answer for new, pending, active and unsubscribed addresses."""
     wants_json = request.headers.get("content-type", "").split(";")[0].strip() == "application/json"
     if wants_json:
@@ -67,7 +69,7 @@ async def subscribe(request: Request, runtime: RuntimeDep, limits: LimitsDep, ip
                 status_code=422,
                 media_type="application/json",
             )
-        return await subscribe_json(payload, runtime, limits, ip)
+        return await subscribe_json(payload, runtime, limits, ip, background)
     form = await request.form()
     email, topics, website = (str(form.get(k) or "") for k in ("email", "topics", "website"))
     form_topics = topics or None
@@ -75,7 +77,7 @@ async def subscribe(request: Request, runtime: RuntimeDep, limits: LimitsDep, ip
         # The hidden honeypot field is filled only by bots: pretend it worked, do nothing.
         return message_page(request, *CHECK_INBOX)
     try:
-        await start_signup(runtime, limits, ip, email, form_topics)
+        await start_signup(runtime, limits, ip, email, form_topics, background)
     except RateLimited:
         raise  # the app's handler answers 429 with Retry-After
     except DigestError as exc:  # a bad address or topics: say what is wrong, nothing stored
@@ -108,18 +110,19 @@ async def confirm_resend(
     runtime: RuntimeDep,
     limits: LimitsDep,
     ip: ClientIP,
+    background: BackgroundTasks,
 ) -> HTMLResponse:
-    await resend_confirmation(runtime, limits, ip, token)
+    await resend_confirmation(runtime, limits, ip, token, background)
     return message_page(
         request, "Check your inbox", "If this address still needs confirming, a new link is on its way."
     )
 
 
 @router.post("/confirm/{token}", response_class=HTMLResponse)
-async def confirm(request: Request, token: str, runtime: RuntimeDep) -> HTMLResponse:
+async def confirm(request: Request, token: str, runtime: RuntimeDep, background: BackgroundTasks) -> HTMLResponse:
     welcome, preferences_url = await run_in_threadpool(_confirm, runtime, token)
     if welcome is not None:
-        await notifications.deliver(runtime, welcome[0], welcome[1])
+        background.add_task(send_welcome, runtime, *welcome)
     return message_page(
         request,
         "You are subscribed",

@@ -1,7 +1,9 @@
 """Starting double opt-in from the web: rate limits, the database step, then the confirmation mail.
 
 The answer never depends on the address's state (no enumeration): callers show the same page
-whatever happens here, unless the input itself is wrong or a limit is hit.
+whatever happens here, unless the input itself is wrong or a limit is hit. The confirmation is
+sent after the answer has gone out (a background task), so the time to answer does not say
+whether a mail was due either: only new and pending addresses get one.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
+from starlette.background import BackgroundTasks
 from starlette.concurrency import run_in_threadpool
 
 from digest import notifications, subscriptions
@@ -24,7 +27,9 @@ from digest.web.ratelimit import WebLimits
 log = logging.getLogger(__name__)
 
 
-async def start_signup(runtime: Runtime, limits: WebLimits, ip: str, email: str, topics: str | None) -> None:
+async def start_signup(
+    runtime: Runtime, limits: WebLimits, ip: str, email: str, topics: str | None, background: BackgroundTasks
+) -> None:
     """Validate, rate-limit, store a pending subscriber and send the confirmation if one is due."""
     await run_in_threadpool(limits.hit, "subscribe", "ip", ip)
     address = normalise_address(email)  # InvalidAddress: nothing stored or sent
@@ -33,7 +38,7 @@ async def start_signup(runtime: Runtime, limits: WebLimits, ip: str, email: str,
     await run_in_threadpool(limits.hit, "subscribe", "address", address)
     message = await run_in_threadpool(_store_pending, runtime, address, topics, utcnow())
     if message is not None:
-        await _send_confirmation(runtime, address, message)
+        background.add_task(_send_confirmation, runtime, address, message)
 
 
 def _store_pending(runtime: Runtime, address: str, topics: str | None, now: dt.datetime) -> bytes | None:
@@ -46,7 +51,9 @@ def _store_pending(runtime: Runtime, address: str, topics: str | None, now: dt.d
         return notifications.confirmation_message(runtime, subscriber)
 
 
-async def resend_confirmation(runtime: Runtime, limits: WebLimits, ip: str, token: str) -> None:
+async def resend_confirmation(
+    runtime: Runtime, limits: WebLimits, ip: str, token: str, background: BackgroundTasks
+) -> None:
     """A fresh confirmation for the pending subscriber an (expired) confirmation link names."""
     await run_in_threadpool(limits.hit, "resend", "ip", ip)
     try:
@@ -61,7 +68,7 @@ async def resend_confirmation(runtime: Runtime, limits: WebLimits, ip: str, toke
     await run_in_threadpool(limits.hit, "resend", "address", found)
     message = await run_in_threadpool(_store_pending, runtime, found, None, utcnow())
     if message is not None:
-        await _send_confirmation(runtime, found, message)
+        background.add_task(_send_confirmation, runtime, found, message)
 
 
 async def _send_confirmation(runtime: Runtime, address: str, message: bytes) -> None:
@@ -75,6 +82,14 @@ async def _send_confirmation(runtime: Runtime, address: str, message: bytes) -> 
     except SendError as exc:
         log.warning("confirmation to a subscriber could not be sent: %s", exc.reason)
         await run_in_threadpool(_forget_confirmation, runtime, address)
+
+
+async def send_welcome(runtime: Runtime, address: str, message: bytes) -> None:
+    """The welcome after confirming; the subscription stands whether or not it arrives."""
+    try:
+        await notifications.deliver(runtime, address, message)
+    except SendError as exc:
+        log.warning("welcome to a new subscriber could not be sent: %s", exc.reason)
 
 
 def _forget_confirmation(runtime: Runtime, address: str) -> None:

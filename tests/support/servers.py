@@ -206,6 +206,7 @@ class SMTPBehaviour:
     data_reply: str = "451 4.3.0 Try again later"
     drop_after: int | None = None  # close the connection after accepting this many messages
     delay: float = 0.0  # seconds to wait before accepting each message
+    hold: threading.Event | None = None  # while set and not released, DATA waits for it
 
 
 class _Handler:
@@ -236,6 +237,8 @@ class _Handler:
         behaviour = self.sink.behaviour
         if behaviour.delay:
             await asyncio.sleep(behaviour.delay)
+        while behaviour.hold is not None and not behaviour.hold.is_set():
+            await asyncio.sleep(0.01)
         with self.sink.lock:
             if behaviour.temp_fail_data > 0:
                 behaviour.temp_fail_data -= 1

@@ -171,3 +171,27 @@ def test_a_relay_that_is_down_gives_the_same_answer_and_the_next_try_sends(
     assert again.content == expected.content
     smtp.wait_for(1)
     assert len(smtp.to("new@example.org")) == 1, "the second try sends at once, not after the resend window"
+
+
+def test_the_answer_does_not_wait_for_the_confirmation_mail(runtime: Runtime, smtp: SMTPSink) -> None:
+    """How long the answer takes must not tell whether a mail was due (new or pending address)."""
+    import threading
+
+    import httpx
+
+    from digest.web.app import create_app
+    from tests.support.servers import free_port
+    from tests.web.live import server_thread
+
+    smtp.behaviour.hold = threading.Event()  # the relay sits on DATA until released
+    with server_thread(create_app(runtime), free_port()) as base:
+        # Were the confirmation sent before answering, this would time out.
+        answer = httpx.post(f"{base}/subscribe", data={"email": "new@example.org"}, timeout=5)
+        assert answer.status_code == 200
+        assert "Check your inbox" in answer.text
+        assert smtp.messages == []
+        smtp.behaviour.hold.set()
+        smtp.wait_for(1)
+    [confirmation] = smtp.to("new@example.org")
+    body = confirmation.get_body(preferencelist=("plain",))
+    assert body is not None and "/confirm/" in body.get_content()
