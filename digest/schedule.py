@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from digest.db import transaction
 from digest.delivery import DigestComposer, build_digest
-from digest.models import Digest, DigestItem, DigestKind, Frequency, Subscriber, SubscriberStatus
+from digest.models import Delivery, Digest, DigestItem, DigestKind, Frequency, Subscriber, SubscriberStatus
 from digest.pipeline import composer_of, dispatch
 from digest.ranking import TrendingWeights
 from digest.runtime import Runtime
@@ -57,20 +57,22 @@ def _zone(name: str) -> dt.tzinfo:
         return dt.UTC
 
 
-def due_slots(timezones: Iterable[str], now: dt.datetime) -> list[Slot]:
-    """The local hours that start in the UTC hour ``now`` falls in, per time zone.
+def due_slots(timezones: Iterable[str], now: dt.datetime, hours: int = 1) -> list[Slot]:
+    """The local hours that start in the UTC hour ``now`` falls in (or in the ``hours`` UTC hours
+    up to it), per time zone.
 
     A local hour H on date D starts at ``datetime(D, H, tzinfo=zone)`` with ``fold=0``: for an
     hour that does not exist (spring forward) that is the instant of the change, for one that
     happens twice its first occurrence. Due: that instant lies in (hour start - 1 h, hour start].
     """
     end = now.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
-    start = end - HOUR
+    start = end - hours * HOUR
     slots = []
     for name in sorted(set(timezones)):
         zone = _zone(name)
-        after_start = start + dt.timedelta(microseconds=1)
-        for day in sorted({after_start.astimezone(zone).date(), end.astimezone(zone).date()}):
+        first = (start + dt.timedelta(microseconds=1)).astimezone(zone).date()
+        last = end.astimezone(zone).date()
+        for day in (first + dt.timedelta(days=n) for n in range((last - first).days + 1)):
             for hour in range(24):
                 instant = dt.datetime.combine(day, dt.time(hour), tzinfo=zone).astimezone(dt.UTC)
                 if start < instant <= end:
@@ -144,19 +146,33 @@ def dispatch_due(
     enqueue: Callable[[int, list[int]], None],
     composers: dict[int, DigestComposer] | None = None,
 ) -> int:
-    """Plan and hand out every digest due in the UTC hour of ``now``; returns the number of pages.
+    """Plan and hand out every digest due in the UTC hour of ``now``, and those of the
+    ``DIGEST_CATCH_UP_HOURS`` before it that were never planned; returns the number of pages.
 
     ``enqueue(digest_id, subscriber_ids)`` is called after each page's commit. Running it twice
     in the same hour plans nothing new (the ledger has one row per subscriber and edition).
     """
     factory = runtime.session_factory
+    catch_up = runtime.settings.catch_up_hours
+    hour_start = now.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
     with transaction(factory) as session:
         zones = session.scalars(
             select(Subscriber.timezone).where(Subscriber.status == SubscriberStatus.ACTIVE).distinct()
         ).all()
-        editions = due_editions(session, due_slots(zones, now), runtime.weights)
+        conditions: dict[int, list[ColumnElement[bool]]] = defaultdict(list)
+        for digest_id, condition in due_editions(session, due_slots(zones, now), runtime.weights):
+            conditions[digest_id].append(condition)
+        if catch_up:
+            # Hours that passed without their digests being planned (beat or the workers were
+            # down): the ledger says who is still missing one. Not for people who joined since,
+            # whose first digest comes at their next hour.
+            missed_since = hour_start - (catch_up + 1) * HOUR
+            earlier = due_slots(zones, hour_start - HOUR, hours=catch_up)
+            for digest_id, condition in due_editions(session, earlier, runtime.weights):
+                planned = exists().where(Delivery.subscriber_id == Subscriber.id, Delivery.digest_id == digest_id)
+                conditions[digest_id].append(and_(condition, Subscriber.confirmed_at <= missed_since, ~planned))
     pages = 0
-    for digest_id, condition in editions:
+    for digest_id, wanted in conditions.items():
         pages += dispatch(
             factory,
             digest_id,
@@ -166,6 +182,6 @@ def dispatch_due(
             message_domain=runtime.message_domain,
             composer=composer_of(runtime, digest_id, composers),
             enqueue=lambda ids, d=digest_id: enqueue(d, ids),  # type: ignore[misc]
-            extra_filter=condition,
+            extra_filter=or_(*wanted),
         )
     return pages

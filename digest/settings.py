@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     send_retry_max_seconds: float = 300.0
     lease_seconds: int = 120
     stale_after_hours: float = 20.0
+    # The hourly dispatch also plans digests of this many earlier hours that were never planned
+    # (beat or workers down at the time); 0 turns catching up off.
+    catch_up_hours: int = Field(default=6, ge=0, le=23)
     rate_limit_per_second: float = 0.0
     rate_limit_per_domain_per_second: float = 0.0
     soft_bounce_threshold: int = 3

@@ -187,3 +187,25 @@ def test_two_digests_in_a_row_never_repeat_a_paper(runtime: Runtime, smtp: SMTPS
     assert len(first) == len(again) == runtime.settings.digest_size
     assert set(first).isdisjoint(again)
     assert "Week to" in str(weekly["Subject"])
+
+
+def test_hours_missed_while_beat_was_down_are_caught_up_once(runtime: Runtime, smtp: SMTPSink) -> None:
+    collect(runtime, THURSDAY)
+    with transaction(runtime.session_factory) as session:
+        add_subscriber(session, "eight@example.org", hour=8).confirmed_at = utc(2026, 4, 1)
+        add_subscriber(session, "two@example.org", hour=2).confirmed_at = utc(2026, 4, 1)
+        # Joined after the missed hour: their first digest waits for their next 08:00.
+        add_subscriber(session, "joined@example.org", hour=8).confirmed_at = utc(2026, 4, 17, 9, 30)
+    # Beat was down on Friday from 01:00 to 10:59 UTC and comes back at 11:04.
+    runtime.settings.catch_up_hours = 0
+    deliver_due(runtime, utc(2026, 4, 17, 11, 4))
+    assert smtp.messages == []  # without catching up, Friday's 08:00 digest is lost
+    runtime.settings.catch_up_hours = 6
+    deliver_due(runtime, utc(2026, 4, 17, 11, 20))
+    [caught_up] = smtp.to("eight@example.org")
+    assert [pid for pid, _ in papers_in_text(caught_up)]  # Thursday's papers, as at 08:00
+    assert smtp.to("two@example.org") == []  # 02:00 is further back than 6 hours
+    assert smtp.to("joined@example.org") == []
+    for hour in range(12, 24):  # the rest of the day: nobody gets a second one
+        deliver_due(runtime, utc(2026, 4, 17, hour, 4))
+    assert [m.rcpt_tos for m in smtp.messages] == [["eight@example.org"]]
