@@ -28,7 +28,10 @@ number of the topic's words + 3 tokens of each other, stop words not counted), s
 matches "LLM-based agents" and "LLMs have empowered AI research agents", "reinforcement
 learning" matches "reinforcement-learning", but a paper that says "learning" in one sentence
 and "reinforcement" in another does not.
-Synonyms and abbreviations are not expanded ("RL" does not match "reinforcement learning").
+Common abbreviations of the field work both ways (``ABBREVIATIONS``): "RL" also matches
+"reinforcement learning", "large language model agents" also matches "LLM agents"; a topic
+matches when any of its spellings does, and scores as its best-matching spelling. Other
+synonyms are not expanded.
 
 For a subscriber with topics::
 
@@ -172,6 +175,74 @@ def analyse(text: str) -> list[str]:
     return [_stem(w) for w in _WORD.findall(text.lower()) if w not in _STOPWORDS]
 
 
+# Abbreviations common in AI papers, expanded in both directions when matching a topic or an
+# excluded word. Only unambiguous ones in this field: a wrong expansion shows someone papers
+# they did not ask for.
+ABBREVIATIONS: dict[str, str] = {
+    "3dgs": "3d gaussian splatting",
+    "asr": "automatic speech recognition",
+    "cot": "chain of thought",
+    "dpo": "direct preference optimization",
+    "gan": "generative adversarial network",
+    "gnn": "graph neural network",
+    "grpo": "group relative policy optimization",
+    "icl": "in context learning",
+    "kd": "knowledge distillation",
+    "llm": "large language model",
+    "lm": "language model",
+    "lora": "low rank adaptation",
+    "mllm": "multimodal large language model",
+    "moe": "mixture of experts",
+    "nerf": "neural radiance field",
+    "nlp": "natural language processing",
+    "ocr": "optical character recognition",
+    "ppo": "proximal policy optimization",
+    "rag": "retrieval augmented generation",
+    "rl": "reinforcement learning",
+    "rlhf": "reinforcement learning from human feedback",
+    "sft": "supervised fine tuning",
+    "ssm": "state space model",
+    "tts": "text to speech",
+    "vae": "variational autoencoder",
+    "vit": "vision transformer",
+    "vla": "vision language action",
+    "vlm": "vision language model",
+    "vqa": "visual question answering",
+}
+
+
+@lru_cache(maxsize=1)
+def _abbreviations() -> tuple[dict[str, tuple[str, ...]], list[tuple[tuple[str, ...], str]]]:
+    """Both directions in analysed form: short token -> long tokens, and (long tokens, short)
+    pairs longest first, so "reinforcement learning from human feedback" becomes "rlhf", not
+    "rl human feedback"."""
+    expand: dict[str, tuple[str, ...]] = {}
+    for short, long in ABBREVIATIONS.items():
+        (token,) = analyse(short)
+        expand[token] = tuple(analyse(long))
+    contract = sorted(((long, short) for short, long in expand.items()), key=lambda pair: -len(pair[0]))
+    return expand, contract
+
+
+def spellings(words: Sequence[str]) -> list[tuple[str, ...]]:
+    """An analysed topic as written, with its abbreviations spelled out, and contracted."""
+    expand, contract = _abbreviations()
+    written = tuple(words)
+    expanded = tuple(w for word in written for w in expand.get(word, (word,)))
+    contracted: list[str] = []
+    i = 0
+    while i < len(expanded):
+        for long, short in contract:
+            if expanded[i : i + len(long)] == long:
+                contracted.append(short)
+                i += len(long)
+                break
+        else:
+            contracted.append(expanded[i])
+            i += 1
+    return list(dict.fromkeys([written, expanded, tuple(contracted)]))
+
+
 @dataclass(frozen=True)
 class _Term:
     """A topic or excluded word, analysed once per ranker: which candidates it matches, how well."""
@@ -250,18 +321,29 @@ class Ranker:
         if known is not None:
             return known
         index = self._build_index()
-        words = list(dict.fromkeys(analyse(term)))
         n = len(self.candidates)
         matches = np.zeros(n, dtype=bool)
-        if words:
-            span = len(words) + 3
-            for i, where in enumerate(self._positions):
-                found = [where.get(w) for w in words]
-                if all(found) and (len(words) == 1 or _near(found, span)):  # type: ignore[arg-type]
-                    matches[i] = True
-        scores = np.asarray(index.get_scores(words), dtype=np.float64) if matches.any() else np.zeros(n)
-        known = self._terms[term] = _Term(matches, np.where(matches, scores, 0.0))
+        best = np.zeros(n, dtype=np.float64)
+        words = list(dict.fromkeys(analyse(term)))
+        for spelling in spellings(words) if words else []:
+            unique = list(dict.fromkeys(spelling))
+            found_in = self._matching(unique)
+            if found_in.any():
+                scores = np.asarray(index.get_scores(unique), dtype=np.float64)
+                best = np.maximum(best, np.where(found_in, scores, 0.0))
+                matches |= found_in
+        known = self._terms[term] = _Term(matches, best)
         return known
+
+    def _matching(self, words: list[str]) -> np.ndarray:
+        """Candidates holding all ``words`` close together (see the module doc)."""
+        matches = np.zeros(len(self.candidates), dtype=bool)
+        span = len(words) + 3
+        for i, where in enumerate(self._positions):
+            found = [where.get(w) for w in words]
+            if all(found) and (len(words) == 1 or _near(found, span)):  # type: ignore[arg-type]
+                matches[i] = True
+        return matches
 
     def _excluding(self, word: str) -> np.ndarray:
         known = self._excluded.get(word)

@@ -224,13 +224,35 @@ def test_topic_matching_is_stemmed_and_phrase_aware() -> None:
     picks = ranker.pick(Profile.from_text("LLM agents, diffusion, reinforcement learning"), 10, set())
     reasons = {p.paper_id: p.reasons for p in picks}
     assert reasons["p0"] == ("llm agents",)
-    assert reasons["p1"] == ()  # "large language models" is not expanded to "LLM"
+    assert reasons["p1"] == ("llm agents",)  # "LLM" spelled out
     assert reasons["p2"] == ()  # both words, but far apart
     assert reasons["p3"] == ("diffusion",)
     assert reasons["p4"] == ("reinforcement learning",)
     assert reasons["p5"] == ()
-    assert {p.paper_id for p in picks[:3]} == {"p0", "p3", "p4"}
+    assert {p.paper_id for p in picks[:4]} == {"p0", "p1", "p3", "p4"}
     assert analyse("LLMs Agents") == analyse("llm agent")
+
+
+def test_abbreviations_match_both_ways_and_only_as_phrases() -> None:
+    ranker = _ranker(
+        "Scaling RL for reasoning models",
+        "Reinforcement learning from human feedback, revisited",
+        "A new RLHF recipe",
+        "Retrieval-augmented generation for long documents",
+        "Learning to retrieve. Much later, far away, reinforcement of generation.",
+        "Vision-language models see better",
+    )
+    reasons = {p.paper_id: p.reasons for p in ranker.pick(Profile.from_text("RL, RAG, VLMs"), 10, set())}
+    assert reasons == {"p0": ("rl",), "p1": ("rl",), "p2": (), "p3": ("rag",), "p4": (), "p5": ("vlms",)}
+    spelled_out = Profile.from_text("reinforcement learning from human feedback, retrieval augmented generation")
+    reasons = {p.paper_id: p.reasons for p in ranker.pick(spelled_out, 10, set())}
+    assert reasons["p1"] == reasons["p2"] == ("reinforcement learning from human feedback",)
+    assert reasons["p3"] == ("retrieval augmented generation",)
+    assert reasons["p0"] == reasons["p4"] == ()
+    # Excluding an abbreviation excludes its spelled-out form too (and, as for every excluded
+    # word, words starting with it: "RLHF").
+    kept = [p.paper_id for p in ranker.pick(Profile.from_text("", "RL"), 10, set())]
+    assert kept == ["p3", "p4", "p5"]
 
 
 def test_ranker_without_topics_keeps_trending_order_and_skips_what_was_sent() -> None:
