@@ -125,8 +125,11 @@ class SMTPConnection:
         )
         await client.connect()
         # aiosmtplib builds its protocol object inside connect() with no hook to choose the
-        # class; the subclass adds no state, so switching the instance's class is safe.
-        if type(client.protocol) is SMTPProtocol:
+        # class; the subclass adds no state, so switching the instance's class is safe. Only
+        # when the protocol has the internals it relies on; otherwise the library's own path.
+        if type(client.protocol) is SMTPProtocol and all(
+            hasattr(client.protocol, name) for name in ("_command_lock", "_response_pending")
+        ):
             client.protocol.__class__ = _FastDataProtocol
         if cfg.username and cfg.password:
             await client.login(cfg.username, cfg.password)

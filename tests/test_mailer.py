@@ -33,14 +33,18 @@ def test_lines_starting_with_a_period_arrive_intact(smtp: SMTPSink) -> None:
         b"last line without an ending"
     )
 
-    async def send() -> str:
+    async def send() -> tuple[str, str]:
         connection = SMTPConnection(SMTPConfig("127.0.0.1", smtp.port))
         try:
-            return await connection.send("digest@example.org", "reader@example.net", body)
+            reply = await connection.send("digest@example.org", "reader@example.net", body)
+            assert connection._client is not None and connection._client.protocol is not None
+            return reply, type(connection._client.protocol).__name__
         finally:
             await connection.close()
 
-    reply = asyncio.run(send())
+    reply, protocol = asyncio.run(send())
+    # The fast path is in use with the installed aiosmtplib (it falls back silently otherwise).
+    assert protocol == "_FastDataProtocol"
     assert "queued" in reply
     [received] = smtp.messages
     # The server undoes the dot-stuffing; only line endings are made canonical on the way.
