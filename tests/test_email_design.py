@@ -11,9 +11,11 @@ from pathlib import Path
 
 import dkim
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from digest.db import transaction
-from digest.dkim import DkimConfigError, DkimSigner
+from digest.dkim import DkimConfigError, DkimSigner, relaxed_body
 from digest.models import utcnow
 from digest.pipeline import run_inprocess
 from digest.rendering import EmailRenderer
@@ -116,6 +118,57 @@ def test_dkim_signature_verifies_and_covers_the_unsubscribe_headers(key_pair: tu
         b"List-Unsubscribe: <https://evil.example.net/unsubscribe/tok-ada>",
     )
     assert tampered != data and not dkim.verify(tampered, dnsfunc=dns_for(record))
+
+
+TEXT = st.lists(st.sampled_from([b" ", b"\t", b"  ", b"a", b"B", b"\xc3\xa9", b";", b":", b"="]), max_size=12).map(
+    b"".join
+)
+
+
+@given(st.lists(st.tuples(TEXT, st.sampled_from([b"\n", b"\n\n"])), max_size=8))
+def test_body_canonicalisation_is_dkimpys(lines: list[tuple[bytes, bytes]]) -> None:
+    from dkim.canonicalization import CanonicalizationPolicy
+
+    body = b"".join(text + end for text, end in lines)
+    relaxed = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+    assert relaxed_body(body) == relaxed.canonicalize_body(body.replace(b"\n", b"\r\n"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(subject=TEXT, folded=TEXT, to=st.lists(TEXT, min_size=1, max_size=3), body=st.lists(TEXT, max_size=5))
+def test_signatures_verify_whatever_the_white_space(
+    key_pair: tuple[Path, bytes], subject: bytes, folded: bytes, to: list[bytes], body: list[bytes]
+) -> None:
+    private, record = key_pair
+    signer = DkimSigner.from_settings("mail", "example.org", str(private))
+    assert signer is not None
+    message = (
+        b"From: Papers <papers@example.org>\n"
+        + b"".join(b"To: reader" + t + b"@example.net\n" for t in to)
+        + b"Subject: "
+        + subject
+        + b"\n "
+        + folded
+        + b"\n"
+        + b"Message-ID: <a@example.org>\n\n"
+        + b"".join(line + b"\n" for line in body)
+    )
+    signed = signer.sign(message)
+    assert signed.endswith(message)
+    assert dkim.verify(signed, dnsfunc=dns_for(record))
+    crlf = signed.replace(b"\n", b"\r\n")  # as it travels over SMTP
+    assert dkim.verify(crlf, dnsfunc=dns_for(record))
+    assert not dkim.verify(crlf.replace(b"Message-ID: <a@", b"Message-ID: <b@"), dnsfunc=dns_for(record))
+
+
+def test_a_key_that_is_not_rsa_is_refused(tmp_path: Path) -> None:
+    key = tmp_path / "ed25519.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(key)], check=True, capture_output=True)
+    with pytest.raises(DkimConfigError, match="RSA"):
+        DkimSigner.from_settings("mail", "example.org", str(key))
+    (tmp_path / "junk.pem").write_text("not a key")
+    with pytest.raises(DkimConfigError, match="not a usable PEM key"):
+        DkimSigner.from_settings("mail", "example.org", str(tmp_path / "junk.pem"))
 
 
 def test_dkim_settings_come_all_together_or_not_at_all(tmp_path: Path) -> None:
