@@ -272,6 +272,8 @@ def mark_sent(session: Session, outcomes: Sequence[tuple[int, str, dt.datetime]]
     """Record (delivery id, server reply, when) for a group of accepted messages at once."""
     if not outcomes:
         return
+    if any(at.tzinfo is None for _, _, at in outcomes):
+        raise ValueError("naive datetime stored; use timezone-aware UTC timestamps")
     rows = [(d, r[:500], at) for d, r, at in outcomes]
     sent = {"status": DeliveryStatus.SENT, "lease_until": None, "last_error": None}
     if session.get_bind().dialect.name == "postgresql":
@@ -470,6 +472,15 @@ class DigestComposer:
         picks = self.ranker.pick(profile, subscriber.digest_size or self.default_size, already_sent)
         return [p.paper_id for p in picks], {p.paper_id: list(p.reasons) for p in picks if p.reasons}
 
+    def load_papers(self, session: Session, paper_ids: set[str]) -> None:
+        """Make sure these papers can be shown. Deliveries keep the papers chosen at planning,
+        and a collection since may have rebuilt the edition without some of them."""
+        missing = paper_ids - self.papers.keys()
+        if missing:
+            for paper in session.scalars(select(Paper).where(Paper.id.in_(missing))):
+                session.expunge(paper)
+                self.papers[paper.id] = paper
+
     def _view(self, paper_id: str, reasons: tuple[str, ...]) -> PaperView:
         # Shared by every subscriber with the same pick: built once per edition and reason.
         key = (paper_id, reasons)
@@ -580,6 +591,7 @@ def prepare_claimed(
     }
     need_choice = [d.subscriber_id for d in deliveries if d.paper_ids is None and d.subscriber_id]
     already = recently_sent(session, need_choice, now) if need_choice else {}
+    composer.load_papers(session, {pid for d in deliveries for pid in d.paper_ids or ()})
     prepared: list[_Prepared] = []
     skipped = 0
     for delivery in deliveries:
@@ -596,6 +608,8 @@ def prepare_claimed(
             delivery.reasons = reasons
             if not paper_ids:
                 reason = NOTHING_NEW
+        if reason is None and not any(pid in composer.papers for pid in delivery.paper_ids or ()):
+            reason = "its papers are no longer stored"  # never an empty digest
         if reason is not None or subscriber is None:
             mark_skipped(session, delivery.id, reason or "skipped", now)
             skipped += 1

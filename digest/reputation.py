@@ -68,7 +68,9 @@ def sending_paused(
     complaints = complaints_in(session, now, window)
     if complaints == 0:
         return False
-    enough = max(1, min_sent) if threshold <= 0 else max(1, min_sent, math.floor(complaints / threshold) + 2)
+    decisive = math.floor(complaints / threshold) + 2 if threshold > 0 else 0
+    # (Capped so that an absurdly small threshold cannot overflow the database's LIMIT.)
+    enough = max(1, min_sent, min(2**62, decisive))
     sent = sent_in(session, now, window, at_most=enough)
     if sent < max(1, min_sent):
         return False

@@ -300,3 +300,74 @@ def test_the_sweep_closes_stale_rows_even_while_sending_is_paused(
     rows = deliveries(session)
     assert {d.status for d in rows.values()} == {DeliveryStatus.SKIPPED}
     assert {d.last_error for d in rows.values()} == {"stale: not sent in time"}
+
+
+def test_papers_are_chosen_at_planning_and_survive_a_rebuilt_edition(
+    runtime: Runtime, smtp: SMTPSink, session: Session
+) -> None:
+    from digest.models import DigestItem, Paper
+
+    (email,) = people(runtime, 1)
+    digest_id = prepare(runtime, [email])
+    planned = deliveries(session)[email]
+    assert planned.status is DeliveryStatus.PENDING and planned.recipient == email
+    assert planned.paper_ids and len(planned.paper_ids) == runtime.settings.digest_size
+    dropped = planned.paper_ids[0]
+    with transaction(runtime.session_factory) as s:
+        title = s.get(Paper, dropped).title  # type: ignore[union-attr]
+        # A later collection rebuilt the edition and the paper fell out of it.
+        s.execute(DigestItem.__table__.delete().where(DigestItem.paper_id == dropped))
+        ids = list(s.scalars(select(Subscriber.id)))
+    assert send_batch(runtime, digest_id, ids).sent == 1
+    [message] = smtp.to(email)
+    text = message.get_body(preferencelist=("plain",))
+    assert text is not None and " ".join(title.split()) in " ".join(text.get_content().split())
+    assert deliveries(session)[email].paper_ids == planned.paper_ids
+
+
+def test_someone_with_nothing_new_gets_a_skipped_row_and_no_mail(
+    runtime: Runtime, smtp: SMTPSink, session: Session
+) -> None:
+    from digest.models import Digest, DigestItem, DigestKind
+
+    emails = people(runtime, 2)
+    with runtime.papers_client() as client, transaction(runtime.session_factory) as s:
+        digest_id = collect_day(s, client, DAY, runtime).digest_id
+        every_paper = list(s.scalars(select(DigestItem.paper_id).where(DigestItem.digest_id == digest_id)))
+        # Yesterday's digest (an edition of its own) already brought the first reader all of them.
+        earlier = Digest(kind=DigestKind.DAILY, date=DAY - dt.timedelta(days=1), created_at=utcnow())
+        s.add(earlier)
+        s.flush()
+        first = s.scalar(select(Subscriber.id).where(Subscriber.email == emails[0]))
+        s.add(
+            Delivery(
+                digest_id=earlier.id,
+                subscriber_id=first,
+                status=DeliveryStatus.SENT,
+                message_id="<earlier@x>",
+                paper_ids=every_paper,
+                created_at=utcnow() - dt.timedelta(days=1),
+            )
+        )
+    summary = run_inprocess(runtime, DAY)
+    assert summary.counts["skipped"] == 1 and summary.counts["sent"] == 1
+    assert set(received_counts(smtp)) == {emails[1]}
+    skipped = session.scalar(select(Delivery).where(Delivery.digest_id == digest_id, Delivery.subscriber_id == first))
+    assert skipped is not None and skipped.status is DeliveryStatus.SKIPPED
+    assert skipped.last_error == "no new papers for this subscriber"
+
+
+def test_a_row_planned_without_papers_gets_them_chosen_once_at_send_time(
+    runtime: Runtime, smtp: SMTPSink, session: Session
+) -> None:
+    (email,) = people(runtime, 1)
+    digest_id = prepare(runtime, [email])
+    with transaction(runtime.session_factory) as s:
+        # As an older release planned rows: no papers, no recipient.
+        s.execute(update(Delivery).values(paper_ids=None, reasons=None, recipient=None))
+        ids = list(s.scalars(select(Subscriber.id)))
+    assert send_batch(runtime, digest_id, ids).sent == 1
+    delivery = deliveries(session)[email]
+    assert delivery.paper_ids and len(delivery.paper_ids) == runtime.settings.digest_size
+    assert delivery.recipient == email
+    assert len(smtp.to(email)) == 1
