@@ -101,11 +101,13 @@ def dispatch(
     composer: DigestComposer,
     enqueue: Callable[[list[int]], None],
     extra_filter: object | None = None,
+    not_after: dt.datetime | None = None,
 ) -> int:
     """Walk due subscribers by keyset, planning each page (papers chosen by ``composer``) and
-    enqueueing it after its commit."""
+    enqueueing it after its commit. Rows are stale after ``not_after`` (default: ``now`` +
+    ``stale_after``)."""
     after_id, pages = 0, 0
-    not_after = now + stale_after
+    not_after = not_after or now + stale_after
     while True:
         with transaction(factory) as session:
             digest = session.get(Digest, digest_id)

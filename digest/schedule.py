@@ -23,6 +23,7 @@ Rules:
 from __future__ import annotations
 
 import datetime as dt
+import math
 import zoneinfo
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -95,9 +96,13 @@ def _slot_filter(slots: Iterable[Slot], weekly: bool) -> ColumnElement[bool]:
 
 
 def due_editions(
-    session: Session, slots: list[Slot], weights: TrendingWeights
+    session: Session, slots: list[Slot], weights: TrendingWeights, *, refresh_weekly: bool = True
 ) -> list[tuple[int, ColumnElement[bool]]]:
-    """(edition id, subscriber filter) for every edition due in these slots, daily then weekly."""
+    """(edition id, subscriber filter) for every edition due in these slots, daily then weekly.
+
+    A weekly edition is (re)built here when someone is due for it; with ``refresh_weekly``
+    False an existing one is used as it is (catching up must not reorder an edition that
+    others already received)."""
     if not slots:
         return []
     dates = {s.date for s in slots}
@@ -132,7 +137,11 @@ def due_editions(
             )
             .limit(1)
         )
-        weekly = build_digest(session, week_end, weights, DigestKind.WEEKLY) if wanted else None
+        weekly = None
+        if wanted and not refresh_weekly:
+            weekly = session.scalar(select(Digest).where(Digest.kind == DigestKind.WEEKLY, Digest.date == week_end))
+        if wanted and weekly is None:
+            weekly = build_digest(session, week_end, weights, DigestKind.WEEKLY)
         if weekly is not None and weekly.items:
             weekly_slots[weekly.id] = due
     return [(i, _slot_filter(s, weekly=False)) for i, s in sorted(daily_slots.items())] + [
@@ -153,35 +162,39 @@ def dispatch_due(
     in the same hour plans nothing new (the ledger has one row per subscriber and edition).
     """
     factory = runtime.session_factory
-    catch_up = runtime.settings.catch_up_hours
     hour_start = now.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
+    stale_after = runtime.policy.stale_after
+    # Never further back than a digest may still go out (DIGEST_STALE_AFTER_HOURS).
+    catch_up = min(runtime.settings.catch_up_hours, math.ceil(stale_after / HOUR) - 2)
+    missed_since = hour_start - (catch_up + 1) * HOUR
     with transaction(factory) as session:
         zones = session.scalars(
             select(Subscriber.timezone).where(Subscriber.status == SubscriberStatus.ACTIVE).distinct()
         ).all()
-        conditions: dict[int, list[ColumnElement[bool]]] = defaultdict(list)
-        for digest_id, condition in due_editions(session, due_slots(zones, now), runtime.weights):
-            conditions[digest_id].append(condition)
-        if catch_up:
+        # (edition, subscriber filter, stale limit) to plan.
+        plans = [(d, c, now + stale_after) for d, c in due_editions(session, due_slots(zones, now), runtime.weights)]
+        if catch_up > 0:
             # Hours that passed without their digests being planned (beat or the workers were
-            # down): the ledger says who is still missing one. Not for people who joined since,
-            # whose first digest comes at their next hour.
-            missed_since = hour_start - (catch_up + 1) * HOUR
+            # down): the ledger says who is still missing one. Not for anyone whose row changed
+            # since (joined, resumed, switched to daily, moved their hour): their next digest
+            # comes at their next hour. The stale limit counts from the earliest missed hour.
             earlier = due_slots(zones, hour_start - HOUR, hours=catch_up)
-            for digest_id, condition in due_editions(session, earlier, runtime.weights):
+            for digest_id, condition in due_editions(session, earlier, runtime.weights, refresh_weekly=False):
                 planned = exists().where(Delivery.subscriber_id == Subscriber.id, Delivery.digest_id == digest_id)
-                conditions[digest_id].append(and_(condition, Subscriber.confirmed_at <= missed_since, ~planned))
+                missed = and_(condition, Subscriber.updated_at <= missed_since, ~planned)
+                plans.append((digest_id, missed, missed_since + stale_after))
     pages = 0
-    for digest_id, wanted in conditions.items():
+    for digest_id, condition, not_after in plans:
         pages += dispatch(
             factory,
             digest_id,
             now=now,
             page_size=runtime.settings.batch_size,
-            stale_after=runtime.policy.stale_after,
+            stale_after=stale_after,
             message_domain=runtime.message_domain,
             composer=composer_of(runtime, digest_id, composers),
             enqueue=lambda ids, d=digest_id: enqueue(d, ids),  # type: ignore[misc]
-            extra_filter=or_(*wanted),
+            extra_filter=condition,
+            not_after=not_after,
         )
     return pages

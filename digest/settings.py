@@ -70,8 +70,9 @@ class Settings(BaseSettings):
     lease_seconds: int = 120
     stale_after_hours: float = 20.0
     # The hourly dispatch also plans digests of this many earlier hours that were never planned
-    # (beat or workers down at the time); 0 turns catching up off.
-    catch_up_hours: int = Field(default=6, ge=0, le=23)
+    # (beat or workers down at the time); 0 turns catching up off. Kept well under a day, so
+    # nobody gets two editions in one go, and under the stale limit.
+    catch_up_hours: int = Field(default=6, ge=0, le=12)
     rate_limit_per_second: float = 0.0
     rate_limit_per_domain_per_second: float = 0.0
     soft_bounce_threshold: int = 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections import defaultdict
 
@@ -191,11 +192,17 @@ def test_two_digests_in_a_row_never_repeat_a_paper(runtime: Runtime, smtp: SMTPS
 
 def test_hours_missed_while_beat_was_down_are_caught_up_once(runtime: Runtime, smtp: SMTPSink) -> None:
     collect(runtime, THURSDAY)
+    long_ago = utc(2026, 4, 1)
     with transaction(runtime.session_factory) as session:
-        add_subscriber(session, "eight@example.org", hour=8).confirmed_at = utc(2026, 4, 1)
-        add_subscriber(session, "two@example.org", hour=2).confirmed_at = utc(2026, 4, 1)
-        # Joined after the missed hour: their first digest waits for their next 08:00.
-        add_subscriber(session, "joined@example.org", hour=8).confirmed_at = utc(2026, 4, 17, 9, 30)
+        for email, hour, changed in (
+            ("eight@example.org", 8, long_ago),
+            ("two@example.org", 2, long_ago),
+            # Joined, or resumed from a pause, after the missed hour: their first digest waits
+            # for their next 08:00.
+            ("joined@example.org", 8, utc(2026, 4, 17, 9, 30)),
+        ):
+            subscriber = add_subscriber(session, email, hour=hour)
+            subscriber.confirmed_at = subscriber.updated_at = changed
     # Beat was down on Friday from 01:00 to 10:59 UTC and comes back at 11:04.
     runtime.settings.catch_up_hours = 0
     deliver_due(runtime, utc(2026, 4, 17, 11, 4))
@@ -206,6 +213,25 @@ def test_hours_missed_while_beat_was_down_are_caught_up_once(runtime: Runtime, s
     assert [pid for pid, _ in papers_in_text(caught_up)]  # Thursday's papers, as at 08:00
     assert smtp.to("two@example.org") == []  # 02:00 is further back than 6 hours
     assert smtp.to("joined@example.org") == []
+    with runtime.session_factory() as session:
+        (not_after,) = session.scalars(select(Delivery.not_after)).all()
+    # Stale 20 hours after the earliest hour it could have been for (04:00), not after planning.
+    assert not_after == utc(2026, 4, 17, 4) + dt.timedelta(hours=20)
     for hour in range(12, 24):  # the rest of the day: nobody gets a second one
         deliver_due(runtime, utc(2026, 4, 17, hour, 4))
     assert [m.rcpt_tos for m in smtp.messages] == [["eight@example.org"]]
+
+
+def test_catching_up_reaches_no_further_back_than_the_stale_limit(runtime: Runtime, smtp: SMTPSink) -> None:
+    collect(runtime, THURSDAY)
+    with transaction(runtime.session_factory) as session:
+        subscriber = add_subscriber(session, "eight@example.org", hour=8)
+        subscriber.confirmed_at = subscriber.updated_at = utc(2026, 4, 1)
+    runtime.settings.catch_up_hours = 12
+    runtime.policy = dataclasses.replace(runtime.policy, stale_after=dt.timedelta(hours=4))
+    # With a 4-hour stale limit catching up reaches 4 - 2 = 2 hours back: at 11:04 the 08:00
+    # digest is out of reach, at 10:04 it is not.
+    deliver_due(runtime, utc(2026, 4, 17, 11, 4))
+    assert smtp.messages == []
+    deliver_due(runtime, utc(2026, 4, 17, 10, 4))
+    assert len(smtp.to("eight@example.org")) == 1
