@@ -1,9 +1,10 @@
-"""Starting double opt-in from the web: rate limits, the database step, then the confirmation mail.
+"""Starting double opt-in from the web: validation and rate limits, then (after the answer) the
+database step and the confirmation mail.
 
 The answer never depends on the address's state (no enumeration): callers show the same page
-whatever happens here, unless the input itself is wrong or a limit is hit. The confirmation is
-sent after the answer has gone out (a background task), so the time to answer does not say
-whether a mail was due either: only new and pending addresses get one.
+whatever happens here, unless the input itself is wrong or a limit is hit. Everything that
+does depend on it (storing, rendering, signing, sending) runs as a background task after the
+answer has gone out, so the time to answer says nothing either.
 """
 
 from __future__ import annotations
@@ -30,15 +31,24 @@ log = logging.getLogger(__name__)
 async def start_signup(
     runtime: Runtime, limits: WebLimits, ip: str, email: str, topics: str | None, background: BackgroundTasks
 ) -> None:
-    """Validate, rate-limit, store a pending subscriber and send the confirmation if one is due."""
+    """Validate and rate-limit now; store a pending subscriber and send the confirmation (if
+    one is due) after the answer."""
     await run_in_threadpool(limits.hit, "subscribe", "ip", ip)
     address = normalise_address(email)  # InvalidAddress: nothing stored or sent
     if topics is not None:
         subscriptions.clean_topics(topics)  # a bad value fails before anything is counted
     await run_in_threadpool(limits.hit, "subscribe", "address", address)
-    message = await run_in_threadpool(_store_pending, runtime, address, topics, utcnow())
+    background.add_task(_subscribe_and_confirm, runtime, address, topics)
+
+
+async def _subscribe_and_confirm(runtime: Runtime, address: str, topics: str | None) -> None:
+    try:
+        message = await run_in_threadpool(_store_pending, runtime, address, topics, utcnow())
+    except Exception:  # after the answer: nobody to tell but the log
+        log.exception("storing a web subscription failed")
+        return
     if message is not None:
-        background.add_task(_send_confirmation, runtime, address, message)
+        await _send_confirmation(runtime, address, message)
 
 
 def _store_pending(runtime: Runtime, address: str, topics: str | None, now: dt.datetime) -> bytes | None:
@@ -66,9 +76,7 @@ async def resend_confirmation(
     if found is None:
         return  # already confirmed, unsubscribed or erased: same answer, nothing sent
     await run_in_threadpool(limits.hit, "resend", "address", found)
-    message = await run_in_threadpool(_store_pending, runtime, found, None, utcnow())
-    if message is not None:
-        background.add_task(_send_confirmation, runtime, found, message)
+    background.add_task(_subscribe_and_confirm, runtime, found, None)
 
 
 async def _send_confirmation(runtime: Runtime, address: str, message: bytes) -> None:
@@ -81,7 +89,14 @@ async def _send_confirmation(runtime: Runtime, address: str, message: bytes) -> 
         await notifications.deliver(runtime, address, message)
     except SendError as exc:
         log.warning("confirmation to a subscriber could not be sent: %s", exc.reason)
+    except Exception:
+        log.exception("confirmation to a subscriber could not be sent")
+    else:
+        return
+    try:
         await run_in_threadpool(_forget_confirmation, runtime, address)
+    except Exception:
+        log.exception("could not record that a confirmation was not sent")
 
 
 async def send_welcome(runtime: Runtime, address: str, message: bytes) -> None:
@@ -90,6 +105,8 @@ async def send_welcome(runtime: Runtime, address: str, message: bytes) -> None:
         await notifications.deliver(runtime, address, message)
     except SendError as exc:
         log.warning("welcome to a new subscriber could not be sent: %s", exc.reason)
+    except Exception:  # after the answer: nobody to tell but the log
+        log.exception("welcome to a new subscriber could not be sent")
 
 
 def _forget_confirmation(runtime: Runtime, address: str) -> None:
