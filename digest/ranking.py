@@ -176,8 +176,9 @@ def analyse(text: str) -> list[str]:
 
 
 # Abbreviations common in AI papers, expanded in both directions when matching a topic or an
-# excluded word. Only unambiguous ones in this field: a wrong expansion shows someone papers
-# they did not ask for.
+# excluded word. Only unambiguous ones in this field whose long form survives stop-word removal
+# and unordered matching ("TTS" is also test-time scaling, and "text to speech" would match
+# "speech-to-text"): a wrong expansion shows someone papers they did not ask for.
 ABBREVIATIONS: dict[str, str] = {
     "3dgs": "3d gaussian splatting",
     "asr": "automatic speech recognition",
@@ -186,7 +187,6 @@ ABBREVIATIONS: dict[str, str] = {
     "gan": "generative adversarial network",
     "gnn": "graph neural network",
     "grpo": "group relative policy optimization",
-    "icl": "in context learning",
     "kd": "knowledge distillation",
     "llm": "large language model",
     "lm": "language model",
@@ -202,7 +202,6 @@ ABBREVIATIONS: dict[str, str] = {
     "rlhf": "reinforcement learning from human feedback",
     "sft": "supervised fine tuning",
     "ssm": "state space model",
-    "tts": "text to speech",
     "vae": "variational autoencoder",
     "vit": "vision transformer",
     "vla": "vision language action",
@@ -225,10 +224,12 @@ def _abbreviations() -> tuple[dict[str, tuple[str, ...]], list[tuple[tuple[str, 
 
 
 def spellings(words: Sequence[str]) -> list[tuple[str, ...]]:
-    """An analysed topic as written, with its abbreviations spelled out, and contracted."""
+    """An analysed topic as written, with its abbreviations spelled out, contracted, and each
+    abbreviation contracted on its own ("MLLM" is also "multimodal LLM")."""
     expand, contract = _abbreviations()
     written = tuple(words)
     expanded = tuple(w for word in written for w in expand.get(word, (word,)))
+    found: list[tuple[str, ...]] = []
     contracted: list[str] = []
     i = 0
     while i < len(expanded):
@@ -240,7 +241,11 @@ def spellings(words: Sequence[str]) -> list[tuple[str, ...]]:
         else:
             contracted.append(expanded[i])
             i += 1
-    return list(dict.fromkeys([written, expanded, tuple(contracted)]))
+    for start in range(len(expanded)):
+        for long, short in contract:
+            if expanded[start : start + len(long)] == long:
+                found.append((*expanded[:start], short, *expanded[start + len(long) :]))
+    return list(dict.fromkeys([written, expanded, tuple(contracted), *found]))
 
 
 @dataclass(frozen=True)

@@ -249,6 +249,9 @@ def test_abbreviations_match_both_ways_and_only_as_phrases() -> None:
     assert reasons["p1"] == reasons["p2"] == ("reinforcement learning from human feedback",)
     assert reasons["p3"] == ("retrieval augmented generation",)
     assert reasons["p0"] == reasons["p4"] == ()
+    mixed = _ranker("Multimodal LLMs that reason", "MLLMs for charts", "A multimodal model of language")
+    reasons = {p.paper_id: p.reasons for p in mixed.pick(Profile.from_text("MLLM"), 10, set())}
+    assert reasons == {"p0": ("mllm",), "p1": ("mllm",), "p2": ()}
     # Excluding an abbreviation excludes its spelled-out form too (and, as for every excluded
     # word, words starting with it: "RLHF").
     kept = [p.paper_id for p in ranker.pick(Profile.from_text("", "RL"), 10, set())]
