@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 SENT_GROUP_SIZE = 16
 SENT_GROUP_SECONDS = 0.02
+# How often a batch that is still sending checks that its waiting recipients are still active.
+STATUS_RECHECK_SECONDS = 1.0
 # Candidates of a weekly digest span 7 days; a paper can only repeat within that reach.
 # Papers in these deliveries count as received (failed and skipped ones never arrived).
 NOTHING_NEW = "no new papers for this subscriber"
@@ -644,8 +646,30 @@ async def send_prepared(
     for item in prepared:
         queue.put_nowait(item)
     accepted: list[tuple[int, str, dt.datetime]] = []
-    last_flush = time.monotonic()
+    last_flush = last_check = time.monotonic()
     unsent = {item.delivery.id for item in prepared}
+    queued = {item.delivery.id: item.subscriber.id for item in prepared}
+    withdrawn: set[int] = set()  # deliveries whose subscriber left while they waited here
+
+    def recheck() -> None:
+        # A chunk can take a while to send (rate limits, a slow relay): someone who
+        # unsubscribes meanwhile must not get the message still waiting for them here.
+        nonlocal last_check
+        last_check = time.monotonic()
+        if not queued:
+            return
+        with transaction(factory) as session:
+            active = set(
+                session.scalars(
+                    select(Subscriber.id).where(
+                        Subscriber.id.in_(set(queued.values())), Subscriber.status == SubscriberStatus.ACTIVE
+                    )
+                )
+            )
+            for delivery_id, subscriber_id in queued.items():
+                if subscriber_id not in active and delivery_id not in withdrawn:
+                    mark_skipped(session, delivery_id, "subscriber no longer active", clock())
+                    withdrawn.add(delivery_id)
 
     def flush() -> None:
         nonlocal last_flush
@@ -662,6 +686,13 @@ async def send_prepared(
                 item = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
+            if time.monotonic() - last_check >= STATUS_RECHECK_SECONDS:
+                recheck()
+            queued.pop(item.delivery.id, None)
+            if item.delivery.id in withdrawn:
+                unsent.discard(item.delivery.id)
+                result.skipped += 1
+                continue
             domain = item.subscriber.email.rpartition("@")[2]
             await limiter.acquire(domain)
             try:

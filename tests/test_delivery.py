@@ -371,3 +371,27 @@ def test_a_row_planned_without_papers_gets_them_chosen_once_at_send_time(
     assert delivery.paper_ids and len(delivery.paper_ids) == runtime.settings.digest_size
     assert delivery.recipient == email
     assert len(smtp.to(email)) == 1
+
+
+def test_unsubscribing_while_the_batch_is_sending_stops_the_waiting_message(
+    runtime: Runtime, smtp: SMTPSink, session: Session
+) -> None:
+    emails = people(runtime, 3)
+    digest_id = prepare(runtime, emails)
+    with transaction(runtime.session_factory) as s:
+        ids = list(s.scalars(select(Subscriber.id).order_by(Subscriber.id)))
+    runtime.settings.smtp_pool_size = 1  # one message at a time, in id order
+    smtp.behaviour.hold = threading.Event()  # the relay sits on the first message
+    batch = threading.Thread(target=send_batch, args=(runtime, digest_id, ids))
+    batch.start()
+    assert smtp.behaviour.holding.wait(10)  # the first message is in DATA...
+    with transaction(runtime.session_factory) as s:
+        last = s.scalar(select(Subscriber).where(Subscriber.email == emails[2]))
+        assert last is not None
+        unsubscribe(s, last, now=utcnow())  # ...and the third reader leaves meanwhile
+    time.sleep(1.2)  # longer than the batch waits between checks
+    smtp.behaviour.hold.set()
+    batch.join(timeout=30)
+    assert received_counts(smtp) == Counter(emails[:2])
+    left = deliveries(session)[emails[2]]
+    assert left.status is DeliveryStatus.SKIPPED and left.last_error == "subscriber no longer active"

@@ -207,6 +207,7 @@ class SMTPBehaviour:
     drop_after: int | None = None  # close the connection after accepting this many messages
     delay: float = 0.0  # seconds to wait before accepting each message
     hold: threading.Event | None = None  # while set and not released, DATA waits for it
+    holding: threading.Event = field(default_factory=threading.Event)  # set once DATA waits on hold
 
 
 class _Handler:
@@ -238,6 +239,7 @@ class _Handler:
         if behaviour.delay:
             await asyncio.sleep(behaviour.delay)
         while behaviour.hold is not None and not behaviour.hold.is_set():
+            behaviour.holding.set()
             await asyncio.sleep(0.01)
         with self.sink.lock:
             if behaviour.temp_fail_data > 0:
