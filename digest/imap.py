@@ -3,7 +3,9 @@
 Each unseen message is fetched without marking it (BODY.PEEK), handled by
 ``digest.mailin.process`` and flagged ``\\Seen`` only after its transaction committed, so a crash
 or a database outage leaves it for the next poll. ``ProcessedMessage`` keeps a message that
-changed something from being handled again even if someone marks it unread.
+changed something from being handled again even if someone marks it unread. With
+``DIGEST_IMAP_DONE_FOLDER`` set, handled messages are then moved there (created if missing),
+which keeps a busy list's inbox small; messages left for the next poll stay where they are.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def poll_imap(runtime: Runtime) -> PollStats:
             raise DigestError(f"IMAP folder {runtime.settings.imap_folder!r} cannot be opened")
         _, found = client.uid("SEARCH", "UNSEEN")
         uids = found[0].split() if found and found[0] else []
+        done = runtime.settings.imap_done_folder
+        if uids and done:
+            client.create(_quoted(done))  # NO when it exists already, which is fine
         replies: list[tuple[str, bytes]] = []
         for uid in uids:
             stats.seen += 1
@@ -69,7 +74,7 @@ def poll_imap(runtime: Runtime) -> PollStats:
                     limit,
                 )
                 stats.ignored += 1
-                client.uid("STORE", uid, "+FLAGS", r"(\Seen)")
+                _finish(client, uid.decode(), done)
                 continue
             _, fetched = client.uid("FETCH", uid, "(BODY.PEEK[])")
             data = _body(fetched)
@@ -79,7 +84,7 @@ def poll_imap(runtime: Runtime) -> PollStats:
                 log.exception("mail in: database unavailable; IMAP message %s left for the next poll", uid.decode())
                 stats.failed += 1
                 continue
-            client.uid("STORE", uid, "+FLAGS", r"(\Seen)")
+            _finish(client, uid.decode(), done)
             replies.extend(processed.replies)
             if processed.changed:
                 stats.handled += 1
@@ -93,6 +98,27 @@ def poll_imap(runtime: Runtime) -> PollStats:
         except (imaplib.IMAP4.error, OSError):
             log.warning("mail in: IMAP logout failed", exc_info=True)
     return stats
+
+
+def _finish(client: imaplib.IMAP4, uid: str, done_folder: str | None) -> None:
+    """Flag a handled message seen and, with a done folder, move it there (RFC 6851 MOVE, or
+    COPY and expunge where the server has no MOVE)."""
+    client.uid("STORE", uid, "+FLAGS", r"(\Seen)")
+    if not done_folder:
+        return
+    if "MOVE" in client.capabilities:
+        status, answer = client.uid("MOVE", uid, _quoted(done_folder))
+    else:
+        status, answer = client.uid("COPY", uid, _quoted(done_folder))
+        if status == "OK":
+            client.uid("STORE", uid, "+FLAGS", r"(\Deleted)")
+            # UID EXPUNGE (RFC 4315) removes only this message, not others flagged \Deleted.
+            if "UIDPLUS" in client.capabilities:
+                client.uid("EXPUNGE", uid)
+            else:
+                client.expunge()
+    if status != "OK":
+        log.warning("mail in: IMAP message %s not moved to %r (%s); left seen in place", uid, done_folder, answer)
 
 
 def _quoted(folder: str) -> str:

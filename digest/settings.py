@@ -93,6 +93,7 @@ class Settings(BaseSettings):
     imap_username: str | None = None
     imap_password: str | None = None
     imap_folder: str = "INBOX"
+    imap_done_folder: str | None = None  # handled messages are moved here (created if missing)
     imap_ssl: bool = True
 
     @field_validator("base_url", "papers_api_url")

@@ -147,3 +147,28 @@ def test_junk_in_the_mailbox_changes_nothing(imap_runtime: Runtime, smtp: SMTPSi
     assert snapshot(runtime) == before
     assert smtp.messages == []
     assert poll_imap(runtime).seen == 0
+
+
+def test_handled_mail_can_be_moved_out_of_the_inbox(imap_runtime: Runtime, smtp: SMTPSink) -> None:
+    runtime = imap_runtime
+    runtime.settings.imap_done_folder = "Digest handled"
+    drop(
+        runtime,
+        messages.plain("carol@example.net", "papers+subscribe@digest.example.org", "join"),
+        b"To: papers@digest.example.org\r\nSubject: huge\r\n\r\n" + (b"y" * 998 + b"\r\n") * 2_000,  # ignored
+    )
+    stats = poll_imap(runtime)
+    assert (stats.seen, stats.handled, stats.ignored) == (2, 1, 1)
+    assert subscriber(runtime, "carol@example.net").status is SubscriberStatus.PENDING
+    client = mailbox(runtime)
+    try:
+        assert client.select("INBOX")[1] == [b"0"]  # the inbox is empty
+        status, count = client.select('"Digest handled"')
+        assert status == "OK" and count == [b"2"]
+        _, seen = client.search(None, "SEEN")
+        assert len(seen[0].split()) == 2
+    finally:
+        client.logout()
+    drop(runtime, messages.plain("dan@example.net", "papers+subscribe@digest.example.org", "join"))
+    assert poll_imap(runtime).handled == 1  # the folder exists now: still fine
+    assert subscriber(runtime, "dan@example.net").status is SubscriberStatus.PENDING
