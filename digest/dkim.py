@@ -41,7 +41,6 @@ SIGNED_HEADERS: tuple[bytes, ...] = (
 )
 
 _WSP_RUN = re.compile(rb"[ \t]+")
-_TRAILING_WSP = re.compile(rb"[ \t]+\r\n")
 
 
 class DkimConfigError(DigestError):
@@ -59,11 +58,12 @@ def relaxed_body(body: bytes) -> bytes:
     the end; a non-empty body ends with CRLF."""
     if b"\r" not in body:
         body = body.replace(b"\n", b"\r\n")
-    # Our bodies rarely hold runs of white space; skip the regexes when there are none.
-    if b"  " in body or b"\t" in body:
-        body = _WSP_RUN.sub(b" ", body)
-    if b" \r\n" in body:
-        body = _TRAILING_WSP.sub(b"\r\n", body)
+    # bytes.replace rather than a regex over the whole body: a few C passes (each halves the
+    # runs of spaces) instead of ~0.3 ms of regex for a 28 KB digest.
+    body = body.replace(b"\t", b" ")
+    while b"  " in body:
+        body = body.replace(b"  ", b" ")
+    body = body.replace(b" \r\n", b"\r\n")
     # A last line without a line break keeps a trailing space, as dkimpy (and the RFC's order of
     # steps) has it; our messages always end with one.
     body = body.rstrip(b"\r\n")
