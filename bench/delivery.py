@@ -7,6 +7,7 @@ size over 8 sessions to the same sink. Prints one JSON line per N.
 
     apt-get install -y postfix        # for smtp-sink / smtp-source; the daemon is not started
     .venv/bin/python bench/delivery.py --n 10000 --n 100000
+    .venv/bin/python bench/delivery.py --n 10000 --dkim    # every digest DKIM-signed
 
 Uses the machine's PostgreSQL and Redis (127.0.0.1) like the tests, in a database of its own.
 """
@@ -155,7 +156,16 @@ def pool_processes(worker: Process) -> list[psutil.Process]:
     return psutil.Process(worker.proc.pid).children(recursive=True)
 
 
-def run_once(n: int, postgres: Postgres, api: PapersAPI, redis_url: str, workers: int, tmp: Path) -> dict[str, object]:
+def dkim_settings(tmp: Path) -> dict[str, str]:
+    """A fresh 2048-bit key, as DIGEST_DKIM_* settings (the DNS record is not needed here)."""
+    key = tmp / "dkim.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+    return {"dkim_selector": "bench", "dkim_domain": "example.org", "dkim_private_key_path": str(key)}
+
+
+def run_once(
+    n: int, postgres: Postgres, api: PapersAPI, redis_url: str, workers: int, tmp: Path, dkim: bool = False
+) -> dict[str, object]:
     name = f"digest_bench_{os.getpid()}"
     url = postgres.create_database(name)
     db.upgrade(url)
@@ -174,6 +184,7 @@ def run_once(n: int, postgres: Postgres, api: PapersAPI, redis_url: str, workers
         batch_size=500,
         smtp_pool_size=4,
         lease_seconds=600,
+        **(dkim_settings(tmp) if dkim else {}),
     )
     subprocess.run(["redis-cli", "-u", redis_url, "flushdb"], check=False, stdout=subprocess.DEVNULL)
     # The Procfile's worker line, with the process count under test (the last flag wins).
@@ -214,6 +225,7 @@ def run_once(n: int, postgres: Postgres, api: PapersAPI, redis_url: str, workers
         raise RuntimeError(run.stderr + run.stdout)
     return {
         "n": n,
+        "dkim": dkim,
         "sent": sent,
         "wall_s": round(wall, 2),
         "digests_per_s": round(sent / wall, 1),
@@ -263,6 +275,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, action="append", help="subscribers (repeatable); default 10000 and 100000")
     parser.add_argument("--workers", type=int, default=2, help="Celery worker processes")
+    parser.add_argument("--dkim", action="store_true", help="sign every digest (DIGEST_DKIM_* with a fresh key)")
     args = parser.parse_args()
     if not shutil.which("smtp-sink") and not Path("/usr/sbin/smtp-sink").exists():
         sys.exit("needs Postfix's smtp-sink: apt-get install -y postfix")
@@ -274,7 +287,7 @@ def main() -> None:
         size = sample.stat().st_size
         for n in args.n or [10_000, 100_000]:
             ceiling_rate = ceiling(sample, min(n, 50_000))
-            result = run_once(n, postgres, api, redis_url, args.workers, tmp)
+            result = run_once(n, postgres, api, redis_url, args.workers, tmp, dkim=args.dkim)
             result.update(
                 message_bytes=size,
                 ceiling_smtp_source_8_sessions_per_s=round(ceiling_rate, 1),
