@@ -102,8 +102,13 @@ def _maybe_literal(value: object) -> object:
 
 
 def _url(value: object) -> str | None:
-    if isinstance(value, str) and value.startswith(("https://", "http://")) and len(value) <= 500:
-        return value.strip()
+    """An http(s) link as the API gives it, or None; never one with control characters (a CR or
+    LF in a link would break the email's lines)."""
+    if not isinstance(value, str):
+        return None
+    url = value.strip()
+    if url.startswith(("https://", "http://")) and len(url) <= 500 and url.isprintable() and " " not in url:
+        return url
     return None
 
 

@@ -154,11 +154,27 @@ def test_signatures_verify_whatever_the_white_space(
         + b"".join(line + b"\n" for line in body)
     )
     signed = signer.sign(message)
-    assert signed.endswith(message)
+    assert signed.endswith(message.replace(b"\n", b"\r\n"))  # as SMTP sends it
     assert dkim.verify(signed, dnsfunc=dns_for(record))
-    crlf = signed.replace(b"\n", b"\r\n")  # as it travels over SMTP
-    assert dkim.verify(crlf, dnsfunc=dns_for(record))
-    assert not dkim.verify(crlf.replace(b"Message-ID: <a@", b"Message-ID: <b@"), dnsfunc=dns_for(record))
+    assert not dkim.verify(signed.replace(b"Message-ID: <a@", b"Message-ID: <b@"), dnsfunc=dns_for(record))
+
+
+def test_signatures_hold_for_odd_line_ends_and_added_headers(key_pair: tuple[Path, bytes]) -> None:
+    private, record = key_pair
+    signer = DkimSigner.from_settings("mail", "example.org", str(private))
+    assert signer is not None
+    # A stray CR (say in a URL from the papers API) becomes a line break on the wire; a body
+    # without a final line break gets one: the signature covers the message as sent.
+    message = (
+        b"From: papers@example.org\nTo: reader@example.net\n"
+        b"List-Unsubscribe: <https://papers.example.org/u/tok>\n\nsee https://x.org/a\rb\r\nend "
+    )
+    signed = signer.sign(message)
+    assert dkim.verify(signed, dnsfunc=dns_for(record))
+    # Every signed header is signed once more than it occurs: another one added above it breaks
+    # the signature (a forwarder cannot add its own unsubscribe target or From).
+    for added in (b"List-Unsubscribe: <https://evil.example.net/u>\r\n", b"From: boss@example.org\r\n"):
+        assert not dkim.verify(added + signed, dnsfunc=dns_for(record))
 
 
 def test_a_key_that_is_not_rsa_is_refused(tmp_path: Path) -> None:

@@ -159,6 +159,17 @@ def test_oversized_fields_are_cut(session: Session) -> None:
     assert len(record.title) <= 500 and len(record.abstract) <= 10_000
 
 
+def test_links_with_control_characters_or_other_schemes_are_dropped() -> None:
+    item = copy.deepcopy(load_recorded("2024-10-25")[0])
+    item["paper"]["githubRepo"] = "https://github.com/a/b\r\nBcc: victim@example.org"
+    item["paper"]["projectPage"] = "javascript:alert(1)"
+    (record,) = parse_items([item], OLD_DAY)
+    assert record.github_repo is None and record.project_page is None
+    item["paper"]["githubRepo"] = " https://github.com/a/b "
+    (record,) = parse_items([item], OLD_DAY)
+    assert record.github_repo == "https://github.com/a/b"
+
+
 def test_an_empty_day_sends_no_digest_and_says_so(runtime: Runtime, smtp: SMTPSink, session: Session) -> None:
     from digest.models import utcnow
     from digest.subscriptions import add_confirmed
