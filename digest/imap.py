@@ -59,8 +59,14 @@ def poll_imap(runtime: Runtime) -> PollStats:
         _, found = client.uid("SEARCH", "UNSEEN")
         uids = found[0].split() if found and found[0] else []
         done = runtime.settings.imap_done_folder
+        moves: str | None = None
         if uids and done:
+            if not done.isascii() or not done.isprintable():
+                raise DigestError(f"DIGEST_IMAP_DONE_FOLDER {done!r}: use an ASCII folder name")
             client.create(_quoted(done))  # NO when it exists already, which is fine
+            moves = _how_to_move(client)
+            if moves is None:
+                log.warning("mail in: the IMAP server has neither MOVE nor UIDPLUS; handled mail stays in place")
         replies: list[tuple[str, bytes]] = []
         for uid in uids:
             stats.seen += 1
@@ -74,7 +80,7 @@ def poll_imap(runtime: Runtime) -> PollStats:
                     limit,
                 )
                 stats.ignored += 1
-                _finish(client, uid.decode(), done)
+                _finish(client, uid.decode(), done, moves)
                 continue
             _, fetched = client.uid("FETCH", uid, "(BODY.PEEK[])")
             data = _body(fetched)
@@ -84,7 +90,7 @@ def poll_imap(runtime: Runtime) -> PollStats:
                 log.exception("mail in: database unavailable; IMAP message %s left for the next poll", uid.decode())
                 stats.failed += 1
                 continue
-            _finish(client, uid.decode(), done)
+            _finish(client, uid.decode(), done, moves)
             replies.extend(processed.replies)
             if processed.changed:
                 stats.handled += 1
@@ -100,23 +106,34 @@ def poll_imap(runtime: Runtime) -> PollStats:
     return stats
 
 
-def _finish(client: imaplib.IMAP4, uid: str, done_folder: str | None) -> None:
-    """Flag a handled message seen and, with a done folder, move it there (RFC 6851 MOVE, or
-    COPY and expunge where the server has no MOVE)."""
+def _how_to_move(client: imaplib.IMAP4) -> str | None:
+    """"MOVE" (RFC 6851), "UIDPLUS" (COPY, then expunge just that message) or None.
+
+    Asked after login: imaplib keeps the greeting's list, and servers announce these only to a
+    logged-in client."""
+    status, answer = client.capability()
+    words = set(answer[0].upper().split()) if status == "OK" and answer and isinstance(answer[0], bytes) else set()
+    if b"MOVE" in words:
+        return "MOVE"
+    return "UIDPLUS" if b"UIDPLUS" in words else None
+
+
+def _finish(client: imaplib.IMAP4, uid: str, done_folder: str | None, moves: str | None) -> None:
+    """Flag a handled message seen and, with a done folder, move it there. Never a bare
+    EXPUNGE: that would also remove other messages someone flagged deleted."""
     client.uid("STORE", uid, "+FLAGS", r"(\Seen)")
-    if not done_folder:
+    if not done_folder or moves is None:
         return
-    if "MOVE" in client.capabilities:
-        status, answer = client.uid("MOVE", uid, _quoted(done_folder))
-    else:
-        status, answer = client.uid("COPY", uid, _quoted(done_folder))
-        if status == "OK":
-            client.uid("STORE", uid, "+FLAGS", r"(\Deleted)")
-            # UID EXPUNGE (RFC 4315) removes only this message, not others flagged \Deleted.
-            if "UIDPLUS" in client.capabilities:
-                client.uid("EXPUNGE", uid)
-            else:
-                client.expunge()
+    try:
+        if moves == "MOVE":
+            status, answer = client.uid("MOVE", uid, _quoted(done_folder))
+        else:
+            status, answer = client.uid("COPY", uid, _quoted(done_folder))
+            if status == "OK":
+                client.uid("STORE", uid, "+FLAGS", r"(\Deleted)")
+                status, answer = client.uid("EXPUNGE", uid)
+    except imaplib.IMAP4.error as exc:
+        status, answer = "NO", [str(exc).encode()]
     if status != "OK":
         log.warning("mail in: IMAP message %s not moved to %r (%s); left seen in place", uid, done_folder, answer)
 

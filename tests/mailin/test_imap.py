@@ -157,12 +157,16 @@ def test_handled_mail_can_be_moved_out_of_the_inbox(imap_runtime: Runtime, smtp:
         messages.plain("carol@example.net", "papers+subscribe@digest.example.org", "join"),
         b"To: papers@digest.example.org\r\nSubject: huge\r\n\r\n" + (b"y" * 998 + b"\r\n") * 2_000,  # ignored
     )
+    # Someone else's message, read and flagged deleted but not expunged: it must survive.
+    client = mailbox(runtime)
+    client.append("INBOX", r"(\Seen \Deleted)", None, messages.plain("x@example.net", INBOUND, "old"))
+    client.logout()
     stats = poll_imap(runtime)
     assert (stats.seen, stats.handled, stats.ignored) == (2, 1, 1)
     assert subscriber(runtime, "carol@example.net").status is SubscriberStatus.PENDING
     client = mailbox(runtime)
     try:
-        assert client.select("INBOX")[1] == [b"0"]  # the inbox is empty
+        assert client.select("INBOX")[1] == [b"1"]  # only the other message is left
         status, count = client.select('"Digest handled"')
         assert status == "OK" and count == [b"2"]
         _, seen = client.search(None, "SEEN")
