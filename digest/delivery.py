@@ -31,6 +31,7 @@ from functools import cached_property
 from sqlalchemy import Table, and_, bindparam, func, or_, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from digest.db import transaction
@@ -62,6 +63,7 @@ STATUS_RECHECK_SECONDS = 1.0
 # Candidates of a weekly digest span 7 days; a paper can only repeat within that reach.
 # Papers in these deliveries count as received (failed and skipped ones never arrived).
 NOTHING_NEW = "no new papers for this subscriber"
+NO_LONGER_ACTIVE = "subscriber no longer active"
 REPEAT_STATUSES = frozenset({DeliveryStatus.SENT, DeliveryStatus.SENDING, DeliveryStatus.PENDING})
 NO_REPEAT_LOOKBACK = dt.timedelta(days=15)
 
@@ -315,6 +317,18 @@ def mark_skipped(session: Session, delivery_id: int, reason: str, now: dt.dateti
         .where(Delivery.id == delivery_id)
         .values(status=DeliveryStatus.SKIPPED, last_error=reason[:500], lease_until=None, updated_at=now)
     )
+
+
+def withdraw(session: Session, delivery_id: int, now: dt.datetime) -> bool:
+    """Skip a claimed delivery whose subscriber left before it was sent; False when the row is
+    no longer this batch's to skip (sent or taken over meanwhile)."""
+    result = session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery_id, Delivery.status == DeliveryStatus.SENDING)
+        .values(status=DeliveryStatus.SKIPPED, last_error=NO_LONGER_ACTIVE, lease_until=None, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def record_failure(
@@ -600,7 +614,7 @@ def prepare_claimed(
         subscriber = subscribers.get(delivery.subscriber_id or -1)
         reason = None
         if subscriber is None or subscriber.status is not SubscriberStatus.ACTIVE:
-            reason = "subscriber no longer active"
+            reason = NO_LONGER_ACTIVE
         elif delivery.not_after is not None and now > delivery.not_after:
             reason = f"stale: not sent before {delivery.not_after.isoformat()}"
         if reason is None and subscriber is not None and delivery.paper_ids is None:
@@ -646,7 +660,7 @@ async def send_prepared(
     for item in prepared:
         queue.put_nowait(item)
     accepted: list[tuple[int, str, dt.datetime]] = []
-    last_flush = last_check = time.monotonic()
+    last_flush = time.monotonic()
     unsent = {item.delivery.id for item in prepared}
     queued = {item.delivery.id: item.subscriber.id for item in prepared}
     withdrawn: set[int] = set()  # deliveries whose subscriber left while they waited here
@@ -654,22 +668,23 @@ async def send_prepared(
     def recheck() -> None:
         # A chunk can take a while to send (rate limits, a slow relay): someone who
         # unsubscribes meanwhile must not get the message still waiting for them here.
-        nonlocal last_check
-        last_check = time.monotonic()
         if not queued:
             return
-        with transaction(factory) as session:
-            active = set(
-                session.scalars(
-                    select(Subscriber.id).where(
-                        Subscriber.id.in_(set(queued.values())), Subscriber.status == SubscriberStatus.ACTIVE
+        try:
+            with transaction(factory) as session:
+                active = set(
+                    session.scalars(
+                        select(Subscriber.id).where(
+                            Subscriber.id.in_(set(queued.values())), Subscriber.status == SubscriberStatus.ACTIVE
+                        )
                     )
                 )
-            )
-            for delivery_id, subscriber_id in queued.items():
-                if subscriber_id not in active and delivery_id not in withdrawn:
-                    mark_skipped(session, delivery_id, "subscriber no longer active", clock())
-                    withdrawn.add(delivery_id)
+                for delivery_id, subscriber_id in list(queued.items()):
+                    gone = subscriber_id not in active and delivery_id not in withdrawn
+                    if gone and withdraw(session, delivery_id, clock()):
+                        withdrawn.add(delivery_id)
+        except SQLAlchemyError:
+            log.warning("could not re-check the batch's recipients; trying again shortly", exc_info=True)
 
     def flush() -> None:
         nonlocal last_flush
@@ -686,15 +701,13 @@ async def send_prepared(
                 item = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            if time.monotonic() - last_check >= STATUS_RECHECK_SECONDS:
-                recheck()
+            domain = item.subscriber.email.rpartition("@")[2]
+            await limiter.acquire(domain)  # may wait long: the re-check covers this too
             queued.pop(item.delivery.id, None)
             if item.delivery.id in withdrawn:
                 unsent.discard(item.delivery.id)
                 result.skipped += 1
                 continue
-            domain = item.subscriber.email.rpartition("@")[2]
-            await limiter.acquire(domain)
             try:
                 reply = await mailer.send(item.sender, item.subscriber.email, item.data)
             except SendError as exc:
@@ -712,6 +725,11 @@ async def send_prepared(
             if len(accepted) >= SENT_GROUP_SIZE or time.monotonic() - last_flush >= SENT_GROUP_SECONDS:
                 flush()
 
+    async def keep_checking() -> None:
+        while True:
+            await asyncio.sleep(STATUS_RECHECK_SECONDS)
+            recheck()
+
     async def keep_leases() -> None:
         # A slow send (rate limits, a slow relay) must not let the lease of rows still waiting
         # here run out: the sweep would hand them to another worker and both would send.
@@ -721,11 +739,12 @@ async def send_prepared(
                 with transaction(factory) as session:
                     extend_leases(session, sorted(unsent), clock() + dt.timedelta(seconds=policy.lease_seconds))
 
-    heartbeat = asyncio.create_task(keep_leases())
+    heartbeat, checker = asyncio.create_task(keep_leases()), asyncio.create_task(keep_checking())
     try:
         await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
     finally:
         heartbeat.cancel()
+        checker.cancel()
         flush()
     return result
 

@@ -107,7 +107,8 @@ def poll_imap(runtime: Runtime) -> PollStats:
 
 
 def _how_to_move(client: imaplib.IMAP4) -> str | None:
-    """"MOVE" (RFC 6851), "UIDPLUS" (COPY, then expunge just that message) or None.
+    """How this server can move a message: "MOVE" (RFC 6851), "UIDPLUS" (COPY, then expunge
+    just that message) or None.
 
     Asked after login: imaplib keeps the greeting's list, and servers announce these only to a
     logged-in client."""
