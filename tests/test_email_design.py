@@ -221,3 +221,22 @@ def test_a_sent_digest_arrives_signed(
     raw = received.data  # the bytes the SMTP server got, CRLF line ends and all
     assert dkim.verify(raw, dnsfunc=dns_for(record))
     assert "list-unsubscribe" in signed_headers(raw) and "list-unsubscribe-post" in signed_headers(raw)
+
+
+def test_the_web_app_refuses_to_start_with_a_broken_dkim_key(
+    database: str, smtp: SMTPSink, papers_api: PapersAPI, tmp_path: Path
+) -> None:
+    from digest.web.app import create_app
+
+    junk = tmp_path / "dkim.pem"
+    junk.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    settings = make_settings(
+        database, smtp, papers_api, dkim_selector="mail", dkim_domain="example.org", dkim_private_key_path=str(junk)
+    )
+    runtime = Runtime(settings)
+    try:
+        # Confirmations go out after the answer, where nobody would see this error.
+        with pytest.raises(DkimConfigError, match="not a usable PEM key"):
+            create_app(runtime)
+    finally:
+        runtime.dispose()

@@ -86,6 +86,9 @@ def jsonable_errors(exc: RequestValidationError) -> list[dict[str, object]]:
 def create_app(runtime: Runtime) -> FastAPI:
     """The ASGI app for one process; rate limits are shared through ``DIGEST_REDIS_URL`` if set."""
     settings = runtime.settings
+    # Mail goes out after the answer, where nobody sees an error: a broken DKIM setup must stop
+    # the app from starting instead.
+    _ = runtime.dkim_signer
     app = FastAPI(
         title="Daily Papers digest",
         version="1",

@@ -41,9 +41,11 @@ async def start_signup(
     background.add_task(_subscribe_and_confirm, runtime, address, topics)
 
 
-async def _subscribe_and_confirm(runtime: Runtime, address: str, topics: str | None) -> None:
+async def _subscribe_and_confirm(
+    runtime: Runtime, address: str, topics: str | None, *, only_if_pending: bool = False
+) -> None:
     try:
-        message = await run_in_threadpool(_store_pending, runtime, address, topics, utcnow())
+        message = await run_in_threadpool(_store_pending, runtime, address, topics, utcnow(), only_if_pending)
     except Exception:  # after the answer: nobody to tell but the log
         log.exception("storing a web subscription failed")
         return
@@ -51,8 +53,16 @@ async def _subscribe_and_confirm(runtime: Runtime, address: str, topics: str | N
         await _send_confirmation(runtime, address, message)
 
 
-def _store_pending(runtime: Runtime, address: str, topics: str | None, now: dt.datetime) -> bytes | None:
+def _store_pending(
+    runtime: Runtime, address: str, topics: str | None, now: dt.datetime, only_if_pending: bool = False
+) -> bytes | None:
     with transaction(runtime.session_factory) as session:
+        if only_if_pending:
+            # A resend: if they confirmed or left since the request, there is nothing to resend
+            # (subscribing again would put an unsubscribed address back to pending).
+            current = subscriptions.find_by_email(session, address)
+            if current is None or current.status is not SubscriberStatus.PENDING:
+                return None
         outcome = subscriptions.subscribe(session, address, now=now, topics=topics, source="web")
         if not outcome.send_confirmation:
             return None
@@ -76,7 +86,7 @@ async def resend_confirmation(
     if found is None:
         return  # already confirmed, unsubscribed or erased: same answer, nothing sent
     await run_in_threadpool(limits.hit, "resend", "address", found)
-    background.add_task(_subscribe_and_confirm, runtime, found, None)
+    background.add_task(_subscribe_and_confirm, runtime, found, None, only_if_pending=True)
 
 
 async def _send_confirmation(runtime: Runtime, address: str, message: bytes) -> None:
