@@ -395,3 +395,25 @@ def test_unsubscribing_while_the_batch_is_sending_stops_the_waiting_message(
     assert received_counts(smtp) == Counter(emails[:2])
     left = deliveries(session)[emails[2]]
     assert left.status is DeliveryStatus.SKIPPED and left.last_error == "subscriber no longer active"
+
+
+def test_unsubscribing_while_the_message_waits_for_the_rate_limit_stops_it(
+    runtime: Runtime, smtp: SMTPSink, session: Session, redis_url: str
+) -> None:
+    emails = people(runtime, 2)
+    digest_id = prepare(runtime, emails)
+    with transaction(runtime.session_factory) as s:
+        ids = list(s.scalars(select(Subscriber.id).order_by(Subscriber.id)))
+    runtime.settings.smtp_pool_size = 1
+    runtime.settings.redis_url = redis_url
+    runtime.settings.rate_limit_per_second = 0.5  # one message every 2 s, shared through Redis
+    batch = threading.Thread(target=send_batch, args=(runtime, digest_id, ids))
+    batch.start()
+    assert smtp.wait_for(1, timeout=10)  # the first went out; the second now waits its turn...
+    with transaction(runtime.session_factory) as s:
+        second = s.scalar(select(Subscriber).where(Subscriber.email == emails[1]))
+        assert second is not None
+        unsubscribe(s, second, now=utcnow())  # ...when its reader leaves
+    batch.join(timeout=30)
+    assert received_counts(smtp) == Counter(emails[:1])
+    assert deliveries(session)[emails[1]].status is DeliveryStatus.SKIPPED
