@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,8 +155,8 @@ class Dovecot:
     dir: Path
 
 
-@pytest.fixture(scope="session")
-def dovecot() -> Iterator[Dovecot]:
+@contextmanager
+def running_dovecot(extra_conf: str = "") -> Iterator[Dovecot]:
     """A throwaway Dovecot from Debian's package; any user name logs in with ``secret``."""
     if not Path(DOVECOT).exists():
         if os.environ.get("DIGEST_REQUIRE_DOVECOT") == "1":
@@ -169,7 +170,7 @@ def dovecot() -> Iterator[Dovecot]:
     shutil.chown(root / "mail", "dovecot", "dovecot")
     port = free_port()
     conf = root / "dovecot.conf"
-    conf.write_text(DOVECOT_CONF.format(dir=root, port=port), encoding="utf-8")
+    conf.write_text(DOVECOT_CONF.format(dir=root, port=port) + extra_conf, encoding="utf-8")
     subprocess.run([DOVECOT, "-c", str(conf)], check=True)
     deadline = time.monotonic() + 20
     while not port_open("127.0.0.1", port):
@@ -177,10 +178,18 @@ def dovecot() -> Iterator[Dovecot]:
             log = (root / "dovecot.log").read_text(errors="replace") if (root / "dovecot.log").exists() else ""
             pytest.fail(f"dovecot did not start:\n{log}")
         time.sleep(0.05)
-    yield Dovecot(port, root)
-    pid = int((root / "run" / "master.pid").read_text().strip())
-    os.kill(pid, 15)
-    deadline = time.monotonic() + 10
-    while (root / "run" / "master.pid").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        yield Dovecot(port, root)
+    finally:
+        pid = int((root / "run" / "master.pid").read_text().strip())
+        os.kill(pid, 15)
+        deadline = time.monotonic() + 10
+        while (root / "run" / "master.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def dovecot() -> Iterator[Dovecot]:
+    with running_dovecot() as server:
+        yield server

@@ -15,7 +15,7 @@ from digest.runtime import Runtime
 from digest.settings import Settings
 from tests.conftest import make_settings
 from tests.mailin import messages
-from tests.mailin.conftest import INBOUND, Dovecot, events, send_digest, snapshot, subscriber
+from tests.mailin.conftest import INBOUND, Dovecot, events, running_dovecot, send_digest, snapshot, subscriber
 from tests.support.servers import PapersAPI, SMTPSink
 
 pytestmark = pytest.mark.imap
@@ -176,3 +176,36 @@ def test_handled_mail_can_be_moved_out_of_the_inbox(imap_runtime: Runtime, smtp:
     drop(runtime, messages.plain("dan@example.net", "papers+subscribe@digest.example.org", "join"))
     assert poll_imap(runtime).handled == 1  # the folder exists now: still fine
     assert subscriber(runtime, "dan@example.net").status is SubscriberStatus.PENDING
+
+
+def test_without_move_handled_mail_is_copied_and_only_it_expunged(
+    database: str, smtp: SMTPSink, papers_api: PapersAPI
+) -> None:
+    # A server that offers UIDPLUS but not MOVE (as older ones do).
+    with running_dovecot("imap_capability = IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE UIDPLUS\n") as server:
+        settings = make_settings(
+            database,
+            smtp,
+            papers_api,
+            imap_host="127.0.0.1",
+            imap_port=server.port,
+            imap_username="papers",
+            imap_password="secret",
+            imap_ssl=False,
+            imap_done_folder="Done",
+        )
+        runtime = Runtime(settings)
+        try:
+            client = mailbox(runtime)
+            _, caps = client.capability()
+            assert b"MOVE" not in caps[0].split() and b"UIDPLUS" in caps[0].split()
+            client.append("INBOX", r"(\Seen \Deleted)", None, messages.plain("x@example.net", INBOUND, "old"))
+            client.logout()
+            drop(runtime, messages.plain("carol@example.net", "papers+subscribe@digest.example.org", "join"))
+            assert poll_imap(runtime).handled == 1
+            client = mailbox(runtime)
+            assert client.select("INBOX")[1] == [b"1"]  # the other message is still there
+            assert client.select("Done")[1] == [b"1"]
+            client.logout()
+        finally:
+            runtime.dispose()
