@@ -319,12 +319,12 @@ def mark_skipped(session: Session, delivery_id: int, reason: str, now: dt.dateti
     )
 
 
-def withdraw(session: Session, delivery_id: int, now: dt.datetime) -> bool:
+def withdraw(session: Session, delivery_id: int, attempts: int, now: dt.datetime) -> bool:
     """Skip a claimed delivery whose subscriber left before it was sent; False when the row is
-    no longer this batch's to skip (sent or taken over meanwhile)."""
+    no longer this claim's to skip (sent, or claimed again by another worker: a new attempt)."""
     result = session.execute(
         update(Delivery)
-        .where(Delivery.id == delivery_id, Delivery.status == DeliveryStatus.SENDING)
+        .where(Delivery.id == delivery_id, Delivery.status == DeliveryStatus.SENDING, Delivery.attempts == attempts)
         .values(status=DeliveryStatus.SKIPPED, last_error=NO_LONGER_ACTIVE, lease_until=None, updated_at=now)
         .execution_options(synchronize_session=False)
     )
@@ -662,7 +662,7 @@ async def send_prepared(
     accepted: list[tuple[int, str, dt.datetime]] = []
     last_flush = time.monotonic()
     unsent = {item.delivery.id for item in prepared}
-    queued = {item.delivery.id: item.subscriber.id for item in prepared}
+    queued = {item.delivery.id: item for item in prepared}
     withdrawn: set[int] = set()  # deliveries whose subscriber left while they waited here
 
     def recheck() -> None:
@@ -670,21 +670,25 @@ async def send_prepared(
         # unsubscribes meanwhile must not get the message still waiting for them here.
         if not queued:
             return
+        skipped: list[int] = []
         try:
             with transaction(factory) as session:
+                waiting = {item.subscriber.id for item in queued.values()}
                 active = set(
                     session.scalars(
                         select(Subscriber.id).where(
-                            Subscriber.id.in_(set(queued.values())), Subscriber.status == SubscriberStatus.ACTIVE
+                            Subscriber.id.in_(waiting), Subscriber.status == SubscriberStatus.ACTIVE
                         )
                     )
                 )
-                for delivery_id, subscriber_id in list(queued.items()):
-                    gone = subscriber_id not in active and delivery_id not in withdrawn
-                    if gone and withdraw(session, delivery_id, clock()):
-                        withdrawn.add(delivery_id)
+                for delivery_id, item in list(queued.items()):
+                    gone = item.subscriber.id not in active and delivery_id not in withdrawn
+                    if gone and withdraw(session, delivery_id, item.delivery.attempts, clock()):
+                        skipped.append(delivery_id)
         except SQLAlchemyError:
             log.warning("could not re-check the batch's recipients; trying again shortly", exc_info=True)
+            return
+        withdrawn.update(skipped)  # only once committed
 
     def flush() -> None:
         nonlocal last_flush
@@ -736,8 +740,12 @@ async def send_prepared(
         while True:
             await asyncio.sleep(policy.lease_seconds / 3)
             if unsent:
-                with transaction(factory) as session:
-                    extend_leases(session, sorted(unsent), clock() + dt.timedelta(seconds=policy.lease_seconds))
+                try:
+                    with transaction(factory) as session:
+                        extend_leases(session, sorted(unsent), clock() + dt.timedelta(seconds=policy.lease_seconds))
+                except SQLAlchemyError:
+                    # Keep trying: a lease that runs out hands waiting rows to another worker.
+                    log.warning("could not extend the batch's leases; trying again shortly", exc_info=True)
 
     heartbeat, checker = asyncio.create_task(keep_leases()), asyncio.create_task(keep_checking())
     try:

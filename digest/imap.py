@@ -131,8 +131,11 @@ def _finish(client: imaplib.IMAP4, uid: str, done_folder: str | None, moves: str
         else:
             status, answer = client.uid("COPY", uid, _quoted(done_folder))
             if status == "OK":
-                client.uid("STORE", uid, "+FLAGS", r"(\Deleted)")
-                status, answer = client.uid("EXPUNGE", uid)
+                status, answer = client.uid("STORE", uid, "+FLAGS", r"(\Deleted)")
+                if status == "OK":
+                    status, answer = client.uid("EXPUNGE", uid)
+                if status != "OK":  # a copy is in the done folder; leave the original unflagged
+                    client.uid("STORE", uid, "-FLAGS", r"(\Deleted)")
     except imaplib.IMAP4.error as exc:
         status, answer = "NO", [str(exc).encode()]
     if status != "OK":
