@@ -279,7 +279,6 @@ def mark_sent(session: Session, outcomes: Sequence[tuple[int, str, dt.datetime]]
     if any(at.tzinfo is None for _, _, at in outcomes):
         raise ValueError("naive datetime stored; use timezone-aware UTC timestamps")
     rows = [(d, r[:500], at) for d, r, at in outcomes]
-    sent = {"status": DeliveryStatus.SENT, "lease_until": None, "last_error": None}
     if session.get_bind().dialect.name == "postgresql":
         # One statement for the group, the same text every time (compiled once, prepared by the
         # server): the ledger's busiest write. SQLite takes the executemany below.
@@ -297,7 +296,14 @@ def mark_sent(session: Session, outcomes: Sequence[tuple[int, str, dt.datetime]]
     session.connection().execute(
         update(table)
         .where(table.c.id == bindparam("delivery_id"))
-        .values(smtp_reply=bindparam("reply"), sent_at=bindparam("at"), updated_at=bindparam("at"), **sent),
+        .values(
+            status=DeliveryStatus.SENT,
+            smtp_reply=bindparam("reply"),
+            sent_at=bindparam("at"),
+            updated_at=bindparam("at"),
+            lease_until=None,
+            last_error=None,
+        ),
         [{"delivery_id": d, "reply": r, "at": at} for d, r, at in rows],
     )
 

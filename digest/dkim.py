@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from digest.errors import DigestError
+from digest.mailer import wire_form
 
 # From first: it is the one header DKIM requires. The rest are what a receiver shows or acts on.
 SIGNED_HEADERS: tuple[bytes, ...] = (
@@ -41,7 +42,6 @@ SIGNED_HEADERS: tuple[bytes, ...] = (
 )
 
 _WSP_RUN = re.compile(rb"[ \t]+")
-_LINE_END = re.compile(rb"\r\n|\n|\r")
 
 
 class DkimConfigError(DigestError):
@@ -69,13 +69,6 @@ def relaxed_body(body: bytes) -> bytes:
     body = body.replace(b" \r\n", b"\r\n")
     body = body.rstrip(b"\r\n")
     return body + b"\r\n" if body else b""
-
-
-def wire_form(message: bytes) -> bytes:
-    """The message as SMTP transfers it (``digest.mailer.data_payload``): every CR, LF and CRLF
-    a CRLF, and a CRLF at the end. What is signed must be exactly this."""
-    message = message.replace(b"\n", b"\r\n") if b"\r" not in message else _LINE_END.sub(b"\r\n", message)
-    return message if message.endswith(b"\r\n") else message + b"\r\n"
 
 
 def _split(message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:

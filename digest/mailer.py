@@ -21,14 +21,12 @@ from aiosmtplib.protocol import SMTPProtocol, normalize_message_line_endings
 log = logging.getLogger(__name__)
 
 
-def data_payload(message: bytes) -> bytes:
-    """The DATA payload exactly as aiosmtplib would send it: CRLF line endings, lines starting
-    with a period doubled (RFC 5321 4.5.2), the terminating ``.`` line.
+def wire_form(message: bytes) -> bytes:
+    """The message as SMTP transfers it: every CR, LF and CRLF a CRLF, and a CRLF at the end
+    (what aiosmtplib's ``normalize_message_line_endings`` does). DKIM signs exactly this.
 
-    Our messages are built with LF endings (as the outbox writes them to files), so
-    ``bytes.replace`` calls do the work of aiosmtplib's two regular-expression passes over the
-    whole body: ~0.05 ms instead of ~0.3-0.6 ms for a 28 KB digest, the largest single cost of
-    sending one. Mixed endings take the library's own normalisation.
+    Our messages are built with LF endings (as the outbox writes them to files), so one
+    ``bytes.replace`` usually does it; mixed endings take the library's own normalisation.
     """
     if b"\r" not in message:
         message = message.replace(b"\n", b"\r\n")
@@ -36,8 +34,18 @@ def data_payload(message: bytes) -> bytes:
         bare = message.replace(b"\r\n", b"")
         if b"\r" in bare or b"\n" in bare:
             message = normalize_message_line_endings(message)
-    if not message.endswith(b"\r\n"):
-        message += b"\r\n"
+    return message if message.endswith(b"\r\n") else message + b"\r\n"
+
+
+def data_payload(message: bytes) -> bytes:
+    """The DATA payload exactly as aiosmtplib would send it: the wire form, lines starting with
+    a period doubled (RFC 5321 4.5.2), the terminating ``.`` line.
+
+    ``bytes.replace`` calls do the work of aiosmtplib's two regular-expression passes over the
+    whole body: ~0.05 ms instead of ~0.3-0.6 ms for a 28 KB digest, the largest single cost of
+    sending one.
+    """
+    message = wire_form(message)
     if message.startswith(b"."):
         message = b"." + message
     return message.replace(b"\r\n.", b"\r\n..") + b".\r\n"
