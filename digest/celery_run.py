@@ -72,8 +72,7 @@ def run_via_workers(runtime: Runtime, day: dt.date, *, allow_sample: bool = Fals
             if remaining != last_open:
                 last_open, last_change = remaining, time.monotonic()
             elif time.monotonic() - last_change > stall_after:
-                with transaction(factory) as session:
-                    pipeline.check_not_paused(runtime, session, utcnow())
+                pipeline.check_not_paused(runtime, utcnow())
                 pipeline.sweep(
                     factory,
                     digest_id,

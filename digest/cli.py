@@ -16,11 +16,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from digest import db
+from digest.consent import Actor
 from digest.db import transaction
 from digest.errors import DigestError
 from digest.models import Subscriber, SubscriberStatus, utcnow
 from digest.runtime import Runtime
 from digest.settings import get_settings
+from digest.text import csv_cell
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -203,16 +205,16 @@ def subscribers_add(ctx: click.Context, email: str, confirmed: bool, topics: str
     now = utcnow()
     with transaction(runtime.session_factory) as session:
         if confirmed:
-            sub = subscriptions.add_confirmed(session, email, now=now, topics=topics)
+            sub = subscriptions.add_confirmed(session, runtime.tokens, email, now=now, topics=topics)
             click.echo(f"{sub.email}: active")
             return
-        outcome = subscriptions.subscribe(session, email, now=now, topics=topics, source="cli")
+        outcome = subscriptions.subscribe(session, runtime.tokens, email, now=now, topics=topics, source="cli")
         subscriber = session.get(Subscriber, outcome.subscriber_id)
         assert subscriber is not None
     if outcome.send_confirmation:
         from digest.notifications import send_confirmation
 
-        send_confirmation(runtime, subscriber)
+        send_confirmation(runtime, subscriber, outcome.topics)
         click.echo(f"{subscriber.email}: pending; confirmation sent")
     else:
         click.echo(f"{subscriber.email}: {subscriber.status.value}")
@@ -261,7 +263,9 @@ def subscribers_import(ctx: click.Context, file: Path) -> None:
                     topics = row[1] if len(row) > 1 else ""
                     # A savepoint per row: a row refused half way leaves nothing behind.
                     with session.begin_nested():
-                        subscriptions.add_confirmed(session, row[0], now=utcnow(), topics=topics, source="import")
+                        subscriptions.add_confirmed(
+                            session, runtime.tokens, row[0], now=utcnow(), topics=topics, source="import"
+                        )
                 except DigestError as exc:
                     bad += 1
                     click.echo(f"line {reader.line_num}: {exc}", err=True)
@@ -272,7 +276,9 @@ def subscribers_import(ctx: click.Context, file: Path) -> None:
             session.commit()
         finally:
             session.close()
-    click.echo(f"imported {imported} subscribers; {bad} bad rows skipped")
+    click.echo(f"imported {imported} subscribers; {bad} rows refused")
+    if bad:
+        raise click.ClickException(f"{bad} rows were refused (see the lines above)")
 
 
 @subscribers.command("export")
@@ -294,7 +300,8 @@ def subscribers_export(ctx: click.Context, file: Path | None) -> None:
             for sub in session.scalars(query):
                 confirmed = sub.confirmed_at.isoformat() if sub.confirmed_at else ""
                 created = sub.created_at.isoformat()
-                writer.writerow([sub.email, sub.topics, sub.status.value, sub.frequency.value, created, confirmed])
+                cells = [sub.email, sub.topics, sub.status.value, sub.frequency.value, created, confirmed]
+                writer.writerow([csv_cell(c) for c in cells])
 
     if file is None:
         write(sys.stdout)
@@ -314,8 +321,57 @@ def subscribers_delete(ctx: click.Context, email: str) -> None:
 
     runtime = runtime_from(ctx)
     with transaction(runtime.session_factory) as session:
-        subscriptions.erase(session, subscriptions.get_by_email(session, email))
-    click.echo(f"{email}: deleted")
+        subscriber = subscriptions.get_by_email(session, email)
+        subscriptions.erase(session, runtime.tokens, subscriber, now=utcnow(), actor=Actor.OPERATOR)
+    click.echo(f"{email}: deleted (a keyed hash of the address is kept so it stays suppressed)")
+
+
+@subscribers.command("unsuppress")
+@click.argument("email")
+@click.pass_context
+@reports_errors
+def subscribers_unsuppress(ctx: click.Context, email: str) -> None:
+    """Mail a hard-bounced address again (its mailbox works again). Opt-outs cannot be undone here."""
+    from digest import subscriptions
+
+    runtime = runtime_from(ctx)
+    with transaction(runtime.session_factory) as session:
+        subscriber = subscriptions.unsuppress(session, email, now=utcnow())
+        click.echo(f"{subscriber.email}: {subscriber.status.value}")
+
+
+@main.group()
+def sending() -> None:
+    """Pause or resume all sending."""
+
+
+@sending.command("pause")
+@click.argument("reason")
+@click.pass_context
+@reports_errors
+def sending_pause(ctx: click.Context, reason: str) -> None:
+    """Stop all sending until `digest sending resume` (deliveries wait, pending)."""
+    from digest import reputation
+
+    runtime = runtime_from(ctx)
+    with transaction(runtime.session_factory) as session:
+        pause = reputation.pause(session, utcnow(), reason)
+        click.echo(f"sending paused since {pause.paused_at:%Y-%m-%d %H:%M} UTC: {pause.reason}")
+
+
+@sending.command("resume")
+@click.pass_context
+@reports_errors
+def sending_resume(ctx: click.Context) -> None:
+    """Lift a pause (automatic or not); complaints before now no longer count toward the next."""
+    import getpass
+
+    from digest import reputation
+
+    runtime = runtime_from(ctx)
+    with transaction(runtime.session_factory) as session:
+        lifted = reputation.resume(session, utcnow(), f"cli:{getpass.getuser()}")
+    click.echo("sending resumed" if lifted else "sending was not paused")
 
 
 @main.command()
@@ -329,8 +385,9 @@ def serve(ctx: click.Context, host: str, port: int) -> None:
 
     from digest.web.app import create_app
 
-    # uvicorn honours X-Forwarded-For only from FORWARDED_ALLOW_IPS (default: 127.0.0.1).
-    uvicorn.run(create_app(runtime_from(ctx)), host=host, port=port, proxy_headers=True)
+    # Proxy headers are read by the app itself, from DIGEST_TRUSTED_PROXIES only: uvicorn's own
+    # default would believe any X-Forwarded-For arriving from 127.0.0.1.
+    uvicorn.run(create_app(runtime_from(ctx)), host=host, port=port, proxy_headers=False)
 
 
 @main.command()
@@ -350,10 +407,7 @@ def status(ctx: click.Context, date_: str | None) -> None:
         for edition in editions:
             for line in edition.lines(now):
                 click.echo(line)
-        s = runtime.settings
-        for line in reputation_lines(
-            session, now, s.complaint_window_days, s.complaint_pause_threshold, s.complaint_min_sent
-        ):
+        for line in reputation_lines(session, now, runtime.pause_rules):
             click.echo(line)
 
 

@@ -34,6 +34,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from digest.consent import Actor
 from digest.db import transaction
 from digest.dkim import DkimSigner
 from digest.links import Links
@@ -47,12 +48,12 @@ from digest.models import (
     Frequency,
     Paper,
     Subscriber,
-    SubscriberEvent,
     SubscriberStatus,
     utcnow,
 )
 from digest.ranking import Candidate, Profile, Ranker, TrendingWeights, candidate_text, trending_order
 from digest.rendering import DigestContext, EmailRenderer, Envelope, PaperView, date_label, message_bytes
+from digest.subscriptions import record_bounce
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,9 @@ def due_subscriber_page(
 
 def message_id(digest: Digest, subscriber_id: int, domain: str) -> str:
     """Fixed at planning, so every attempt of a delivery is the same message to receivers."""
-    return f"<{digest.date.isoformat()}.{digest.kind.value}.{subscriber_id}.{secrets.token_hex(6)}@{domain}>"
+    # Random, not the subscriber id: a Message-ID travels in forwards and reports, and must name
+    # nobody (complaints are matched to deliveries by it only together with a token of ours).
+    return f"<{digest.date.isoformat()}.{digest.kind.value}.{secrets.token_hex(12)}@{domain}>"
 
 
 def plan_deliveries(
@@ -376,58 +379,9 @@ def record_failure(
             detail=reason,
             now=now,
             policy=policy,
+            actor=Actor.SENDER,
         )
     return None
-
-
-def record_bounce(
-    session: Session,
-    subscriber_id: int,
-    delivery_id: int | None,
-    *,
-    hard: bool,
-    detail: str,
-    now: dt.datetime,
-    policy: DeliveryPolicy,
-) -> bool:
-    """Record a bounce; True when it made the subscriber ``bounced``.
-
-    A hard bounce stops sending at once; soft bounces do when ``soft_bounce_threshold`` of them
-    fall within ``soft_bounce_window`` (older ones no longer count).
-    """
-    session.add(
-        SubscriberEvent(
-            subscriber_id=subscriber_id,
-            delivery_id=delivery_id,
-            kind="hard_bounce" if hard else "soft_bounce",
-            detail=detail[:500],
-            created_at=now,
-        )
-    )
-    session.flush()
-    subscriber = session.get(Subscriber, subscriber_id)
-    if subscriber is None or subscriber.status is not SubscriberStatus.ACTIVE:
-        return False
-    if not hard:
-        recent = (
-            session.scalar(
-                select(func.count(SubscriberEvent.id)).where(
-                    SubscriberEvent.subscriber_id == subscriber_id,
-                    SubscriberEvent.kind == "soft_bounce",
-                    SubscriberEvent.created_at > now - policy.soft_bounce_window,
-                )
-            )
-            or 0
-        )
-        subscriber.soft_bounce_score = float(recent)
-        subscriber.soft_bounce_at = now
-        if recent < policy.soft_bounce_threshold:
-            session.flush()
-            return False
-    subscriber.status = SubscriberStatus.BOUNCED
-    subscriber.bounced_at = now
-    session.flush()
-    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,8 +75,9 @@ def run_demo(outbox: Path, day: dt.date | None, *, echo: Callable[[str], None]) 
         now = utcnow()
         with transaction(runtime.session_factory) as session:
             for email, topics, excluded in SAMPLE_SUBSCRIBERS:
-                add_confirmed(session, email, now=now, topics=topics, source="demo").excluded = excluded
-            subscribe(session, PENDING_SUBSCRIBER, now=now, source="demo")
+                added = add_confirmed(session, runtime.tokens, email, now=now, topics=topics, source="demo")
+                added.excluded = excluded
+            subscribe(session, runtime.tokens, PENDING_SUBSCRIBER, now=now, source="demo")
         echo(f"Subscribers: {', '.join(e for e, _, _ in SAMPLE_SUBSCRIBERS)} (active), {PENDING_SUBSCRIBER} (pending)")
         summary = run_inprocess(runtime, target)
         for line in summary.lines():

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from sqlalchemy.exc import SQLAlchemyError
 
 from digest.errors import DigestError
-from digest.mailin import process, send_replies
+from digest.mailin import Reply, process, send_replies
 from digest.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def poll_imap(runtime: Runtime) -> PollStats:
             moves = _how_to_move(client)
             if moves is None:
                 log.warning("mail in: the IMAP server has neither MOVE nor UIDPLUS; handled mail stays in place")
-        replies: list[tuple[str, bytes]] = []
+        replies: list[Reply] = []
         for uid in uids:
             stats.seen += 1
             _, sized = client.uid("FETCH", uid, "(RFC822.SIZE)")

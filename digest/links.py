@@ -26,8 +26,14 @@ class Links:
     def home(self) -> str:
         return self.base_url + "/"
 
-    def confirm(self, subscriber: Subscriber) -> str:
-        return f"{self.base_url}/confirm/{self._token(Purpose.CONFIRM, subscriber)}"
+    def confirm(self, subscriber: Subscriber, topics: str | None = None) -> str:
+        """The double opt-in link; ``topics`` (from the request) apply when it is clicked."""
+        token = self.tokens.make(Purpose.CONFIRM, subscriber.id, subscriber_stamp(subscriber), extra=topics)
+        return f"{self.base_url}/confirm/{token}"
+
+    def data_access(self, subscriber: Subscriber) -> str:
+        """The short-lived link to export or erase one's data, mailed on request."""
+        return f"{self.base_url}/my-data/{self._token(Purpose.DATA_ACCESS, subscriber)}"
 
     def unsubscribe(self, subscriber: Subscriber) -> str:
         return f"{self.base_url}/unsubscribe/{self._token(Purpose.UNSUBSCRIBE, subscriber)}"

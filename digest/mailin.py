@@ -4,14 +4,27 @@ Messages reach us through the SMTP listener (``digest.mailin_server``) or an IMA
 (``digest.imap``); both call ``process``. A message is read once into an ``Inbound`` (what it
 is, whom it names), then ``handle`` acts on it in the caller's transaction:
 
+A ``From:`` header proves nothing, so nothing here acts on it alone:
+
 * ``+subscribe`` (or subject / first line "subscribe"): double opt-in for the sender; the
-  confirmation goes to that address, so a forged sender cannot subscribe someone else.
-* ``+unsubscribe-<token>`` (the ``List-Unsubscribe`` mailto), or "unsubscribe" from a subscribed
-  address: unsubscribed at once, with a short confirmation.
+  confirmation goes to that address, so a forged sender cannot subscribe someone else, and it
+  changes nothing about an existing address until its link is clicked.
+* ``+unsubscribe-<token>`` (the ``List-Unsubscribe`` mailto): unsubscribed at once (the token
+  proves whose link it is), with a short confirmation.
+* "unsubscribe" without a token: the named address, if subscribed, is mailed its one-click
+  link; nothing changes until the mailbox's owner uses it.
 * delivery-status reports (RFC 3464) to ``+bounce-<token>``: 5.x.x bounces the subscriber,
   4.x.x counts toward the windowed soft-bounce score.
-* abuse reports (ARF, RFC 5965): a complaint is recorded and the subscriber unsubscribed.
-* everything else (auto-replies, junk, forged tokens): one log line, no change, no answer.
+* abuse reports (ARF, RFC 5965, feedback type abuse or fraud) that name a delivery we signed —
+  sent to its ``+bounce-<token>``, or quoting its headers with a token of ours in them: a
+  complaint is recorded once per delivery and that recipient stops getting mail.
+* everything else (auto-replies, junk, forged tokens, other feedback types): one log line, no
+  change, no answer.
+
+Every mail we send in answer (confirmations, links) goes out after the SMTP answer, within the
+confirmation limits (``digest.confirmation_limits``), so the answer and its timing say nothing
+about the address. Messages with too many MIME parts or too deep a nesting are refused as
+malformed before the parser sees them.
 
 Only messages that changed something are remembered (``ProcessedMessage``), so junk leaves the
 database as it was; a remembered message is never handled twice.
@@ -21,7 +34,9 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 import hashlib
+import itertools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -35,16 +50,21 @@ from sqlalchemy.orm import Session
 
 from digest import subscriptions
 from digest.addresses import normalise_address
+from digest.confirmation_limits import source_network
 from digest.db import transaction
-from digest.delivery import DeliveryPolicy, record_bounce
+from digest.delivery import DeliveryPolicy
 from digest.errors import DigestError, InvalidToken
-from digest.models import Delivery, ProcessedMessage, Subscriber, SubscriberEvent, SubscriberStatus, utcnow
+from digest.models import Delivery, ProcessedMessage, Subscriber, SubscriberStatus, utcnow
 from digest.runtime import Runtime
 from digest.tokens import Purpose, Tokens
 
 log = logging.getLogger(__name__)
 
 MAIL_RESEND_AFTER = dt.timedelta(minutes=20)
+# Real reports, bounces and requests have a handful of parts; 264 000 parts cost the parser 80 s.
+MAX_MIME_PARTS = 64
+MAX_MIME_DEPTH = 8
+COMPLAINT_TYPES = frozenset({"abuse", "fraud"})
 
 STATUS_CODE = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 OUT_OF_OFFICE = re.compile(
@@ -79,6 +99,8 @@ class Inbound:
     status: str | None = None  # DSN status code of the failed recipient, e.g. "5.1.1"
     detail: str = ""
     original_message_id: str | None = None  # of the digest a report is about
+    feedback_type: str = ""  # of an abuse report
+    quoted_tokens: tuple[tuple[str, str], ...] = ()  # (tag, token) of ours in a report's quoted headers
 
 
 @dataclass(frozen=True)
@@ -86,9 +108,10 @@ class Handled:
     """The outcome of one message, and the answer to send after the commit (if any)."""
 
     outcome: str
-    reply: str | None = None  # "confirmation" or "unsubscribed"
+    reply: str | None = None  # "confirmation", "unsubscribed" or "unsubscribe-link"
     subscriber_id: int | None = None
     changed: bool = False
+    topics: str | None = None
 
 
 @dataclass(frozen=True)
@@ -168,24 +191,45 @@ def _report_parts(msg: Message) -> dict[str, Message]:
     return parts
 
 
-def _original_message_id(parts: dict[str, Message]) -> str | None:
-    """The Message-ID of the message a report is about (its attached copy or headers)."""
+def _quoted_originals(parts: dict[str, Message]) -> list[Message]:
+    """The headers of the message a report is about (its attached copy, or its headers part)."""
+    found: list[Message] = []
     original = parts.get("message/rfc822")
     if original is not None:
         payload = original.get_payload()
         if isinstance(payload, list) and payload and isinstance(payload[0], Message):
-            value = _header(payload[0], "Message-ID")
-            if value:
-                return value
+            found.append(payload[0])
     for name in ("text/rfc822-headers", "message/rfc822-headers"):
         headers = parts.get(name)
         if headers is not None:
             payload = headers.get_payload(decode=True)
             if isinstance(payload, bytes):
-                value = _header(message_from_bytes(payload, policy=email_policy.compat32), "Message-ID")
-                if value:
-                    return value
+                found.append(message_from_bytes(payload, policy=email_policy.compat32))
+    return found
+
+
+def _original_message_id(originals: list[Message]) -> str | None:
+    for original in originals:
+        value = _header(original, "Message-ID")
+        if value:
+            return value
     return None
+
+
+def _quoted_tokens(config: MailinConfig, originals: list[Message]) -> tuple[tuple[str, str], ...]:
+    """(tag, token) of every sub-address of ours in the quoted headers (Return-Path, the
+    List-Unsubscribe mailto, ...): what proves a report is about a message we really sent."""
+    pattern = re.compile(
+        rf"{re.escape(config.local)}\+(bounce|unsubscribe)-([a-z0-9.]{{1,80}})@{re.escape(config.domain)}",
+        re.IGNORECASE,
+    )
+    found: list[tuple[str, str]] = []
+    for original in originals:
+        for name in ("Return-Path", "List-Unsubscribe", "Sender", "Errors-To"):
+            for tag, token in pattern.findall(_header(original, name)):
+                if (tag.lower(), token) not in found:
+                    found.append((tag.lower(), token))
+    return tuple(found[:8])
 
 
 def _failed_status(parts: dict[str, Message]) -> tuple[str, str] | None:
@@ -255,10 +299,50 @@ def our_recipients(config: MailinConfig, msg: Message | None, recipients: list[s
     return [t for t in found if t is not None]
 
 
+_BOUNDARY_PARAM = re.compile(rb"boundary\s*=", re.IGNORECASE)
+_DELIMITER_LINE = re.compile(rb"^--", re.MULTILINE)
+
+
+def _too_complex(data: bytes) -> str | None:
+    """Why a message is refused before parsing, or None: a cheap count of MIME structure.
+
+    Every multipart declares a boundary and every part starts with a delimiter line, so
+    counting those bounds the parser's work from above (a line starting "--" that is not a
+    delimiter only makes the count err on the side of refusing).
+    """
+    multiparts = len(_BOUNDARY_PARAM.findall(data, 0, 4 * 1024 * 1024))
+    if multiparts > MAX_MIME_DEPTH * 4:
+        return f"too many multipart sections ({multiparts})"
+    most = 4 * MAX_MIME_PARTS
+    if sum(1 for _ in itertools.islice(_DELIMITER_LINE.finditer(data), most + 1)) > most:
+        return f"too many MIME parts (more than {most} delimiter lines)"
+    return None
+
+
+def _nesting_depth(msg: Message, limit: int) -> int:
+    """How deep multiparts nest, stopping once past ``limit``."""
+    deepest = 0
+    stack: list[tuple[Message, int]] = [(msg, 1)]
+    seen = 0
+    while stack:
+        part, depth = stack.pop()
+        seen += 1
+        deepest = max(deepest, depth)
+        if deepest > limit or seen > MAX_MIME_PARTS:
+            return max(deepest, limit + 1) if seen > MAX_MIME_PARTS else deepest
+        payload = part.get_payload() if part.is_multipart() else None
+        if isinstance(payload, list):
+            stack.extend((p, depth + 1) for p in payload if isinstance(p, Message))
+    return deepest
+
+
 def classify(
     config: MailinConfig, data: bytes, *, envelope_sender: str | None, recipients: list[str] | None
 ) -> Inbound:
     """What a message is. Never raises: unreadable input is ``Kind.MALFORMED``."""
+    too_complex = _too_complex(data)
+    if too_complex is not None:
+        return Inbound(Kind.MALFORMED, "sha256:" + hashlib.sha256(data).hexdigest(), detail=too_complex)
     try:
         msg = message_from_bytes(data, policy=email_policy.default)
         key = message_key(msg, data)
@@ -275,6 +359,8 @@ def _classify(
 ) -> Inbound:
     if msg.defects and not msg.keys():
         return Inbound(Kind.MALFORMED, key, detail="no headers")
+    if _nesting_depth(msg, MAX_MIME_DEPTH) > MAX_MIME_DEPTH:
+        return Inbound(Kind.MALFORMED, key, detail="MIME parts nested too deep or too many parts")
     targets = our_recipients(config, msg, recipients)
     priority = {"bounce": 0, "unsubscribe": 1, "subscribe": 2, "": 3}
     targets.sort(key=lambda t: priority.get(t[0], 4))
@@ -283,7 +369,8 @@ def _classify(
     if msg.get_content_type() == "multipart/report":
         parts = _report_parts(msg)
         report_type = str(msg.get_param("report-type", "")).lower()
-        original = _original_message_id(parts)
+        originals = _quoted_originals(parts)
+        original = _original_message_id(originals)
         if report_type == "feedback-report" or "message/feedback-report" in parts:
             feedback = parts.get("message/feedback-report")
             feedback_type = ""
@@ -297,6 +384,8 @@ def _classify(
                 tag=tag,
                 detail=f"feedback-type {feedback_type or 'unknown'}",
                 original_message_id=original,
+                feedback_type=feedback_type,
+                quoted_tokens=_quoted_tokens(config, originals),
             )
         failed = _failed_status(parts)
         if failed is not None and tag == "bounce":
@@ -373,26 +462,28 @@ def _subscribe(session: Session, config: MailinConfig, inbound: Inbound, now: dt
         return Handled("ignored: mail from our own domain")  # never start a loop with ourselves
     # From is forgeable and mail has no client IP to limit: at most one confirmation per address
     # per MAIL_RESEND_AFTER (as the web's 3 an hour), kept in the database for every listener.
-    outcome = subscriptions.subscribe(session, address, now=now, source="email", resend_after=MAIL_RESEND_AFTER)
+    outcome = subscriptions.subscribe(
+        session, config.tokens, address, now=now, source="email", resend_after=MAIL_RESEND_AFTER
+    )
     return Handled(
         "confirmation sent" if outcome.send_confirmation else "subscribe: nothing to send",
         reply="confirmation" if outcome.send_confirmation else None,
         subscriber_id=outcome.subscriber_id,
         changed=outcome.send_confirmation,
+        topics=outcome.topics,
     )
 
 
 def _unsubscribe(session: Session, config: MailinConfig, inbound: Inbound, now: dt.datetime) -> Handled:
-    if inbound.token:
-        subscriber = subscriptions.subscriber_from_token(
-            session, config.tokens, Purpose.MAIL_UNSUBSCRIBE, inbound.token
-        )
-    else:
+    if not inbound.token:
+        # From proves nothing: ask the named mailbox itself, with its one-click link. Nothing is
+        # stored, so the answer and the database look the same whoever is named.
         assert inbound.sender is not None
         found = subscriptions.find_by_email(session, normalise_address(inbound.sender))
         if found is None or found.status not in (SubscriberStatus.ACTIVE, SubscriberStatus.PENDING):
-            return Handled("ignored: unsubscribe from an address not subscribed")
-        subscriber = found
+            return Handled("unsubscribe without a token: nothing to do")
+        return Handled("unsubscribe without a token: link mailed", reply="unsubscribe-link", subscriber_id=found.id)
+    subscriber = subscriptions.subscriber_from_token(session, config.tokens, Purpose.MAIL_UNSUBSCRIBE, inbound.token)
     changed = subscriptions.unsubscribe(session, subscriber, now=now)
     return Handled(
         "unsubscribed" if changed else "unsubscribe: already unsubscribed",
@@ -417,7 +508,7 @@ def _bounce(session: Session, config: MailinConfig, inbound: Inbound, now: dt.da
     delivery = delivery_from_bounce_token(session, config.tokens, inbound.token)
     assert delivery.subscriber_id is not None
     hard = inbound.status.startswith("5")
-    bounced = record_bounce(
+    bounced = subscriptions.record_bounce(
         session,
         delivery.subscriber_id,
         delivery.id,
@@ -431,35 +522,47 @@ def _bounce(session: Session, config: MailinConfig, inbound: Inbound, now: dt.da
 
 
 def _complaint(session: Session, config: MailinConfig, inbound: Inbound, now: dt.datetime) -> Handled:
-    delivery: Delivery | None = None
-    if inbound.token:
-        delivery = delivery_from_bounce_token(session, config.tokens, inbound.token)
-    elif inbound.original_message_id:
-        delivery = session.scalar(select(Delivery).where(Delivery.message_id == inbound.original_message_id))
+    if inbound.feedback_type not in COMPLAINT_TYPES:
+        return Handled(f"ignored: feedback type {inbound.feedback_type or 'unknown'} is not a complaint")
+    delivery = _reported_delivery(session, config, inbound)
     if delivery is None or delivery.subscriber_id is None:
-        return Handled("ignored: complaint about no delivery of ours")
+        return Handled("ignored: complaint names no delivery of ours")
     subscriber = session.get(Subscriber, delivery.subscriber_id)
     assert subscriber is not None
-    already = session.scalar(
-        select(SubscriberEvent.id).where(
-            SubscriberEvent.kind == "complaint", SubscriberEvent.delivery_id == delivery.id
-        )
-    )
-    if already is not None:
-        # Reports are not authenticated: one message draws at most one complaint, so nobody
-        # can push the complaint rate (and pause everyone's mail) by reporting it again.
+    if not subscriptions.record_complaint(
+        session, config.tokens, subscriber, delivery.id, detail=inbound.detail, now=now
+    ):
         return Handled("ignored: this delivery's complaint is already recorded")
-    session.add(
-        SubscriberEvent(
-            subscriber_id=subscriber.id,
-            delivery_id=delivery.id,
-            kind="complaint",
-            detail=inbound.detail[:500],
-            created_at=now,
-        )
-    )
-    subscriptions.unsubscribe(session, subscriber, now=now)
     return Handled("complaint (unsubscribed)", subscriber_id=subscriber.id, changed=True)
+
+
+def _reported_delivery(session: Session, config: MailinConfig, inbound: Inbound) -> Delivery | None:
+    """The delivery a report proves it is about, or None: a Message-ID alone proves nothing.
+
+    Proof is a token we made: the VERP address the report was sent to, or one in the quoted
+    headers — the VERP Return-Path (names the delivery), or the List-Unsubscribe mailto (names
+    the subscriber; the quoted Message-ID must then be one of their deliveries).
+    """
+    candidates: list[tuple[str, str]] = []
+    if inbound.token and inbound.tag == "bounce":
+        candidates.append(("bounce", inbound.token))
+    candidates.extend(inbound.quoted_tokens)
+    for tag, token in candidates:
+        try:
+            if tag == "bounce":
+                return delivery_from_bounce_token(session, config.tokens, token)
+            subscriber = subscriptions.subscriber_from_token(session, config.tokens, Purpose.MAIL_UNSUBSCRIBE, token)
+        except InvalidToken:
+            continue
+        if inbound.original_message_id:
+            delivery = session.scalar(
+                select(Delivery).where(
+                    Delivery.message_id == inbound.original_message_id, Delivery.subscriber_id == subscriber.id
+                )
+            )
+            if delivery is not None:
+                return delivery
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,38 +570,49 @@ def _complaint(session: Session, config: MailinConfig, inbound: Inbound, now: dt
 
 
 @dataclass(frozen=True)
+class Reply:
+    """An answer to send once the change is committed (built and sent then, not before)."""
+
+    kind: str  # "confirmation", "unsubscribed" or "unsubscribe-link"
+    subscriber_id: int
+    source: str  # the limits' source key: the SMTP peer's network, or "imap"
+    topics: str | None = None
+
+
+@dataclass(frozen=True)
 class Processed:
     outcome: str
     changed: bool
-    replies: list[tuple[str, bytes]]  # (recipient, message) to send now that the change is committed
+    replies: list[Reply]
 
 
 def config_from(runtime: Runtime) -> MailinConfig:
     return MailinConfig(runtime.settings.inbound_address, runtime.tokens, runtime.policy)
 
 
-def process(runtime: Runtime, data: bytes, *, envelope_sender: str | None, recipients: list[str] | None) -> Processed:
+def process(
+    runtime: Runtime,
+    data: bytes,
+    *,
+    envelope_sender: str | None,
+    recipients: list[str] | None,
+    peer: str | None = None,
+) -> Processed:
     """Classify and handle one message in its own transaction; logs one line about it.
 
-    ``recipients`` are the SMTP envelope's (None for a mailbox, where headers tell). Database
-    errors propagate, so the caller can ask the sender to retry (SMTP 451, IMAP: left unseen).
+    ``recipients`` are the SMTP envelope's (None for a mailbox, where headers tell); ``peer`` is
+    the SMTP client's address (None for a mailbox). Database errors propagate, so the caller can
+    ask the sender to retry (SMTP 451, IMAP: left unseen). Answers are only described here;
+    ``send_replies`` renders and sends them after the caller has answered the sender.
     """
-    from digest import notifications
-
     config = config_from(runtime)
     inbound = classify(config, data, envelope_sender=envelope_sender, recipients=recipients)
-    replies: list[tuple[str, bytes]] = []
     with transaction(runtime.session_factory) as session:
         handled = handle(session, config, inbound, now=utcnow())
-        if handled.reply is not None and handled.subscriber_id is not None:
-            subscriber = session.get(Subscriber, handled.subscriber_id)
-            assert subscriber is not None
-            build = (
-                notifications.confirmation_message
-                if handled.reply == "confirmation"
-                else notifications.unsubscribed_message
-            )
-            replies.append((subscriber.email, build(runtime, subscriber)))
+    replies: list[Reply] = []
+    if handled.reply is not None and handled.subscriber_id is not None:
+        source = source_network(peer) if peer else "imap"
+        replies.append(Reply(handled.reply, handled.subscriber_id, source, handled.topics))
     level = logging.INFO if handled.changed or inbound.kind is Kind.AUTO_REPLY else logging.WARNING
     log.log(
         level,
@@ -511,12 +625,25 @@ def process(runtime: Runtime, data: bytes, *, envelope_sender: str | None, recip
     return Processed(handled.outcome, handled.changed, replies)
 
 
-async def send_replies(runtime: Runtime, replies: list[tuple[str, bytes]]) -> None:
-    """Send the answers of a committed change; a failure is logged, not retried."""
+async def send_replies(runtime: Runtime, replies: list[Reply]) -> None:
+    """Send the answers of a committed change, each within the confirmation limits except the
+    note confirming a (token-proven) unsubscribe; a failure is logged, not retried."""
     from digest import notifications
 
-    for recipient, data in replies:
-        try:
-            await notifications.deliver(runtime, recipient, data)
-        except Exception:
-            log.exception("mail in: could not send the answer to %s", recipient)
+    for reply in replies:
+        build: notifications.MessageBuilder
+        if reply.kind == "confirmation":
+            build = functools.partial(_confirmation, topics=reply.topics)
+        elif reply.kind == "unsubscribe-link":
+            build = notifications.unsubscribe_link_message
+        else:
+            build = notifications.unsubscribed_message
+        await notifications.send_requested(
+            runtime, reply.kind, reply.source, reply.subscriber_id, build, limited=reply.kind != "unsubscribed"
+        )
+
+
+def _confirmation(runtime: Runtime, subscriber: Subscriber, *, topics: str | None) -> bytes:
+    from digest import notifications
+
+    return notifications.confirmation_message(runtime, subscriber, topics)

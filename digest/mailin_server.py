@@ -27,6 +27,7 @@ class MailinHandler:
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
         self.config: MailinConfig = config_from(runtime)
+        self._answers: set[asyncio.Task[None]] = set()  # kept referenced until they finish
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
@@ -38,6 +39,7 @@ class MailinHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data: bytes = envelope.original_content or b""
+        peer = session.peer[0] if isinstance(session.peer, tuple) and session.peer else None
         try:
             processed = await asyncio.to_thread(
                 process,
@@ -45,6 +47,7 @@ class MailinHandler:
                 data,
                 envelope_sender=str(envelope.mail_from or ""),
                 recipients=list(envelope.rcpt_tos),
+                peer=str(peer) if peer else None,
             )
         except SQLAlchemyError:
             log.exception("mail in: database unavailable; asked the sender to retry")
@@ -52,7 +55,11 @@ class MailinHandler:
         except Exception:
             log.exception("mail in: could not handle a message; asked the sender to retry")
             return "451 4.3.0 Temporary failure, please retry"
-        await send_replies(self.runtime, processed.replies)
+        if processed.replies:
+            # After the answer: how long it takes must not say whether anything was sent.
+            task = asyncio.create_task(send_replies(self.runtime, processed.replies))
+            self._answers.add(task)
+            task.add_done_callback(self._answers.discard)
         return "250 2.0.0 OK"
 
 

@@ -71,6 +71,12 @@ class SubscriberStatus(enum.StrEnum):
     ACTIVE = "active"
     UNSUBSCRIBED = "unsubscribed"
     BOUNCED = "bounced"
+    COMPLAINED = "complained"
+
+
+# The states in which nobody may be mailed a digest until the person opts in again
+# (``digest.subscriptions`` holds the rules; erasure keeps a ``Suppression`` instead of a row).
+OPTED_OUT = frozenset({SubscriberStatus.UNSUBSCRIBED, SubscriberStatus.BOUNCED, SubscriberStatus.COMPLAINED})
 
 
 class Frequency(enum.StrEnum):
@@ -128,6 +134,7 @@ class Subscriber(Base):
     confirmed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
     unsubscribed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
     bounced_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    complained_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
 
     __table_args__ = (
         # The dispatcher walks due subscribers by (status, id) keyset pages.
@@ -252,3 +259,29 @@ class ProcessedMessage(Base):
     message_key: Mapped[str] = mapped_column(String(255), primary_key=True)
     outcome: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Suppression(Base):
+    """An address that must never be re-activated by anyone but the person: only a keyed hash.
+
+    Kept for erased and complained addresses, so that an erasure forgets the person yet an
+    import or a stranger's request cannot bring the address back (``digest.subscriptions``).
+    """
+
+    __tablename__ = "suppressions"
+
+    address_hash: Mapped[str] = mapped_column(String(64), primary_key=True)  # HMAC-SHA256, hex
+    reason: Mapped[str] = mapped_column(String(16))  # erased, complained
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class SendPause(Base):
+    """A self-imposed stop of all sending, latched until an operator resumes it."""
+
+    __tablename__ = "send_pauses"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    reason: Mapped[str] = mapped_column(String(500))
+    paused_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    resumed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    resumed_by: Mapped[str | None] = mapped_column(String(254), default=None)

@@ -7,20 +7,26 @@ configured mailer rather than through the digest ledger.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
+from collections.abc import Callable
 from email.utils import parseaddr
 
-from digest.mailer import Mailer
+from digest.db import transaction
+from digest.mailer import Mailer, SendError
 from digest.models import Subscriber, utcnow
 from digest.rendering import (
     ConfirmContext,
     Envelope,
+    LinkContext,
     RenderedEmail,
     UnsubscribedContext,
     WelcomeContext,
     message_bytes,
 )
 from digest.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 
 def _message(runtime: Runtime, rendered: RenderedEmail, recipient: str, with_unsubscribe: Subscriber | None) -> bytes:
@@ -39,11 +45,11 @@ def _message(runtime: Runtime, rendered: RenderedEmail, recipient: str, with_uns
     return signer.sign(data) if signer else data
 
 
-def confirmation_message(runtime: Runtime, subscriber: Subscriber) -> bytes:
+def confirmation_message(runtime: Runtime, subscriber: Subscriber, topics: str | None = None) -> bytes:
     rendered = runtime.renderer.render(
         ConfirmContext(
             recipient=subscriber.email,
-            confirm_url=runtime.links.confirm(subscriber),
+            confirm_url=runtime.links.confirm(subscriber, topics),
             valid_hours=runtime.settings.confirm_token_max_age_hours,
             postal_address=runtime.settings.postal_address,
         )
@@ -77,6 +83,38 @@ def unsubscribed_message(runtime: Runtime, subscriber: Subscriber) -> bytes:
     return _message(runtime, rendered, subscriber.email, None)
 
 
+def unsubscribe_link_message(runtime: Runtime, subscriber: Subscriber) -> bytes:
+    """For an unsubscribe mail without a token: From proves nothing, so we ask the mailbox."""
+    rendered = runtime.renderer.render(
+        LinkContext(
+            recipient=subscriber.email,
+            heading="Unsubscribe from Daily Papers",
+            explanation="A message asked us to stop sending the digest to this address. "
+            "We only act on it when you confirm with the button below.",
+            action="Unsubscribe me",
+            url=runtime.links.unsubscribe(subscriber),
+            validity="The link opens a page with one button.",
+            postal_address=runtime.settings.postal_address,
+        )
+    )
+    return _message(runtime, rendered, subscriber.email, None)
+
+
+def data_access_message(runtime: Runtime, subscriber: Subscriber) -> bytes:
+    rendered = runtime.renderer.render(
+        LinkContext(
+            recipient=subscriber.email,
+            heading="Your data at Daily Papers",
+            explanation="Use the link to download everything we keep about you, or to delete it.",
+            action="See my data",
+            url=runtime.links.data_access(subscriber),
+            validity="The link works for one hour.",
+            postal_address=runtime.settings.postal_address,
+        )
+    )
+    return _message(runtime, rendered, subscriber.email, None)
+
+
 async def deliver(runtime: Runtime, recipient: str, data: bytes) -> str:
     """Send one message now (envelope sender: the list's own address, so bounces come back)."""
     mailer: Mailer = runtime.mailer_factory()()
@@ -86,6 +124,42 @@ async def deliver(runtime: Runtime, recipient: str, data: bytes) -> str:
         await mailer.close()
 
 
-def send_confirmation(runtime: Runtime, subscriber: Subscriber) -> str:
-    """Synchronous form for the CLI and mail-in; the web app awaits ``deliver`` itself."""
-    return asyncio.run(deliver(runtime, subscriber.email, confirmation_message(runtime, subscriber)))
+MessageBuilder = Callable[[Runtime, Subscriber], bytes]
+
+
+async def send_requested(
+    runtime: Runtime, kind: str, source: str, subscriber_id: int, build: MessageBuilder, *, limited: bool = True
+) -> bool:
+    """Mail a subscriber something a request asked for (a link), within the confirmation limits.
+
+    Runs after the request was answered; the subscriber is read again here, so a message goes
+    only to the address on record, never to whoever asked. False when withheld or not sent.
+    """
+    from starlette.concurrency import run_in_threadpool
+
+    def prepare() -> tuple[str, bytes] | None:
+        with transaction(runtime.session_factory) as session:
+            subscriber = session.get(Subscriber, subscriber_id)
+            if subscriber is None:
+                return None
+            if limited and not runtime.confirmation_limits.allow(kind, source, subscriber.email):
+                return None
+            return subscriber.email, build(runtime, subscriber)
+
+    try:
+        prepared = await run_in_threadpool(prepare)
+        if prepared is None:
+            return False
+        await deliver(runtime, *prepared)
+    except SendError as exc:
+        log.warning("a requested %s email could not be sent: %s", kind, exc.reason)
+        return False
+    except Exception:  # after the answer: nobody to tell but the log
+        log.exception("a requested %s email could not be sent", kind)
+        return False
+    return True
+
+
+def send_confirmation(runtime: Runtime, subscriber: Subscriber, topics: str | None = None) -> str:
+    """Synchronous form for the CLI; the web app and mail-in send after answering."""
+    return asyncio.run(deliver(runtime, subscriber.email, confirmation_message(runtime, subscriber, topics)))

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from digest.errors import UpstreamError
 from digest.models import Paper
+from digest.text import without_unsafe
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,14 @@ class MalformedItem(ValueError):
 
 
 def clean_text(value: object, limit: int) -> str:
-    """Collapse the hard line breaks and runs of spaces real titles and abstracts carry."""
+    """Collapse the hard line breaks and runs of spaces real titles and abstracts carry, and drop
+    what no text should hold (``digest.text.UNSAFE``)."""
     if value is None:
         return ""
     if not isinstance(value, str):
         raise MalformedItem(f"expected text, got {type(value).__name__}")
-    return _WS.sub(" ", value).strip()[:limit]
+    # Control characters and lone surrogates would break the feed, a Subject or the database.
+    return _WS.sub(" ", without_unsafe(value)).strip()[:limit]
 
 
 def _int(value: object, default: int | None = 0) -> int | None:
@@ -172,6 +175,9 @@ def parse_items(items: Iterable[object], daily_date: dt.date) -> list[PaperRecor
             record = parse_item(item, daily_date)
         except MalformedItem as exc:
             log.warning("skipping malformed item %d of %s: %s", index, daily_date, exc)
+            continue
+        except Exception as exc:  # hostile input we did not foresee: one bad item never costs the day
+            log.warning("skipping unreadable item %d of %s: %r", index, daily_date, exc)
             continue
         records[record.id] = record
     return list(records.values())

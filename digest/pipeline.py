@@ -33,7 +33,7 @@ from digest.delivery import (
 from digest.errors import DigestError, SendingPaused, UpstreamError
 from digest.models import Digest, DigestKind, utcnow
 from digest.papers import PapersClient, load_sample, papers_of_day, parse_items, store_papers
-from digest.reputation import complaint_rate, sending_paused
+from digest.reputation import check_sending
 from digest.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -179,16 +179,16 @@ def composer_of(runtime: Runtime, digest_id: int, cache: dict[int, DigestCompose
     return composer
 
 
-def check_not_paused(runtime: Runtime, session: Session, now: dt.datetime) -> None:
-    """Stop sending while complaints run above the threshold (mailbox providers punish it)."""
-    s = runtime.settings
-    window = dt.timedelta(days=s.complaint_window_days)
-    if sending_paused(session, now, s.complaint_pause_threshold, window=window, min_sent=s.complaint_min_sent):
-        rate = complaint_rate(session, now, window)
-        raise SendingPaused(
-            f"sending paused: complaint rate {rate:.2%} over the last {s.complaint_window_days} days is above "
-            f"{s.complaint_pause_threshold:.2%} (DIGEST_COMPLAINT_PAUSE_THRESHOLD); deliveries stay pending"
+def check_not_paused(runtime: Runtime, now: dt.datetime) -> None:
+    """Stop sending while a pause is latched, or latch one when complaints trip the rules
+    (mailbox providers punish a sender people report); committed before it raises."""
+    with transaction(runtime.session_factory) as session:
+        pause = check_sending(session, now, runtime.pause_rules)
+        message = (
+            None if pause is None else f"sending paused since {pause.paused_at:%Y-%m-%d %H:%M} UTC: {pause.reason}"
         )
+    if message is not None:
+        raise SendingPaused(f"{message}; deliveries stay pending until `digest sending resume`")
 
 
 def send_batch(
@@ -199,8 +199,7 @@ def send_batch(
 ) -> BatchResult:
     """One page of one edition: claim, render, send, record (see ``digest.delivery.run_batch``)."""
     factory = runtime.session_factory
-    with transaction(factory) as session:
-        check_not_paused(runtime, session, utcnow())
+    check_not_paused(runtime, utcnow())
     return run_batch(
         factory,
         composer_of(runtime, digest_id, composers),

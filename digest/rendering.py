@@ -30,6 +30,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from markupsafe import escape
 
 from digest.models import Paper
+from digest.text import one_line
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "email_templates"
 SUMMARY_CHARS = 420
@@ -155,7 +156,24 @@ class UnsubscribedContext:
     postal_address: str
 
 
+@dataclass(frozen=True)
+class LinkContext:
+    """A link someone asked us to mail (an unsubscribe link, a data-access link): it acts only
+    when the mailbox's owner opens it, which is what makes an unauthenticated request safe."""
+
+    PERSONAL: ClassVar[tuple[str, ...]] = ("recipient", "url")
+
+    recipient: str
+    heading: str
+    explanation: str
+    action: str
+    url: str
+    validity: str
+    postal_address: str
+
+
 TEMPLATE_OF: dict[type, str] = {
+    LinkContext: "link",
     DigestContext: "digest",
     ConfirmContext: "confirm",
     WelcomeContext: "welcome",
@@ -218,7 +236,7 @@ def _html(value: str) -> str:
 
 
 def _one_line(value: str) -> str:
-    return " ".join(value.split())
+    return one_line(value)
 
 
 class EmailRenderer:
@@ -264,7 +282,7 @@ class EmailRenderer:
         text = self._env.get_template(f"{name}/body.txt").render(values)
         html = self._env.get_template(f"{name}/body.html").render(values)
         return _Shared(
-            subject=_Filled.of(" ".join(subject.split())),
+            subject=_Filled.of(one_line(subject)),
             text=_Filled.of(text),
             html=_Filled.of(_seven_bit_html(self._inliner.inline(html))),
         )

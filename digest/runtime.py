@@ -11,6 +11,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from digest.confirmation_limits import ConfirmationLimits, ConfirmationRules
 from digest.db import make_engine, make_session_factory
 from digest.delivery import DeliveryPolicy, RateLimiter
 from digest.dkim import DkimSigner
@@ -20,6 +21,7 @@ from digest.models import Delivery
 from digest.papers import PapersClient
 from digest.ranking import TrendingWeights
 from digest.rendering import EmailRenderer
+from digest.reputation import PauseRules
 from digest.settings import Settings
 from digest.tokens import Tokens
 
@@ -81,6 +83,31 @@ class Runtime:
             relevance_weight=s.relevance_weight,
             soft_bounce_threshold=s.soft_bounce_threshold,
             soft_bounce_window=dt.timedelta(days=s.soft_bounce_window_days),
+        )
+
+    @cached_property
+    def pause_rules(self) -> PauseRules:
+        s = self.settings
+        return PauseRules(
+            threshold=s.complaint_pause_threshold,
+            window=dt.timedelta(days=s.complaint_window_days),
+            min_sent=s.complaint_min_sent,
+            min_complaints=s.complaint_pause_min_complaints,
+            min_domains=s.complaint_pause_min_domains,
+            min_subscriber_age=dt.timedelta(days=s.complaint_min_subscriber_age_days),
+        )
+
+    @cached_property
+    def confirmation_limits(self) -> ConfirmationLimits:
+        s = self.settings
+        return ConfirmationLimits(
+            s.redis_url,
+            ConfirmationRules(
+                per_source=s.confirmation_limit_per_source,
+                per_mailbox=s.confirmation_limit_per_mailbox,
+                per_domain=s.confirmation_limit_per_domain,
+                overall=s.confirmation_limit_overall,
+            ),
         )
 
     @property

@@ -6,6 +6,7 @@ domain code receives plain values.
 
 from __future__ import annotations
 
+import ipaddress
 from email.utils import parseaddr
 from functools import lru_cache
 from typing import Literal
@@ -44,8 +45,15 @@ class Settings(BaseSettings):
     secret_key: str = DEV_SECRET_KEY
     confirm_token_max_age_hours: int = 48
     max_request_bytes: int = 16_384
-    rate_limit_subscribe_per_ip: str = "10/hour"
-    rate_limit_subscribe_per_address: str = "3/hour"
+    rate_limit_subscribe_per_ip: str = "10/hour"  # requests to /subscribe per client (then 429)
+    # Emails a stranger can make us send (confirmations, requested links): digest.confirmation_limits.
+    # Each is a `limits` string, several joined by ";".
+    confirmation_limit_per_source: str = "10/hour;30/day"
+    confirmation_limit_per_mailbox: str = "2/hour;5/day"
+    confirmation_limit_per_domain: str = "100/hour"
+    confirmation_limit_overall: str = "1000/hour"
+    # Proxies whose X-Forwarded-For is believed: comma-separated addresses or networks.
+    trusted_proxies: str = ""
 
     # Paper source
     papers_api_url: str = "https://huggingface.co"
@@ -80,6 +88,11 @@ class Settings(BaseSettings):
     complaint_pause_threshold: float = 0.003
     complaint_window_days: int = 7
     complaint_min_sent: int = 200  # judge the complaint rate only past this many sent messages
+    # A pause stops everyone's mail, so it needs more than a few forged reports can give
+    # (digest.reputation explains the arithmetic).
+    complaint_pause_min_complaints: int = Field(default=10, ge=1)
+    complaint_pause_min_domains: int = Field(default=3, ge=1)
+    complaint_min_subscriber_age_days: int = Field(default=7, ge=0)
     task_visibility_timeout: int = 3600
     task_wait_seconds: float = 900.0  # how long `digest run` waits for a worker to answer
 
@@ -108,11 +121,25 @@ class Settings(BaseSettings):
             raise ValueError(f"not an email address: {value!r}")
         return value
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, value: str) -> str:
+        for part in value.split(","):
+            if part.strip():
+                ipaddress.ip_network(part.strip(), strict=False)  # ValueError names the bad one
+        return value
+
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> Settings:
         if self.environment != "development" and (self.secret_key == DEV_SECRET_KEY or len(self.secret_key) < 32):
             raise ValueError("DIGEST_SECRET_KEY must be set to a random value of 32+ characters outside development")
         return self
+
+    @property
+    def trusted_proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(
+            ipaddress.ip_network(p.strip(), strict=False) for p in self.trusted_proxies.split(",") if p.strip()
+        )
 
     @property
     def mail_from_address(self) -> str:

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from digest.delivery import counts_by_status, failure_reasons
 from digest.models import Delivery, DeliveryStatus, Digest
+from digest.reputation import PauseRules
 
 
 @dataclass
@@ -66,20 +67,26 @@ def edition_status(session: Session, digest: Digest) -> EditionStatus:
     )
 
 
-def reputation_lines(
-    session: Session, now: dt.datetime, window_days: int, threshold: float, min_sent: int
-) -> list[str]:
-    from digest.reputation import complaints_in, sending_paused, sent_in
+def reputation_lines(session: Session, now: dt.datetime, rules: PauseRules) -> list[str]:
+    from digest.reputation import active_pause, complaints_in, counted_complaints, sent_in
 
-    window = dt.timedelta(days=window_days)
-    complaints, sent = complaints_in(session, now, window), sent_in(session, now, window)
+    complaints, sent = complaints_in(session, now, rules.window), sent_in(session, now, rules.window)
+    counted, domains = counted_complaints(session, now, rules)
     rate = complaints / sent if sent else 0.0
-    paused = sending_paused(session, now, threshold, window=window, min_sent=min_sent)
-    return [
-        f"complaint rate (last {window_days} days): {rate:.2%} ({complaints} of {sent} sent); "
-        + ("SENDING PAUSED" if paused else "sending on")
-        + f", pause threshold {threshold:.2%}"
+    pause = active_pause(session)
+    lines = [
+        f"complaint rate (last {rules.window.days} days): {rate:.2%} ({complaints} of {sent} sent;"
+        f" {counted} count toward a pause, from {domains} domains); "
+        + ("SENDING PAUSED" if pause else "sending on")
+        + f", pause threshold {rules.threshold:.2%} and at least {rules.min_complaints} complaints"
+        f" from {rules.min_domains} domains"
     ]
+    if pause is not None:
+        lines.append(
+            f"SENDING PAUSED since {pause.paused_at:%Y-%m-%d %H:%M} UTC: {pause.reason}"
+            " (resume with `digest sending resume`)"
+        )
+    return lines
 
 
 def status_for(session: Session, day: dt.date | None) -> list[EditionStatus]:

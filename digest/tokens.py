@@ -1,20 +1,33 @@
 """Signed link tokens, one salt per purpose, so a token made for one thing opens nothing else.
 
 Tokens carry the subscriber id and the second their row was created: a token made for an
-erased subscriber never opens a later row that happens to reuse the id.
+erased subscriber never opens a later row that happens to reuse the id. Both numbers travel
+encrypted (one AES block, a pseudo-random permutation under a key derived from the secret), so
+no link, VERP address or mailto reveals how many subscribers or deliveries there are, and
+neighbouring ids give unrelated tokens.
 
-Link tokens come from itsdangerous. Tokens that live in an email address's local part (the VERP
-bounce address and the List-Unsubscribe mailto) use a compact form instead: lower-case hex with
-an 80-bit HMAC-SHA256 tag, because a local part should stay within 64 characters (RFC 5321)
-and some mail systems change its case; itsdangerous' base64 would break both.
+Link tokens come from itsdangerous (signed; timed for confirmation and data-access links).
+Tokens that live in an email address's local part (the VERP bounce address and the
+List-Unsubscribe mailto) use a compact form instead: lower-case base32 of the block and an
+80-bit HMAC-SHA256 tag, because a local part should stay within 64 characters (RFC 5321) and
+some mail systems change its case; itsdangerous' base64 would break both.
+
+Links already sent in the earlier form (ids in the clear) keep working: unsubscribe links never
+expire, and a person must be able to leave from any digest they ever got.
+
+Addresses that must stay suppressed after erasure are kept only as a keyed hash
+(``address_fingerprint``), made here with the other keyed constructions.
 """
 
 from __future__ import annotations
 
+import base64
 import enum
 import hashlib
 import hmac
+import struct
 
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from itsdangerous import BadSignature, SignatureExpired, URLSafeSerializer, URLSafeTimedSerializer
 
 from digest.errors import InvalidToken
@@ -24,15 +37,28 @@ class Purpose(enum.StrEnum):
     CONFIRM = "confirm"
     UNSUBSCRIBE = "unsubscribe"
     PREFERENCES = "preferences"
+    DATA_ACCESS = "data-access"  # export and erase: short-lived, mailed on request
     BOUNCE = "bounce"  # VERP return path, names one delivery (compact form)
     MAIL_UNSUBSCRIBE = "mail-unsubscribe"  # the List-Unsubscribe mailto (compact form)
 
 
 COMPACT = frozenset({Purpose.BOUNCE, Purpose.MAIL_UNSUBSCRIBE})
-TAG_HEX_CHARS = 20  # 80 bits: far beyond online guessing through a mail server
+TIMED = frozenset({Purpose.CONFIRM, Purpose.DATA_ACCESS})
+TAG_BYTES = 10  # 80 bits: far beyond online guessing through a mail server
+LEGACY_TAG_HEX_CHARS = 20
+DATA_ACCESS_MAX_AGE_SECONDS = 3600
 
 
 AnySerializer = URLSafeSerializer | URLSafeTimedSerializer
+
+
+def _b32(data: bytes) -> str:
+    return base64.b32encode(data).decode().rstrip("=").lower()
+
+
+def _unb32(text: str) -> bytes:
+    padded = text.upper() + "=" * (-len(text) % 8)
+    return base64.b32decode(padded)
 
 
 class Tokens:
@@ -41,6 +67,25 @@ class Tokens:
         self.confirm_max_age_seconds = confirm_max_age_seconds
         self._serializers: dict[Purpose, AnySerializer] = {}
         self._compact_keys = {p: hashlib.sha256(f"digest.{p.value}.{secret_key}".encode()).digest() for p in COMPACT}
+        block_key = hashlib.sha256(f"digest.id-block.{secret_key}".encode()).digest()[:16]
+        # One block, always 16 bytes of two unique numbers: ECB of a single block is exactly a
+        # keyed permutation, which is what hiding the ids needs (integrity comes from the tag or
+        # the itsdangerous signature around it).
+        self._cipher = Cipher(algorithms.AES(block_key), modes.ECB())  # noqa: S305
+        self._address_key = hashlib.sha256(f"digest.address.{secret_key}".encode()).digest()
+
+    # ------------------------------------------------------------------ the hidden id block
+
+    def _seal(self, object_id: int, stamp: int) -> bytes:
+        encryptor = self._cipher.encryptor()
+        return encryptor.update(struct.pack(">QQ", object_id, stamp)) + encryptor.finalize()
+
+    def _open(self, block: bytes) -> tuple[int, int]:
+        if len(block) != 16:
+            raise InvalidToken("This link is not valid.")
+        decryptor = self._cipher.decryptor()
+        object_id, stamp = struct.unpack(">QQ", decryptor.update(block) + decryptor.finalize())
+        return int(object_id), int(stamp)
 
     def _serializer(self, purpose: Purpose) -> AnySerializer:
         # Built once per purpose: a serializer derives its key on creation, and a digest run
@@ -48,59 +93,115 @@ class Tokens:
         cached = self._serializers.get(purpose)
         if cached is not None:
             return cached
-        # Only confirmation links expire; the others carry no timestamp, so a subscriber's links
-        # are the same in every message (and a retried message is byte-identical).
+        # Only confirmation and data-access links expire; the others carry no timestamp, so a
+        # subscriber's links are the same in every message (a retried message is byte-identical).
         salt = f"digest.{purpose.value}"
         serializer: AnySerializer = (
             URLSafeTimedSerializer(self._secret_key, salt=salt)
-            if purpose is Purpose.CONFIRM
+            if purpose in TIMED
             else URLSafeSerializer(self._secret_key, salt=salt)
         )
         self._serializers[purpose] = serializer
         return serializer
 
-    def _tag(self, purpose: Purpose, object_id: int, stamp: int) -> str:
-        mac = hmac.new(self._compact_keys[purpose], f"{object_id}.{stamp}".encode(), hashlib.sha256).hexdigest()
-        return mac[:TAG_HEX_CHARS]
+    def _tag(self, purpose: Purpose, block: bytes) -> bytes:
+        return hmac.new(self._compact_keys[purpose], block, hashlib.sha256).digest()[:TAG_BYTES]
 
-    def make(self, purpose: Purpose, object_id: int, stamp: int) -> str:
+    def make(self, purpose: Purpose, object_id: int, stamp: int, *, extra: str | None = None) -> str:
+        """A token naming (``object_id``, ``stamp``) for ``purpose``.
+
+        ``extra`` rides along signed (not secret) in link tokens: the topics a subscribe request
+        asked for, applied only when the person confirms.
+        """
+        block = self._seal(object_id, stamp)
         if purpose in COMPACT:
-            return f"{object_id:x}.{stamp:x}.{self._tag(purpose, object_id, stamp)}"
-        return str(self._serializer(purpose).dumps([object_id, stamp]))
+            return _b32(block + self._tag(purpose, block))
+        payload: str | list[str] = _b32(block) if extra is None else [_b32(block), extra]
+        return str(self._serializer(purpose).dumps(payload))
 
     def read(self, purpose: Purpose, token: str) -> tuple[int, int]:
         """The (id, stamp) a token names; ``InvalidToken`` if tampered, foreign or expired."""
+        return self.read_with_extra(purpose, token)[0]
+
+    def read_with_extra(self, purpose: Purpose, token: str) -> tuple[tuple[int, int], str | None]:
         if purpose in COMPACT:
-            return self._read_compact(purpose, token)
+            return self._read_compact(purpose, token), None
         serializer = self._serializer(purpose)
         try:
             if isinstance(serializer, URLSafeTimedSerializer):
-                payload = serializer.loads(token, max_age=self.confirm_max_age_seconds)
+                max_age = self.confirm_max_age_seconds if purpose is Purpose.CONFIRM else DATA_ACCESS_MAX_AGE_SECONDS
+                payload = serializer.loads(token, max_age=max_age)
             else:
                 payload = serializer.loads(token)
         except SignatureExpired as exc:
             # The signature was good; the signer hands over the still-encoded payload.
             payload = serializer.load_payload(exc.payload) if exc.payload is not None else None
-            subscriber_id = _as_pair(payload)[0] if payload is not None else None
+            subscriber_id = self._payload(payload)[0][0] if payload is not None else None
             raise InvalidToken("This link has expired.", expired=True, subscriber_id=subscriber_id) from exc
         except BadSignature as exc:
             raise InvalidToken("This link is not valid.") from exc
-        return _as_pair(payload)
+        return self._payload(payload)
+
+    def issued_at(self, purpose: Purpose, token: str) -> float:
+        """When a (valid) timed token was made, as a UNIX time; ``InvalidToken`` otherwise."""
+        serializer = self._serializer(purpose)
+        if not isinstance(serializer, URLSafeTimedSerializer):
+            raise InvalidToken("This link is not valid.")
+        try:
+            _, stamp = serializer.loads(token, return_timestamp=True)
+        except BadSignature as exc:
+            raise InvalidToken("This link is not valid.") from exc
+        return float(stamp.timestamp())
+
+    def _payload(self, payload: object) -> tuple[tuple[int, int], str | None]:
+        if isinstance(payload, str):
+            return self._open_text(payload), None
+        if isinstance(payload, list) and len(payload) == 2 and all(isinstance(v, str) for v in payload):
+            return self._open_text(payload[0]), payload[1]
+        return _legacy_pair(payload), None
+
+    def _open_text(self, text: str) -> tuple[int, int]:
+        try:
+            return self._open(_unb32(text))
+        except (ValueError, TypeError) as exc:
+            raise InvalidToken("This link is not valid.") from exc
 
     def _read_compact(self, purpose: Purpose, token: str) -> tuple[int, int]:
+        if len(token) > 80:
+            raise InvalidToken("This address is not valid.")
+        if "." in token:
+            return self._read_legacy_compact(purpose, token)
+        try:
+            raw = _unb32(token)
+        except (ValueError, TypeError) as exc:
+            raise InvalidToken("This address is not valid.") from exc
+        block, tag = raw[:16], raw[16:]
+        if len(block) != 16 or not hmac.compare_digest(tag, self._tag(purpose, block)):
+            raise InvalidToken("This address is not valid.")
+        return self._open(block)
+
+    def _read_legacy_compact(self, purpose: Purpose, token: str) -> tuple[int, int]:
+        """``id.stamp.tag`` in hex, as messages sent before the ids were hidden carry."""
         parts = token.lower().split(".")
-        if len(parts) != 3 or len(token) > 80:
+        if len(parts) != 3:
             raise InvalidToken("This address is not valid.")
         try:
             object_id, stamp = int(parts[0], 16), int(parts[1], 16)
         except ValueError as exc:
             raise InvalidToken("This address is not valid.") from exc
-        if not hmac.compare_digest(parts[2], self._tag(purpose, object_id, stamp)):
+        mac = hmac.new(self._compact_keys[purpose], f"{object_id}.{stamp}".encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(parts[2], mac[:LEGACY_TAG_HEX_CHARS]):
             raise InvalidToken("This address is not valid.")
         return object_id, stamp
 
+    # ------------------------------------------------------------------ suppression
 
-def _as_pair(payload: object) -> tuple[int, int]:
+    def address_fingerprint(self, normalised_address: str) -> str:
+        """A keyed hash of an address: recognises it again without keeping it (HMAC-SHA256)."""
+        return hmac.new(self._address_key, normalised_address.encode(), hashlib.sha256).hexdigest()
+
+
+def _legacy_pair(payload: object) -> tuple[int, int]:
     if (
         isinstance(payload, list)
         and len(payload) == 2

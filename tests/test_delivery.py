@@ -26,7 +26,7 @@ def people(runtime: Runtime, count: int) -> list[str]:
     emails = [f"reader{n:03d}@example.com" for n in range(count)]
     with transaction(runtime.session_factory) as session:
         for email in emails:
-            add_confirmed(session, email, now=utcnow())
+            add_confirmed(session, runtime.tokens, email, now=utcnow())
     return emails
 
 
@@ -172,42 +172,25 @@ def test_unsubscribing_after_planning_stops_the_queued_digest(
     assert deliveries(session)[emails[0]].status is DeliveryStatus.SKIPPED
 
 
-def test_sending_pauses_itself_above_the_complaint_threshold(
+def test_a_latched_pause_stops_the_run_until_an_operator_resumes_it(
     runtime: Runtime, smtp: SMTPSink, session: Session
 ) -> None:
     import pytest
 
+    from digest import reputation
     from digest.errors import SendingPaused
-    from digest.models import Digest, DigestKind, SubscriberEvent
 
     emails = people(runtime, 3)
-    now = utcnow()
     with transaction(runtime.session_factory) as s:
-        old = Digest(kind=DigestKind.DAILY, date=DAY - dt.timedelta(days=1), created_at=now)
-        s.add(old)
-        s.flush()
-        s.execute(
-            Delivery.__table__.insert(),
-            [
-                {
-                    "digest_id": old.id,
-                    "subscriber_id": None,
-                    "status": "sent",
-                    "attempts": 1,
-                    "message_id": f"<old{n}@x>",
-                    "sent_at": now,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for n in range(300)
-            ],
-        )
-        s.add(SubscriberEvent(kind="complaint", created_at=now, detail="abuse report"))
-    with pytest.raises(SendingPaused, match=r"complaint rate 0.33% .* above 0.30%"):
+        reputation.pause(s, utcnow(), "complaint rate 0.41% is above 0.30%")
+    with pytest.raises(SendingPaused, match=r"sending paused since .*: complaint rate 0.41% .*digest sending resume"):
         run_inprocess(runtime, DAY)
     assert smtp.messages == []
     assert {d.status for d in deliveries(session).values()} == {DeliveryStatus.PENDING}
-    assert len(deliveries(session)) == len(emails)
+    with transaction(runtime.session_factory) as s:
+        reputation.resume(s, utcnow(), "test")
+    run_inprocess(runtime, DAY)
+    assert sorted(received_counts(smtp)) == emails
 
 
 def statuses(session: Session) -> set[SubscriberStatus]:
@@ -264,7 +247,7 @@ def test_erasing_someone_with_a_queued_digest_lets_the_run_finish(runtime: Runti
     emails = people(runtime, 2)
     digest_id = prepare(runtime, emails)
     with transaction(runtime.session_factory) as s:
-        erase(s, get_by_email(s, emails[0]))
+        erase(s, runtime.tokens, get_by_email(s, emails[0]), now=utcnow())
     summary = run_inprocess(runtime, DAY, sleep=lambda _: (_ for _ in ()).throw(AssertionError("waiting forever")))
     assert summary.digest_id == digest_id
     assert summary.counts["sent"] == 1 and summary.counts["skipped"] == 1

@@ -212,7 +212,7 @@ def test_a_sent_digest_arrives_signed(
     runtime = Runtime(settings)
     try:
         with transaction(runtime.session_factory) as session:
-            add_confirmed(session, "ada@example.com", now=utcnow())
+            add_confirmed(session, runtime.tokens, "ada@example.com", now=utcnow())
         summary = run_inprocess(runtime, dt.date(2026, 4, 16))
     finally:
         runtime.dispose()

@@ -175,7 +175,7 @@ def test_an_empty_day_sends_no_digest_and_says_so(runtime: Runtime, smtp: SMTPSi
     from digest.subscriptions import add_confirmed
 
     with transaction(runtime.session_factory) as s:
-        add_confirmed(s, "reader@example.com", now=utcnow())
+        add_confirmed(s, runtime.tokens, "reader@example.com", now=utcnow())
     summary = run_inprocess(runtime, dt.date(2024, 10, 26))
     assert summary.digest_id is None
     assert "No papers for 2024-10-26: no digest sent." in summary.lines()

@@ -7,6 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp
 
 from digest.errors import DigestError, InvalidToken, NotFound
 from digest.runtime import Runtime
@@ -54,6 +55,10 @@ def install_error_pages(app: FastAPI) -> None:
                 "Confirmation links are valid for a limited time. We can send you a new one.",
                 resend_token=token,
             )
+        if exc.expired:
+            return error_response(
+                request, 410, "This link has expired", "Ask for a new one from your preferences page."
+            )
         return error_response(request, 400, "This link is not valid", str(exc))
 
     @app.exception_handler(NotFound)
@@ -89,7 +94,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     # Mail goes out after the answer, where nobody sees an error: a broken DKIM setup must stop
     # the app from starting instead.
     _ = runtime.dkim_signer
-    app = FastAPI(
+    app = DigestApp(
         title="Daily Papers digest",
         version="1",
         description="Subscribe to a daily email of trending AI research papers.",
@@ -100,14 +105,19 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.limits = WebLimits(
         settings.redis_url,
         per_ip=settings.rate_limit_subscribe_per_ip,
-        per_address=settings.rate_limit_subscribe_per_address,
     )
     install_error_pages(app)
     app.include_router(pages.router)
     app.include_router(api.router)
     app.include_router(archive.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    # Outermost first: headers go on everything, including the body limit's 413.
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
-    app.add_middleware(SecurityHeaders)
     return app
+
+
+class DigestApp(FastAPI):
+    """FastAPI with the security headers outside everything, Starlette's own 500 page included
+    (``add_middleware`` would put them inside ``ServerErrorMiddleware``)."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return SecurityHeaders(super().build_middleware_stack())

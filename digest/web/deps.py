@@ -26,14 +26,51 @@ def get_limits(request: Request) -> WebLimits:
     return limits
 
 
+def peer_address(request: Request) -> str:
+    """The client's address: the TCP peer, or what trusted proxies say it is.
+
+    ``X-Forwarded-For`` is believed only from ``DIGEST_TRUSTED_PROXIES`` (default: nobody), and
+    only as far back as the chain stays inside them: the right-most address a trusted proxy
+    received the request from is the client. Anything to its left was written by the client.
+    uvicorn's own proxy handling is off (``digest serve``), so this is the one place that decides.
+    """
+    host = request.client.host if request.client else "unknown"
+    trusted = get_runtime(request).settings.trusted_proxy_networks
+    if not trusted or not _inside(host, trusted):
+        return host
+    hops = [h.strip() for v in request.headers.getlist("x-forwarded-for") for h in v.split(",")]
+    for hop in reversed(hops):
+        if not _inside(hop, trusted):
+            return hop if _parses(hop) else host
+        host = hop
+    return host
+
+
+def _parses(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _inside(host: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
 def client_ip(request: Request) -> str:
     """The rate-limit key of a client: its IPv4 address, or its IPv6 /64.
 
     One IPv6 subscriber usually holds a whole /64, so limiting single v6 addresses would not
-    limit anyone. uvicorn rewrites the client from X-Forwarded-For only for trusted proxies
-    (FORWARDED_ALLOW_IPS).
+    limit anyone.
     """
-    host = request.client.host if request.client else "unknown"
+    host = peer_address(request)
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -46,6 +83,7 @@ def client_ip(request: Request) -> str:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 LimitsDep = Annotated[WebLimits, Depends(get_limits)]
 ClientIP = Annotated[str, Depends(client_ip)]
+PeerAddress = Annotated[str, Depends(peer_address)]
 
 
 class UnknownLink(NotFound):

@@ -6,6 +6,7 @@ POST (one button). Handlers are thin: the domain functions in ``digest.subscript
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ from fastapi.responses import HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from digest import notifications, subscriptions
+from digest.confirmation_limits import source_network
 from digest.db import transaction
 from digest.errors import DigestError
 from digest.models import Frequency, Subscriber, SubscriberStatus, utcnow
@@ -100,7 +102,8 @@ def confirm_page(request: Request, token: str, runtime: RuntimeDep) -> HTMLRespo
                 "This address is already confirmed.",
                 preferences_url=runtime.links.preferences(subscriber),
             )
-    return templates.TemplateResponse(request, "confirm.html", {"token": token})
+        (_, topics) = runtime.tokens.read_with_extra(Purpose.CONFIRM, token)
+    return templates.TemplateResponse(request, "confirm.html", {"token": token, "topics": topics})
 
 
 @router.post("/confirm/resend", response_class=HTMLResponse)
@@ -135,7 +138,11 @@ async def confirm(request: Request, token: str, runtime: RuntimeDep, background:
 def _confirm(runtime: Runtime, token: str) -> tuple[tuple[str, bytes] | None, str]:
     with transaction(runtime.session_factory) as session:
         subscriber = load_subscriber(session, runtime, Purpose.CONFIRM, token)
-        activated = subscriptions.confirm(session, subscriber, now=utcnow())
+        (_, topics) = runtime.tokens.read_with_extra(Purpose.CONFIRM, token)
+        issued_at = dt.datetime.fromtimestamp(runtime.tokens.issued_at(Purpose.CONFIRM, token), dt.UTC)
+        activated = subscriptions.confirm(
+            session, runtime.tokens, subscriber, now=utcnow(), issued_at=issued_at, topics=topics
+        )
         welcome = (subscriber.email, notifications.welcome_message(runtime, subscriber)) if activated else None
         return welcome, runtime.links.preferences(subscriber)
 
@@ -253,10 +260,42 @@ def _save_preferences(request: Request, runtime: Runtime, token: str, values: di
         )
 
 
-@router.get("/preferences/{token}/export")
-def export(token: str, runtime: RuntimeDep) -> Response:
+@router.post("/preferences/{token}/data-link", response_class=HTMLResponse)
+async def data_link(
+    request: Request, token: str, runtime: RuntimeDep, ip: ClientIP, background: BackgroundTasks
+) -> HTMLResponse:
+    """Mail the short-lived export/erase link to the subscriber's own address."""
+    context = await run_in_threadpool(_data_link_context, runtime, token)
+    subscriber_id = context["subscriber"].id
+    background.add_task(
+        notifications.send_requested,
+        runtime,
+        "data-link",
+        source_network(ip),
+        subscriber_id,
+        notifications.data_access_message,
+    )
+    return templates.TemplateResponse(request, "preferences.html", {**context, "data_link_sent": True})
+
+
+def _data_link_context(runtime: Runtime, token: str) -> dict[str, Any]:
     with transaction(runtime.session_factory) as session:
         subscriber = load_subscriber(session, runtime, Purpose.PREFERENCES, token)
+        session.expunge(subscriber)
+        return _prefs_context(runtime, subscriber, token)
+
+
+@router.get("/my-data/{token}", response_class=HTMLResponse)
+def my_data_page(request: Request, token: str, runtime: RuntimeDep) -> HTMLResponse:
+    with transaction(runtime.session_factory) as session:
+        subscriber = load_subscriber(session, runtime, Purpose.DATA_ACCESS, token)
+        return templates.TemplateResponse(request, "my_data.html", {"token": token, "email": subscriber.email})
+
+
+@router.get("/my-data/{token}/export")
+def export(token: str, runtime: RuntimeDep) -> Response:
+    with transaction(runtime.session_factory) as session:
+        subscriber = load_subscriber(session, runtime, Purpose.DATA_ACCESS, token)
         data = subscriptions.export_data(session, subscriber)
     return Response(
         json.dumps(data, indent=2, ensure_ascii=False),
@@ -268,18 +307,18 @@ def export(token: str, runtime: RuntimeDep) -> Response:
     )
 
 
-@router.get("/preferences/{token}/delete", response_class=HTMLResponse)
+@router.get("/my-data/{token}/delete", response_class=HTMLResponse)
 def delete_page(request: Request, token: str, runtime: RuntimeDep) -> HTMLResponse:
     with transaction(runtime.session_factory) as session:
-        subscriber = load_subscriber(session, runtime, Purpose.PREFERENCES, token)
+        subscriber = load_subscriber(session, runtime, Purpose.DATA_ACCESS, token)
         return templates.TemplateResponse(request, "delete.html", {"token": token, "email": subscriber.email})
 
 
-@router.post("/preferences/{token}/delete", response_class=HTMLResponse)
+@router.post("/my-data/{token}/delete", response_class=HTMLResponse)
 def delete(request: Request, token: str, runtime: RuntimeDep) -> HTMLResponse:
     with transaction(runtime.session_factory) as session:
-        subscriber = load_subscriber(session, runtime, Purpose.PREFERENCES, token)
-        subscriptions.erase(session, subscriber)
+        subscriber = load_subscriber(session, runtime, Purpose.DATA_ACCESS, token)
+        subscriptions.erase(session, runtime.tokens, subscriber, now=utcnow())
     return message_page(
         request,
         "Your data is deleted",

@@ -29,15 +29,14 @@ class Rule:
 class WebLimits:
     """Named limits; ``hit`` raises ``RateLimited`` (with seconds to wait) when one is used up."""
 
-    def __init__(self, redis_url: str | None, *, per_ip: str, per_address: str):
+    def __init__(self, redis_url: str | None, *, per_ip: str):
         self.storage = storage_from_string(redis_url or "memory://")
         self.limiter = MovingWindowRateLimiter(self.storage)
         self.per_ip = parse(per_ip)
-        self.per_address = parse(per_address)
 
     def hit(self, action: str, kind: str, key: str) -> None:
-        limit = self.per_ip if kind == "ip" else self.per_address
-        # Addresses are hashed: the shared store needs a key, not the person's address.
+        """Requests per client; what a request may make us mail is ``digest.confirmation_limits``."""
+        limit = self.per_ip
         identity = hashlib.sha256(key.encode()).hexdigest()[:32]
         if not self.limiter.hit(limit, "digest-web", action, kind, identity):
             stats = self.limiter.get_window_stats(limit, "digest-web", action, kind, identity)

@@ -33,7 +33,7 @@ SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
 ]
 
 # Pages opened from a personal link show an address and carry a token: no cache may keep them.
-PERSONAL_PREFIXES = ("/confirm/", "/unsubscribe/", "/preferences/")
+PERSONAL_PREFIXES = ("/confirm/", "/unsubscribe/", "/preferences/", "/my-data/")
 
 
 class SecurityHeaders:

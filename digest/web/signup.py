@@ -1,10 +1,11 @@
-"""Starting double opt-in from the web: validation and rate limits, then (after the answer) the
-database step and the confirmation mail.
+"""Starting double opt-in from the web: validation and the request limit, then (after the
+answer) the database step, the confirmation limits and the confirmation mail.
 
 The answer never depends on the address's state (no enumeration): callers show the same page
-whatever happens here, unless the input itself is wrong or a limit is hit. Everything that
-does depend on it (storing, rendering, signing, sending) runs as a background task after the
-answer has gone out, so the time to answer says nothing either.
+whatever happens here, unless the input itself is wrong or the client floods the form (429).
+Everything that does depend on it (storing, the per-mailbox/domain/source limits, rendering,
+signing, sending) runs as a background task after the answer has gone out, so neither the
+answer nor the time to answer says anything.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from digest import notifications, subscriptions
 from digest.addresses import normalise_address
+from digest.confirmation_limits import source_network
 from digest.db import transaction
 from digest.errors import InvalidToken
 from digest.mailer import SendError
@@ -37,20 +39,24 @@ async def start_signup(
     address = normalise_address(email)  # InvalidAddress: nothing stored or sent
     if topics is not None:
         subscriptions.clean_topics(topics)  # a bad value fails before anything is counted
-    await run_in_threadpool(limits.hit, "subscribe", "address", address)
-    background.add_task(_subscribe_and_confirm, runtime, address, topics)
+    background.add_task(_subscribe_and_confirm, runtime, source_network(ip), address, topics)
 
 
 async def _subscribe_and_confirm(
-    runtime: Runtime, address: str, topics: str | None, *, only_if_pending: bool = False
+    runtime: Runtime, source: str, address: str, topics: str | None, *, only_if_pending: bool = False
 ) -> None:
     try:
         message = await run_in_threadpool(_store_pending, runtime, address, topics, utcnow(), only_if_pending)
+        if message is None:
+            return
+        allowed = await run_in_threadpool(runtime.confirmation_limits.allow, "confirm", source, address)
     except Exception:  # after the answer: nobody to tell but the log
         log.exception("storing a web subscription failed")
         return
-    if message is not None:
-        await _send_confirmation(runtime, address, message)
+    if not allowed:
+        await run_in_threadpool(_forget_confirmation, runtime, address)
+        return
+    await _send_confirmation(runtime, address, message)
 
 
 def _store_pending(
@@ -63,12 +69,12 @@ def _store_pending(
             current = subscriptions.find_by_email(session, address)
             if current is None or current.status is not SubscriberStatus.PENDING:
                 return None
-        outcome = subscriptions.subscribe(session, address, now=now, topics=topics, source="web")
+        outcome = subscriptions.subscribe(session, runtime.tokens, address, now=now, topics=topics, source="web")
         if not outcome.send_confirmation:
             return None
         subscriber = session.get(Subscriber, outcome.subscriber_id)
         assert subscriber is not None
-        return notifications.confirmation_message(runtime, subscriber)
+        return notifications.confirmation_message(runtime, subscriber, outcome.topics)
 
 
 async def resend_confirmation(
@@ -85,8 +91,7 @@ async def resend_confirmation(
     found = await run_in_threadpool(_pending_address, runtime, subscriber_id)
     if found is None:
         return  # already confirmed, unsubscribed or erased: same answer, nothing sent
-    await run_in_threadpool(limits.hit, "resend", "address", found)
-    background.add_task(_subscribe_and_confirm, runtime, found, None, only_if_pending=True)
+    background.add_task(_subscribe_and_confirm, runtime, source_network(ip), found, None, only_if_pending=True)
 
 
 async def _send_confirmation(runtime: Runtime, address: str, message: bytes) -> None:

@@ -32,9 +32,9 @@ def add_people(runtime: Runtime) -> None:
     now = utcnow()
     with transaction(runtime.session_factory) as session:
         for email in ACTIVE:
-            add_confirmed(session, email, now=now, topics=TOPICS.get(email, ""))
-        subscribe(session, "pending@example.com", now=now)
-        gone = add_confirmed(session, "gone@example.com", now=now)
+            add_confirmed(session, runtime.tokens, email, now=now, topics=TOPICS.get(email, ""))
+        subscribe(session, runtime.tokens, "pending@example.com", now=now)
+        gone = add_confirmed(session, runtime.tokens, "gone@example.com", now=now)
         unsubscribe(session, gone, now=now)
 
 

@@ -70,7 +70,7 @@ def listener(settings: Settings, tmp_path: Path) -> Iterator[Listener]:
 
 def add_active(runtime: Runtime, email: str) -> int:
     with transaction(runtime.session_factory) as session:
-        return subscriptions.add_confirmed(session, email, now=dt.datetime.now(dt.UTC)).id
+        return subscriptions.add_confirmed(session, runtime.tokens, email, now=dt.datetime.now(dt.UTC)).id
 
 
 def subscriber(runtime: Runtime, email: str) -> Subscriber:

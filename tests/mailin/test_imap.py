@@ -115,7 +115,7 @@ def test_each_case_is_handled_once_across_polls(imap_runtime: Runtime, smtp: SMT
     assert subscriber(runtime, "bob@example.net").status is SubscriberStatus.BOUNCED
     assert subscriber(runtime, "dave@example.net").status is SubscriberStatus.ACTIVE
     assert events(runtime, "dave@example.net") == ["soft_bounce"]
-    assert subscriber(runtime, "erin@example.net").status is SubscriberStatus.UNSUBSCRIBED
+    assert subscriber(runtime, "erin@example.net").status is SubscriberStatus.COMPLAINED
     assert events(runtime, "erin@example.net") == ["complaint"]
     assert subscriber(runtime, "frank@example.net").status is SubscriberStatus.ACTIVE
     assert sorted(r for m in smtp.messages for r in m.rcpt_tos) == ["alice@example.net", "carol@example.net"]

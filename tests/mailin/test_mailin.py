@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 
 import pytest
 
@@ -101,20 +102,27 @@ def test_unsubscribe_subject_from_an_unknown_address_changes_nothing(runtime: Ru
     assert snapshot(runtime) == before
 
 
-def test_unsubscribe_subject_from_a_subscribed_address_unsubscribes_and_answers(
-    runtime: Runtime, smtp: SMTPSink
-) -> None:
+def test_a_forged_unsubscribe_only_mails_the_victim_a_link(runtime: Runtime, smtp: SMTPSink) -> None:
+    """``From: victim`` and "unsubscribe", no token: the victim stays subscribed and is asked."""
     add_active(runtime, "alice@example.net")
-    processed = process(
-        runtime,
-        messages.plain("Alice <Alice@Example.net>", INBOUND, "UNSUBSCRIBE"),
-        envelope_sender="alice@example.net",
-        recipients=[INBOUND],
-    )
-    assert subscriber(runtime, "alice@example.net").status is SubscriberStatus.UNSUBSCRIBED
-    asyncio.run(send_replies(runtime, processed.replies))
-    (reply,) = smtp.to("alice@example.net")
-    assert reply["Auto-Submitted"] == "auto-generated"
+    for to in (INBOUND, "papers+unsubscribe@digest.example.org"):
+        processed = process(
+            runtime,
+            messages.plain("Alice <Alice@Example.net>", to, "UNSUBSCRIBE"),
+            envelope_sender="mallory@example.com",
+            recipients=[to],
+            peer="203.0.113.9",
+        )
+        assert subscriber(runtime, "alice@example.net").status is SubscriberStatus.ACTIVE
+        asyncio.run(send_replies(runtime, processed.replies))
+    asks = smtp.to("alice@example.net")
+    assert len(asks) == 2 and smtp.to("mallory@example.com") == []
+    assert asks[0]["Auto-Submitted"] == "auto-generated"
+    body = asks[0].get_body(preferencelist=("plain",))
+    assert body is not None
+    link = re.search(r"(http://digest\.test/unsubscribe/\S+)", body.get_content())
+    assert link is not None
+    assert subscriber(runtime, "alice@example.net").status is SubscriberStatus.ACTIVE
 
 
 def test_the_same_message_is_handled_once(runtime: Runtime, smtp: SMTPSink) -> None:
@@ -211,7 +219,7 @@ def test_an_abuse_report_sent_to_the_bounce_address_names_its_delivery(runtime: 
     report = messages.arf(digest.mail_from, "alice@example.net", stripped)
     processed = process(runtime, report, envelope_sender="", recipients=[digest.mail_from])
     assert processed.outcome == "complaint (unsubscribed)" and processed.replies == []
-    assert subscriber(runtime, "alice@example.net").status is SubscriberStatus.UNSUBSCRIBED
+    assert subscriber(runtime, "alice@example.net").status is SubscriberStatus.COMPLAINED
     assert events(runtime, "alice@example.net") == ["complaint"]
 
 

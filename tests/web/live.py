@@ -20,7 +20,7 @@ from tests.support.servers import free_port, port_open
 @contextmanager
 def server_thread(app: FastAPI, port: int) -> Iterator[str]:
     """uvicorn serving ``app`` on 127.0.0.1:``port`` in a thread; yields the base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", proxy_headers=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from digest.runtime import Runtime
+from digest.settings import Settings
 from digest.web.app import create_app
 from tests.support.servers import SMTPSink
 from tests.web.conftest import snapshot
@@ -98,15 +100,21 @@ def test_subscribe_rate_limit_per_ip(runtime: Runtime, smtp: SMTPSink) -> None:
     assert len(smtp.messages) == 3
 
 
-def test_subscribe_rate_limit_per_address(runtime: Runtime, smtp: SMTPSink) -> None:
-    runtime.settings.rate_limit_subscribe_per_address = "2/hour"
+def test_plus_address_variants_put_at_most_two_confirmations_in_one_mailbox(runtime: Runtime, smtp: SMTPSink) -> None:
+    """50 sub-address variants of one mailbox, each new to us: the same answer every time, and
+    the mailbox gets what the per-mailbox limit allows (2 an hour), not 50."""
+    runtime.settings.rate_limit_subscribe_per_ip = "1000/hour"
+    runtime.settings.confirmation_limit_per_source = "1000/hour"
     client = TestClient(create_app(runtime))
-    codes = [client.post("/subscribe", data={"email": "Same@Example.org"}).status_code for _ in range(2)]
-    refused = client.post("/subscribe", data={"email": "same@example.org"})
-    assert codes == [200, 200]
-    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) > 0
-    # Another address from the same client is still fine.
-    assert client.post("/subscribe", data={"email": "other@example.org"}).status_code == 200
+    answers = {client.post("/subscribe", data={"email": f"Inbox+{n}@Victim.example"}).text for n in range(50)}
+    assert len(answers) == 1 and "Check your inbox" in answers.pop()
+    smtp.wait_for(3, timeout=3)
+    assert len(smtp.messages) == 2
+    assert {r.split("+")[0] for m in smtp.messages for r in m.rcpt_tos} == {"inbox"}
+    # Another mailbox from the same client is still served.
+    client.post("/subscribe", data={"email": "other@example.org"})
+    smtp.wait_for(3)
+    assert len(smtp.to("other@example.org")) == 1
 
 
 def test_security_headers_on_every_response(client: TestClient) -> None:
@@ -137,7 +145,8 @@ def test_ipv6_clients_are_limited_by_their_64_prefix() -> None:
     from digest.web.deps import client_ip
 
     def key(host: str) -> str:
-        return client_ip(Request({"type": "http", "client": (host, 1234), "headers": []}))
+        app = SimpleNamespace(state=SimpleNamespace(runtime=SimpleNamespace(settings=Settings())))
+        return client_ip(Request({"type": "http", "client": (host, 1234), "headers": [], "app": app}))
 
     # Every address in one /64 is one client for the limits; other clients are not.
     assert key("2001:db8:1:2::1") == key("2001:db8:1:2:ffff:ffff:ffff:ffff") == "2001:db8:1:2::/64"

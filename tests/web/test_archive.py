@@ -23,7 +23,7 @@ def publish_sample_days(runtime: Runtime) -> None:
         for day in SAMPLE_DATES:
             store_papers(session, parse_items(load_sample(day) or [], day))
             build_digest(session, day, runtime.weights)
-        add_confirmed(session, "ada@example.com", now=utcnow())
+        add_confirmed(session, runtime.tokens, "ada@example.com", now=utcnow())
 
 
 def test_archive_lists_each_daily_digest_newest_first(client: TestClient, runtime: Runtime) -> None:

@@ -34,8 +34,8 @@ def test_import_reports_bad_rows_and_imports_the_rest(
         encoding="utf-8",
     )
     done = digest(settings, tmp_path, "subscribers", "import", str(source))
-    assert done.returncode == 0, done.stderr
-    assert "imported 2 subscribers; 2 bad rows skipped" in done.stdout
+    assert done.returncode != 0, done.stderr  # any refused row makes the import fail visibly
+    assert "imported 2 subscribers; 2 rows refused" in done.stdout
     assert "line 3:" in done.stderr and "line 6:" in done.stderr
     ada = subscriber(runtime, "ada@example.org")
     assert ada is not None and ada.status is SubscriberStatus.ACTIVE and ada.confirmed_at is not None

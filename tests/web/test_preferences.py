@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import re
 
 from fastapi.testclient import TestClient
 
@@ -10,12 +12,13 @@ from digest import subscriptions
 from digest.db import transaction
 from digest.models import Frequency, utcnow
 from digest.runtime import Runtime
+from tests.support.servers import SMTPSink
 from tests.web.conftest import snapshot, subscriber
 
 
 def prefs_path(runtime: Runtime, email: str) -> str:
     with transaction(runtime.session_factory) as session:
-        sub = subscriptions.add_confirmed(session, email, now=utcnow(), topics="diffusion")
+        sub = subscriptions.add_confirmed(session, runtime.tokens, email, now=utcnow(), topics="diffusion")
         return runtime.links.preferences(sub).removeprefix(runtime.settings.base_url)
 
 
@@ -39,7 +42,9 @@ def test_page_shows_current_settings(client: TestClient, runtime: Runtime) -> No
     assert 'value="daily" checked' in page.text
     for field in ("frequency", "digest_size", "topics", "excluded", "send_hour", "timezone", "weekday"):
         assert f'name="{field}"' in page.text
-    assert f"{path}/export" in page.text and f"{path}/delete" in page.text
+    # The footer link opens no data: export and erase need a fresh link mailed on request.
+    assert f"{path}/data-link" in page.text
+    assert "/export" not in page.text and "/delete" not in page.text
 
 
 def test_save_preferences(client: TestClient, runtime: Runtime) -> None:
@@ -81,8 +86,23 @@ def test_bad_values_are_explained_and_nothing_changes(client: TestClient, runtim
     assert snapshot(runtime) == before
 
 
-def test_export_my_data(client: TestClient, runtime: Runtime) -> None:
-    path = prefs_path(runtime, "me@example.org")
+def data_link(client: TestClient, smtp: SMTPSink, prefs: str) -> str:
+    """Ask for the data link on the preferences page; the link that arrives by mail."""
+    asked = client.post(f"{prefs}/data-link")
+    assert asked.status_code == 200 and "It works for one hour" in asked.text
+    (mail,) = smtp.wait_for(1)
+    body = mail.message.get_body(preferencelist=("plain",))
+    assert body is not None
+    found = re.search(r"http://digest\.test(/my-data/\S+)", body.get_content())
+    assert found is not None
+    return found.group(1)
+
+
+def test_export_my_data(client: TestClient, runtime: Runtime, smtp: SMTPSink) -> None:
+    prefs = prefs_path(runtime, "me@example.org")
+    assert client.get(f"{prefs}/export").status_code == 404  # the old footer path opens nothing
+    path = data_link(client, smtp, prefs)
+    assert smtp.messages[0].rcpt_tos == ["me@example.org"]
     download = client.get(f"{path}/export")
     assert download.status_code == 200
     assert download.headers["content-type"].startswith("application/json")
@@ -92,8 +112,20 @@ def test_export_my_data(client: TestClient, runtime: Runtime) -> None:
     assert data["deliveries"] == []
 
 
-def test_delete_me_asks_first_then_erases(client: TestClient, runtime: Runtime) -> None:
-    path = prefs_path(runtime, "me@example.org")
+def test_the_data_link_expires_after_an_hour(client: TestClient, runtime: Runtime, smtp: SMTPSink) -> None:
+    import time_machine
+
+    path = data_link(client, smtp, prefs_path(runtime, "me@example.org"))
+    with time_machine.travel(dt.datetime.now(dt.UTC) + dt.timedelta(minutes=61)):
+        expired = client.get(path)
+        assert expired.status_code == 410 and "expired" in expired.text
+        assert client.post(f"{path}/delete").status_code == 410
+    assert subscriber(runtime, "me@example.org") is not None
+
+
+def test_delete_me_asks_first_then_erases(client: TestClient, runtime: Runtime, smtp: SMTPSink) -> None:
+    prefs = prefs_path(runtime, "me@example.org")
+    path = data_link(client, smtp, prefs)
     before = snapshot(runtime)
     ask = client.get(f"{path}/delete")
     assert ask.status_code == 200 and "Yes, delete my data" in ask.text
@@ -101,4 +133,4 @@ def test_delete_me_asks_first_then_erases(client: TestClient, runtime: Runtime) 
     done = client.post(f"{path}/delete")
     assert done.status_code == 200 and "Your data is deleted" in done.text
     assert subscriber(runtime, "me@example.org") is None
-    assert client.get(path).status_code == 404
+    assert client.get(prefs).status_code == 404

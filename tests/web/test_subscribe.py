@@ -82,10 +82,10 @@ def test_json_subscribe(client: TestClient, runtime: Runtime, smtp: SMTPSink) ->
 def _make(runtime: Runtime, email: str, status: SubscriberStatus) -> None:
     now = utcnow() - dt.timedelta(hours=1)
     with transaction(runtime.session_factory) as session:
-        subscriptions.subscribe(session, email, now=now)
+        subscriptions.subscribe(session, runtime.tokens, email, now=now)
         sub = subscriptions.get_by_email(session, email)
         if status is not SubscriberStatus.PENDING:
-            subscriptions.confirm(session, sub, now=now)
+            subscriptions.confirm(session, runtime.tokens, sub, now=now, issued_at=now)
         if status is SubscriberStatus.UNSUBSCRIBED:
             subscriptions.unsubscribe(session, sub, now=now)
 
@@ -115,11 +115,14 @@ def test_resubscribe_after_unsubscribe_needs_new_confirmation(
     client: TestClient, runtime: Runtime, smtp: SMTPSink
 ) -> None:
     _make(runtime, "back@example.org", SubscriberStatus.UNSUBSCRIBED)
-    client.post("/subscribe", data={"email": "back@example.org"})
-    assert subscriber(runtime, "back@example.org").status is SubscriberStatus.PENDING  # type: ignore[union-attr]
+    client.post("/subscribe", data={"email": "back@example.org", "topics": "robotics"})
     [mail] = only_mail_to(smtp, "back@example.org")
+    # The request alone changes nothing: not the state, not the topics.
+    back = subscriber(runtime, "back@example.org")
+    assert back is not None and back.status is SubscriberStatus.UNSUBSCRIBED and back.topics == ""
     client.post(path_of(link_in(mail, "confirm")))
-    assert subscriber(runtime, "back@example.org").status is SubscriberStatus.ACTIVE  # type: ignore[union-attr]
+    back = subscriber(runtime, "back@example.org")
+    assert back is not None and back.status is SubscriberStatus.ACTIVE and back.topics == "robotics"
 
 
 def test_expired_link_offers_a_new_one(client: TestClient, runtime: Runtime, smtp: SMTPSink) -> None:

@@ -14,7 +14,7 @@ from tests.web.conftest import snapshot, subscriber
 def active(runtime: Runtime, email: str) -> str:
     """An active subscriber; returns the unsubscribe URL's path, as put in every digest."""
     with transaction(runtime.session_factory) as session:
-        sub = subscriptions.add_confirmed(session, email, now=utcnow())
+        sub = subscriptions.add_confirmed(session, runtime.tokens, email, now=utcnow())
         url = runtime.links.unsubscribe(sub)
     return url.removeprefix(runtime.settings.base_url)
 
@@ -93,7 +93,9 @@ def test_bad_tokens_change_nothing(client: TestClient, runtime: Runtime, smtp: o
 def test_link_of_an_erased_subscriber_is_404(client: TestClient, runtime: Runtime) -> None:
     path = active(runtime, "reader@example.org")
     with transaction(runtime.session_factory) as session:
-        subscriptions.erase(session, subscriptions.get_by_email(session, "reader@example.org"))
+        subscriptions.erase(
+            session, runtime.tokens, subscriptions.get_by_email(session, "reader@example.org"), now=utcnow()
+        )
     assert client.get(path).status_code == 404
     assert client.post(path, data={"List-Unsubscribe": "One-Click"}).status_code == 404
     assert snapshot(runtime) == []

@@ -1,0 +1,25 @@
+"""Untrusted text made safe to store, put in a header, an XML feed or a CSV cell."""
+
+from __future__ import annotations
+
+import re
+
+# C0 and C1 controls (tab, LF and CR are whitespace to the callers, who collapse it), DEL,
+# lone surrogates (PostgreSQL and UTF-8 refuse them) and the two non-characters XML forbids.
+UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def without_unsafe(value: str) -> str:
+    """``value`` without control characters, lone surrogates and XML non-characters."""
+    return UNSAFE.sub("", value)
+
+
+def one_line(value: str) -> str:
+    """Safe text on one line: whitespace runs (line breaks included) become one space."""
+    return " ".join(without_unsafe(value).split())
+
+
+def csv_cell(value: str) -> str:
+    """A cell a spreadsheet shows as text, never runs as a formula (OWASP CSV injection rule)."""
+    return "'" + value if value.startswith(FORMULA_START) else value
