@@ -10,6 +10,7 @@ unpacking), and runs the installed `digest` from an empty temporary folder.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -23,6 +24,8 @@ from tests.support.processes import ROOT
 
 pytestmark = pytest.mark.wheel
 
+LOCAL_ONLY = (".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "test-artifacts", "outbox", "*.db*")
+
 
 def _run(argv: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> str:
     result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
@@ -35,7 +38,11 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The bin/ folder of a fresh venv holding only the built wheel and its dependencies."""
     base = tmp_path_factory.mktemp("wheel")
     dist = base / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(dist), str(ROOT)], cwd=base)
+    # Built from a copy: setuptools writes build/ and *.egg-info next to the sources, and a stale
+    # build/ in the checkout could smuggle deleted files into the wheel.
+    source = base / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*LOCAL_ONLY))
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(dist), str(source)], cwd=base)
     (wheel,) = dist.glob("digest-*.whl")
     env_dir = base / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
