@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from digest.delivery import counts_by_status, failure_reasons
@@ -66,20 +66,94 @@ def edition_status(session: Session, digest: Digest) -> EditionStatus:
     )
 
 
-def reputation_lines(
-    session: Session, now: dt.datetime, window_days: int, threshold: float, min_sent: int
-) -> list[str]:
-    from digest.reputation import complaints_in, sending_paused, sent_in
+@dataclass(frozen=True)
+class PauseRule:
+    """When complaints pause sending (DIGEST_COMPLAINT_*), as the settings say."""
 
-    window = dt.timedelta(days=window_days)
+    threshold: float
+    window_days: int
+    min_sent: int
+
+
+def sending_paused_now(session: Session, now: dt.datetime, rule: PauseRule) -> bool:
+    """Whether sending is paused: the one place `digest status`, its --check and /metrics ask."""
+    from digest.reputation import sending_paused
+
+    window = dt.timedelta(days=rule.window_days)
+    return sending_paused(session, now, rule.threshold, window=window, min_sent=rule.min_sent)
+
+
+def reputation_lines(session: Session, now: dt.datetime, rule: PauseRule) -> list[str]:
+    from digest.reputation import complaints_in, sent_in
+
+    window = dt.timedelta(days=rule.window_days)
     complaints, sent = complaints_in(session, now, window), sent_in(session, now, window)
     rate = complaints / sent if sent else 0.0
-    paused = sending_paused(session, now, threshold, window=window, min_sent=min_sent)
+    paused = sending_paused_now(session, now, rule)
     return [
-        f"complaint rate (last {window_days} days): {rate:.2%} ({complaints} of {sent} sent); "
+        f"complaint rate (last {rule.window_days} days): {rate:.2%} ({complaints} of {sent} sent); "
         + ("SENDING PAUSED" if paused else "sending on")
-        + f", pause threshold {threshold:.2%}"
+        + f", pause threshold {rule.threshold:.2%}"
     ]
+
+
+# How far back open deliveries are looked for; the sweep reaches as far.
+OPEN_HORIZON = dt.timedelta(days=7)
+
+
+def oldest_due(session: Session, now: dt.datetime) -> dt.datetime | None:
+    """Since when the longest-waiting sendable delivery has been due (None: nothing is waiting).
+
+    Due: pending since it was planned or since its retry time, or ``sending`` whose worker's
+    lease ran out. A retry waiting for its backoff is not due yet. Only recent editions are
+    read, through the (edition, status) index.
+    """
+    recent = select(Digest.id).where(Digest.date >= (now - OPEN_HORIZON).date())
+    pending = select(func.min(func.coalesce(Delivery.next_attempt_at, Delivery.created_at))).where(
+        Delivery.digest_id.in_(recent),
+        Delivery.status == DeliveryStatus.PENDING,
+        or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+    )
+    abandoned = select(func.min(Delivery.lease_until)).where(
+        Delivery.digest_id.in_(recent), Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until < now
+    )
+    found = [t for t in (session.scalar(pending), session.scalar(abandoned)) if t is not None]
+    return min((t if t.tzinfo else t.replace(tzinfo=dt.UTC) for t in found), default=None)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What `digest status --check` found in Redis and among the workers (only with Redis)."""
+
+    redis_configured: bool = False
+    redis_error: str | None = None
+    beat_age_seconds: float | None = None  # None: beat never wrote a heartbeat
+    beat_stale_after_seconds: float = 300.0
+    workers_answering: bool = False
+
+
+def check_problems(
+    session: Session, now: dt.datetime, rule: PauseRule, late_after: dt.timedelta, probe: Probe
+) -> list[str]:
+    """Every reason an operator should be woken, each one line; empty means all is well."""
+    problems: list[str] = []
+    if probe.redis_configured:
+        if probe.redis_error is not None:
+            problems.append(f"Redis is not reachable: {probe.redis_error}")
+        else:
+            if probe.beat_age_seconds is None:
+                problems.append("beat has never written a heartbeat (is `celery -A workers beat` running?)")
+            elif probe.beat_age_seconds > probe.beat_stale_after_seconds:
+                problems.append(f"beat heartbeat is stale: last written {probe.beat_age_seconds:.0f} s ago")
+            if not probe.workers_answering:
+                problems.append("no Celery worker answered a ping")
+    if sending_paused_now(session, now, rule):
+        problems.append("sending is paused: the complaint rate is above DIGEST_COMPLAINT_PAUSE_THRESHOLD")
+    due = oldest_due(session, now)
+    if due is not None and now - due > late_after:
+        minutes = (now - due).total_seconds() / 60
+        problems.append(f"a delivery is late: due {minutes:.0f} min ago ({due:%Y-%m-%d %H:%M} UTC) and not sent")
+    return problems
 
 
 def status_for(session: Session, day: dt.date | None) -> list[EditionStatus]:

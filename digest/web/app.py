@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from digest.errors import DigestError, InvalidToken, NotFound
 from digest.runtime import Runtime
-from digest.web import api, archive, pages
+from digest.web import api, archive, health, pages
 from digest.web.ratelimit import RateLimited, WebLimits
 from digest.web.security import BodyLimit, SecurityHeaders
 from digest.web.templating import STATIC_DIR, templates
@@ -106,6 +106,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(pages.router)
     app.include_router(api.router)
     app.include_router(archive.router)
+    app.include_router(health.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Outermost first: headers go on everything, including the body limit's 413.
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
