@@ -55,7 +55,8 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
 
 
 def ledger_figures(session: Session, now: dt.datetime, rule: PauseRule) -> LedgerFigures:
-    recent = select(Digest.id).where(Digest.date >= now.date() - dt.timedelta(days=EDITION_DAYS))
+    # Ids as values, not a subquery, so the planner reads only those editions (see status.oldest_due).
+    recent = list(session.scalars(select(Digest.id).where(Digest.date >= now.date() - dt.timedelta(days=EDITION_DAYS))))
     deliveries = dict.fromkeys((s.value for s in DeliveryStatus), 0)
     for status, count in session.execute(
         select(Delivery.status, func.count()).where(Delivery.digest_id.in_(recent)).group_by(Delivery.status)

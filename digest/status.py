@@ -108,7 +108,11 @@ def oldest_due(session: Session, now: dt.datetime) -> dt.datetime | None:
     lease ran out. A retry waiting for its backoff is not due yet. Only recent editions are
     read, through the (edition, status) index.
     """
-    recent = select(Digest.id).where(Digest.date >= (now - OPEN_HORIZON).date())
+    # The edition ids as values, not a subquery: given a join, PostgreSQL estimated that most of
+    # the table matched and scanned all of it (114 ms against 29 ms at a million rows).
+    recent = list(session.scalars(select(Digest.id).where(Digest.date >= (now - OPEN_HORIZON).date())))
+    if not recent:
+        return None
     pending = select(func.min(func.coalesce(Delivery.next_attempt_at, Delivery.created_at))).where(
         Delivery.digest_id.in_(recent),
         Delivery.status == DeliveryStatus.PENDING,
