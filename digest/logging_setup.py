@@ -23,7 +23,13 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _context: ContextVar[dict[str, Any]] = ContextVar("digest_log_context", default={})  # noqa: B039 - never mutated
 # Attributes every LogRecord has; anything else on a record came in through ``extra=``.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+# ("color_message" is uvicorn's copy of the message with terminal colours.)
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 
 @contextmanager
@@ -66,6 +72,8 @@ def configure_logging(log_format: LogFormat, level: int = logging.WARNING) -> No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Alembic announces its context at INFO on every /readyz; only its warnings matter here.
+    logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
 
 
 def reformat(logger: logging.Logger, log_format: LogFormat) -> None:

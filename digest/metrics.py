@@ -8,6 +8,7 @@ query is an index range or an index-only aggregate (see ``bench/metrics.py`` for
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -15,12 +16,14 @@ import redis
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from digest import heartbeat
 from digest.models import Delivery, DeliveryStatus, Digest, Paper, Subscriber, SubscriberEvent, SubscriberStatus, utcnow
 from digest.status import PauseRule, oldest_due, sending_paused_now
 
+log = logging.getLogger(__name__)
 EDITION_DAYS = 2  # digest_deliveries covers the editions dated today and the two days before
 RATE_WINDOW = dt.timedelta(minutes=5)
 EVENT_WINDOW = dt.timedelta(hours=24)
@@ -105,8 +108,15 @@ def _by(name: str, doc: str, label: str, values: dict[str, int]) -> GaugeMetricF
     return family
 
 
-def families(ledger: LedgerFigures, queue: QueueFigures | None, now: dt.datetime) -> Iterable[Metric]:
-    """The metric families for one scrape; ``queue`` is None without Redis."""
+def families(ledger: LedgerFigures | None, queue: QueueFigures | None, now: dt.datetime) -> Iterable[Metric]:
+    """The metric families for one scrape; ``ledger`` is None without the database, ``queue`` without Redis."""
+    if ledger is not None:
+        yield from ledger_families(ledger, now)
+    if queue is not None:
+        yield from queue_families(queue)
+
+
+def ledger_families(ledger: LedgerFigures, now: dt.datetime) -> Iterable[Metric]:
     yield _by(
         "digest_deliveries",
         f"Deliveries of the editions dated in the last {EDITION_DAYS} days and today, by status.",
@@ -139,8 +149,9 @@ def families(ledger: LedgerFigures, queue: QueueFigures | None, now: dt.datetime
         "How long the longest-waiting sendable delivery has been due (0: none waiting).",
         max(0.0, due_age),
     )
-    if queue is None:
-        return
+
+
+def queue_families(queue: QueueFigures) -> Iterable[Metric]:
     yield _gauge("digest_redis_up", "1 when Redis answered this scrape, else 0.", float(queue.up))
     if not queue.up:
         return
@@ -174,7 +185,16 @@ class DigestCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         now = self.clock()
-        with self.session_factory() as session:
-            ledger = ledger_figures(session, now, self.rule)
+        ledger: LedgerFigures | None = None
+        try:
+            with self.session_factory() as session:
+                ledger = ledger_figures(session, now, self.rule)
+        except SQLAlchemyError as exc:
+            log.warning("metrics: the database did not answer: %s", " ".join(str(exc).split())[:300])
+        # A scrape still answers without the database, saying so: an alert on
+        # digest_database_up == 0 is clearer than a failed scrape.
+        yield _gauge(
+            "digest_database_up", "1 when the database answered this scrape, else 0.", float(ledger is not None)
+        )
         queue = queue_figures(self.redis_client) if self.redis_client is not None else None
         yield from families(ledger, queue, now)

@@ -139,6 +139,7 @@ def test_metrics_show_the_sent_count_of_a_real_run(
     assert got[("digest_subscribers", (("status", "active"),))] == 3
     assert got[("digest_subscribers", (("status", "pending"),))] == 1
     assert got[("digest_sending_paused", ())] == 0
+    assert got[("digest_database_up", ())] == 1
     collected = got[("digest_last_collection_timestamp_seconds", ())]
     assert abs(collected - dt.datetime.now(dt.UTC).timestamp()) < 300
     assert got[("digest_send_rate_per_second", ())] == pytest.approx(3 / 300)
@@ -146,3 +147,13 @@ def test_metrics_show_the_sent_count_of_a_real_run(
     assert got[("digest_redis_up", ())] == 1
     assert got[("digest_queue_depth", ())] == 0
     assert ("digest_beat_heartbeat_age_seconds", ()) not in got  # no beat ran against this Redis
+
+
+def test_metrics_say_the_database_is_down_instead_of_failing(smtp: SMTPSink) -> None:
+    closed = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
+    with live_app(make_settings(closed, smtp)) as base:
+        answer = httpx.get(f"{base}/metrics")
+    assert answer.status_code == 200
+    got = samples(answer.text)
+    assert got[("digest_database_up", ())] == 0
+    assert not any(name == "digest_deliveries" for name, _ in got)
