@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from kombu.exceptions import OperationalError as BrokerError
@@ -23,6 +23,9 @@ from digest.models import Subscriber, SubscriberStatus, utcnow
 from digest.runtime import Runtime
 from digest.settings import get_settings
 from digest.text import csv_cell
+
+if TYPE_CHECKING:
+    from digest.status import Probe
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -84,10 +87,13 @@ def latest_weekday(today: dt.date) -> dt.date:
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens.")
 def main(verbose: bool) -> None:
     """digest: each day's trending AI research papers, by email."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from digest.logging_setup import configure_logging
+
+    try:
+        log_format = get_settings().log_format
+    except ValueError:  # the command itself reports broken settings in one line
+        log_format = "text"
+    configure_logging(log_format, logging.INFO if verbose else logging.WARNING)
 
 
 @main.group("db")
@@ -374,31 +380,107 @@ def sending_resume(ctx: click.Context) -> None:
     click.echo("sending resumed" if lifted else "sending was not paused")
 
 
+def web_app() -> Any:
+    """The ASGI app of one web worker process, from the environment (uvicorn's factory with --workers)."""
+    from digest.logging_setup import configure_logging
+    from digest.web.app import create_app
+
+    settings = get_settings()
+    configure_logging(settings.log_format, logging.INFO)
+    return create_app(Runtime(settings))
+
+
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
-@click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
+@click.option("--host", help="Interface to listen on; default: DIGEST_HOST (127.0.0.1).")
+@click.option("--port", type=int, help="Port to listen on; default: DIGEST_PORT (8000).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Web processes.")
 @click.pass_context
 @reports_errors
-def serve(ctx: click.Context, host: str, port: int) -> None:
+def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) -> None:
     """The web app (subscribe, confirm, preferences, unsubscribe, JSON API) under uvicorn."""
     import uvicorn
 
     from digest.web.app import create_app
 
+    settings = get_settings()
+    # Built here even with several workers: a broken setup (e.g. the DKIM key) ends the command
+    # with a one-line reason instead of every worker failing on its own.
+    app = create_app(runtime_from(ctx))
+    if settings.log_format == "json":
+        from digest.logging_setup import configure_logging
+
+        configure_logging("json", logging.INFO)  # uvicorn's start-up and access lines too
     # Proxy headers are read by the app itself, from DIGEST_TRUSTED_PROXIES only: uvicorn's own
-    # default would believe any X-Forwarded-For arriving from 127.0.0.1.
-    uvicorn.run(create_app(runtime_from(ctx)), host=host, port=port, proxy_headers=False)
+    # default would believe any X-Forwarded-For arriving from 127.0.0.1. With JSON logs uvicorn's
+    # own loggers go through our root handler (log_config=None).
+    options: dict[str, Any] = {
+        "host": host or settings.host,
+        "port": port or settings.port,
+        "proxy_headers": False,
+        **({"log_config": None} if settings.log_format == "json" else {}),
+    }
+    if workers == 1:
+        uvicorn.run(app, **options)
+    else:
+        uvicorn.run("digest.cli:web_app", factory=True, workers=workers, **options)
+
+
+PING_TIMEOUT = 1.5  # seconds to wait for any worker to answer `status --check`
+
+
+def probe_workers(redis_url: str | None, stale_after: float) -> Probe:
+    """Beat's heartbeat and a Celery ping, for `status --check` (nothing to probe without Redis)."""
+    import redis
+
+    from digest import heartbeat
+    from digest.status import Probe
+
+    if not redis_url:
+        return Probe()
+    client = heartbeat.client(redis_url)
+    try:
+        age = heartbeat.heartbeat_age(client)
+    except redis.RedisError as exc:
+        return Probe(redis_configured=True, redis_error=one_line(exc))
+    finally:
+        client.close()
+    from workers.celery_app import app as celery_app
+
+    answers = celery_app.control.ping(timeout=PING_TIMEOUT)
+    return Probe(
+        redis_configured=True,
+        beat_age_seconds=age,
+        beat_stale_after_seconds=stale_after,
+        workers_answering=bool(answers),
+    )
 
 
 @main.command()
 @click.option("--date", "date_", help="Day of the digest (YYYY-MM-DD); default: the newest.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="For cron or a monitoring probe: print ok and exit 0, or exit 1 with the reason "
+    "(stale beat, no worker, sending paused, a late delivery).",
+)
 @click.pass_context
 @reports_errors
-def status(ctx: click.Context, date_: str | None) -> None:
+def status(ctx: click.Context, date_: str | None, check: bool) -> None:
     """Deliveries by status, send rate, the oldest open delivery and failures with reasons."""
-    from digest.status import reputation_lines, status_for
+    from digest.status import check_problems, reputation_lines, status_for
 
     runtime = runtime_from(ctx)
+    s = runtime.settings
+    if check:
+        probe = probe_workers(s.redis_url, s.beat_stale_after_seconds)
+        late_after = dt.timedelta(minutes=s.delivery_late_after_minutes)
+        with transaction(runtime.session_factory) as session:
+            problems = check_problems(session, utcnow(), runtime.pause_rules, late_after, probe)
+        if problems:
+            click.echo("; ".join(problems), err=True)
+            sys.exit(1)
+        click.echo("ok")
+        return
     now = utcnow()
     with transaction(runtime.session_factory) as session:
         editions = status_for(session, parse_day(date_))

@@ -10,7 +10,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Shipped inside the package, so an installed wheel migrates from any folder.
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -52,12 +53,28 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 
 def alembic_config(url: str) -> Any:
+    """Alembic's configuration for the packaged migrations; needs no alembic.ini (that is for the CLI)."""
     from alembic.config import Config
 
-    cfg = Config(str(PROJECT_ROOT / "alembic.ini"))
-    cfg.set_main_option("script_location", str(PROJECT_ROOT / "alembic"))
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
+
+
+def schema_heads() -> set[str]:
+    """The newest revisions the packaged migrations know (one, unless a branch is open)."""
+    from alembic.script import ScriptDirectory
+
+    return set(ScriptDirectory(str(MIGRATIONS_DIR)).get_heads())
+
+
+def current_revisions(engine: Engine) -> set[str]:
+    """The revisions the database at ``engine`` is migrated to (empty when never migrated)."""
+    from alembic.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return set(MigrationContext.configure(conn).get_current_heads())
 
 
 def upgrade(url: str, revision: str = "head") -> None:

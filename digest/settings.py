@@ -109,6 +109,15 @@ class Settings(BaseSettings):
     imap_done_folder: str | None = None  # handled messages are moved here (created if missing)
     imap_ssl: bool = True
 
+    # Operating: where `digest serve` listens (the Procfile's web line uses $PORT instead when
+    # it is set), metrics, health checks and the log format.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    metrics_token: str | None = None  # set: GET /metrics needs "Authorization: Bearer <token>"
+    beat_stale_after_seconds: float = Field(default=300.0, gt=0)  # beat writes its heartbeat every 15 s
+    delivery_late_after_minutes: float = Field(default=30.0, gt=0)  # due this long ago and not sent: late
+    log_format: Literal["text", "json"] = "text"
+
     @field_validator("base_url", "papers_api_url")
     @classmethod
     def _strip_trailing_slash(cls, value: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from digest.delivery import counts_by_status, failure_reasons
@@ -67,6 +67,14 @@ def edition_status(session: Session, digest: Digest) -> EditionStatus:
     )
 
 
+def sending_paused_now(session: Session, now: dt.datetime, rules: PauseRules) -> bool:
+    """Whether sending is paused (a latched pause): the one place `digest status`, its --check
+    and /metrics ask. Workers latch a pause when complaints trip ``rules`` before a batch."""
+    from digest.reputation import active_pause
+
+    return active_pause(session) is not None
+
+
 def reputation_lines(session: Session, now: dt.datetime, rules: PauseRules) -> list[str]:
     from digest.reputation import active_pause, complaints_in, counted_complaints, sent_in
 
@@ -87,6 +95,69 @@ def reputation_lines(session: Session, now: dt.datetime, rules: PauseRules) -> l
             " (resume with `digest sending resume`)"
         )
     return lines
+
+
+# How far back open deliveries are looked for; the sweep reaches as far.
+OPEN_HORIZON = dt.timedelta(days=7)
+
+
+def oldest_due(session: Session, now: dt.datetime) -> dt.datetime | None:
+    """Since when the longest-waiting sendable delivery has been due (None: nothing is waiting).
+
+    Due: pending since it was planned or since its retry time, or ``sending`` whose worker's
+    lease ran out. A retry waiting for its backoff is not due yet. Only recent editions are
+    read, through the (edition, status) index.
+    """
+    # The edition ids as values, not a subquery: given a join, PostgreSQL estimated that most of
+    # the table matched and scanned all of it (114 ms against 29 ms at a million rows).
+    recent = list(session.scalars(select(Digest.id).where(Digest.date >= (now - OPEN_HORIZON).date())))
+    if not recent:
+        return None
+    pending = select(func.min(func.coalesce(Delivery.next_attempt_at, Delivery.created_at))).where(
+        Delivery.digest_id.in_(recent),
+        Delivery.status == DeliveryStatus.PENDING,
+        or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+    )
+    abandoned = select(func.min(Delivery.lease_until)).where(
+        Delivery.digest_id.in_(recent), Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until < now
+    )
+    found = [t for t in (session.scalar(pending), session.scalar(abandoned)) if t is not None]
+    return min((t if t.tzinfo else t.replace(tzinfo=dt.UTC) for t in found), default=None)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What `digest status --check` found in Redis and among the workers (only with Redis)."""
+
+    redis_configured: bool = False
+    redis_error: str | None = None
+    beat_age_seconds: float | None = None  # None: beat never wrote a heartbeat
+    beat_stale_after_seconds: float = 300.0
+    workers_answering: bool = False
+
+
+def check_problems(
+    session: Session, now: dt.datetime, rules: PauseRules, late_after: dt.timedelta, probe: Probe
+) -> list[str]:
+    """Every reason an operator should be woken, each one line; empty means all is well."""
+    problems: list[str] = []
+    if probe.redis_configured:
+        if probe.redis_error is not None:
+            problems.append(f"Redis is not reachable: {probe.redis_error}")
+        else:
+            if probe.beat_age_seconds is None:
+                problems.append("beat has never written a heartbeat (is `celery -A workers beat` running?)")
+            elif probe.beat_age_seconds > probe.beat_stale_after_seconds:
+                problems.append(f"beat heartbeat is stale: last written {probe.beat_age_seconds:.0f} s ago")
+            if not probe.workers_answering:
+                problems.append("no Celery worker answered a ping")
+    if sending_paused_now(session, now, rules):
+        problems.append("sending is paused (see `digest status`; lift it with `digest sending resume`)")
+    due = oldest_due(session, now)
+    if due is not None and now - due > late_after:
+        minutes = (now - due).total_seconds() / 60
+        problems.append(f"a delivery is late: due {minutes:.0f} min ago ({due:%Y-%m-%d %H:%M} UTC) and not sent")
+    return problems
 
 
 def status_for(session: Session, day: dt.date | None) -> list[EditionStatus]:

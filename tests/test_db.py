@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from alembic import command
 from digest import db
 from digest.models import Base
 from tests.support.postgres_url import fresh_database

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 from celery.schedules import crontab
+from celery.signals import after_setup_logger, after_setup_task_logger
 
 from digest.settings import get_settings
 
@@ -27,6 +28,8 @@ app.conf.update(
     result_backend_transport_options={"visibility_timeout": settings.task_visibility_timeout},
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
+    # Celery's default scheduler plus a heartbeat in Redis (digest status --check, /metrics).
+    beat_scheduler="workers.heartbeat:HeartbeatScheduler",
     beat_schedule={
         # The API fills a day during that day (UTC); collect a few times so late papers count.
         "collect-latest": {"task": "digest.collect_latest", "schedule": crontab(minute=15, hour="*/3")},
@@ -36,3 +39,15 @@ app.conf.update(
         "poll-imap": {"task": "digest.poll_imap", "schedule": 120.0},
     },
 )
+
+
+if settings.log_format == "json":
+    from typing import Any
+
+    from digest.logging_setup import reformat
+
+    # Keep Celery's handlers and levels; only the lines become JSON objects.
+    @after_setup_logger.connect
+    @after_setup_task_logger.connect
+    def _json_logs(logger: Any, **_: Any) -> None:
+        reformat(logger, "json")

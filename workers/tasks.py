@@ -20,6 +20,7 @@ from digest import pipeline
 from digest.db import transaction
 from digest.delivery import DigestComposer
 from digest.errors import UpstreamError
+from digest.logging_setup import log_context
 from digest.models import Delivery, DeliveryStatus, utcnow
 from digest.runtime import Runtime
 from digest.settings import get_settings
@@ -107,7 +108,8 @@ def dispatch_due() -> int:
 )
 def send_batch(digest_id: int, subscriber_ids: list[int]) -> dict[str, int]:
     """Send one page of an edition; temporary failures come back as a delayed batch."""
-    result = pipeline.send_batch(runtime(), digest_id, subscriber_ids, _composers)
+    with log_context(digest_id=digest_id):  # every line this batch logs names its edition
+        result = pipeline.send_batch(runtime(), digest_id, subscriber_ids, _composers)
     if result.retry_at is not None:
         countdown = min(MAX_COUNTDOWN, max(0.0, (result.retry_at - utcnow()).total_seconds()))
         enqueue_batch(digest_id, subscriber_ids, countdown=countdown)

@@ -1,4 +1,4 @@
-"""JSON API under ``/api`` (documented in ``/openapi.json``) and ``/healthz``."""
+"""JSON API under ``/api`` (documented in ``/openapi.json``); the probes are in ``digest.web.health``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import datetime as dt
 from fastapi import APIRouter, BackgroundTasks
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from digest.addresses import MAX_ADDRESS_LENGTH
@@ -49,10 +48,6 @@ class PaperOut(BaseModel):
 class LatestDigest(BaseModel):
     date: dt.date | None
     papers: list[PaperOut]
-
-
-class Health(BaseModel):
-    status: str
 
 
 ACCEPTED = SubscribeAccepted(
@@ -99,18 +94,3 @@ async def api_latest(runtime: RuntimeDep) -> LatestDigest:
         date=page.day,
         papers=[PaperOut.model_validate(p, from_attributes=True) for p in page.papers],
     )
-
-
-@router.get(
-    "/healthz",
-    response_model=Health,
-    responses={503: {"model": Health}},
-    summary="Liveness and database check",
-)
-def healthz(runtime: RuntimeDep) -> JSONResponse:
-    try:
-        with runtime.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception:  # any database failure means "not ready", never a 500
-        return JSONResponse({"status": "database unavailable"}, status_code=503)
-    return JSONResponse({"status": "ok"})

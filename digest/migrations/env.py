@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from alembic import context
+
 from digest.db import make_engine
 from digest.models import Base
 
