@@ -83,12 +83,13 @@ class ConfirmationLimits:
             "domain": _hashed(mailbox.rpartition("@")[2]),
             "overall": "all",
         }
-        checks = [(name, item, keys[name]) for name, items in self._rules for item in items]
-        # Test every limit before counting any, so a refused request uses up nothing.
-        for name, item, key in checks:
-            if not self._limiter.test(item, NAMESPACE, kind, name, key):
-                log.warning("withheld a %s email: the per-%s limit (%s) is reached", kind, name, item)
-                return False
-        for name, item, key in checks:
-            self._limiter.hit(item, NAMESPACE, kind, name, key)
+        # Each hit checks and counts in one atomic step (a Lua script on Redis), so requests that
+        # arrive together cannot all pass a check before any is counted. Stopping at the first
+        # refusal leaves a refused request counted against the limits before it (the source's
+        # first): a flood spends its own budget, and a victim's already-sent link stays valid.
+        for name, items in self._rules:
+            for item in items:
+                if not self._limiter.hit(item, NAMESPACE, kind, name, keys[name]):
+                    log.warning("withheld a %s email: the per-%s limit (%s) is reached", kind, name, item)
+                    return False
         return True

@@ -607,6 +607,18 @@ def process(
     """
     config = config_from(runtime)
     inbound = classify(config, data, envelope_sender=envelope_sender, recipients=recipients)
+    return process_classified(runtime, inbound, size=len(data), peer=peer)
+
+
+def answer_first(inbound: Inbound) -> bool:
+    """Whether the listener should answer before even storing: requests anyone can make about
+    any address, where the database work itself (a new row or none) would time the answer."""
+    return inbound.kind is Kind.SUBSCRIBE or (inbound.kind is Kind.UNSUBSCRIBE and not inbound.token)
+
+
+def process_classified(runtime: Runtime, inbound: Inbound, *, size: int, peer: str | None = None) -> Processed:
+    """``process`` for a message already classified (the listener classifies first)."""
+    config = config_from(runtime)
     with transaction(runtime.session_factory) as session:
         handled = handle(session, config, inbound, now=utcnow())
     replies: list[Reply] = []
@@ -619,7 +631,7 @@ def process(
         "mail in %s (%s, %d bytes): %s",
         inbound.key[:80],
         inbound.kind.value,
-        len(data),
+        size,
         handled.outcome,
     )
     return Processed(handled.outcome, handled.changed, replies)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy.exc import SQLAlchemyError
 
-from digest.mailin import MailinConfig, config_from, process, send_replies
+from digest.mailin import Inbound, MailinConfig, answer_first, classify, config_from, process_classified, send_replies
 from digest.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -39,16 +41,23 @@ class MailinHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data: bytes = envelope.original_content or b""
-        peer = session.peer[0] if isinstance(session.peer, tuple) and session.peer else None
+        peer_host = session.peer[0] if isinstance(session.peer, tuple) and session.peer else None
+        peer = str(peer_host) if peer_host else None
+        inbound = await asyncio.to_thread(
+            classify,
+            self.config,
+            data,
+            envelope_sender=str(envelope.mail_from or ""),
+            recipients=list(envelope.rcpt_tos),
+        )
+        if answer_first(inbound):
+            # A request about any address: answered before the database is touched, so neither
+            # the answer nor its timing says whether the address is known. (A database failure
+            # then costs this one request, logged; the person can simply ask again.)
+            self._later(self._handle_later(inbound, len(data), peer))
+            return "250 2.0.0 OK"
         try:
-            processed = await asyncio.to_thread(
-                process,
-                self.runtime,
-                data,
-                envelope_sender=str(envelope.mail_from or ""),
-                recipients=list(envelope.rcpt_tos),
-                peer=str(peer) if peer else None,
-            )
+            processed = await asyncio.to_thread(process_classified, self.runtime, inbound, size=len(data), peer=peer)
         except SQLAlchemyError:
             log.exception("mail in: database unavailable; asked the sender to retry")
             return "451 4.3.0 Temporary failure, please retry"
@@ -57,10 +66,21 @@ class MailinHandler:
             return "451 4.3.0 Temporary failure, please retry"
         if processed.replies:
             # After the answer: how long it takes must not say whether anything was sent.
-            task = asyncio.create_task(send_replies(self.runtime, processed.replies))
-            self._answers.add(task)
-            task.add_done_callback(self._answers.discard)
+            self._later(send_replies(self.runtime, processed.replies))
         return "250 2.0.0 OK"
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
+
+    async def _handle_later(self, inbound: Inbound, size: int, peer: str | None) -> None:
+        try:
+            processed = await asyncio.to_thread(process_classified, self.runtime, inbound, size=size, peer=peer)
+        except Exception:
+            log.exception("mail in: could not handle a %s request after answering it", inbound.kind.value)
+            return
+        await send_replies(self.runtime, processed.replies)
 
 
 async def serve(runtime: Runtime) -> None:
