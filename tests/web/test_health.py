@@ -157,3 +157,23 @@ def test_metrics_say_the_database_is_down_instead_of_failing(smtp: SMTPSink) -> 
     got = samples(answer.text)
     assert got[("digest_database_up", ())] == 0
     assert not any(name == "digest_deliveries" for name, _ in got)
+
+
+def test_metrics_show_queued_tasks_and_beats_heartbeat(settings: Settings, redis_url: str) -> None:
+    from celery import Celery
+
+    from digest import heartbeat
+
+    # Two tasks enqueued as Celery enqueues them, with no worker to take them.
+    producer = Celery("digest", broker=redis_url)
+    for _ in range(2):
+        producer.send_task("digest.sweep")
+    producer.close()
+    r = heartbeat.client(redis_url)
+    heartbeat.beat(r)
+    r.close()
+    with live_app(settings.model_copy(update={"redis_url": redis_url})) as base:
+        got = samples(httpx.get(f"{base}/metrics").text)
+    assert got[("digest_queue_depth", ())] == 2
+    assert got[("digest_tasks_unacked", ())] == 0
+    assert 0 <= got[("digest_beat_heartbeat_age_seconds", ())] < 5
