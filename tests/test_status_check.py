@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from digest import heartbeat
+from digest import heartbeat, reputation
 from digest.db import transaction
-from digest.models import Delivery, DeliveryStatus, SubscriberEvent, utcnow
+from digest.models import utcnow
 from digest.pipeline import collect_if_needed, composer_of, dispatch, run_inprocess
 from digest.runtime import Runtime
 from digest.settings import Settings
@@ -35,7 +35,7 @@ def todays_edition(runtime: Runtime, papers_api: PapersAPI) -> int:
     assert digest_id is not None
     with transaction(runtime.session_factory) as session:
         for email in PEOPLE:
-            add_confirmed(session, email, now=utcnow())
+            add_confirmed(session, runtime.tokens, email, now=utcnow())
     return digest_id
 
 
@@ -75,12 +75,10 @@ def test_a_late_delivery_then_ok_once_sent_then_a_pause(
     result = check(settings)
     assert (result.returncode, result.stdout, result.stderr) == (0, "ok\n", "")
 
-    # One complaint on two sent messages, judged from the first message on: sending pauses.
+    # A latched pause (as a worker latches it when complaints trip the rules) fails the check.
     with transaction(runtime.session_factory) as session:
-        delivery = session.query(Delivery).filter(Delivery.status == DeliveryStatus.SENT).first()
-        assert delivery is not None
-        session.add(SubscriberEvent(subscriber_id=delivery.subscriber_id, delivery_id=delivery.id, kind="complaint"))
-    assert_fails_with(check(settings.model_copy(update={"complaint_min_sent": 1})), "sending is paused")
+        reputation.pause(session, utcnow(), "complaint rate 2.1% is above 0.30%")
+    assert_fails_with(check(settings), "sending is paused")
 
 
 def test_stale_or_missing_beat_heartbeat_and_no_worker(settings: Settings, redis_url: str) -> None:

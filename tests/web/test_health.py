@@ -112,8 +112,8 @@ def test_metrics_show_the_sent_count_of_a_real_run(
         now = utcnow()
         with transaction(runtime.session_factory) as session:
             for email in ("ada@example.com", "grace@example.org", "alan@example.net"):
-                add_confirmed(session, email, now=now)
-            subscribe(session, "pending@example.com", now=now)
+                add_confirmed(session, runtime.tokens, email, now=now)
+            subscribe(session, runtime.tokens, "pending@example.com", now=now)
         # In-process (no workers): the same ledger the workers write.
         sender = Runtime(settings.model_copy(update={"redis_url": None}))
         try:
