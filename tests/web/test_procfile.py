@@ -33,9 +33,7 @@ def wait_for_health(process: Process, port: int, timeout: float = 60) -> httpx.R
     raise TimeoutError(f"nothing answered on {port}:\n{process.output()[-3000:]}")
 
 
-def test_web_line_binds_all_interfaces_on_port_with_web_concurrency_workers(
-    settings: Settings, tmp_path: Path
-) -> None:
+def test_web_line_binds_all_interfaces_on_port_with_web_concurrency_workers(settings: Settings, tmp_path: Path) -> None:
     port = free_port()
     env = settings_env(settings, PORT=str(port), WEB_CONCURRENCY="2")
     env.pop("DIGEST_PORT")  # what a PaaS sets is PORT
