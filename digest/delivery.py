@@ -349,6 +349,13 @@ def record_failure(
 ) -> dt.datetime | None:
     """Retry later (returns when) or fail for good; hard and repeated soft bounces stop the subscriber."""
     reason = error.reason[:500]
+    # One line per failed attempt, tagged so a JSON log can be searched by delivery or reader.
+    log.info(
+        "delivery attempt %d failed: %s",
+        delivery.attempts,
+        reason,
+        extra={"delivery_id": delivery.id, "subscriber_id": delivery.subscriber_id},
+    )
     if not error.permanent and delivery.attempts < policy.max_attempts:
         when = now + dt.timedelta(seconds=policy.backoff(delivery.attempts))
         session.execute(

@@ -633,6 +633,7 @@ def process_classified(runtime: Runtime, inbound: Inbound, *, size: int, peer: s
         inbound.kind.value,
         size,
         handled.outcome,
+        extra={"subscriber_id": handled.subscriber_id} if handled.subscriber_id is not None else None,
     )
     return Processed(handled.outcome, handled.changed, replies)
 

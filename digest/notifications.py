@@ -152,7 +152,9 @@ async def send_requested(
             return False
         await deliver(runtime, *prepared)
     except SendError as exc:
-        log.warning("a requested %s email could not be sent: %s", kind, exc.reason)
+        log.warning(
+            "a requested %s email could not be sent: %s", kind, exc.reason, extra={"subscriber_id": subscriber_id}
+        )
         return False
     except Exception:  # after the answer: nobody to tell but the log
         log.exception("a requested %s email could not be sent", kind)
