@@ -174,3 +174,41 @@ def test_add_takes_the_same_fields(settings: Settings, runtime: Runtime, tmp_pat
     )
     bad = digest(settings, tmp_path, "subscribers", "add", "bob@example.org", "--confirmed", "--timezone", "Nowhere")
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and subscriber(runtime, "bob@example.org") is None
+
+
+ADDRESSES = [
+    "Ada.Lovelace+news@Example.ORG",
+    " padded@example.org ",
+    "x@xn--bcher-kva.de",
+    "x@Bücher.de",
+    "üser@example.org",
+    '"quoted local"@example.org',
+    "a..b@example.org",
+    "x@localhost",
+    "x@foo.test",
+    "x@123.456",
+    "x@-a.com",
+    "x@a b.com",
+    "two@@example.org",
+    "@example.org",
+    "nobody@",
+    "l" * 64 + "@example.org",
+    "l" * 65 + "@example.org",
+    "x@" + "d" * 63 + "." + "e" * 63 + "." + "f" * 63 + "." + "g" * 57 + ".org",
+]
+
+
+@pytest.mark.parametrize("raw", ADDRESSES)
+def test_the_import_normalises_addresses_exactly_as_the_web_does(raw: str) -> None:
+    from digest.addresses import normalise_address
+    from digest.errors import InvalidAddress
+
+    try:
+        expected: str | type[Exception] = normalise_address(raw)
+    except InvalidAddress:
+        expected = InvalidAddress
+    try:
+        got: str | type[Exception] = importing.normalise(raw)
+    except InvalidAddress:
+        got = InvalidAddress
+    assert got == expected
