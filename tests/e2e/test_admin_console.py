@@ -35,6 +35,7 @@ OPERATOR = "ops@example.org"
 STRANGER = "stranger@example.org"
 READERS = ["ada@example.com", "grace@example.org", "alan@example.net"]
 BOUNCED = "gone@example.com"
+REFUSED = "nobody@example.net"  # the SMTP server refuses it: one failure with its reason
 
 
 @pytest.fixture
@@ -51,11 +52,12 @@ def live(database: str, smtp: SMTPSink, papers_api: PapersAPI) -> Iterator[tuple
         runtime.dispose()
 
 
-def a_small_run(runtime: Runtime) -> None:
+def a_small_run(runtime: Runtime, smtp: SMTPSink) -> None:
     collect_if_needed(runtime, DAY, allow_sample=False)
+    smtp.behaviour.refuse[REFUSED] = "550 5.1.1 no such mailbox here"
     now = utcnow()
     with transaction(runtime.session_factory) as session:
-        for email in READERS:
+        for email in [*READERS, REFUSED]:
             subscriptions.add_confirmed(session, runtime.tokens, email, now=now)
         subscriptions.subscribe(session, runtime.tokens, "pending@example.com", now=now)
         gone = subscriptions.add_confirmed(session, runtime.tokens, BOUNCED, now=now)
@@ -63,14 +65,15 @@ def a_small_run(runtime: Runtime) -> None:
             session, gone.id, None, hard=True, detail="550 5.1.1", now=now, policy=runtime.policy
         )
     summary = run_inprocess(runtime, DAY)
-    assert summary.counts.get("sent") == len(READERS), summary.lines()
+    assert (summary.counts.get("sent"), summary.counts.get("failed")) == (len(READERS), 1), summary.lines()
 
 
-def ledger(runtime: Runtime) -> tuple[int, int]:
+def ledger(runtime: Runtime) -> tuple[int, int, int]:
     with runtime.session_factory() as session:
         sent = session.scalar(select(func.count()).where(Delivery.status == DeliveryStatus.SENT))
+        failed = session.scalar(select(func.count()).where(Delivery.status == DeliveryStatus.FAILED))
         active = session.scalar(select(func.count()).where(Subscriber.status == SubscriberStatus.ACTIVE))
-    return int(sent or 0), int(active or 0)
+    return int(sent or 0), int(failed or 0), int(active or 0)
 
 
 def paused(runtime: Runtime) -> bool:
@@ -83,9 +86,9 @@ def test_operator_console(live: tuple[Runtime, str], smtp: SMTPSink) -> None:
 
     chromium = require_chromium()
     runtime, base = live
-    a_small_run(runtime)
+    a_small_run(runtime, smtp)
     mails_before = len(smtp.messages)
-    sent, active = ledger(runtime)
+    sent, failed, active = ledger(runtime)
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
@@ -130,9 +133,11 @@ def test_operator_console(live: tuple[Runtime, str], smtp: SMTPSink) -> None:
             # The dashboard's numbers are the ledger's.
             edition = page.locator(f'tr[data-edition="daily-{DAY}"]')
             expect(edition.locator('[data-count="sent"]')).to_have_text(str(sent))
-            expect(edition.locator('[data-count="failed"]')).to_have_text("0")
+            expect(edition.locator('[data-count="failed"]')).to_have_text(str(failed))
             expect(page.locator('[data-status="active"]')).to_have_text(str(active))
-            expect(page.locator('[data-status="bounced"]')).to_have_text("1")
+            expect(page.locator('[data-status="bounced"]')).to_have_text("2")  # hard bounce, 550 refusal
+            expect(page.locator(".failures li", has_text=REFUSED)).to_contain_text("550 5.1.1")
+            expect(page.locator('[data-figure="sent-window"]')).to_have_text(str(sent))
             expect(page.locator('[data-status="pending"]')).to_have_text("1")
             assert page.locator("svg rect.bar").count() == 60
             page.screenshot(path=SHOTS / "admin-dashboard-1280.png", full_page=True)
