@@ -225,10 +225,11 @@ def header_of(cells: list[str]) -> tuple[tuple[str, ...], bool]:
     if "@" in cells[0]:
         return LEGACY_COLUMNS, False
     names = tuple(cell.strip().lower() for cell in cells)
-    unknown = [n for n in names if n not in COLUMNS]
+    unknown = [n for n in names if n and n not in COLUMNS]
     if unknown:
         raise BadFile(f"unknown column {unknown[0][:40]!r} in the header (known: {', '.join(COLUMNS)})")
-    if len(set(names)) != len(names):
+    named = [n for n in names if n]  # a blank header cell (a trailing comma) names nothing
+    if len(set(named)) != len(named):
         raise BadFile("a column is named twice in the header")
     if "email" not in names:
         raise BadFile("the header row must name an email column")
@@ -244,7 +245,7 @@ def staged_rows(
     if first is None:
         return COLUMNS[:1], iter(())
     columns, was_header = header_of(first[1])
-    position = {name: columns.index(name) for name in columns}
+    position = {name: columns.index(name) for name in columns if name}
 
     def rows() -> Iterator[StagedRow]:
         if not was_header:
@@ -252,7 +253,7 @@ def staged_rows(
         for line, cells in records:
             yield from _row(line, cells, columns, position, fingerprint, refusals)
 
-    return columns, rows()
+    return tuple(name for name in columns if name), rows()
 
 
 def _row(

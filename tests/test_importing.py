@@ -99,6 +99,15 @@ def test_bad_rows_by_line_and_a_non_utf8_line(any_session: Session) -> None:
     assert result.imported == 2
 
 
+def test_a_header_is_required_to_make_sense(any_session: Session) -> None:
+    # A spreadsheet's trailing comma names nothing; a misspelt column stops the whole file.
+    assert run_import(any_session, b"EMAIL,Topics,\nada@example.org,llm,\n").created == 1
+    with pytest.raises(importing.BadFile, match="emial"):
+        run_import(any_session, b"emial,topics\nbob@example.org,llm\n")
+    any_session.rollback()
+    assert [r[0] for r in rows(any_session)] == ["ada@example.org"]
+
+
 def test_a_dry_run_writes_nothing_and_a_reimport_changes_nothing(any_session: Session) -> None:
     dry = run_import(any_session, FULL.encode(), dry_run=True)
     any_session.rollback()
