@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -98,6 +99,8 @@ def main() -> None:
     finally:
         postgres.drop_database(name)
         postgres.stop()
+    # The whole process (file writing included): flat across sizes means the import streams.
+    figures["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(figures, indent=2))
 
 
