@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -203,14 +202,18 @@ def test_operator_console(live: tuple[Runtime, str], smtp: SMTPSink) -> None:
     assert smtp.to(STRANGER) == []
 
 
-def test_the_session_cookie_is_not_secure_only_in_development(database: str, smtp: SMTPSink, tmp_path: Path) -> None:
+def test_in_development_on_sqlite(sqlite_url: str, smtp: SMTPSink, papers_api: PapersAPI) -> None:
+    """The embedded default (the demo's SQLite) serves the console too; the cookie is not
+    Secure there, so it works over plain http://localhost."""
     from fastapi.testclient import TestClient
 
     from digest.models import AdminSignIn
     from digest.tokens import Purpose
 
-    runtime = Runtime(make_settings(database, smtp, environment="development", admin_emails=OPERATOR))
+    settings = make_settings(sqlite_url, smtp, papers_api, environment="development", admin_emails=OPERATOR)
+    runtime = Runtime(settings)
     try:
+        a_small_run(runtime, smtp)
         with transaction(runtime.session_factory) as session:
             row = AdminSignIn(email=OPERATOR, created_at=utcnow())
             session.add(row)
@@ -218,8 +221,14 @@ def test_the_session_cookie_is_not_secure_only_in_development(database: str, smt
             token = runtime.tokens.make(Purpose.ADMIN_SIGN_IN, row.id, int(row.created_at.timestamp()))
         with TestClient(create_app(runtime), follow_redirects=False) as client:
             answer = client.post(f"/admin/sign-in/{token}")
-        assert answer.status_code == 303
-        header = answer.headers["set-cookie"].lower()
-        assert "httponly" in header and "samesite=strict" in header and "secure" not in header
+            assert answer.status_code == 303
+            header = answer.headers["set-cookie"].lower()
+            assert "httponly" in header and "samesite=strict" in header and "secure" not in header
+            dashboard = client.get("/admin")
+            assert dashboard.status_code == 200 and dashboard.headers["cache-control"] == "no-store"
+            assert f'data-edition="daily-{DAY}"' in dashboard.text
+            assert "Digests sent per day: <strong>3</strong>" in dashboard.text
+            person = client.get("/admin/subscribers", params={"email": READERS[1]})
+            assert person.status_code == 200 and 'data-state="active"' in person.text
     finally:
         runtime.dispose()
