@@ -201,22 +201,39 @@ def subscribers() -> None:
 @click.argument("email")
 @click.option("--confirmed", is_flag=True, help="Activate at once (consent already on record).")
 @click.option("--topics", default="", help='Comma-separated topics, e.g. "diffusion, LLM agents".')
+@click.option("--exclude", default=None, help="Comma-separated words whose papers are left out.")
+@click.option("--frequency", type=click.Choice(["daily", "weekly"]), default=None, help="Default: daily.")
+@click.option("--timezone", default=None, help="IANA time zone, e.g. Europe/Berlin. Default: UTC.")
+@click.option("--hour", type=int, default=None, help="Local hour of delivery, 0-23. Default: 8.")
 @click.pass_context
 @reports_errors
-def subscribers_add(ctx: click.Context, email: str, confirmed: bool, topics: str) -> None:
+def subscribers_add(
+    ctx: click.Context,
+    email: str,
+    confirmed: bool,
+    topics: str,
+    exclude: str | None,
+    frequency: str | None,
+    timezone: str | None,
+    hour: int | None,
+) -> None:
     """Add a subscriber; without --confirmed they get a confirmation email."""
-    from digest import subscriptions
+    from digest import importing, subscriptions
 
     runtime = runtime_from(ctx)
     now = utcnow()
+    fields = importing.parse_fields(topics, exclude, frequency, timezone, hour)  # refuse bad input first
     with transaction(runtime.session_factory) as session:
         if confirmed:
             sub = subscriptions.add_confirmed(session, runtime.tokens, email, now=now, topics=topics)
+            importing.apply_fields(session, sub, fields)
             click.echo(f"{sub.email}: active")
             return
         outcome = subscriptions.subscribe(session, runtime.tokens, email, now=now, topics=topics, source="cli")
         subscriber = session.get(Subscriber, outcome.subscriber_id)
         assert subscriber is not None
+        if subscriber.created_at == now:  # only a row made just now: a request never changes a known one
+            importing.apply_fields(session, subscriber, fields)
     if outcome.send_confirmation:
         from digest.notifications import send_confirmation
 
@@ -243,46 +260,53 @@ def subscribers_list(ctx: click.Context, status: str | None) -> None:
 
 @subscribers.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Validate and report; write nothing.")
 @click.pass_context
 @reports_errors
-def subscribers_import(ctx: click.Context, file: Path) -> None:
-    """Import a CSV (columns: email[,topics]) as active subscribers whose consent is on record.
+def subscribers_import(ctx: click.Context, file: Path, dry_run: bool) -> None:
+    """Import a CSV of subscribers whose consent is on record, as active subscribers.
 
-    Bad rows are reported by line number and skipped; the rest are imported.
+    The header row names the columns: email (required), topics, exclude, frequency, timezone,
+    hour. Every row is checked first; bad and suppressed rows are reported by line and skipped,
+    the rest written at once (all or nothing). Exits 1 when any row was refused.
     """
-    import csv
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from digest import subscriptions
+    from digest import importing
 
     runtime = runtime_from(ctx)
-    imported = bad = 0
-    with file.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        session = runtime.session_factory()
-        try:
-            for row in reader:
-                if not row or not "".join(row).strip():
-                    continue
-                if reader.line_num == 1 and row[0].strip().lower() == "email":
-                    continue  # header
-                try:
-                    topics = row[1] if len(row) > 1 else ""
-                    # A savepoint per row: a row refused half way leaves nothing behind.
-                    with session.begin_nested():
-                        subscriptions.add_confirmed(
-                            session, runtime.tokens, row[0], now=utcnow(), topics=topics, source="import"
-                        )
-                except DigestError as exc:
-                    bad += 1
-                    click.echo(f"line {reader.line_num}: {exc}", err=True)
-                    continue
-                imported += 1
-                if imported % 1000 == 0:  # keep transactions short on big files
-                    session.commit()
-            session.commit()
-        finally:
-            session.close()
-    click.echo(f"imported {imported} subscribers; {bad} rows refused")
+    with file.open("rb") as handle:
+        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+    bar = Progress(
+        TextColumn("lines"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    with bar, file.open("rb") as handle, transaction(runtime.session_factory) as session:
+        task = bar.add_task("import", total=max(lines, 1))
+        result = importing.import_csv(
+            session,
+            handle,
+            runtime.tokens.address_fingerprint,
+            now=utcnow(),
+            dry_run=dry_run,
+            progress=lambda line: bar.update(task, completed=line),
+        )
+        if dry_run:
+            session.rollback()
+        bar.update(task, completed=max(lines, 1))
+    for refusal in result.refused:
+        click.echo(f"line {refusal.line}: {refusal.reason}", err=True)
+    bad = len(result.refused)
+    verb = "would import" if dry_run else "imported"
+    click.echo(f"{verb} {result.imported} subscribers; {bad} rows refused")
+    click.echo(f"  {result.created} new, {result.changed} changed, {result.unchanged} already so")
+    if dry_run:
+        click.echo("dry run: nothing was written")
     if bad:
         raise click.ClickException(f"{bad} rows were refused (see the lines above)")
 

@@ -285,3 +285,21 @@ class SendPause(Base):
     paused_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     resumed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
     resumed_by: Mapped[str | None] = mapped_column(String(254), default=None)
+
+
+class AdminSignIn(Base):
+    """One console sign-in link mailed to an operator and, once used, the session it started.
+
+    The link works once (``used_at``) and briefly; the session cookie names this row, so it ends
+    at ``expires_at`` or when the operator signs out (``ended_at``), whatever the cookie says.
+    """
+
+    __tablename__ = "admin_sign_ins"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    email: Mapped[str] = mapped_column(String(254))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    csrf_token: Mapped[str | None] = mapped_column(String(64), default=None)

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     confirmation_limit_per_mailbox: str = "2/hour;5/day"
     confirmation_limit_per_domain: str = "100/hour"
     confirmation_limit_overall: str = "1000/hour"
+    # The operator console (/admin): who may sign in (comma-separated addresses), how long a
+    # mailed sign-in link and the session it starts last.
+    admin_emails: str = ""
+    admin_link_minutes: int = Field(default=15, ge=1, le=60)
+    admin_session_hours: float = Field(default=8.0, gt=0, le=24)
     # Proxies whose X-Forwarded-For is believed: comma-separated addresses or networks.
     trusted_proxies: str = ""
 
@@ -130,6 +135,20 @@ class Settings(BaseSettings):
             raise ValueError(f"not an email address: {value!r}")
         return value
 
+    @field_validator("admin_emails")
+    @classmethod
+    def _admins_are_addresses(cls, value: str) -> str:
+        from digest.addresses import normalise_address
+        from digest.errors import InvalidAddress
+
+        for part in value.split(","):
+            if part.strip():
+                try:
+                    normalise_address(part)
+                except InvalidAddress as exc:
+                    raise ValueError(f"DIGEST_ADMIN_EMAILS: {part.strip()!r}: {exc}") from exc
+        return value
+
     @field_validator("trusted_proxies")
     @classmethod
     def _proxies_are_networks(cls, value: str) -> str:
@@ -149,6 +168,13 @@ class Settings(BaseSettings):
         return tuple(
             ipaddress.ip_network(p.strip(), strict=False) for p in self.trusted_proxies.split(",") if p.strip()
         )
+
+    @property
+    def admin_addresses(self) -> frozenset[str]:
+        """``admin_emails`` normalised as subscriber addresses are (so case does not matter)."""
+        from digest.addresses import normalise_address
+
+        return frozenset(normalise_address(a) for a in self.admin_emails.split(",") if a.strip())
 
     @property
     def mail_from_address(self) -> str:

@@ -40,6 +40,10 @@ class Purpose(enum.StrEnum):
     DATA_ACCESS = "data-access"  # export and erase: short-lived, mailed on request
     BOUNCE = "bounce"  # VERP return path, names one delivery (compact form)
     MAIL_UNSUBSCRIBE = "mail-unsubscribe"  # the List-Unsubscribe mailto (compact form)
+    # The operator console: the mailed one-time link and the session cookie, both naming one
+    # AdminSignIn row, whose timestamps (not the token) decide how long each is good for.
+    ADMIN_SIGN_IN = "admin-sign-in"
+    ADMIN_SESSION = "admin-session"
 
 
 COMPACT = frozenset({Purpose.BOUNCE, Purpose.MAIL_UNSUBSCRIBE})

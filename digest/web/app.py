@@ -11,7 +11,7 @@ from starlette.types import ASGIApp
 
 from digest.errors import DigestError, InvalidToken, NotFound
 from digest.runtime import Runtime
-from digest.web import api, archive, health, pages
+from digest.web import admin, api, archive, health, pages
 from digest.web.ratelimit import RateLimited, WebLimits
 from digest.web.security import BodyLimit, SecurityHeaders
 from digest.web.templating import STATIC_DIR, templates
@@ -111,6 +111,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(api.router)
     app.include_router(archive.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     return app

@@ -1,0 +1,443 @@
+"""Importing subscribers whose consent is on record: validate every row, then one bulk write.
+
+A CSV file's header row names its columns (``email`` required; ``topics``, ``exclude``,
+``frequency``, ``timezone``, ``hour`` optional). The import happens in two phases inside the
+caller's transaction:
+
+1. **Validate and stage.** Each line is decoded on its own, so one line that is not UTF-8 is a
+   bad row with its number, not an aborted file. Every row goes through the same checks as the
+   web forms (``digest.addresses.normalise_address``, ``digest.subscriptions.validate_preferences``);
+   good rows stream into a temporary staging table (PostgreSQL ``COPY``, batched
+   ``executemany`` on SQLite), so memory stays flat at a million rows.
+2. **Judge, then merge.** The staging table is checked against the database in a few set-wise
+   queries: repeated addresses, and addresses that opted out or were erased (the consent rules
+   of ``digest.consent``: an import never re-activates them). What is left is written by one
+   ``UPDATE … FROM`` for known addresses that change and one ``INSERT … SELECT`` for new ones.
+
+The caller commits (or, for a dry run, rolls back): a failure anywhere leaves nothing behind,
+never half a file. Columns the header does not name are left as they are on known subscribers;
+an empty ``frequency``, ``timezone`` or ``hour`` cell also keeps what is stored (or the default).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, BinaryIO
+
+from sqlalchemy import bindparam, text
+from sqlalchemy.orm import Session
+
+from digest.addresses import MAX_ADDRESS_LENGTH, normalise_address
+from digest.errors import DigestError, InvalidAddress
+from digest.models import Frequency, Subscriber, UTCDateTime
+from digest.subscriptions import PreferencesUpdate, validate_preferences
+
+COLUMNS = ("email", "topics", "exclude", "frequency", "timezone", "hour")
+# Files written before the header named the columns: ``email[,topics]`` without a header.
+LEGACY_COLUMNS = ("email", "topics")
+FREQUENCIES = {Frequency.DAILY.value: Frequency.DAILY, Frequency.WEEKLY.value: Frequency.WEEKLY}
+DEFAULT_HOUR = 8
+DEFAULT_TIMEZONE = "UTC"
+STAGING = "import_staging"
+BATCH_ROWS = 10_000
+# Every statement below is put together from this module's constants and column names only
+# (hence the S608 exemptions); the file's content travels as bound values or COPY data.
+
+# (line, email, fingerprint, topics, excluded, frequency, timezone, hour); None: keep / default.
+StagedRow = tuple[int, str, str, str | None, str | None, str | None, str | None, int | None]
+
+
+class BadFile(DigestError):
+    """The file as a whole cannot be imported (no usable header)."""
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Preferences given for one subscriber; None means "not given"."""
+
+    topics: str | None = None
+    excluded: str | None = None
+    frequency: Frequency | None = None
+    timezone: str | None = None
+    hour: int | None = None
+
+
+@lru_cache(maxsize=4096)
+def parse_fields(
+    topics: str | None = None,
+    exclude: str | None = None,
+    frequency: str | None = None,
+    timezone: str | None = None,
+    hour: str | int | None = None,
+) -> Fields:
+    """Validate preferences given as text (a CSV row, command-line options); ``DigestError`` if bad.
+
+    The checks are the preferences page's (``validate_preferences``), so an import cannot store
+    what a subscriber could not choose themselves. Cached: a list repeats the same few values.
+    """
+    wanted_frequency: Frequency | None = None
+    if frequency is not None and frequency.strip():
+        wanted_frequency = FREQUENCIES.get(frequency.strip().lower())
+        if wanted_frequency is None:
+            raise DigestError(f"frequency must be daily or weekly, not {frequency.strip()[:20]!r}")
+    wanted_hour: int | None = None
+    if isinstance(hour, int):
+        wanted_hour = hour
+    elif hour is not None and hour.strip():
+        try:
+            wanted_hour = int(hour.strip())
+        except ValueError as exc:
+            raise DigestError(f"hour must be a whole number from 0 to 23, not {hour.strip()[:20]!r}") from exc
+    wanted_zone = timezone.strip() if timezone is not None and timezone.strip() else None
+    clean = validate_preferences(
+        PreferencesUpdate(
+            frequency=wanted_frequency or Frequency.DAILY,
+            digest_size=10,  # not importable; any valid value
+            topics=topics or "",
+            excluded=exclude or "",
+            send_hour=DEFAULT_HOUR if wanted_hour is None else wanted_hour,
+            timezone=wanted_zone or DEFAULT_TIMEZONE,
+        )
+    )
+    return Fields(
+        topics=None if topics is None else clean.topics,
+        excluded=None if exclude is None else clean.excluded,
+        frequency=wanted_frequency,
+        timezone=wanted_zone,
+        hour=wanted_hour,
+    )
+
+
+def apply_fields(session: Session, subscriber: Subscriber, fields: Fields) -> None:
+    """Store the preferences ``fields`` gives (already validated by ``parse_fields``); not the status."""
+    if fields.topics is not None:
+        subscriber.topics = fields.topics
+    if fields.excluded is not None:
+        subscriber.excluded = fields.excluded
+    if fields.frequency is not None:
+        subscriber.frequency = fields.frequency
+    if fields.timezone is not None:
+        subscriber.timezone = fields.timezone
+    if fields.hour is not None:
+        subscriber.send_hour = fields.hour
+    session.flush()
+
+
+# A local part that every validator accepts as it is (an RFC 5322 dot-atom of the plainest
+# characters); anything else goes through the whole of ``normalise_address``.
+PLAIN_LOCAL = re.compile(r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*\Z")
+MAX_LOCAL_LENGTH = 64
+
+
+@lru_cache(maxsize=65_536)
+def _checked_domain(domain: str) -> str:
+    return normalise_address(f"postmaster@{domain}").rpartition("@")[2]
+
+
+def normalise(raw: str) -> str:
+    """``normalise_address``, with a domain's checks (IDNA, reserved names) done once per domain.
+
+    Those checks are most of email-validator's time, and a list of a million people holds a few
+    thousand domains. A plain local part needs no check beyond its length; every other address,
+    and every address whose domain fails, is left to ``normalise_address`` whole (and gets its
+    message). ``tests/test_importing.py`` holds both to the same answers.
+    """
+    candidate = raw.strip()
+    local, at, domain = candidate.rpartition("@")
+    if at and len(local) <= MAX_LOCAL_LENGTH and PLAIN_LOCAL.match(local):
+        try:
+            address = f"{local.lower()}@{_checked_domain(domain)}"
+        except InvalidAddress:
+            return normalise_address(raw)
+        if len(address) <= MAX_ADDRESS_LENGTH and len(candidate) <= MAX_ADDRESS_LENGTH:
+            return address
+    return normalise_address(raw)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    line: int
+    reason: str
+
+
+@dataclass
+class ImportResult:
+    created: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    refused: list[Refusal] = field(default_factory=list)
+
+    @property
+    def imported(self) -> int:
+        """Rows that are now active subscribers as the file says (new, changed or already so)."""
+        return self.created + self.changed + self.unchanged
+
+
+# --------------------------------------------------------------------------------- reading
+
+
+def decoded_lines(source: BinaryIO, refusals: list[Refusal]) -> Iterator[tuple[int, str]]:
+    """(line number, text) for every line that is UTF-8; the others become refusals."""
+    for number, raw in enumerate(source, start=1):
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # the byte-order mark spreadsheet programs write
+        try:
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            refusals.append(Refusal(number, f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"))
+
+
+def csv_rows(lines: Iterable[tuple[int, str]], refusals: list[Refusal]) -> Iterator[tuple[int, list[str]]]:
+    """(first line number, cells) of each CSV record; blank records are skipped.
+
+    A quoted cell may span lines; the record is reported by the line it starts on.
+    """
+    consumed: list[int] = []
+
+    def feed() -> Iterator[str]:
+        for number, line in lines:
+            consumed.append(number)
+            yield line
+
+    reader = csv.reader(feed())
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            refusals.append(Refusal(consumed[0] if consumed else 0, f"not readable as CSV: {exc}"))
+            consumed.clear()
+            continue
+        start = consumed[0] if consumed else 0
+        consumed.clear()
+        if any(cell.strip() for cell in cells):
+            yield start, cells
+
+
+def header_of(cells: list[str]) -> tuple[tuple[str, ...], bool]:
+    """(column names, whether ``cells`` was a header row); ``BadFile`` for a bad header."""
+    if "@" in cells[0]:
+        return LEGACY_COLUMNS, False
+    names = tuple(cell.strip().lower() for cell in cells)
+    unknown = [n for n in names if n and n not in COLUMNS]
+    if unknown:
+        raise BadFile(f"unknown column {unknown[0][:40]!r} in the header (known: {', '.join(COLUMNS)})")
+    named = [n for n in names if n]  # a blank header cell (a trailing comma) names nothing
+    if len(set(named)) != len(named):
+        raise BadFile("a column is named twice in the header")
+    if "email" not in names:
+        raise BadFile("the header row must name an email column")
+    return names, True
+
+
+def staged_rows(
+    source: BinaryIO, fingerprint: Callable[[str], str], refusals: list[Refusal]
+) -> tuple[tuple[str, ...], Iterator[StagedRow]]:
+    """The columns of the file and its valid rows, validated one by one (bad ones refused)."""
+    records = csv_rows(decoded_lines(source, refusals), refusals)
+    first = next(records, None)
+    if first is None:
+        return COLUMNS[:1], iter(())
+    columns, was_header = header_of(first[1])
+    position = {name: columns.index(name) for name in columns if name}
+
+    def rows() -> Iterator[StagedRow]:
+        if not was_header:
+            yield from _row(*first, columns, position, fingerprint, refusals)
+        for line, cells in records:
+            yield from _row(line, cells, columns, position, fingerprint, refusals)
+
+    return tuple(name for name in columns if name), rows()
+
+
+def _row(
+    line: int,
+    cells: list[str],
+    columns: tuple[str, ...],
+    position: dict[str, int],
+    fingerprint: Callable[[str], str],
+    refusals: list[Refusal],
+) -> Iterator[StagedRow]:
+    if len(cells) > len(columns):
+        refusals.append(Refusal(line, f"{len(cells)} cells, but the header names {len(columns)} columns"))
+        return
+
+    def cell(name: str) -> str | None:
+        if name not in position:
+            return None
+        index = position[name]
+        return cells[index] if index < len(cells) else ""
+
+    try:
+        address = normalise(cell("email") or "")
+        given = parse_fields(cell("topics"), cell("exclude"), cell("frequency"), cell("timezone"), cell("hour"))
+    except DigestError as exc:
+        refusals.append(Refusal(line, str(exc)))
+        return
+    frequency = given.frequency.value if given.frequency is not None else None
+    yield (line, address, fingerprint(address), given.topics, given.excluded, frequency, given.timezone, given.hour)
+
+
+# --------------------------------------------------------------------------------- writing
+
+
+def _create_staging(session: Session) -> None:
+    session.execute(text(f"DROP TABLE IF EXISTS {STAGING}"))
+    session.execute(
+        text(
+            f"CREATE TEMPORARY TABLE {STAGING} (line INTEGER NOT NULL, email VARCHAR(254) NOT NULL,"
+            " fingerprint VARCHAR(64) NOT NULL, topics VARCHAR(500), excluded VARCHAR(500),"
+            " frequency VARCHAR(16), timezone VARCHAR(64), send_hour INTEGER)"
+        )
+    )
+
+
+def _fill_staging(session: Session, rows: Iterable[StagedRow], progress: Callable[[int], None] | None) -> None:
+    connection = session.connection()
+    names = "line, email, fingerprint, topics, excluded, frequency, timezone, send_hour"
+    if connection.dialect.name == "postgresql":
+        driver: Any = connection.connection.driver_connection
+        with driver.cursor() as cursor, cursor.copy(f"COPY {STAGING} ({names}) FROM STDIN") as copy:
+            for count, row in enumerate(rows, start=1):
+                copy.write_row(row)
+                if progress is not None and count % BATCH_ROWS == 0:
+                    progress(row[0])
+        return
+    insert = f"INSERT INTO {STAGING} ({names}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+    batch: list[StagedRow] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == BATCH_ROWS:
+            connection.exec_driver_sql(insert, batch)
+            batch.clear()
+            if progress is not None:
+                progress(row[0])
+    if batch:
+        connection.exec_driver_sql(insert, batch)
+
+
+REPEATS = f"""
+SELECT s.line, f.first FROM {STAGING} s
+JOIN (SELECT email, MIN(line) AS first FROM {STAGING} GROUP BY email HAVING COUNT(*) > 1) f ON f.email = s.email
+WHERE s.line > f.first
+"""  # noqa: S608
+
+# The consent rules (digest.consent) as one query: a stored opt-out, or a suppression hash on an
+# address with no row or only a pending one (digest.subscriptions.state_of), is never activated.
+SUPPRESSED = f"""
+SELECT s.line, COALESCE(CASE WHEN t.status IN ('unsubscribed', 'bounced', 'complained') THEN t.status END, 'erased')
+FROM {STAGING} s
+LEFT JOIN subscribers t ON t.email = s.email
+LEFT JOIN suppressions x ON x.address_hash = s.fingerprint
+WHERE t.status IN ('unsubscribed', 'bounced', 'complained')
+   OR (x.address_hash IS NOT NULL AND (t.id IS NULL OR t.status = 'pending'))
+"""  # noqa: S608
+
+
+def _take_out(session: Session, query: str) -> list[tuple[int, str]]:
+    """The staged rows ``query`` picks (line first), removed from the staging table."""
+    rows = [(int(line), str(detail)) for line, detail in session.execute(text(query))]
+    if rows:
+        session.execute(text(f"DELETE FROM {STAGING} WHERE line IN (SELECT q.line FROM ({query}) q)"))  # noqa: S608
+    return rows
+
+
+def _refuse_repeats(session: Session) -> list[Refusal]:
+    """A second row for an address is refused: the file says two things about one person."""
+    return [Refusal(line, f"the same address as line {first}") for line, first in _take_out(session, REPEATS)]
+
+
+def _refuse_suppressed(session: Session) -> list[Refusal]:
+    return [
+        Refusal(line, f"suppressed ({state}): only the person's own opt-in can bring it back")
+        for line, state in _take_out(session, SUPPRESSED)
+    ]
+
+
+def _changes(present: set[str]) -> str:
+    """SQL, per known subscriber, for "this row would change it" (so a re-import changes nothing)."""
+    tests = ["subscribers.status <> 'active'"]
+    for column in _assigned(present):
+        tests.append(f"subscribers.{column} <> COALESCE(s.{column}, subscribers.{column})")
+    return " OR ".join(tests)
+
+
+def _assigned(present: set[str]) -> list[str]:
+    by_field = {"topics": "topics", "exclude": "excluded", "frequency": "frequency", "timezone": "timezone"}
+    columns = [column for name, column in by_field.items() if name in present]
+    return [*columns, "send_hour"] if "hour" in present else columns
+
+
+def _count(session: Session, sql: str) -> int:
+    return int(session.execute(text(sql)).scalar_one())
+
+
+def _merge(session: Session, present: set[str], now: dt.datetime, *, dry_run: bool) -> tuple[int, int, int]:
+    """(created, changed, unchanged) for the staged rows; written unless ``dry_run``."""
+    known = f"FROM {STAGING} s JOIN subscribers ON subscribers.email = s.email"
+    total = _count(session, f"SELECT COUNT(*) FROM {STAGING}")  # noqa: S608
+    if dry_run:
+        existing = _count(session, f"SELECT COUNT(*) {known}")
+        changing = _count(session, f"SELECT COUNT(*) {known} WHERE {_changes(present)}")
+        return total - existing, changing, existing - changing
+    stamp = bindparam("now", now, type_=UTCDateTime())
+    assignments = ", ".join(f"{c} = COALESCE(s.{c}, subscribers.{c})" for c in _assigned(present))
+    update = (
+        "UPDATE subscribers SET status = 'active', updated_at = :now, unsubscribed_at = NULL,"  # noqa: S608
+        " soft_bounce_score = 0, confirmed_at = COALESCE(subscribers.confirmed_at, :now)"
+        + (f", {assignments}" if assignments else "")
+        + f" FROM {STAGING} s WHERE subscribers.email = s.email AND ({_changes(present)})"
+    )
+    changed = session.execute(text(update).bindparams(stamp)).rowcount  # type: ignore[attr-defined]
+    insert = f"""
+        INSERT INTO subscribers (email, status, topics, excluded, frequency, digest_size, send_hour, timezone,
+            weekday, source, soft_bounce_score, created_at, updated_at, confirmed_at)
+        SELECT s.email, 'active', COALESCE(s.topics, ''), COALESCE(s.excluded, ''), COALESCE(s.frequency, 'daily'),
+            NULL, COALESCE(s.send_hour, {DEFAULT_HOUR}), COALESCE(s.timezone, '{DEFAULT_TIMEZONE}'), 0, 'import', 0,
+            :now, :now, :now
+        FROM {STAGING} s
+        WHERE NOT EXISTS (SELECT 1 FROM subscribers t WHERE t.email = s.email)
+        ORDER BY s.line
+    """  # noqa: S608
+    created = session.execute(text(insert).bindparams(stamp)).rowcount  # type: ignore[attr-defined]
+    # No ON CONFLICT: its speculative insertion costs half the import's time. A signup racing
+    # the import between the anti-join and the insert fails the whole import (the unique key);
+    # nothing is written and running it again finishes it.
+    return created, changed, total - created - changed
+
+
+def import_csv(
+    session: Session,
+    source: BinaryIO,
+    fingerprint: Callable[[str], str],
+    *,
+    now: dt.datetime,
+    dry_run: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ImportResult:
+    """Import subscribers from CSV bytes; every refused row is in ``refused``, by line.
+
+    ``fingerprint`` is ``Tokens.address_fingerprint`` (erased addresses are known only by it).
+    ``progress`` is called now and then with the line number reached. Flushes, never commits.
+    """
+    refusals: list[Refusal] = []
+    columns, rows = staged_rows(source, fingerprint, refusals)
+    _create_staging(session)
+    try:
+        _fill_staging(session, rows, progress)
+        # A temporary table has no statistics until analysed; without them the planner may join
+        # a million staged rows by nested loops.
+        session.execute(text(f"ANALYZE {STAGING}"))
+        refusals.extend(_refuse_repeats(session))
+        refusals.extend(_refuse_suppressed(session))
+        created, changed, unchanged = _merge(session, set(columns), now, dry_run=dry_run)
+    finally:
+        session.execute(text(f"DROP TABLE IF EXISTS {STAGING}"))
+    refusals.sort(key=lambda r: r.line)
+    return ImportResult(created=created, changed=changed, unchanged=unchanged, refused=refusals)
