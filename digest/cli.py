@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import click
 from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -46,7 +47,7 @@ def reports_errors(func: F) -> F:
             reason = getattr(exc, "orig", None) or exc
             click.echo(f"error: database: {one_line(reason)}", err=True)
             sys.exit(1)
-        except (ConnectionError, OSError, BrokerError) as exc:  # Redis, SMTP or the network
+        except (ConnectionError, OSError, BrokerError, RedisError) as exc:  # Redis, SMTP or the network
             click.echo(f"error: {type(exc).__name__}: {one_line(exc)}", err=True)
             sys.exit(1)
 

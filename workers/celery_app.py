@@ -26,6 +26,9 @@ app.conf.update(
     broker_transport_options={"visibility_timeout": settings.task_visibility_timeout},
     result_backend_transport_options={"visibility_timeout": settings.task_visibility_timeout},
     broker_connection_retry_on_startup=True,
+    # Keep running tasks when the broker connection drops (Redis restarting): a send_batch
+    # cancelled mid-send could leave accepted messages unrecorded, to be sent twice.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     worker_hijack_root_logger=False,
     beat_schedule={
         # The API fills a day during that day (UTC); collect a few times so late papers count.
