@@ -359,6 +359,24 @@ def status(ctx: click.Context, date_: str | None) -> None:
 
 
 @main.command()
+@click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(1), help="Rows per transaction.")
+@click.pass_context
+@reports_errors
+def compact(ctx: click.Context, batch_size: int) -> None:
+    """Reduce delivery rows of editions older than DIGEST_LEDGER_RETENTION_DAYS to counts."""
+    from digest.compaction import compact as compact_ledger
+
+    runtime = runtime_from(ctx)
+    result = compact_ledger(
+        runtime.session_factory,
+        today=utcnow().date(),
+        retention_days=runtime.settings.ledger_retention_days,
+        batch_size=batch_size,
+    )
+    click.echo(result.line())
+
+
+@main.command()
 @click.pass_context
 @reports_errors
 def mailin(ctx: click.Context) -> None:

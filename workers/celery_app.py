@@ -37,5 +37,7 @@ app.conf.update(
         "dispatch-due": {"task": "digest.dispatch_due", "schedule": crontab(minute=0)},
         "sweep": {"task": "digest.sweep", "schedule": 60.0},
         "poll-imap": {"task": "digest.poll_imap", "schedule": 120.0},
+        # Ledger housekeeping once a day, at a quiet hour for most time zones' sending.
+        "compact-ledger": {"task": "digest.compact_ledger", "schedule": crontab(minute=30, hour=2)},
     },
 )
