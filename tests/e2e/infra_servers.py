@@ -52,6 +52,9 @@ class PrivateRedis:
 
     def start(self) -> PrivateRedis:
         args = ["--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no"]
+        if not self.host.startswith("127."):
+            # It listens only on a test network's address; protected mode would refuse its hosts.
+            args += ["--protected-mode", "no"]
         self.proc = subprocess.Popen(
             [SharedRedis.server_binary(), *args, "--dir", self.dir],
             stdout=subprocess.DEVNULL,
@@ -84,7 +87,8 @@ def postgres_bin() -> Path:
 class PrivatePostgres:
     """A PostgreSQL cluster of this test's own, listening on ``host:port`` (trust auth)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, allow: str | None = None) -> None:
+        """``allow``: a network (CIDR) whose clients may connect too, without a password."""
         self.host = host
         self.port = port or free_port_on(host)
         self.bin = postgres_bin()
@@ -102,6 +106,9 @@ class PrivatePostgres:
             os.chmod(self.root, 0o755)
             shutil.chown(self.root, self.user, self.user)
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        if allow:
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                hba.write(f"host all all {allow} trust\n")
         self.url = f"postgresql+psycopg://postgres@{host}:{self.port}/postgres"
 
     def _run(self, exe: str, *args: str) -> None:
