@@ -372,6 +372,7 @@ def compact(ctx: click.Context, batch_size: int) -> None:
         today=utcnow().date(),
         retention_days=runtime.settings.ledger_retention_days,
         batch_size=batch_size,
+        vacuum=True,
     )
     click.echo(result.line())
 

@@ -180,3 +180,27 @@ def test_retention_must_outlast_the_rules_it_serves(runtime: Runtime, smtp: SMTP
     with pytest.raises(ValueError, match="DIGEST_COMPLAINT_WINDOW_DAYS"):
         make_settings(url, smtp, ledger_retention_days=20, complaint_window_days=25)
     assert isinstance(make_settings(url, smtp, ledger_retention_days=16), Settings)
+
+
+def test_compaction_on_sqlite_counts_open_rows_as_skipped(sqlite_url: str) -> None:
+    from digest.db import make_engine, make_session_factory
+    from digest.status import with_compacted
+
+    engine = make_engine(sqlite_url)
+    factory = make_session_factory(engine)
+    now = dt.datetime(2026, 5, 1, 8, tzinfo=dt.UTC)
+    with transaction(factory) as session:
+        old = Digest(kind=DigestKind.DAILY, date=dt.date(2026, 3, 2), created_at=now)
+        session.add(old)
+        session.flush()
+        for n, status in enumerate(["sent", "sent", "failed", "pending", "skipped"]):
+            session.add(
+                Delivery(digest_id=old.id, status=status, message_id=f"<m{n}@x>", created_at=now, updated_at=now)
+            )
+    result = compact(factory, today=dt.date(2026, 5, 1), retention_days=30, batch_size=2, pause=0, vacuum=True)
+    assert (result.rows, result.batches) == (5, 3)
+    with factory() as session:
+        assert session.scalar(select(func.count()).select_from(Delivery)) == 0
+        counts = with_compacted(session, old.id, counts_by_status(session, old.id))
+    assert counts == {"sent": 2, "failed": 1, "skipped": 2, "pending": 0, "sending": 0}
+    engine.dispose()

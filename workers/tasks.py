@@ -166,6 +166,7 @@ def compact_ledger() -> dict[str, int]:
         today=utcnow().date(),
         retention_days=rt.settings.ledger_retention_days,
         max_seconds=rt.settings.task_visibility_timeout / 2,
+        vacuum=True,
     )
     log.info("%s", result.line())
     return {"rows": result.rows, "editions": result.editions, "batches": result.batches}
