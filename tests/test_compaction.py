@@ -204,3 +204,37 @@ def test_compaction_on_sqlite_counts_open_rows_as_skipped(sqlite_url: str) -> No
         counts = with_compacted(session, old.id, counts_by_status(session, old.id))
     assert counts == {"sent": 2, "failed": 1, "skipped": 2, "pending": 0, "sending": 0}
     engine.dispose()
+
+
+def test_digest_compact_then_status_reports_the_old_day(runtime: Runtime) -> None:
+    from tests.support.processes import run_cli, settings_env
+
+    now = dt.datetime.now(dt.UTC)
+    old_day = now.date() - dt.timedelta(days=45)
+    with transaction(runtime.session_factory) as session:
+        old = Digest(kind=DigestKind.DAILY, date=old_day, created_at=now)
+        recent = Digest(kind=DigestKind.DAILY, date=now.date() - dt.timedelta(days=2), created_at=now)
+        session.add_all([old, recent])
+        session.flush()
+        for n in range(7):
+            for digest in (old, recent):
+                status = "failed" if n == 0 else "sent"
+                session.add(
+                    Delivery(
+                        digest_id=digest.id,
+                        status=status,
+                        message_id=f"<{digest.id}.{n}@x>",
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+    env = settings_env(runtime.settings)
+    result = run_cli(["compact"], env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("compacted 7 delivery rows of 1 editions"), result.stdout
+    status = run_cli(["status", "--date", old_day.isoformat()], env, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert f"daily digest {old_day}: sent 6, sending 0, pending 0, failed 1, skipped 0" in status.stdout
+    with runtime.session_factory() as session:
+        left = session.scalars(select(Delivery.digest_id).distinct()).all()
+    assert left == [recent.id], "the recent edition keeps its rows"
