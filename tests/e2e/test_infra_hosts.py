@@ -41,8 +41,9 @@ from tests.support.servers import SMTPSink, _Handler, wait_until
 
 pytestmark = pytest.mark.e2e
 
-# Link-local addresses, on links that exist only inside this test.
-NET = "169.254.213"
+# Link-local addresses, on links that exist only inside this test (a subnet per test process,
+# so two runs at once do not share an address).
+NET = f"169.254.{20 + os.getpid() % 200}"
 SERVER = f"{NET}.1"
 HOSTS = {"a": f"{NET}.11", "b": f"{NET}.12"}
 SUBSCRIBERS = 300
