@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -163,6 +164,11 @@ def dkim_settings(tmp: Path) -> dict[str, str]:
     return {"dkim_selector": "bench", "dkim_domain": "example.org", "dkim_private_key_path": str(key)}
 
 
+def planning_seconds(worker_log: str) -> float | None:
+    found = re.search(r"Task digest\.dispatch\[[^\]]+\] succeeded in ([0-9.]+)s", worker_log)
+    return round(float(found[1]), 2) if found else None
+
+
 def run_once(
     n: int, postgres: Postgres, api: PapersAPI, redis_url: str, workers: int, tmp: Path, dkim: bool = False
 ) -> dict[str, object]:
@@ -219,6 +225,10 @@ def run_once(
         first_sent, last_sent, planned = conn.execute(
             text("select min(sent_at), max(sent_at), min(created_at) from deliveries")
         ).one()
+        # What the day leaves on disk, for the capacity plan (ledger with its indexes, whole database).
+        ledger_bytes, database_bytes = conn.execute(
+            text("select pg_total_relation_size('deliveries'), pg_database_size(current_database())")
+        ).one()
     engine.dispose()
     postgres.drop_database(name)
     if run.returncode != 0:
@@ -232,6 +242,10 @@ def run_once(
         "sending_s": round((last_sent - first_sent).total_seconds(), 2),
         "send_phase_digests_per_s": round(sent / max(0.001, (last_sent - first_sent).total_seconds()), 1),
         "start_to_first_send_s": round((first_sent - planned).total_seconds(), 2),
+        # The dispatch task plans every page (sending starts on the first ones meanwhile).
+        "planning_s": planning_seconds(worker.output()),
+        "ledger_mb": round(ledger_bytes / 2**20, 1),
+        "database_mb": round(database_bytes / 2**20, 1),
         "worker_cpu_ms_per_message": round(1000 * (cpu_after - cpu_before) / max(1, sent), 3),
         "other_cpu_ms_per_message": {
             k: round(1000 * v / max(1, sent), 3) for k, v in sorted(others.items()) if v > 0.5

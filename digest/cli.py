@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -51,7 +52,7 @@ def reports_errors(func: F) -> F:
             reason = getattr(exc, "orig", None) or exc
             click.echo(f"error: database: {one_line(reason)}", err=True)
             sys.exit(1)
-        except (ConnectionError, OSError, BrokerError) as exc:  # Redis, SMTP or the network
+        except (ConnectionError, OSError, BrokerError, RedisError) as exc:  # Redis, SMTP or the network
             click.echo(f"error: {type(exc).__name__}: {one_line(exc)}", err=True)
             sys.exit(1)
 
@@ -515,6 +516,25 @@ def status(ctx: click.Context, date_: str | None, check: bool) -> None:
                 click.echo(line)
         for line in reputation_lines(session, now, runtime.pause_rules):
             click.echo(line)
+
+
+@main.command()
+@click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(1), help="Rows per transaction.")
+@click.pass_context
+@reports_errors
+def compact(ctx: click.Context, batch_size: int) -> None:
+    """Reduce delivery rows of editions older than DIGEST_LEDGER_RETENTION_DAYS to counts."""
+    from digest.compaction import compact as compact_ledger
+
+    runtime = runtime_from(ctx)
+    result = compact_ledger(
+        runtime.session_factory,
+        today=utcnow().date(),
+        retention_days=runtime.settings.ledger_retention_days,
+        batch_size=batch_size,
+        vacuum=True,
+    )
+    click.echo(result.line())
 
 
 @main.command()

@@ -51,6 +51,7 @@ from digest.models import (
     SubscriberStatus,
     utcnow,
 )
+from digest.outages import Outages, log_notify
 from digest.ranking import Candidate, Profile, Ranker, TrendingWeights, candidate_text, trending_order
 from digest.rendering import DigestContext, EmailRenderer, Envelope, PaperView, date_label, message_bytes
 from digest.subscriptions import record_bounce
@@ -631,6 +632,7 @@ async def send_prepared(
     unsent = {item.delivery.id for item in prepared}
     queued = {item.delivery.id: item for item in prepared}
     withdrawn: set[int] = set()  # deliveries whose subscriber left while they waited here
+    recorded = Outages(log_notify)
 
     def recheck() -> None:
         # A chunk can take a while to send (rate limits, a slow relay): someone who
@@ -660,8 +662,15 @@ async def send_prepared(
     def flush() -> None:
         nonlocal last_flush
         if accepted:
-            with transaction(factory) as session:
-                mark_sent(session, accepted)
+
+            def record() -> None:
+                with transaction(factory) as session:
+                    mark_sent(session, accepted)
+
+            # The server has these messages: giving up on the record (a database restart)
+            # would send them again once their lease runs out. Blocking the loop is right:
+            # nothing else here can be recorded either until the database is back.
+            recorded.database(record, limit=policy.lease_seconds)
             result.sent += len(accepted)
             accepted.clear()
         last_flush = time.monotonic()
@@ -683,8 +692,12 @@ async def send_prepared(
                 reply = await mailer.send(item.sender, item.subscriber.email, item.data)
             except SendError as exc:
                 unsent.discard(item.delivery.id)
-                with transaction(factory) as session:
-                    when = record_failure(session, item.delivery, exc, policy, clock())
+
+                def record_failed(exc: SendError = exc, item: _Prepared = item) -> dt.datetime | None:
+                    with transaction(factory) as session:
+                        return record_failure(session, item.delivery, exc, policy, clock())
+
+                when = recorded.database(record_failed, limit=policy.lease_seconds)
                 if when is None:
                     result.failed += 1
                     result.errors.append(f"{item.subscriber.email}: {exc.reason}")
@@ -766,9 +779,29 @@ def run_batch(
                 total.merge(sent)
         finally:
             await mailer.close()
+        with transaction(factory) as session:
+            waiting = next_retry(session, composer.digest_id, subscriber_ids)
+        if waiting is not None and (total.retry_at is None or waiting < total.retry_at):
+            total.retry_at = waiting
         return total
 
     return asyncio.run(go())
+
+
+def next_retry(session: Session, digest_id: int, subscriber_ids: Sequence[int]) -> dt.datetime | None:
+    """When the earliest retry still waiting in this page is due.
+
+    A batch is handed out again at its earliest retry; rows whose backoff (with its jitter) ends
+    a little later were not claimable then, and must say when they are, or they would wait for
+    the stall sweep instead of their backoff.
+    """
+    keys = [(sid, digest_id) for sid in subscriber_ids]
+    return session.scalar(
+        select(func.min(Delivery.next_attempt_at)).where(
+            tuple_(Delivery.subscriber_id, Delivery.digest_id).in_(keys),
+            Delivery.status == DeliveryStatus.PENDING,
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -248,7 +248,22 @@ class SubscriberEvent(Base):
     detail: Mapped[str] = mapped_column(String(500), default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-    __table_args__ = (Index("ix_subscriber_events_kind_created", "kind", "created_at"),)
+    __table_args__ = (
+        Index("ix_subscriber_events_kind_created", "kind", "created_at"),
+        # Deleting ledger rows (compaction) sets this to NULL: without an index every deleted
+        # row would scan the table.
+        Index("ix_subscriber_events_delivery_id", "delivery_id"),
+    )
+
+
+class DeliveryCount(Base):
+    """What stays of an edition's compacted ledger rows: how many ended in each status."""
+
+    __tablename__ = "delivery_counts"
+
+    digest_id: Mapped[int] = mapped_column(ForeignKey("digests.id", ondelete="CASCADE"), primary_key=True)
+    status: Mapped[DeliveryStatus] = mapped_column(_enum(DeliveryStatus, "delivery_count_status"), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class ProcessedMessage(Base):

@@ -98,6 +98,8 @@ class Settings(BaseSettings):
     complaint_pause_min_complaints: int = Field(default=10, ge=1)
     complaint_pause_min_domains: int = Field(default=3, ge=1)
     complaint_min_subscriber_age_days: int = Field(default=7, ge=0)
+    # Delivery rows of editions older than this are reduced to counts (`digest compact`).
+    ledger_retention_days: int = Field(default=30, ge=1)
     task_visibility_timeout: int = 3600
     task_wait_seconds: float = 900.0  # how long `digest run` waits for a worker to answer
 
@@ -161,6 +163,25 @@ class Settings(BaseSettings):
     def _refuse_placeholder_secret(self) -> Settings:
         if self.environment != "development" and (self.secret_key == DEV_SECRET_KEY or len(self.secret_key) < 32):
             raise ValueError("DIGEST_SECRET_KEY must be set to a random value of 32+ characters outside development")
+        return self
+
+    @model_validator(mode="after")
+    def _retention_outlasts_the_rules(self) -> Settings:
+        # Compacted rows no longer answer "no repeats", the stale limit or the windowed trust
+        # rules: each must be over before its rows may go.
+        from digest.delivery import NO_REPEAT_LOOKBACK
+
+        needed = {
+            "the no-repeats reach": NO_REPEAT_LOOKBACK.days,
+            "DIGEST_STALE_AFTER_HOURS": self.stale_after_hours / 24,
+            "DIGEST_COMPLAINT_WINDOW_DAYS": self.complaint_window_days,
+            "DIGEST_SOFT_BOUNCE_WINDOW_DAYS": self.soft_bounce_window_days,
+        }
+        name, days = max(needed.items(), key=lambda item: item[1])
+        if self.ledger_retention_days <= days:
+            raise ValueError(
+                f"DIGEST_LEDGER_RETENTION_DAYS ({self.ledger_retention_days}) must exceed {name} ({days:g} days)"
+            )
         return self
 
     @property

@@ -60,11 +60,20 @@ def edition_status(session: Session, digest: Digest) -> EditionStatus:
     return EditionStatus(
         kind=digest.kind.value,
         day=digest.date,
-        counts=counts_by_status(session, digest.id),
+        counts=with_compacted(session, digest.id, counts_by_status(session, digest.id)),
         rate_per_second=rate,
         oldest_open=oldest,
         failures=failure_reasons(session, digest.id, limit=20),
     )
+
+
+def with_compacted(session: Session, digest_id: int, counts: dict[str, int]) -> dict[str, int]:
+    """Live ledger counts plus those of rows compaction removed (``digest.compaction``)."""
+    from digest.compaction import compacted_counts
+
+    for status, n in compacted_counts(session, digest_id).items():
+        counts[status] = counts.get(status, 0) + n
+    return counts
 
 
 def sending_paused_now(session: Session, now: dt.datetime, rules: PauseRules) -> bool:

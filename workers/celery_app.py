@@ -27,6 +27,9 @@ app.conf.update(
     broker_transport_options={"visibility_timeout": settings.task_visibility_timeout},
     result_backend_transport_options={"visibility_timeout": settings.task_visibility_timeout},
     broker_connection_retry_on_startup=True,
+    # Keep running tasks when the broker connection drops (Redis restarting): a send_batch
+    # cancelled mid-send could leave accepted messages unrecorded, to be sent twice.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     worker_hijack_root_logger=False,
     # Celery's default scheduler plus a heartbeat in Redis (digest status --check, /metrics).
     beat_scheduler="workers.heartbeat:HeartbeatScheduler",
@@ -37,6 +40,8 @@ app.conf.update(
         "dispatch-due": {"task": "digest.dispatch_due", "schedule": crontab(minute=0)},
         "sweep": {"task": "digest.sweep", "schedule": 60.0},
         "poll-imap": {"task": "digest.poll_imap", "schedule": 120.0},
+        # Ledger housekeeping once a day, at a quiet hour for most time zones' sending.
+        "compact-ledger": {"task": "digest.compact_ledger", "schedule": crontab(minute=30, hour=2)},
     },
 )
 

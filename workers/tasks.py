@@ -154,3 +154,21 @@ def poll_imap() -> dict[str, int] | None:
     from digest.imap import poll_imap as poll
 
     return dataclasses.asdict(poll(rt))
+
+
+@app.task(name="digest.compact_ledger", autoretry_for=(OperationalError,), retry_backoff=60, max_retries=3)
+def compact_ledger() -> dict[str, int]:
+    """Beat, daily: reduce old editions' delivery rows to counts (``digest.compaction``)."""
+    from digest.compaction import compact
+
+    rt = runtime()
+    # Bounded well under the visibility timeout; tomorrow's run goes on where this one stopped.
+    result = compact(
+        rt.session_factory,
+        today=utcnow().date(),
+        retention_days=rt.settings.ledger_retention_days,
+        max_seconds=rt.settings.task_visibility_timeout / 2,
+        vacuum=True,
+    )
+    log.info("%s", result.line())
+    return {"rows": result.rows, "editions": result.editions, "batches": result.batches}
