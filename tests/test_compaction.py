@@ -104,7 +104,7 @@ def send_edition(runtime: Runtime, day: dt.date, kind: DigestKind, now: dt.datet
 def test_forty_days_with_retention_twenty(runtime: Runtime, smtp: SMTPSink) -> None:
     start = dt.datetime.combine(FIRST_DAY, dt.time(7), dt.UTC)
     with transaction(runtime.session_factory) as session:
-        people = [add_confirmed(session, f"reader{n}@example.org", now=start) for n in range(12)]
+        people = [add_confirmed(session, runtime.tokens, f"reader{n}@example.org", now=start) for n in range(12)]
         for n, person in enumerate(people):
             person.digest_size = 3
             person.frequency = Frequency.WEEKLY if n % 2 else Frequency.DAILY
