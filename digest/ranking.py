@@ -63,7 +63,7 @@ import datetime as dt
 import logging
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -120,16 +120,41 @@ def parse_terms(text: str) -> tuple[str, ...]:
     return tuple(seen)[:20]
 
 
+@dataclass(frozen=True, eq=False)
+class Reader:
+    """What one reader taught the digest (``digest.feedback``): vectors of the papers they
+    marked or gave as examples, whom they follow, how personal they want it. Compared by
+    ``key`` (subscriber id and when the profile last changed), so a ranker caches it once."""
+
+    key: tuple[int, float]
+    liked: np.ndarray | None = None  # rows of unit vectors
+    liked_titles: tuple[str, ...] = ()
+    disliked: np.ndarray | None = None
+    follows: tuple[str, ...] = ()  # lower-cased author or organisation names
+    personal_weight: float | None = None  # None: the ranker's default relevance weight
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Reader) and other.key == self.key
+
+    @property
+    def teaches(self) -> bool:
+        return self.liked is not None or self.disliked is not None or bool(self.follows)
+
+
 @dataclass(frozen=True)
 class Profile:
     """What personalises a digest; subscribers with equal profiles share one ranking."""
 
     topics: tuple[str, ...] = ()
     excluded: tuple[str, ...] = ()
+    reader: Reader | None = None
 
     @classmethod
-    def from_text(cls, topics: str, excluded: str = "") -> Profile:
-        return cls(tuple(sorted(parse_terms(topics))), tuple(sorted(parse_terms(excluded))))
+    def from_text(cls, topics: str, excluded: str = "", reader: Reader | None = None) -> Profile:
+        return cls(tuple(sorted(parse_terms(topics))), tuple(sorted(parse_terms(excluded))), reader)
 
 
 @dataclass(frozen=True)
@@ -137,13 +162,23 @@ class Candidate:
     paper_id: str
     trending: float
     text: str  # title, abstract, AI summary and AI keywords, lower-cased
+    # Author and organisation names, lower-cased, for followed authors and labs.
+    names: tuple[str, ...] = ()
+    organization: str | None = None
 
 
 @dataclass(frozen=True)
 class Pick:
     paper_id: str
     score: float
-    reasons: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()  # the topics that match it (BM25): "Matches: ..."
+    why: tuple[str, ...] = ()  # other reasons, as shown: "Like: <title>", "From: <organisation>"
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        """Every reason as the email shows it."""
+        matches = (f"Matches: {', '.join(self.reasons)}",) if self.reasons else ()
+        return matches + self.why
 
 
 def candidate_text(paper: Paper) -> str:
@@ -151,6 +186,16 @@ def candidate_text(paper: Paper) -> str:
     the AI summary when there is one, so excluded words are checked there too)."""
     parts = [paper.title, paper.abstract, paper.ai_summary or "", " ".join(paper.ai_keywords or [])]
     return " ".join(p for p in parts if p).lower()
+
+
+def candidate_of(paper: Paper, trending: float) -> Candidate:
+    return Candidate(
+        paper.id,
+        trending,
+        candidate_text(paper),
+        tuple(name.lower() for name in paper.authors or []),
+        paper.organization,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,18 +320,26 @@ class Ranker:
 
     candidates: Sequence[Candidate]
     relevance_weight: float = 0.7
-    _cache: dict[Profile, list[Pick]] = field(default_factory=dict)
+    # Unit vectors of the candidates, one row each (zeros where a paper has none), and where
+    # topic vectors come from; without them ranking is lexical only.
+    vectors: np.ndarray | None = None
+    topic_vector: Callable[[str], np.ndarray | None] | None = None
+    lexical_share: float = 0.2  # of relevance: BM25 against meaning
+    match_bonus: float = 1.0  # a word-for-word topic match ranks above every paper without one
+    _cache: dict[Profile, _Order] = field(default_factory=dict)
+    _dense: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
     _terms: dict[str, _Term] = field(default_factory=dict, repr=False)
     _excluded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _index: bm25s.BM25 | None = field(default=None, repr=False)
     _positions: list[dict[str, list[int]]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        self._trending = [Pick(c.paper_id, c.trending) for c in self.candidates]
+        ids = [c.paper_id for c in self.candidates]
+        self._id_rank = np.argsort(np.argsort(np.array(ids)))  # ties are broken by arXiv id
         values = np.array([c.trending for c in self.candidates], dtype=np.float64)
         self._trend_values = values
 
-    def order(self, profile: Profile) -> list[Pick]:
+    def _ordered(self, profile: Profile) -> _Order:
         cached = self._cache.get(profile)
         if cached is None:
             if len(self._cache) >= PROFILE_CACHE_SIZE:
@@ -294,12 +347,17 @@ class Ranker:
             cached = self._cache[profile] = self._rank(profile)
         return cached
 
+    def order(self, profile: Profile) -> list[Pick]:
+        """Every allowed candidate for ``profile``, best first."""
+        return self._ordered(profile).picks(self.candidates)
+
     def pick(self, profile: Profile, size: int, already_sent: set[str] | frozenset[str]) -> list[Pick]:
         """The top ``size`` papers for ``profile`` that this subscriber has not received."""
+        ordered = self._ordered(profile)
         chosen: list[Pick] = []
-        for pick in self.order(profile):
-            if pick.paper_id not in already_sent:
-                chosen.append(pick)
+        for i in ordered.indices:
+            if self.candidates[i].paper_id not in already_sent:
+                chosen.append(ordered.pick(self.candidates, i))
                 if len(chosen) == size:
                     break
         return chosen
@@ -366,35 +424,133 @@ class Ranker:
             mask |= self._excluding(word)
         return mask
 
-    def _rank(self, profile: Profile) -> list[Pick]:
-        allowed = (
-            ~self._excluded_mask(profile.excluded) if profile.excluded else np.ones(len(self.candidates), dtype=bool)
-        )
-        if not profile.topics:
-            return [p for p, ok in zip(self._trending, allowed, strict=True) if ok]
+    def _topic_similarity(self, topic: str) -> np.ndarray | None:
+        """Cosine of each candidate with the topic's vector, once per topic and edition."""
+        if topic in self._dense:
+            return self._dense[topic]
+        found = None
+        if self.vectors is not None and self.topic_vector is not None:
+            vector = self.topic_vector(topic)
+            found = None if vector is None else self.vectors @ vector
+        self._dense[topic] = found
+        return found
+
+    def _similarity(self, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """Best cosine of each candidate with any of ``rows``, and which row gave it."""
+        if rows is None or self.vectors is None or not len(rows):
+            return None
+        sims = self.vectors @ rows.T
+        return sims.max(axis=1), sims.argmax(axis=1)
+
+    def _rank(self, profile: Profile) -> _Order:
+        n = len(self.candidates)
+        allowed = ~self._excluded_mask(profile.excluded) if profile.excluded else np.ones(n, dtype=bool)
+        reader = profile.reader if profile.reader is not None and profile.reader.teaches else None
+        if not profile.topics and reader is None:
+            return _Order(np.flatnonzero(allowed), self._trend_values, {}, {})
         terms = [(topic, self._term(topic)) for topic in profile.topics]
-        relevance = np.zeros(len(self.candidates))
-        matched = np.zeros(len(self.candidates), dtype=bool)
+        lexical = np.zeros(n)
+        matched = np.zeros(n, dtype=bool)
         for _, term in terms:
-            relevance += term.bm25
+            lexical += term.bm25
             matched |= term.matches
         matched &= allowed
-        if not matched.any():
-            return [p for p, ok in zip(self._trending, allowed, strict=True) if ok]
-        top_relevance = relevance[matched].max()
-        top_trending = self._trend_values[allowed].max() or 1.0
-        blended = (
-            self.relevance_weight * relevance / top_relevance
-            + (1 - self.relevance_weight) * self._trend_values / top_trending
-        )
-        first = [
-            Pick(
-                self.candidates[int(i)].paper_id,
-                float(blended[i]),
-                tuple(topic for topic, term in terms if term.matches[i]),
-            )
-            for i in np.flatnonzero(matched)
-        ]
-        first.sort(key=lambda p: (-p.score, p.paper_id))
-        rest = [p for p, ok, hit in zip(self._trending, allowed, matched, strict=True) if ok and not hit]
-        return first + rest
+        if matched.any():
+            lexical = lexical / lexical[matched].max()
+
+        # Meaning: the closest of the topics and of the papers the reader liked.
+        semantic = np.full(n, -1.0)
+        topic_best = np.full(n, -1.0)
+        topic_of = np.zeros(n, dtype=np.int64)
+        for t, (topic, _) in enumerate(terms):
+            sims = self._topic_similarity(topic)
+            if sims is not None:
+                better = sims > topic_best
+                topic_best = np.where(better, sims, topic_best)
+                topic_of = np.where(better, t, topic_of)
+        semantic = np.maximum(semantic, topic_best)
+        liked = self._similarity(reader.liked if reader else None)
+        if liked is not None:
+            # A liked paper counts a little less than a topic the reader wrote: one liked paper
+            # is only an example of what they want, while a topic states it.
+            semantic = np.maximum(semantic, liked[0] - LIKE_DISCOUNT)
+        dense = np.clip((semantic - DENSE_FLOOR) / (DENSE_CEILING - DENSE_FLOOR), 0.0, 1.0)
+        disliked = self._similarity(reader.disliked if reader else None)
+        if disliked is not None:
+            # Closer to a paper marked "less like this" than to anything liked: pushed down.
+            against = np.clip((disliked[0] - DENSE_FLOOR) / (DENSE_CEILING - DENSE_FLOOR), 0.0, 1.0)
+            dense = dense - DISLIKE_WEIGHT * np.where(disliked[0] > semantic, against, 0.0)
+        has_dense = self.vectors is not None and (liked is not None or bool(topic_best.max() > -1.0))
+        share = self.lexical_share
+        relevance = share * lexical + (1 - share) * dense if has_dense else lexical
+        weight = reader.personal_weight if reader and reader.personal_weight is not None else self.relevance_weight
+        top_trending = self._trend_values[allowed].max() if allowed.any() else 1.0
+        score = weight * relevance + (1 - weight) * self._trend_values / (top_trending or 1.0)
+        # Papers that match a topic word for word come first (the reader asked for exactly
+        # that), papers by followed authors or organisations before everything.
+        score = score + np.where(matched, self.match_bonus, 0.0)
+
+        why: dict[int, tuple[str, ...]] = {}
+        followed = reader.follows if reader else ()
+        like_shown = liked[0] >= LIKE_REASON if liked is not None else np.zeros(n, dtype=bool)
+        about_shown = ~matched & (topic_best >= TOPIC_REASON)
+        # Only candidates with something to say are visited (a ranker sees many profiles).
+        for i in np.flatnonzero(like_shown | about_shown | bool(followed)):
+            lines: list[str] = []
+            source = self._followed(int(i), followed) if followed else None
+            if source:
+                score[i] += FOLLOW_BONUS
+                lines.append(f"From: {source}")
+            if like_shown[i] and liked is not None and reader is not None:
+                lines.append(f"Like: {reader.liked_titles[int(liked[1][i])]}")
+            elif about_shown[i]:
+                lines.append(f"About: {terms[int(topic_of[i])][0]}")
+            if lines:
+                why[int(i)] = tuple(lines)
+        indices = np.flatnonzero(allowed)
+        ordered = indices[np.lexsort((self._id_rank[indices], -score[indices]))]
+        reasons = {
+            int(i): tuple(topic for topic, term in terms if term.matches[i]) for i in np.flatnonzero(matched)
+        }
+        return _Order(ordered, score, reasons, why)
+
+    def _followed(self, i: int, follows: tuple[str, ...]) -> str | None:
+        """The organisation or author of candidate ``i`` that the reader follows, as shown."""
+        candidate = self.candidates[i]
+        organisation = (candidate.organization or "").lower()
+        for name in follows:
+            if organisation and name == organisation:
+                return candidate.organization
+            if name in candidate.names:
+                return name.title() if name.islower() else name
+        return None
+
+
+# The blend's constants, tuned on bench/relevance.py (see the README's ranking section).
+DENSE_FLOOR = 0.15  # cosine at or below which a paper is unrelated (MiniLM: ~0.0-0.15)
+DENSE_CEILING = 0.45  # cosine that counts as fully about it
+DISLIKE_WEIGHT = 0.5
+LIKE_DISCOUNT = 0.1
+FOLLOW_BONUS = 3.0  # followed authors and organisations are always included, first
+LIKE_REASON = 0.45  # cosine with a liked paper from which "Like: <title>" is shown
+TOPIC_REASON = 0.40  # cosine with a topic from which "About: <topic>" is shown
+
+
+@dataclass
+class _Order:
+    """One profile's ranking: candidate indices best first, and what each pick says."""
+
+    indices: np.ndarray
+    scores: np.ndarray
+    reasons: dict[int, tuple[str, ...]]
+    why: dict[int, tuple[str, ...]]
+    _picks: list[Pick] | None = None
+
+    def pick(self, candidates: Sequence[Candidate], i: int) -> Pick:
+        i = int(i)
+        return Pick(candidates[i].paper_id, float(self.scores[i]), self.reasons.get(i, ()), self.why.get(i, ()))
+
+    def picks(self, candidates: Sequence[Candidate]) -> list[Pick]:
+        if self._picks is None:
+            self._picks = [self.pick(candidates, i) for i in self.indices]
+        return self._picks

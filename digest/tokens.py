@@ -26,9 +26,12 @@ class Purpose(enum.StrEnum):
     PREFERENCES = "preferences"
     BOUNCE = "bounce"  # VERP return path, names one delivery (compact form)
     MAIL_UNSUBSCRIBE = "mail-unsubscribe"  # the List-Unsubscribe mailto (compact form)
+    FEEDBACK = "feedback"  # More/Less like this: one subscriber and one paper (compact form)
 
 
-COMPACT = frozenset({Purpose.BOUNCE, Purpose.MAIL_UNSUBSCRIBE})
+# Compact tokens also cost a tenth of itsdangerous' to make: a digest carries one feedback
+# token per paper.
+COMPACT = frozenset({Purpose.BOUNCE, Purpose.MAIL_UNSUBSCRIBE, Purpose.FEEDBACK})
 TAG_HEX_CHARS = 20  # 80 bits: far beyond online guessing through a mail server
 
 
@@ -59,9 +62,29 @@ class Tokens:
         self._serializers[purpose] = serializer
         return serializer
 
-    def _tag(self, purpose: Purpose, object_id: int, stamp: int) -> str:
-        mac = hmac.new(self._compact_keys[purpose], f"{object_id}.{stamp}".encode(), hashlib.sha256).hexdigest()
+    def _tag(self, purpose: Purpose, object_id: int, stamp: int, item: str = "") -> str:
+        message = f"{object_id}.{stamp}" + (f".{item}" if item else "")
+        mac = hmac.new(self._compact_keys[purpose], message.encode(), hashlib.sha256).hexdigest()
         return mac[:TAG_HEX_CHARS]
+
+    def make_for(self, purpose: Purpose, object_id: int, stamp: int, item: str) -> str:
+        """A compact token that also names ``item`` (a paper id): ``id.stamp.item.tag``, the item
+        with "/" (old arXiv ids) written as "~" so the token stays one path segment."""
+        return f"{object_id:x}.{stamp:x}.{item.replace('/', '~')}.{self._tag(purpose, object_id, stamp, item)}"
+
+    def read_for(self, purpose: Purpose, token: str) -> tuple[int, int, str]:
+        """The (id, stamp, item) of a ``make_for`` token; ``InvalidToken`` if tampered."""
+        parts = token.split(".")
+        if len(parts) < 4 or len(token) > 120:
+            raise InvalidToken("This link is not valid.")
+        item = ".".join(parts[2:-1]).replace("~", "/")
+        try:
+            object_id, stamp = int(parts[0], 16), int(parts[1], 16)
+        except ValueError as exc:
+            raise InvalidToken("This link is not valid.") from exc
+        if not hmac.compare_digest(parts[-1].lower(), self._tag(purpose, object_id, stamp, item)):
+            raise InvalidToken("This link is not valid.")
+        return object_id, stamp, item
 
     def make(self, purpose: Purpose, object_id: int, stamp: int) -> str:
         if purpose in COMPACT:

