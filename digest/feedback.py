@@ -35,7 +35,7 @@ MAX_EXAMPLES = 20  # example papers per form
 PERSONAL_CHOICES: dict[str, float | None] = {"personal": 0.9, "balanced": None, "trending": 0.35}
 
 _NEW_ID = re.compile(r"(?<![\d.])(\d{4}\.\d{4,5})(?:v\d+)?(?![\d])")
-_OLD_ID = re.compile(r"(?<![\w/])([a-z][a-z\-]*(?:\.[A-Z]{2})?/\d{7})(?:v\d+)?")
+_OLD_ID = re.compile(r"(?<![\w])([a-z][a-z\-]*(?:\.[A-Z]{2})?/\d{7})(?:v\d+)?")
 _SPLIT = re.compile(r"[\s,;]+")
 
 

@@ -533,7 +533,7 @@ DISLIKE_WEIGHT = 0.5
 LIKE_DISCOUNT = 0.1
 FOLLOW_BONUS = 3.0  # followed authors and organisations are always included, first
 LIKE_REASON = 0.45  # cosine with a liked paper from which "Like: <title>" is shown
-TOPIC_REASON = 0.40  # cosine with a topic from which "About: <topic>" is shown
+TOPIC_REASON = 0.30  # cosine with a topic from which "About: <topic>" is shown
 
 
 @dataclass
