@@ -157,15 +157,12 @@ def main() -> None:
     uncached = (time.perf_counter() - started) * count / len(sample)
 
     teaching = sum(1 for r in taught if r is not None)
-    print(
-        f"{count} subscribers, {distinct} distinct topic profiles, {teaching} who taught it, {len(candidates)} candidates"
-    )
-    print(
-        f"shipped, hybrid (vectors, {teaching} readers): {shipped:8.2f} s  ({shipped / count * 1e6:.1f} µs/subscriber, {picked} picks)"
-    )
-    print(
-        f"lexical only (no vectors, no readers):     {lexical_seconds:8.2f} s  ({lexical_seconds / count * 1e6:.1f} µs/subscriber)"
-    )
+    per = 1e6 / count
+    print(f"{count} subscribers, {distinct} distinct topic profiles, {teaching} who taught it")
+    print(f"{len(candidates)} candidates, {picked} picks")
+    print(f"shipped, hybrid (vectors, readers):        {shipped:8.2f} s  ({shipped * per:.1f} µs/subscriber)")
+    lexical_line = f"{lexical_seconds:8.2f} s  ({lexical_seconds * per:.1f} µs/subscriber)"
+    print(f"lexical only (no vectors, no readers):     {lexical_line}")
     print(
         f"reference (fresh ranker per subscriber):   {reference:8.2f} s  "
         f"(measured on {len(sample)}, scaled; {reference / count * 1e6:.1f} µs/subscriber)"
