@@ -66,7 +66,7 @@ def test_needs_no_external_resource_but_thumbnails_and_has_a_hidden_preheader() 
     images = re.findall(r"<img\b[^>]*>", html)
     assert len(images) == len(re.findall(r"\bsrc=", html)) > 0
     for image in images:
-        assert re.search(r'src="https://[^"]+"', image) and 'width="240"' in image and 'height="126"' in image
+        assert re.search(r'src="https://[^"]+"', image) and 'width="200"' in image and 'height="105"' in image
         assert re.search(r'alt="Preview image of paper \d+"', image)
     for href in re.findall(r'href="([^"]*)"', html):
         assert href.startswith(("https://", "http://", "mailto:")), href
