@@ -188,6 +188,15 @@ def main() -> None:
     print("-" * len(header))
     print(f"{'mean':<32} {'':>3} " + " ".join(f"{means[m]:>13.3f}" for m in shown_metrics))
     print(f"(day-3 columns: mean over the {len(day3_rows)} profiles with a relevant paper on 2026-04-16)")
+    added = {label["topics"] for label in labels if label.get("added")}
+    for group, members in (
+        ("earlier", [r for r in rows if r["topics"] not in added]),
+        ("added", [r for r in rows if r["topics"] in added]),
+    ):
+        cells = " ".join(
+            f"{sum(float(r[m]) for r in members) / len(members):>13.3f}" for m in metrics if m.endswith("ndcg@10")
+        )  # type: ignore[arg-type]
+        print(f"{'mean of ' + str(len(members)) + ' ' + group + ' profiles':<36} " + cells)
     print(
         f"embedding: {per_paper_ms:.1f} ms per paper (title, keywords, abstract; one thread), "
         f"{per_topic_ms:.1f} ms per topic; model load {load_seconds:.2f} s; "

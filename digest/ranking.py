@@ -33,17 +33,23 @@ Common abbreviations of the field work both ways (``ABBREVIATIONS``): "RL" also 
 matches when any of its spellings does, and scores as its best-matching spelling. Other
 synonyms are not expanded.
 
-For a subscriber with topics::
+**Meaning and what readers teach it.** Candidates carry sentence vectors (``digest.embedding``,
+stored at collection), topics too (stored once per topic), and a ``Reader`` brings the vectors of
+the papers its reader marked "more" or "less" (``digest.feedback``)::
 
-    relevance(p) = sum over the topics that match p of BM25(topic, p)
-    score(p)     = relevance_weight * relevance(p) / max relevance
-                   + (1 - relevance_weight) * trending(p) / max trending
+    lexical(p) = sum over the topics that match p of BM25(topic, p) / its maximum
+    sim(p)     = max(max over topics t of cos(p, t), max over liked papers l of cos(p, l) - LIKE_DISCOUNT)
+    dense(p)   = clip((sim(p) - DENSE_FLOOR) / (DENSE_CEILING - DENSE_FLOOR), 0, 1)
+                 - DISLIKE_WEIGHT * (the same of the nearest disliked paper, when nearer than sim)
+    score(p)   = w * (lexical_share * lexical + (1 - lexical_share) * dense)
+                 + (1 - w) * trending(p) / max trending
+                 + match_bonus if a topic matches p word for word, + FOLLOW_BONUS if by a followed
+                 author or organisation
 
-(``DIGEST_RELEVANCE_WEIGHT``, 0.7). Papers matching at least one topic come first, by that
-score; the digest is then filled up with the other papers in trending order, so a quiet day
-still brings a digest. Each matching paper carries its reasons, the subscriber's topics it
-matched, shown in the email as "Matches: diffusion, LLM agents". Subscribers without topics get
-the trending order.
+(``w``: ``DIGEST_RELEVANCE_WEIGHT``, 0.7, or the reader's choice). Without vectors (no model) the
+dense part is left out, which is the lexical ranking this module had before. Each pick carries
+its reasons: the topics it matched ("Matches: ..."), and "About: <topic>", "Like: <title>",
+"From: <organisation>". Subscribers without topics who taught nothing get the trending order.
 
 **Excluded words** remove a paper outright when one of them matches it the same way as a topic,
 or occurs as a word (or the start of a word) in its title, abstract, AI summary or keywords.
@@ -52,8 +58,8 @@ or occurs as a word (or the start of a word) in its title, abstract, AI summary 
 days, across daily and weekly editions; the digest takes the next papers instead.
 
 Two stages keep a million-subscriber run cheap: the trending order is computed once per edition
-(``digest_items``), and ``Ranker`` scores each distinct profile (topics + excluded words) once,
-caching per topic and per profile, so subscribers who share a profile only pay for skipping the
+(``digest_items``), and ``Ranker`` scores each distinct profile (topics + excluded words, or a
+reader's own) once, caching per topic and per profile, so subscribers who share a profile only pay for skipping the
 papers they already received.
 """
 
@@ -471,7 +477,7 @@ class Ranker:
             # A liked paper counts a little less than a topic the reader wrote: one liked paper
             # is only an example of what they want, while a topic states it.
             semantic = np.maximum(semantic, liked[0] - LIKE_DISCOUNT)
-        score = self._trend_share(reader, allowed)
+        score = self._trend_share(allowed)
         if topic_sims or liked is not None:
             dense = np.clip((semantic - DENSE_FLOOR) * (1 / (DENSE_CEILING - DENSE_FLOOR)), 0.0, 1.0)
             disliked = self._similarity(reader.disliked if reader else None)
@@ -509,7 +515,7 @@ class Ranker:
                 reasons[i] = (*reasons.get(i, ()), topic)
         return _Order(ordered, score, reasons, why, self.candidates)
 
-    def _trend_share(self, reader: Reader | None, allowed: np.ndarray) -> np.ndarray:
+    def _trend_share(self, allowed: np.ndarray) -> np.ndarray:
         """Trending scores relative to the best allowed paper."""
         top = self._trend_values[allowed].max() if allowed.any() else 1.0
         return self._trend_values * (1.0 / (top or 1.0))
