@@ -166,3 +166,10 @@ def test_preferences_list_undo_examples_follows_and_reset(site: tuple[Runtime, s
             assert session.scalars(select(PaperMark)).all() == []
             assert session.get(ReaderProfile, reader.id) is None
             assert session.get(Subscriber, reader.id) is not None
+
+        # Erasing the person erases what they taught, too.
+        assert http.post(first[1]).status_code == 200
+        assert http.post(f"{preferences}/delete").status_code == 200
+        with runtime.session_factory() as session:
+            assert session.scalars(select(PaperMark)).all() == []
+            assert session.scalars(select(ReaderProfile)).all() == []
