@@ -28,7 +28,7 @@ from digest.models import MarkSource, Paper, PaperMark, ReaderProfile
 from digest.ranking import Reader
 
 MORE, LESS = 1, -1
-MAX_ROWS = 32  # individual liked (and disliked) vectors kept per reader
+MAX_ROWS = 16  # individual liked (and disliked) vectors kept per reader (each costs ranking time)
 MAX_FOLLOWS = 30
 MAX_EXAMPLES = 20  # example papers per form
 # How personal against how trending: the relevance weight of the blend (None = the default).

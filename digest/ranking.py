@@ -334,6 +334,7 @@ class Ranker:
     match_bonus: float = 1.0  # a word-for-word topic match ranks above every paper without one
     _cache: dict[Profile, _Order] = field(default_factory=dict)
     _dense: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
+    _by_name: dict[str, list[tuple[int, str]]] | None = field(default=None, repr=False)
     _terms: dict[str, _Term] = field(default_factory=dict, repr=False)
     _excluded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _index: bm25s.BM25 | None = field(default=None, repr=False)
@@ -502,11 +503,9 @@ class Ranker:
             if liked is not None:
                 for i in np.flatnonzero(liked[0] >= LIKE_REASON).tolist():
                     why[i] = (f"Like: {reader.liked_titles[int(liked[1][i])]}",)
-            for i in range(n) if reader.follows else ():
-                source = self._followed(i, reader.follows)
-                if source:
-                    score[i] += FOLLOW_BONUS
-                    why[i] = (f"From: {source}", *why.get(i, ()))
+            for i, source in self._followed(reader.follows).items():
+                score[i] += FOLLOW_BONUS
+                why[i] = (f"From: {source}", *why.get(i, ()))
         indices = np.flatnonzero(allowed)
         ordered = indices[np.lexsort((self._id_rank[indices], -score[indices]))]
         reasons: dict[int, tuple[str, ...]] = {}
@@ -520,16 +519,20 @@ class Ranker:
         top = self._trend_values[allowed].max() if allowed.any() else 1.0
         return self._trend_values * (1.0 / (top or 1.0))
 
-    def _followed(self, i: int, follows: tuple[str, ...]) -> str | None:
-        """The organisation or author of candidate ``i`` that the reader follows, as shown."""
-        candidate = self.candidates[i]
-        organisation = (candidate.organization or "").lower()
+    def _followed(self, follows: tuple[str, ...]) -> dict[int, str]:
+        """Candidates by a followed organisation or author, with the name as shown."""
+        if self._by_name is None:
+            self._by_name = {}
+            for i, c in enumerate(self.candidates):
+                if c.organization:
+                    self._by_name.setdefault(c.organization.lower(), []).append((i, c.organization))
+                for name in c.names:
+                    self._by_name.setdefault(name, []).append((i, name.title() if name.islower() else name))
+        found: dict[int, str] = {}
         for name in follows:
-            if organisation and name == organisation:
-                return candidate.organization
-            if name in candidate.names:
-                return name.title() if name.islower() else name
-        return None
+            for i, shown in self._by_name.get(name, ()):
+                found.setdefault(i, shown)
+        return found
 
 
 # The blend's constants, tuned on bench/relevance.py (see the README's ranking section).
