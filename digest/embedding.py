@@ -27,7 +27,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 from tokenizers import Tokenizer
 
-from digest.models import Paper, PaperEmbedding, TopicEmbedding
+from digest.models import Paper, PaperEmbedding, TopicEmbedding, utcnow
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "embedding_model"
 MAX_TOKENS = 256  # what all-MiniLM-L6-v2 was trained on; longer texts are cut
@@ -138,21 +138,27 @@ def store_paper_vectors(session: Session, papers: Sequence[Paper], embedder: Emb
     if not papers:
         return 0
     ids = [p.id for p in papers]
-    rows = session.execute(
+    stored = session.execute(
         select(PaperEmbedding.paper_id, PaperEmbedding.model).where(PaperEmbedding.paper_id.in_(ids))
     )
-    current = {pid: model for pid, model in rows}
+    current = {pid: model for pid, model in stored}
     todo = [p for p in papers if current.get(p.id) != embedder.name]
     if not todo:
         return 0
     vectors = embedder.embed([paper_text(p.title, p.abstract, p.ai_keywords or []) for p in todo])
-    for paper, vector in zip(todo, vectors, strict=True):
-        row = session.get(PaperEmbedding, paper.id) if paper.id in current else None
-        if row is None:
-            session.add(PaperEmbedding(paper_id=paper.id, model=embedder.name, vector=to_blob(vector)))
-        else:
-            row.model, row.vector = embedder.name, to_blob(vector)
-    session.flush()
+    rows = [
+        {"paper_id": p.id, "model": embedder.name, "vector": to_blob(v), "created_at": utcnow()}
+        for p, v in zip(todo, vectors, strict=True)
+    ]
+    # An upsert: two workers loading the same old edition may both compute its missing vectors.
+    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    statement = insert(PaperEmbedding).values(rows)
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["paper_id"],
+            set_={"model": statement.excluded.model, "vector": statement.excluded.vector},
+        )
+    )
     return len(todo)
 
 

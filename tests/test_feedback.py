@@ -173,3 +173,25 @@ def test_preferences_list_undo_examples_follows_and_reset(site: tuple[Runtime, s
         with runtime.session_factory() as session:
             assert session.scalars(select(PaperMark)).all() == []
             assert session.scalars(select(ReaderProfile)).all() == []
+
+
+def test_papers_stored_before_vectors_existed_get_them_when_an_edition_is_loaded(
+    site: tuple[Runtime, str], smtp: SMTPSink
+) -> None:
+    from digest.papers import load_sample, parse_items, store_papers
+
+    runtime, _ = site
+    with transaction(runtime.session_factory) as session:
+        store_papers(session, parse_items(load_sample(DAY2) or [], DAY2))  # no embedding hook
+        add_confirmed(session, "safety@example.org", now=utcnow(), topics="AI safety")
+    with runtime.session_factory() as session:
+        assert session.scalars(select(PaperEmbedding)).all() == []
+    run_inprocess(runtime, DAY2)
+    with runtime.session_factory() as session:
+        models = set(session.scalars(select(PaperEmbedding.model)))
+    assert models == {runtime.embedding_model}
+    (mail,) = smtp.to("safety@example.org")
+    # No paper of the day says "AI safety", yet the first one is there for its meaning.
+    assert "Matches:" not in text_part(mail)
+    top, *_ = papers_of(mail)
+    assert "About: ai safety" in top[3], [p[0] for p in papers_of(mail)]
