@@ -6,8 +6,12 @@ plus common field names), one in ten with an excluded word, and a third who alre
 ten of the candidates (a weekly edition overlapping their daily ones). Candidates: a full
 edition of 100 papers (the 51 recorded papers, then copies under new ids).
 
-* shipped: one ``Ranker`` per edition (BM25 index built once, per-topic and per-profile caches),
-  ``Profile.from_text`` + ``Ranker.pick`` per subscriber, as ``DigestComposer.choose`` does;
+* shipped: one ``Ranker`` per edition (BM25 index built once, per-topic and per-profile caches)
+  with the edition's paper vectors and the topics' vectors (hybrid ranking), ``Profile.from_text``
+  + ``Ranker.pick`` per subscriber, as ``DigestComposer.choose`` does; one in twenty subscribers
+  has taught the digest (3-17 vectors: up to 16 recent marks and their mean; a few follows), so
+  has a profile of their own; timed with and without those readers;
+* lexical only: the same without vectors and without readers (what ranking was before vectors);
 * reference: what a straightforward implementation does, a fresh ``Ranker`` (index and scores)
   per subscriber; timed on a sample and scaled to the full count, in the same run;
 * index once, no caches: the edition's index shared, every subscriber scored from scratch, to
@@ -25,9 +29,21 @@ import random
 import sys
 import time
 
+import numpy as np
+
+from digest.embedding import load_embedder
 from digest.models import Paper
 from digest.papers import SAMPLE_DATES, load_sample, parse_items
-from digest.ranking import Candidate, Profile, Ranker, TrendingWeights, candidate_text, trending_order
+from digest.ranking import (
+    Candidate,
+    Profile,
+    Ranker,
+    Reader,
+    TrendingWeights,
+    candidate_text,
+    parse_terms,
+    trending_order,
+)
 
 EDITION_SIZE = 100
 REFERENCE_SAMPLE = 1_000
@@ -73,18 +89,56 @@ def subscribers(count: int, candidates: list[Candidate], seed: int = 5) -> list[
     return people
 
 
+def readers(count: int, vectors: np.ndarray, seed: int = 7) -> list[Reader | None]:
+    """One subscriber in twenty has marked papers (their vectors: perturbed candidates')."""
+    rng = np.random.default_rng(seed)
+    found: list[Reader | None] = []
+    for i in range(count):
+        if rng.random() >= 0.05:
+            found.append(None)
+            continue
+        liked = vectors[rng.integers(0, len(vectors), int(rng.integers(3, 18)))] + rng.normal(0, 0.02, (1, 384))
+        liked = (liked / np.linalg.norm(liked, axis=1, keepdims=True)).astype(np.float32)
+        disliked = vectors[rng.integers(0, len(vectors), int(rng.integers(0, 8)))]
+        found.append(
+            Reader(
+                key=(i, 0.0),
+                liked=liked,
+                liked_titles=tuple(f"paper {j}" for j in range(len(liked))),
+                disliked=disliked if len(disliked) else None,
+                follows=("qwen", "kaist ai") if rng.random() < 0.3 else (),
+            )
+        )
+    return found
+
+
 def main() -> None:
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
     candidates = edition()
     people = subscribers(count, candidates)
     distinct = len({Profile.from_text(t, e) for t, e, _ in people})
 
-    started = time.perf_counter()
-    ranker = Ranker(candidates)
-    picked = 0
-    for topics, excluded, sent in people:
-        picked += len(ranker.pick(Profile.from_text(topics, excluded), 10, sent))
-    shipped = time.perf_counter() - started
+    # Vectors are computed at collection and when topics change, never while ranking: made
+    # here once, outside the timings (their cost is bench/relevance.py's embedding figure).
+    embedder = load_embedder()
+    texts = {c.paper_id.removesuffix("-b"): c.text for c in candidates}
+    by_id = dict(zip(texts, embedder.embed(list(texts.values())), strict=True))
+    vectors = np.vstack([by_id[c.paper_id.removesuffix("-b")] for c in candidates])
+    vocabulary = sorted({t for topics, _, _ in people for t in parse_terms(topics)})
+    topic_vectors = dict(zip(vocabulary, embedder.embed(vocabulary), strict=True))
+    taught = readers(count, vectors)
+
+    def timed(ranker: Ranker, readers_of: list[Reader | None]) -> tuple[float, float, int]:
+        """Wall and CPU seconds (the machine is shared: CPU time varies less), and picks."""
+        wall, cpu, picks = time.perf_counter(), time.process_time(), 0
+        for (topics, excluded, sent), reader in zip(people, readers_of, strict=True):
+            picks += len(ranker.pick(Profile.from_text(topics, excluded, reader), 10, sent))
+        return time.perf_counter() - wall, time.process_time() - cpu, picks
+
+    nobody: list[Reader | None] = [None] * count
+    lexical_seconds, lexical_cpu, _ = timed(Ranker(candidates), nobody)
+    hybrid_seconds, hybrid_cpu, _ = timed(Ranker(candidates, vectors=vectors, topic_vector=topic_vectors.get), nobody)
+    shipped, shipped_cpu, picked = timed(Ranker(candidates, vectors=vectors, topic_vector=topic_vectors.get), taught)
 
     sample = people[:REFERENCE_SAMPLE]
     started = time.perf_counter()
@@ -102,8 +156,15 @@ def main() -> None:
         shared.pick(Profile.from_text(topics, excluded), 10, sent)
     uncached = (time.perf_counter() - started) * count / len(sample)
 
-    print(f"{count} subscribers, {distinct} distinct profiles, {len(candidates)} candidates, {picked} picks")
-    print(f"shipped   (one ranker, cached per profile): {shipped:8.2f} s  ({shipped / count * 1e6:.1f} µs/subscriber)")
+    teaching = sum(1 for r in taught if r is not None)
+    print(f"{count} subscribers, {distinct} distinct topic profiles, {teaching} who taught it")
+    print(f"{len(candidates)} candidates, {picked} picks")
+    for name, wall, cpu in (
+        ("lexical only (no vectors, no readers)", lexical_seconds, lexical_cpu),
+        ("hybrid, nobody taught it", hybrid_seconds, hybrid_cpu),
+        (f"shipped: hybrid, {teaching} taught it", shipped, shipped_cpu),
+    ):
+        print(f"{name + ':':<42} {wall:8.2f} s wall, {cpu:6.2f} s CPU ({cpu / lexical_cpu:.2f}x lexical)")
     print(
         f"reference (fresh ranker per subscriber):   {reference:8.2f} s  "
         f"(measured on {len(sample)}, scaled; {reference / count * 1e6:.1f} µs/subscriber)"
@@ -121,6 +182,11 @@ def main() -> None:
                 "distinct_profiles": distinct,
                 "candidates": len(candidates),
                 "shipped_seconds": round(shipped, 3),
+                "shipped_cpu_seconds": round(shipped_cpu, 3),
+                "hybrid_no_readers_cpu_seconds": round(hybrid_cpu, 3),
+                "lexical_only_seconds": round(lexical_seconds, 3),
+                "lexical_only_cpu_seconds": round(lexical_cpu, 3),
+                "readers_who_taught": teaching,
                 "reference_seconds": round(reference, 1),
                 "index_once_no_cache_seconds": round(uncached, 2),
             }

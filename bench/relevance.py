@@ -1,48 +1,86 @@
 """How well personalised digests find what a subscriber asked for, on the recorded data.
 
-For each hand-labelled topic profile (bench/relevance_labels.json) this compares three orders of
-the same candidates: the plain trending order (what a subscriber without topics gets), BM25
-relevance alone (relevance weight 1.0), and the personalised order as shipped (the blend with
-DIGEST_RELEVANCE_WEIGHT's default). Reports precision@5 and nDCG@10 (binary gains) per profile
-and their means, as a table and one JSON line.
+For each hand-labelled topic profile (bench/relevance_labels.json) this compares orders of the
+same candidates:
 
-The two recorded days are pooled into one candidate list of 51 papers, each with the trending
-score of its own day (as its daily edition computed it).
+* ``trending``: the plain trending order (a subscriber without topics);
+* ``bm25``: BM25 relevance alone (relevance weight 1.0, no vectors), today's lexical ranking;
+* ``lexical``: the lexical blend as shipped before vectors (BM25 + trending, matches first);
+* ``dense``: sentence-embedding cosine alone (relevance weight 1.0, no BM25);
+* ``hybrid``: the shipped blend (BM25 + meaning + trending, word-for-word matches first);
+* ``feedback``: hybrid plus a simulated reader, scored on the second day only (below);
+  ``marksonly``: the same reader's marks without their topics, against ``trending`` that day.
 
-Run by hand: ``.venv/bin/python bench/relevance.py``
+Reports precision@5 and nDCG@10 (binary gains) per profile and their means, as a table and one
+JSON line. The two recorded days are pooled into one candidate list of 51 papers, each with the
+trending score of its own day (as its daily edition computed it).
+
+Simulated feedback: the recorded days stand for "days 1-2" (2024-10-25) and "day 3"
+(2026-04-16). On the first day the reader gets their hybrid top 10 and marks every labelled
+paper in it "More like this" and every other one "Less like this"; the second day's new
+papers are then ranked with and without those marks (``hybrid@day3`` vs ``feedback@day3``),
+for the profiles with at least one relevant paper on that day.
+
+Also: the per-paper embedding cost and the process's memory with the model loaded.
+``--model DIR`` runs everything with another model folder (e.g. an fp32 export from
+``scripts/build_embedding_model.py --fp32-too DIR``) to compare.
+
+Run by hand: ``.venv/bin/python bench/relevance.py [--model DIR]``
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime as dt
 import json
 import math
+import resource
+import time
 from pathlib import Path
 
+import numpy as np
+
+from digest.embedding import Embedder, load_embedder, paper_text
 from digest.models import Paper
 from digest.papers import SAMPLE_DATES, load_sample, parse_items
-from digest.ranking import Candidate, Profile, Ranker, TrendingWeights, candidate_text, trending_order
+from digest.ranking import (
+    Candidate,
+    Profile,
+    Ranker,
+    Reader,
+    TrendingWeights,
+    candidate_of,
+    parse_terms,
+    trending_order,
+)
 from digest.runtime import Runtime
 from digest.settings import Settings
 
 LABELS = Path(__file__).with_name("relevance_labels.json")
 
 
-def candidates(weights: TrendingWeights) -> list[Candidate]:
+def day_papers(day: dt.date) -> list[Paper]:
+    items = load_sample(day)
+    assert items is not None, day
+    return [Paper(**dataclasses.asdict(record)) for record in parse_items(items, day)]
+
+
+def candidates(
+    weights: TrendingWeights, days: tuple[dt.date, ...] = SAMPLE_DATES
+) -> tuple[list[Candidate], dict[str, Paper]]:
     pool = []
-    for day in SAMPLE_DATES:
-        items = load_sample(day)
-        assert items is not None, day
-        papers = [Paper(**dataclasses.asdict(record)) for record in parse_items(items, day)]
+    papers: dict[str, Paper] = {}
+    for day in days:
         as_of = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
         top = None
-        for paper, score in trending_order(papers, as_of, weights):
+        for paper, score in trending_order(day_papers(day), as_of, weights):
             top = top or score
+            papers[paper.id] = paper
             # Each day's scores relative to its leader, so the two days mix fairly.
-            pool.append(Candidate(paper.id, score / top, candidate_text(paper)))
+            pool.append(candidate_of(paper, score / top))
     pool.sort(key=lambda c: (-c.trending, c.paper_id))
-    return pool
+    return pool, papers
 
 
 def precision_at(order: list[str], relevant: set[str], k: int) -> float:
@@ -55,38 +93,118 @@ def ndcg_at(order: list[str], relevant: set[str], k: int) -> float:
     return dcg / ideal if ideal else 0.0
 
 
-def main() -> None:
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    pool = candidates(Runtime(settings).weights)
-    labels = json.loads(LABELS.read_text())["profiles"]
-    variants = {
-        "trending": Ranker(pool, relevance_weight=settings.relevance_weight),
-        "bm25_only": Ranker(pool, relevance_weight=1.0),
-        "personalised": Ranker(pool, relevance_weight=settings.relevance_weight),
+def rankers(
+    pool: list[Candidate], vectors: dict[str, np.ndarray], topic: dict[str, np.ndarray], weight: float
+) -> dict[str, Ranker]:
+    matrix = np.vstack([vectors[c.paper_id] for c in pool])
+    dense = {"vectors": matrix, "topic_vector": topic.get}
+    return {
+        "trending": Ranker(pool, relevance_weight=weight),
+        "bm25": Ranker(pool, relevance_weight=1.0),
+        "lexical": Ranker(pool, relevance_weight=weight),
+        "dense": Ranker(pool, relevance_weight=1.0, lexical_share=0.0, match_bonus=0.0, **dense),  # type: ignore[arg-type]
+        "hybrid": Ranker(pool, relevance_weight=weight, **dense),  # type: ignore[arg-type]
     }
+
+
+def order_of(ranker: Ranker, profile: Profile) -> list[str]:
+    return [p.paper_id for p in ranker.pick(profile, len(ranker.candidates), set())]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None, help="model folder (default: the shipped int8 model)")
+    args = parser.parse_args()
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    weights = Runtime(settings).weights
+    weight = settings.relevance_weight
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    embedder: Embedder = load_embedder(args.model)
+    load_seconds = time.perf_counter() - started
+    pool, papers = candidates(weights)
+    started = time.perf_counter()
+    matrix = embedder.embed([paper_text(p.title, p.abstract, p.ai_keywords) for p in papers.values()])
+    per_paper_ms = (time.perf_counter() - started) * 1000 / len(papers)
+    vectors = dict(zip(papers, matrix, strict=True))
+    labels = json.loads(LABELS.read_text())["profiles"]
+    topics = sorted({t for label in labels for t in parse_terms(label["topics"])})
+    started = time.perf_counter()
+    topic = dict(zip(topics, embedder.embed(topics), strict=True))
+    per_topic_ms = (time.perf_counter() - started) * 1000 / len(topics)
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    variants = rankers(pool, vectors, topic, weight)
+    day1, _ = candidates(weights, (SAMPLE_DATES[0],))
+    day3, _ = candidates(weights, (SAMPLE_DATES[1],))
+    day1_hybrid = rankers(day1, vectors, topic, weight)["hybrid"]
+    day3_hybrid = rankers(day3, vectors, topic, weight)["hybrid"]
+    day3_ids = {c.paper_id for c in day3}
+
     rows = []
     for label in labels:
         relevant = set(label["relevant"])
+        profile = Profile.from_text(label["topics"])
         row: dict[str, object] = {"topics": label["topics"], "relevant": len(relevant)}
         for name, ranker in variants.items():
-            profile = Profile() if name == "trending" else Profile.from_text(label["topics"])
-            order = [p.paper_id for p in ranker.pick(profile, len(pool), set())]
+            order = order_of(ranker, Profile() if name == "trending" else profile)
             row[f"{name}_p@5"] = precision_at(order, relevant, 5)
             row[f"{name}_ndcg@10"] = ndcg_at(order, relevant, 10)
+        later = relevant & day3_ids
+        if later:
+            shown = order_of(day1_hybrid, profile)[:10]
+            liked = [pid for pid in shown if pid in relevant]
+            disliked = [pid for pid in shown if pid not in relevant]
+            reader = Reader(
+                key=(0, float(len(rows))),
+                liked=np.vstack([vectors[p] for p in liked]) if liked else None,
+                liked_titles=tuple(papers[p].title for p in liked),
+                disliked=np.vstack([vectors[p] for p in disliked]) if disliked else None,
+            )
+            row["hybrid@day3_ndcg@10"] = ndcg_at(order_of(day3_hybrid, profile), later, 10)
+            taught = dataclasses.replace(profile, reader=reader)
+            row["feedback@day3_ndcg@10"] = ndcg_at(order_of(day3_hybrid, taught), later, 10)
+            # The same marks from a reader who wrote no topics at all, against what they got before.
+            row["trending@day3_ndcg@10"] = ndcg_at(order_of(day3_hybrid, Profile()), later, 10)
+            row["marksonly@day3_ndcg@10"] = ndcg_at(order_of(day3_hybrid, Profile(reader=reader)), later, 10)
         rows.append(row)
 
     metrics = [f"{n}_{m}" for n in variants for m in ("p@5", "ndcg@10")]
     means = {m: sum(float(r[m]) for r in rows) / len(rows) for m in metrics}  # type: ignore[arg-type]
-    print(f"{len(pool)} candidates, {len(rows)} profiles, relevance_weight={settings.relevance_weight}")
-    header = f"{'topics':<30} {'rel':>3}  " + "  ".join(f"{m:>20}" for m in metrics)
+    day3_rows = [r for r in rows if "feedback@day3_ndcg@10" in r]
+    day3_metrics = ["hybrid@day3_ndcg@10", "feedback@day3_ndcg@10", "trending@day3_ndcg@10", "marksonly@day3_ndcg@10"]
+    for m in day3_metrics:
+        means[m] = sum(float(r[m]) for r in day3_rows) / len(day3_rows)  # type: ignore[arg-type]
+    shown_metrics = [m for m in metrics if m.endswith("ndcg@10")] + day3_metrics
+    print(f"model {embedder.name} ({args.model or 'shipped int8'}), {len(pool)} candidates, {len(rows)} profiles")
+    header = f"{'topics':<32} {'rel':>3} " + " ".join(f"{m.replace('_ndcg@10', ''):>13}" for m in shown_metrics)
+    print("nDCG@10")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['topics']:<30} {r['relevant']:>3}  " + "  ".join(f"{float(r[m]):>20.3f}" for m in metrics))  # type: ignore[arg-type]
+        cells = " ".join(f"{float(r[m]):>13.3f}" if m in r else f"{'':>13}" for m in shown_metrics)  # type: ignore[arg-type]
+        print(f"{str(r['topics'])[:32]:<32} {r['relevant']:>3} " + cells)
     print("-" * len(header))
-    print(f"{'mean':<30} {'':>3}  " + "  ".join(f"{means[m]:>20.3f}" for m in metrics))
-    summary = {"bench": "relevance", "profiles": len(rows), "candidates": len(pool)}
-    print(json.dumps(summary | {k: round(v, 4) for k, v in means.items()}))
+    print(f"{'mean':<32} {'':>3} " + " ".join(f"{means[m]:>13.3f}" for m in shown_metrics))
+    print(f"(day-3 columns: mean over the {len(day3_rows)} profiles with a relevant paper on 2026-04-16)")
+    added = {label["topics"] for label in labels if label.get("added")}
+    for group, members in (
+        ("earlier", [r for r in rows if r["topics"] not in added]),
+        ("added", [r for r in rows if r["topics"] in added]),
+    ):
+        cells = " ".join(
+            f"{sum(float(r[m]) for r in members) / len(members):>13.3f}" for m in metrics if m.endswith("ndcg@10")
+        )  # type: ignore[arg-type]
+        print(f"{'mean of ' + str(len(members)) + ' ' + group + ' profiles':<36} " + cells)
+    print(
+        f"embedding: {per_paper_ms:.1f} ms per paper (title, keywords, abstract; one thread), "
+        f"{per_topic_ms:.1f} ms per topic; model load {load_seconds:.2f} s; "
+        f"peak RSS {rss_before / 1024:.0f} MB before the model, {rss_after / 1024:.0f} MB with it"
+    )
+    summary = {"bench": "relevance", "model": embedder.name, "profiles": len(rows), "candidates": len(pool)}
+    extra = {"embed_ms_per_paper": round(per_paper_ms, 1), "rss_mb_with_model": round(rss_after / 1024)}
+    print(json.dumps(summary | {k: round(v, 4) for k, v in means.items()} | extra))
 
 
 if __name__ == "__main__":

@@ -28,15 +28,18 @@ from dataclasses import dataclass, field
 from email.utils import parseaddr
 from functools import cached_property
 
+import numpy as np
 from sqlalchemy import Table, and_, bindparam, func, or_, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from digest import feedback
 from digest.consent import Actor
 from digest.db import transaction
 from digest.dkim import DkimSigner
+from digest.embedding import Embedder, paper_vectors, topic_vectors
 from digest.links import Links
 from digest.mailer import Mailer, SendError
 from digest.models import (
@@ -52,7 +55,7 @@ from digest.models import (
     utcnow,
 )
 from digest.outages import Outages, log_notify
-from digest.ranking import Candidate, Profile, Ranker, TrendingWeights, candidate_text, trending_order
+from digest.ranking import Profile, Ranker, Reader, TrendingWeights, candidate_of, parse_terms, trending_order
 from digest.rendering import DigestContext, EmailRenderer, Envelope, PaperView, date_label, message_bytes
 from digest.subscriptions import record_bounce
 
@@ -188,11 +191,14 @@ def plan_deliveries(
     """
     if not subscriber_ids:
         return
-    subscribers = session.scalars(select(Subscriber).where(Subscriber.id.in_(subscriber_ids)).order_by(Subscriber.id))
+    subscribers = list(
+        session.scalars(select(Subscriber).where(Subscriber.id.in_(subscriber_ids)).order_by(Subscriber.id))
+    )
     already = recently_sent(session, subscriber_ids, now)
+    readers = composer.prepare(session, subscribers)
     rows = []
     for subscriber in subscribers:
-        paper_ids, reasons = composer.choose(subscriber, already.get(subscriber.id, set()))
+        paper_ids, reasons = composer.choose(subscriber, already.get(subscriber.id, set()), readers.get(subscriber.id))
         rows.append(
             {
                 "digest_id": digest.id,
@@ -414,6 +420,10 @@ class DigestComposer:
     loaded_at: float = field(default_factory=time.monotonic)
     _views: dict[tuple[str, tuple[str, ...]], PaperView] = field(default_factory=dict)
     dkim: DkimSigner | None = None  # set by the runtime when DIGEST_DKIM_* are configured
+    embedding_model: str | None = None  # the name of the vectors this composer compares
+    embedder: Callable[[], Embedder] | None = None  # loads the model, only for missing vectors
+    dimensions: int = 0
+    _topic_vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -426,35 +436,65 @@ class DigestComposer:
         mail_from: str,
         postal_address: str,
         policy: DeliveryPolicy,
+        embedding_model: str | None = None,
+        embedder: Callable[[], Embedder] | None = None,
     ) -> DigestComposer:
         digest = session.get(Digest, digest_id)
         if digest is None:
             raise LookupError(f"digest {digest_id} does not exist")
         papers = {item.paper_id: item.paper for item in digest.items}
+        candidates = [candidate_of(i.paper, i.score) for i in digest.items]
+        vectors = (
+            paper_vectors(session, list(papers.values()), embedding_model, embedder) if embedding_model else {}
+        )
         for paper in papers.values():
             session.expunge(paper)
-        candidates = [Candidate(i.paper_id, i.score, candidate_text(i.paper)) for i in digest.items]
+        matrix, dimensions = None, 0
+        if vectors:
+            dimensions = len(next(iter(vectors.values())))
+            zero = np.zeros(dimensions, dtype=np.float32)  # a paper without a vector is about nothing
+            matrix = np.vstack([vectors.get(c.paper_id, zero) for c in candidates])
+        topic_cache: dict[str, np.ndarray] = {}
         return cls(
             digest_id=digest.id,
             kind=digest.kind,
             day=digest.date,
             papers=papers,
-            ranker=Ranker(candidates, relevance_weight=policy.relevance_weight),
+            ranker=Ranker(
+                candidates, relevance_weight=policy.relevance_weight, vectors=matrix, topic_vector=topic_cache.get
+            ),
             renderer=renderer,
             links=links,
             mail_from=mail_from,
             postal_address=postal_address,
             default_size=policy.digest_size,
+            embedding_model=embedding_model if matrix is not None else None,
+            embedder=embedder,
+            dimensions=dimensions,
+            _topic_vectors=topic_cache,
         )
 
     @cached_property
     def sender_domain(self) -> str:
         return parseaddr(self.mail_from)[1].partition("@")[2]
 
-    def choose(self, subscriber: Subscriber, already_sent: set[str]) -> tuple[list[str], dict[str, list[str]]]:
-        profile = Profile.from_text(subscriber.topics, subscriber.excluded)
+    def prepare(self, session: Session, subscribers: Sequence[Subscriber]) -> dict[int, Reader]:
+        """Before choosing for a page: the vectors of its topics (computed once per topic, ever)
+        and what its readers taught (one row each)."""
+        if self.embedding_model is None:
+            return {}
+        topics = {t for s in subscribers for t in parse_terms(s.topics)} - self._topic_vectors.keys()
+        if topics:
+            self._topic_vectors.update(topic_vectors(session, sorted(topics), self.embedding_model, self.embedder))
+        return feedback.readers(session, [s.id for s in subscribers], self.embedding_model, self.dimensions)
+
+    def choose(
+        self, subscriber: Subscriber, already_sent: set[str], reader: Reader | None = None
+    ) -> tuple[list[str], dict[str, list[str]]]:
+        """Papers and, per paper, the reasons shown ("Matches: ...", "Like: ...", "From: ...")."""
+        profile = Profile.from_text(subscriber.topics, subscriber.excluded, reader)
         picks = self.ranker.pick(profile, subscriber.digest_size or self.default_size, already_sent)
-        return [p.paper_id for p in picks], {p.paper_id: list(p.reasons) for p in picks if p.reasons}
+        return [p.paper_id for p in picks], {p.paper_id: list(p.lines) for p in picks if p.reasons or p.why}
 
     def load_papers(self, session: Session, paper_ids: set[str]) -> None:
         """Make sure these papers can be shown. Deliveries keep the papers chosen at planning,
@@ -486,6 +526,7 @@ class DigestComposer:
             preferences_url=self.links.preferences(subscriber),
             view_url=self.links.digest_view(self.day),
             postal_address=self.postal_address,
+            feedback=tuple(self.links.feedback(subscriber, view.id) for view in views),
         )
         rendered = self.renderer.render(context)
         envelope = Envelope(
@@ -587,7 +628,8 @@ def prepare_claimed(
             reason = f"stale: not sent before {delivery.not_after.isoformat()}"
         if reason is None and subscriber is not None and delivery.paper_ids is None:
             # Planned without papers (by an older release): choose now, once, as planning would.
-            paper_ids, reasons = composer.choose(subscriber, already.get(subscriber.id, set()))
+            reader = composer.prepare(session, [subscriber]).get(subscriber.id)
+            paper_ids, reasons = composer.choose(subscriber, already.get(subscriber.id, set()), reader)
             delivery.paper_ids = paper_ids
             delivery.reasons = reasons
             if not paper_ids:

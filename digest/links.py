@@ -41,6 +41,11 @@ class Links:
     def preferences(self, subscriber: Subscriber) -> str:
         return f"{self.base_url}/preferences/{self._token(Purpose.PREFERENCES, subscriber)}"
 
+    def feedback(self, subscriber: Subscriber, paper_id: str) -> tuple[str, str]:
+        """The paper's "More like this" and "Less like this" links for this reader."""
+        token = self.tokens.make_for(Purpose.FEEDBACK, subscriber.id, subscriber_stamp(subscriber), paper_id)
+        return f"{self.base_url}/feedback/{token}/more", f"{self.base_url}/feedback/{token}/less"
+
     def digest_view(self, day: dt.date) -> str:
         return f"{self.base_url}/digests/{day.isoformat()}"
 

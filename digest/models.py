@@ -16,7 +16,9 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -318,3 +320,62 @@ class AdminSignIn(Base):
     expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
     ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
     csrf_token: Mapped[str | None] = mapped_column(String(64), default=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic ranking and what readers teach it (digest.embedding, digest.feedback)
+
+
+class PaperEmbedding(Base):
+    """A paper's sentence vector, computed once when it is collected (float32 bytes)."""
+
+    __tablename__ = "paper_embeddings"
+
+    paper_id: Mapped[str] = mapped_column(ForeignKey("papers.id", ondelete="CASCADE"), primary_key=True)
+    model: Mapped[str] = mapped_column(String(32))
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class TopicEmbedding(Base):
+    """A topic's vector, shared by everyone who names the same (normalised) topic."""
+
+    __tablename__ = "topic_embeddings"
+
+    model: Mapped[str] = mapped_column(String(32), primary_key=True)
+    topic: Mapped[str] = mapped_column(String(80), primary_key=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class MarkSource(enum.StrEnum):
+    EMAIL = "email"  # More like this / Less like this in a digest
+    EXAMPLE = "example"  # an example paper given on the preferences page
+
+
+class PaperMark(Base):
+    """One reader's signal on one paper: +1 more like this, -1 less; the last one wins."""
+
+    __tablename__ = "paper_marks"
+
+    subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id", ondelete="CASCADE"), primary_key=True)
+    paper_id: Mapped[str] = mapped_column(ForeignKey("papers.id", ondelete="CASCADE"), primary_key=True)
+    signal: Mapped[int] = mapped_column(SmallInteger)
+    source: Mapped[MarkSource] = mapped_column(_enum(MarkSource, "mark_source"), default=MarkSource.EMAIL)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ReaderProfile(Base):
+    """What the dispatcher needs of a reader's teaching, recomputed when they change it (never
+    per message): vectors of the papers they marked, whom they follow, how personal."""
+
+    __tablename__ = "reader_profiles"
+
+    subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id", ondelete="CASCADE"), primary_key=True)
+    follows: Mapped[list[str]] = mapped_column(JSON, default=list)
+    personal_weight: Mapped[float | None] = mapped_column(Float, default=None)  # None: the default blend
+    model: Mapped[str | None] = mapped_column(String(32), default=None)
+    liked: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)  # rows of float32 vectors
+    liked_titles: Mapped[list[str]] = mapped_column(JSON, default=list)  # one per liked row
+    disliked: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -284,17 +284,26 @@ def load_sample(day: dt.date) -> list[Any] | None:
     return data if isinstance(data, list) else None
 
 
-def store_papers(session: Session, records: list[PaperRecord]) -> int:
-    """Upsert by arXiv id: a second collection of a day updates counts and adds nothing twice."""
+def store_papers(
+    session: Session, records: list[PaperRecord], *, embed: Callable[[Session, list[Paper]], object] | None = None
+) -> int:
+    """Upsert by arXiv id: a second collection of a day updates counts and adds nothing twice.
+
+    ``embed`` (``digest.embedding.paper_vectors``) then gives the papers their vectors, once.
+    """
     if not records:
         return 0
     existing = {p.id: p for p in session.scalars(select(Paper).where(Paper.id.in_([r.id for r in records])))}
+    stored: list[Paper] = []
     for record in records:
         values = record.__dict__.copy()
         paper = existing.get(record.id)
         if paper is None:
-            session.add(Paper(**values))
+            paper = Paper(**values)
+            session.add(paper)
+            stored.append(paper)
             continue
+        stored.append(paper)
         # A paper keeps the day it first reached Daily Papers.
         values.pop("daily_date")
         for key, value in values.items():
@@ -304,6 +313,8 @@ def store_papers(session: Session, records: list[PaperRecord]) -> int:
                 continue
             setattr(paper, key, value)
     session.flush()
+    if embed is not None:
+        embed(session, stored)
     return len(records)
 
 

@@ -78,7 +78,7 @@ def store_day(
 ) -> CollectResult:
     """Parse (skipping malformed items), upsert, and (re)build the day's edition."""
     records = parse_items(items, day)
-    stored = store_papers(session, records)
+    stored = store_papers(session, records, embed=runtime.embed_papers)
     digest = build_digest(session, day, runtime.weights, DigestKind.DAILY)
     return CollectResult(day, stored, source, digest.id if digest and digest.items else None, note)
 
@@ -163,6 +163,8 @@ def composer_for(runtime: Runtime, session: Session, digest_id: int) -> DigestCo
         mail_from=s.mail_from,
         postal_address=s.postal_address,
         policy=runtime.policy,
+        embedding_model=runtime.embedding_model,
+        embedder=lambda: runtime.embedder,
     )
     composer.dkim = runtime.dkim_signer
     return composer

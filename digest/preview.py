@@ -21,7 +21,9 @@ def render_preview(session: Session, runtime: Runtime, email: str, day: dt.date)
         raise DigestError(f"no papers stored for {day}; run `digest collect --date {day}` first")
     composer = composer_for(runtime, session, digest.id)
     now = utcnow()
-    paper_ids, reasons = composer.choose(subscriber, recently_sent(session, [subscriber.id], now)[subscriber.id])
+    reader = composer.prepare(session, [subscriber]).get(subscriber.id)
+    already = recently_sent(session, [subscriber.id], now)[subscriber.id]
+    paper_ids, reasons = composer.choose(subscriber, already, reader)
     if not paper_ids:
         raise DigestError(f"{subscriber.email} has already received every paper of {day}")
     # A transient ledger row: never added to the session, so nothing is recorded.

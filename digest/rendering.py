@@ -43,6 +43,16 @@ MAX_LINE = 998  # RFC 5322: longer lines are cut or refused by SMTP servers
 SHARED_RENDERINGS = 256  # distinct (edition, picks) renderings kept per process
 
 
+REASON_PREFIXES = ("Matches: ", "Like: ", "From: ", "About: ")
+
+
+def reason_lines(entries: Sequence[str]) -> tuple[str, ...]:
+    """Reasons as shown. Deliveries planned by older releases stored bare topic names."""
+    lines = tuple(e for e in entries if e.startswith(REASON_PREFIXES))
+    topics = [e for e in entries if not e.startswith(REASON_PREFIXES)]
+    return ((f"Matches: {', '.join(topics)}",) if topics else ()) + lines
+
+
 def shorten(text: str, limit: int = SUMMARY_CHARS) -> str:
     """Cut at a word boundary with an ellipsis, so abstracts read as a teaser."""
     if len(text) <= limit:
@@ -89,10 +99,11 @@ class PaperView:
     summary: str
     code_url: str | None
     project_url: str | None
-    reasons: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()  # lines: "Matches: ...", "Like: ...", "From: ..."
+    thumbnail: str | None = None
 
     @classmethod
-    def from_paper(cls, paper: Paper, reasons: tuple[str, ...] = ()) -> PaperView:
+    def from_paper(cls, paper: Paper, reasons: Sequence[str] = ()) -> PaperView:
         return cls(
             id=paper.id,
             title=paper.title,
@@ -106,13 +117,14 @@ class PaperView:
             summary=paper.ai_summary or shorten(paper.abstract),
             code_url=paper.github_repo,
             project_url=paper.project_page,
-            reasons=reasons,
+            reasons=reason_lines(reasons),
+            thumbnail=paper.thumbnail,
         )
 
 
 @dataclass(frozen=True)
 class DigestContext:
-    PERSONAL: ClassVar[tuple[str, ...]] = ("recipient", "unsubscribe_url", "preferences_url")
+    PERSONAL: ClassVar[tuple[str, ...]] = ("recipient", "unsubscribe_url", "preferences_url", "feedback")
 
     date_label: str
     papers: Sequence[PaperView]
@@ -122,6 +134,8 @@ class DigestContext:
     preferences_url: str
     view_url: str
     postal_address: str
+    # Per paper, in order: its signed (More like this, Less like this) links for this reader.
+    feedback: Sequence[tuple[str, str]] = ()
 
 
 @dataclass(frozen=True)
@@ -265,8 +279,21 @@ class EmailRenderer:
         shared_values = tuple(
             (f.name, _frozen(getattr(context, f.name))) for f in fields(context) if f.name not in personal_names
         )
-        shared = self._shared(TEMPLATE_OF[type(context)], personal_names, shared_values)
-        personal = {name: getattr(context, name) for name in personal_names}
+        # A personal value is a string, or rows of strings (a paper's links): each cell gets
+        # its own marker, and only the rows' shape is part of the shared rendering.
+        personal: dict[str, str] = {}
+        shapes: list[tuple[str, tuple[int, ...] | None]] = []
+        for name in personal_names:
+            value = getattr(context, name)
+            if isinstance(value, str):
+                personal[name] = value
+                shapes.append((name, None))
+                continue
+            shapes.append((name, tuple(len(row) for row in value)))
+            for i, row in enumerate(value):
+                for j, cell in enumerate(row):
+                    personal[f"{name}_{i}_{j}"] = cell
+        shared = self._shared(TEMPLATE_OF[type(context)], tuple(shapes), shared_values)
         return RenderedEmail(
             subject=shared.subject.fill(personal, _one_line),
             text=shared.text.fill(personal, _plain),
@@ -274,10 +301,18 @@ class EmailRenderer:
         )
 
     def _render_shared(
-        self, name: str, personal_names: tuple[str, ...], shared_values: tuple[tuple[str, Any], ...]
+        self,
+        name: str,
+        personal_shapes: tuple[tuple[str, tuple[int, ...] | None], ...],
+        shared_values: tuple[tuple[str, Any], ...],
     ) -> _Shared:
         values = dict(shared_values)
-        values.update({field_name: _MARKER.format(field_name) for field_name in personal_names})
+        for field_name, shape in personal_shapes:
+            values[field_name] = (
+                _MARKER.format(field_name)
+                if shape is None
+                else [[_MARKER.format(f"{field_name}_{i}_{j}") for j in range(n)] for i, n in enumerate(shape)]
+            )
         subject = self._env.get_template(f"{name}/subject.txt").render(values)
         text = self._env.get_template(f"{name}/body.txt").render(values)
         html = self._env.get_template(f"{name}/body.html").render(values)

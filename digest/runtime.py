@@ -15,9 +15,10 @@ from digest.confirmation_limits import ConfirmationLimits, ConfirmationRules
 from digest.db import make_engine, make_session_factory
 from digest.delivery import DeliveryPolicy, RateLimiter
 from digest.dkim import DkimSigner
+from digest.embedding import Embedder, load_embedder, model_name, paper_vectors
 from digest.links import Links
 from digest.mailer import Mailer, OutboxMailer, SMTPConfig, SMTPPool
-from digest.models import Delivery
+from digest.models import Delivery, Paper
 from digest.papers import PapersClient
 from digest.ranking import TrendingWeights
 from digest.rendering import EmailRenderer
@@ -58,6 +59,20 @@ class Runtime:
     def dkim_signer(self) -> DkimSigner | None:
         s = self.settings
         return DkimSigner.from_settings(s.dkim_selector, s.dkim_domain, s.dkim_private_key_path)
+
+    @cached_property
+    def embedding_model(self) -> str:
+        """The name stored vectors carry; known without loading the model."""
+        return model_name(self.settings.embedding_model)
+
+    @property
+    def embedder(self) -> Embedder:
+        """The sentence-embedding model, loaded on first use (once per process)."""
+        return load_embedder(self.settings.embedding_model)
+
+    def embed_papers(self, session: Session, papers: list[Paper]) -> object:
+        """Give newly collected papers their vectors (``digest.papers.store_papers``' hook)."""
+        return paper_vectors(session, papers, self.embedding_model, lambda: self.embedder)
 
     @cached_property
     def weights(self) -> TrendingWeights:

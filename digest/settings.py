@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     gravity: float = 1.5
     age_offset_hours: float = 2.0
     relevance_weight: float = 0.7
+    # Folder of the sentence-embedding model (model.onnx + tokenizer.json); unset: the shipped one.
+    embedding_model: str | None = None
 
     # Delivery
     batch_size: int = Field(default=500, ge=1)

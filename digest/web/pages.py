@@ -12,17 +12,21 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Form, Request
 from fastapi.responses import HTMLResponse, Response
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from digest import notifications, subscriptions
+from digest import feedback, notifications, subscriptions
 from digest.confirmation_limits import source_network
 from digest.db import transaction
-from digest.errors import DigestError
-from digest.models import Frequency, Subscriber, SubscriberStatus, utcnow
+from digest.embedding import topic_vectors
+from digest.errors import DigestError, NotFound
+from digest.links import subscriber_stamp
+from digest.models import Frequency, Paper, ReaderProfile, Subscriber, SubscriberStatus, utcnow
+from digest.ranking import parse_terms
 from digest.runtime import Runtime
 from digest.tokens import Purpose
 from digest.web.api import SubscribeRequest, subscribe_json
-from digest.web.deps import ClientIP, LimitsDep, RuntimeDep, load_subscriber
+from digest.web.deps import ClientIP, LimitsDep, RuntimeDep, UnknownLink, load_subscriber
 from digest.web.frontpage import front_page
 from digest.web.ratelimit import RateLimited
 from digest.web.signup import resend_confirmation, send_welcome, start_signup
@@ -202,7 +206,8 @@ def _prefs_context(runtime: Runtime, subscriber: Subscriber, token: str, **extra
 def preferences_page(request: Request, token: str, runtime: RuntimeDep) -> HTMLResponse:
     with transaction(runtime.session_factory) as session:
         subscriber = load_subscriber(session, runtime, Purpose.PREFERENCES, token)
-        return templates.TemplateResponse(request, "preferences.html", _prefs_context(runtime, subscriber, token))
+        context = _prefs_context(runtime, subscriber, token, **_taught_context(session, subscriber))
+        return templates.TemplateResponse(request, "preferences.html", context)
 
 
 def _form_int(values: dict[str, list[str]], name: str, default: int) -> int:
@@ -252,11 +257,15 @@ def _save_preferences(request: Request, runtime: Runtime, token: str, values: di
             return templates.TemplateResponse(
                 request,
                 "preferences.html",
-                _prefs_context(runtime, subscriber, token, error=str(exc)),
+                _prefs_context(runtime, subscriber, token, error=str(exc), **_taught_context(session, subscriber)),
                 status_code=400,
             )
+        # Topic vectors when the reader changes topics, not when a digest is planned.
+        topic_vectors(session, parse_terms(subscriber.topics), runtime.embedding_model, lambda: runtime.embedder)
         return templates.TemplateResponse(
-            request, "preferences.html", _prefs_context(runtime, subscriber, token, saved=True)
+            request,
+            "preferences.html",
+            _prefs_context(runtime, subscriber, token, saved=True, **_taught_context(session, subscriber)),
         )
 
 
@@ -324,3 +333,104 @@ def delete(request: Request, token: str, runtime: RuntimeDep) -> HTMLResponse:
         "Your data is deleted",
         "We deleted your address and everything we kept about you. You will receive nothing more from us.",
     )
+
+
+# ---------------------------------------------------------------------------- teaching the digest
+
+MARKS = {"more": (feedback.MORE, "More like this"), "less": (feedback.LESS, "Less like this")}
+
+
+def _feedback_target(session: Session, runtime: Runtime, token: str, mark: str) -> tuple[Subscriber, Paper, int, str]:
+    """Who marks which paper how; a tampered link is refused (400), an unknown mark or a
+    subscriber or paper that is gone is not found (404)."""
+    if mark not in MARKS:
+        raise NotFound("There is no such link.")
+    subscriber_id, stamp, paper_id = runtime.tokens.read_for(Purpose.FEEDBACK, token)
+    subscriber = session.get(Subscriber, subscriber_id)
+    paper = session.get(Paper, paper_id)
+    if subscriber is None or subscriber_stamp(subscriber) != stamp or paper is None:
+        raise UnknownLink("This link does not lead anywhere any more.")
+    signal, label = MARKS[mark]
+    return subscriber, paper, signal, label
+
+
+@router.get("/feedback/{token}/{mark}", response_class=HTMLResponse)
+def feedback_page(request: Request, token: str, mark: str, runtime: RuntimeDep) -> HTMLResponse:
+    """One button; nothing changes on GET (mail scanners open every link)."""
+    with transaction(runtime.session_factory) as session:
+        _, paper, _, label = _feedback_target(session, runtime, token, mark)
+        return templates.TemplateResponse(
+            request, "feedback.html", {"token": token, "mark": mark, "label": label, "title": paper.title}
+        )
+
+
+@router.post("/feedback/{token}/{mark}", response_class=HTMLResponse)
+def record_feedback(request: Request, token: str, mark: str, runtime: RuntimeDep) -> HTMLResponse:
+    """Records the mark: no cookie or login, idempotent, the last mark on a paper wins."""
+    with transaction(runtime.session_factory) as session:
+        subscriber, paper, signal, label = _feedback_target(session, runtime, token, mark)
+        feedback.record_mark(session, subscriber.id, paper.id, signal, now=utcnow(), embedder=runtime.embedder)
+        title, preferences_url = paper.title, runtime.links.preferences(subscriber)
+    more = signal == feedback.MORE
+    return message_page(
+        request,
+        "Noted: " + label.lower(),
+        f"“{title}”: your next digests rank papers like it "
+        + ("higher." if more else "lower.")
+        + " You can see and undo what you taught on your preferences page.",
+        preferences_url=preferences_url,
+    )
+
+
+def _taught_context(session: Session, subscriber: Subscriber) -> dict[str, Any]:
+    profile = session.get(ReaderProfile, subscriber.id)
+    return {
+        "taught": feedback.taught(session, subscriber.id),
+        "follows": ", ".join(profile.follows) if profile else "",
+        "personal": feedback.personal_choice(profile.personal_weight if profile else None),
+        "personal_choices": list(feedback.PERSONAL_CHOICES),
+    }
+
+
+def _teach(request: Request, runtime: Runtime, token: str, values: dict[str, list[str]], action: str) -> HTMLResponse:
+    def text(name: str) -> str | None:
+        given = values.get(name)
+        return given[0] if given else None
+
+    with transaction(runtime.session_factory) as session:
+        subscriber = load_subscriber(session, runtime, Purpose.PREFERENCES, token)
+        now, notice, status = utcnow(), "Saved. Your next digest follows what you taught it.", 200
+        try:
+            if action == "reset":
+                feedback.reset(session, subscriber.id, now=now)
+                notice = "Everything you taught is forgotten: your digest starts again from your topics."
+            elif action == "undo":
+                feedback.remove_mark(session, subscriber.id, text("paper_id") or "", now=now, embedder=runtime.embedder)
+            else:
+                follows, personal = text("follows"), text("personal")
+                feedback.set_choices(session, subscriber.id, follows=follows, personal=personal, now=now)
+                _, unknown = feedback.add_examples(
+                    session, subscriber.id, text("examples") or "", now=now, embedder=runtime.embedder
+                )
+                if unknown:
+                    notice = (
+                        "Saved, except these, which name no paper we have collected yet: " + ", ".join(unknown) + "."
+                    )
+                    status = 400
+        except DigestError as exc:
+            session.rollback()
+            session.refresh(subscriber)
+            notice, status = str(exc), 400
+        context = _prefs_context(runtime, subscriber, token, **_taught_context(session, subscriber))
+        context["teach_notice"] = notice
+        return templates.TemplateResponse(request, "preferences.html", context, status_code=status)
+
+
+@router.post("/preferences/{token}/teach/{action}", response_class=HTMLResponse)
+async def teach(request: Request, token: str, action: str, runtime: RuntimeDep) -> HTMLResponse:
+    """Example papers, follows and how personal (``save``), undo one mark (``undo``), ``reset``."""
+    if action not in ("save", "undo", "reset"):
+        raise NotFound("There is no such page.")
+    form = await request.form()
+    values = {key: [str(v) for v in form.getlist(key)] for key in form}
+    return await run_in_threadpool(_teach, request, runtime, token, values, action)

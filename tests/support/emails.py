@@ -35,6 +35,14 @@ def digest_context(papers: list[Paper], recipient: str = "ada@example.com", toke
         preferences_url=f"{BASE}/preferences/{token}",
         view_url=f"{BASE}/digests/{DAY.isoformat()}",
         postal_address=POSTAL,
+        # As long as the real signed links (digest.links.Links.feedback).
+        feedback=[
+            (
+                f"{BASE}/feedback/1f.6620a1b0.{p.id}.0123456789abcdef0123/more",
+                f"{BASE}/feedback/1f.6620a1b0.{p.id}.0123456789abcdef0123/less",
+            )
+            for p in papers
+        ],
     )
 
 

@@ -1,0 +1,141 @@
+"""Teaching the digest as a reader does: a real day's digest over SMTP, its "More like this"
+link followed over HTTP against uvicorn (GET, then the page's button), and the next day's
+digest ranking papers like the marked one higher than for a twin reader who taught nothing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterator
+from email.message import EmailMessage
+
+import httpx
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from digest.db import transaction
+from digest.embedding import from_blob
+from digest.models import PaperEmbedding, PaperMark, Subscriber, utcnow
+from digest.pipeline import run_inprocess
+from digest.runtime import Runtime
+from digest.subscriptions import add_confirmed
+from digest.web.app import create_app
+from tests.conftest import make_settings
+from tests.support.servers import PapersAPI, SMTPSink, free_port
+from tests.web.live import server_thread
+
+pytestmark = pytest.mark.e2e
+
+DAY1, DAY2 = dt.date(2024, 10, 25), dt.date(2026, 4, 16)
+MARKED = "2410.18252"  # "Asynchronous RLHF: Faster and More Efficient Off-Policy RL for Language Models"
+TOPICS = "language models"
+
+
+@pytest.fixture
+def site(database: str, smtp: SMTPSink, papers_api: PapersAPI) -> Iterator[tuple[Runtime, str]]:
+    port = free_port()
+    runtime = Runtime(make_settings(database, smtp, papers_api, base_url=f"http://127.0.0.1:{port}"))
+    with server_thread(create_app(runtime), port) as base:
+        yield runtime, base
+    runtime.dispose()
+
+
+def text_part(message: EmailMessage) -> str:
+    part = message.get_body(("plain",))
+    assert part is not None
+    return str(part.get_content())  # type: ignore[attr-defined]
+
+
+def html_part(message: EmailMessage) -> str:
+    part = message.get_body(("html",))
+    assert part is not None
+    return str(part.get_content())  # type: ignore[attr-defined]
+
+
+def papers_of(message: EmailMessage) -> list[tuple[str, str, str, str]]:
+    """(paper id, More link, Less link, reasons block) per paper, in the text part's order."""
+    blocks = re.split(r"Paper:\s+https://huggingface\.co/papers/(\S+)", text_part(message))
+    found = []
+    for block, paper_id in zip(blocks[0::2], blocks[1::2], strict=False):
+        more = re.search(r"More like this: (\S+)", block)
+        less = re.search(r"Less like this: (\S+)", block)
+        assert more and less, block
+        found.append((paper_id, more.group(1), less.group(1), " ".join(block.split())))
+    return found
+
+
+def marks(runtime: Runtime) -> int:
+    with runtime.session_factory() as session:
+        return session.scalar(select(func.count()).select_from(PaperMark)) or 0
+
+
+def test_more_like_this_from_the_email_ranks_similar_papers_higher_the_next_day(
+    site: tuple[Runtime, str], smtp: SMTPSink
+) -> None:
+    runtime, base = site
+    with transaction(runtime.session_factory) as session:
+        add_confirmed(session, "ada@example.org", now=utcnow(), topics=TOPICS)
+        add_confirmed(session, "twin@example.org", now=utcnow(), topics=TOPICS)
+    run_inprocess(runtime, DAY1)
+    (mail,) = smtp.to("ada@example.org")
+    listed = {pid: (more, less) for pid, more, less, _ in papers_of(mail)}
+    assert MARKED in listed
+    more, less = listed[MARKED]
+    # Both parts carry the same links, right after the title.
+    html = html_part(mail)
+    assert f'href="{more}"' in html and f'href="{less}"' in html
+    assert re.search(r'class="title"[^>]*>[^<]*</a></h2>\s*<p class="teach"[^>]*><a href="' + re.escape(more), html)
+
+    with httpx.Client(timeout=30) as http:
+        # A mail scanner (or the reader) opens the link: a page with one button, nothing stored.
+        page = http.get(more)
+        assert page.status_code == 200 and "Asynchronous RLHF" in page.text
+        forms = re.findall(r'<form method="post" action="([^"]+)"', page.text)
+        assert forms == [more.removeprefix(base)] and page.text.count("<button") == 1
+        http.get(more)
+        assert marks(runtime) == 0
+
+        # Tampered links are refused, on GET and POST: another paper, another reader, a bad tag.
+        token = more.split("/feedback/")[1].removesuffix("/more")
+        sid, stamp, *paper, tag = token.split(".")
+        for forged in (
+            f"{sid}.{stamp}.2410.18451.{tag}",
+            f"{int(sid, 16) + 1:x}.{stamp}.{'.'.join(paper)}.{tag}",
+            f"{sid}.{stamp}.{'.'.join(paper)}.{tag[:-1]}{'0' if tag[-1] != '0' else '1'}",
+        ):
+            assert http.get(f"{base}/feedback/{forged}/more").status_code == 400
+            assert http.post(f"{base}/feedback/{forged}/more").status_code == 400
+        assert http.get(f"{base}/feedback/{token}/sideways").status_code == 404
+        assert marks(runtime) == 0
+
+        # The button. Twice, as a double click would: one mark.
+        for _ in range(2):
+            done = http.post(base + forms[0])
+            assert done.status_code == 200 and "Noted" in done.text
+    with runtime.session_factory() as session:
+        (mark,) = session.scalars(select(PaperMark)).all()
+        ada = session.scalar(select(Subscriber).where(Subscriber.email == "ada@example.org"))
+        assert ada is not None and (mark.subscriber_id, mark.paper_id, mark.signal) == (ada.id, MARKED, 1)
+
+    smtp.clear()
+    run_inprocess(runtime, DAY2)
+    with runtime.session_factory() as session:
+        # The next day's paper nearest in meaning to the marked one (vectors stored at collection).
+        rows = {pid: blob for pid, blob in session.execute(select(PaperEmbedding.paper_id, PaperEmbedding.vector))}
+    marked = from_blob(rows[MARKED])
+    day2 = [pid for pid in rows if pid.startswith("26")]
+    assert len(rows) == 29 + 22
+    target = max(day2, key=lambda pid: float(np.dot(from_blob(rows[pid]), marked)))
+    (ada_mail,) = smtp.to("ada@example.org")
+    (twin_mail,) = smtp.to("twin@example.org")
+    ada_order = [pid for pid, *_ in papers_of(ada_mail)]
+    twin_order = [pid for pid, *_ in papers_of(twin_mail)]
+    assert target in ada_order
+    twin_rank = twin_order.index(target) if target in twin_order else len(twin_order)
+    assert ada_order.index(target) < twin_rank, (target, ada_order, twin_order)
+    # And it says why, in both parts.
+    reasons = {pid: block for pid, _, _, block in papers_of(ada_mail)}
+    assert "Like: Asynchronous RLHF" in reasons[target]
+    assert "Like: Asynchronous RLHF" in " ".join(html_part(ada_mail).split())
+    assert "Like:" not in text_part(twin_mail)

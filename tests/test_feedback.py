@@ -1,0 +1,197 @@
+"""Semantic ranking and what readers teach it: meaning without shared words, a reader with no
+topics who marked papers, and the preferences page (list, undo, examples, follows, reset)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from digest import feedback
+from digest.db import transaction
+from digest.embedding import from_blob, load_embedder
+from digest.models import Paper, PaperEmbedding, PaperMark, ReaderProfile, Subscriber, utcnow
+from digest.pipeline import run_inprocess
+from digest.ranking import Candidate, Profile, Ranker
+from digest.runtime import Runtime
+from digest.subscriptions import add_confirmed
+from digest.web.app import create_app
+from tests.conftest import make_settings
+from tests.e2e.test_teaching import papers_of, text_part
+from tests.support.servers import PapersAPI, SMTPSink, free_port
+from tests.web.live import server_thread
+
+DAY1, DAY2 = dt.date(2024, 10, 25), dt.date(2026, 4, 16)
+
+
+def test_a_topic_ranks_papers_by_meaning_without_a_shared_word() -> None:
+    texts = [
+        "A benchmark for table question answering over spreadsheets",
+        "Faster sampling for video diffusion models",
+        "3D Gaussian splatting for large outdoor scenes",
+        "Red-teaming chatbots: measuring and reducing harmful outputs of language models",
+        "Compressing image tokenizers with vector quantization",
+    ]
+    # Trending falls with position: the paper about harm trends below two unrelated ones.
+    candidates = [Candidate(f"p{i}", 10.0 - i, text.lower()) for i, text in enumerate(texts)]
+    embedder = load_embedder()
+    vectors = embedder.embed(texts)
+    topics = {"ai safety": embedder.embed(["ai safety"])[0]}
+    semantic = Ranker(candidates, vectors=vectors, topic_vector=topics.get)
+    order = [p.paper_id for p in semantic.order(Profile.from_text("AI safety"))]
+    assert order[0] == "p3", order
+    (pick,) = semantic.pick(Profile.from_text("AI safety"), 1, set())
+    assert pick.reasons == () and pick.why == ("About: ai safety",)  # no word matched, its meaning did
+    # Words alone cannot see it: without vectors the same profile keeps the trending order.
+    lexical = [p.paper_id for p in Ranker(candidates).order(Profile.from_text("AI safety"))]
+    assert lexical == ["p0", "p1", "p2", "p3", "p4"]
+
+
+def test_paper_references_are_read_from_ids_and_links() -> None:
+    ids, bad = feedback.parse_paper_refs(
+        "2604.14148, arXiv:2410.18252v2\nhttps://huggingface.co/papers/2604.11626 "
+        "https://arxiv.org/pdf/2410.18451.pdf https://arxiv.org/abs/cs/0112017v1 hello 2604.14148"
+    )
+    assert ids == ["2604.14148", "2410.18252", "2604.11626", "2410.18451", "cs/0112017"]
+    assert bad == ["hello"]
+
+
+@pytest.fixture
+def site(database: str, smtp: SMTPSink, papers_api: PapersAPI) -> Iterator[tuple[Runtime, str]]:
+    port = free_port()
+    runtime = Runtime(make_settings(database, smtp, papers_api, base_url=f"http://127.0.0.1:{port}"))
+    with server_thread(create_app(runtime), port) as base:
+        yield runtime, base
+    runtime.dispose()
+
+
+def test_a_reader_without_topics_who_marked_three_papers_gets_a_matching_order(
+    site: tuple[Runtime, str], smtp: SMTPSink
+) -> None:
+    runtime, _ = site
+    with transaction(runtime.session_factory) as session:
+        reader = add_confirmed(session, "marks@example.org", now=utcnow())
+        add_confirmed(session, "plain@example.org", now=utcnow())
+    run_inprocess(runtime, DAY1)
+    (mail,) = smtp.to("marks@example.org")
+    liked = ["2410.15580", "2410.16429", "2410.18693"]  # arithmetic, theorem proving, math questions
+    links = {pid: more for pid, more, _, _ in papers_of(mail)}
+    with httpx.Client(timeout=30) as http:
+        for pid in liked:
+            url = links.get(pid)
+            if url is None:  # not in this reader's first digest: the same link, signed for them
+                url = runtime.links.feedback(reader, pid)[0]
+            assert http.post(url).status_code == 200
+    smtp.clear()
+    run_inprocess(runtime, DAY2)
+    (taught,) = smtp.to("marks@example.org")
+    (plain,) = smtp.to("plain@example.org")
+    taught_order = [pid for pid, *_ in papers_of(taught)]
+    plain_order = [pid for pid, *_ in papers_of(plain)]
+    assert taught_order != plain_order
+    # The papers that rose say which marked paper they are like, and they are the ones nearest
+    # in meaning to the marked papers.
+    with runtime.session_factory() as session:
+        titles = {p.id: p.title for p in session.scalars(select(Paper))}
+    marked_titles = {titles[pid] for pid in liked}
+    reasons = {pid: block for pid, _, _, block in papers_of(taught)}
+    assert any(f"Like: {t}" in reasons[taught_order[0]] for t in marked_titles), reasons[taught_order[0]]
+    with runtime.session_factory() as session:
+        stored = {
+            pid: from_blob(v) for pid, v in session.execute(select(PaperEmbedding.paper_id, PaperEmbedding.vector))
+        }
+    day2 = [pid for pid in titles if pid.startswith("26")]
+    likes = np.vstack([stored[pid] for pid in liked])
+    near = np.vstack([stored[pid] for pid in day2]) @ likes.T
+    nearest = {day2[i] for i in np.argsort(-near.max(axis=1))[:5]}
+    assert len(nearest & set(taught_order[:5])) > len(nearest & set(plain_order[:5])), (nearest, taught_order)
+
+
+def test_preferences_list_undo_examples_follows_and_reset(site: tuple[Runtime, str], smtp: SMTPSink) -> None:
+    runtime, base = site
+    with transaction(runtime.session_factory) as session:
+        reader = add_confirmed(session, "prefs@example.org", now=utcnow())
+    run_inprocess(runtime, DAY1)
+    (mail,) = smtp.to("prefs@example.org")
+    first, second = papers_of(mail)[:2]
+    preferences = runtime.links.preferences(reader)
+    with httpx.Client(timeout=30) as http:
+        assert http.post(first[1]).status_code == 200  # more like this
+        assert http.post(second[2]).status_code == 200  # less like this
+        assert http.post(second[1]).status_code == 200  # changed their mind: the last mark wins
+        page = http.get(preferences).text
+        with runtime.session_factory() as session:
+            titles = {p.id: p.title for p in session.scalars(select(Paper))}
+        assert page.count("More like this:") == 2 and "Less like this:" not in page
+        assert titles[first[0]] in page and titles[second[0]] in page
+
+        teach = f"{preferences.removeprefix(base)}/teach"
+        undo = http.post(f"{base}{teach}/undo", data={"paper_id": first[0]})
+        assert undo.status_code == 200 and titles[first[0]] not in undo.text
+        saved = http.post(
+            f"{base}{teach}/save",
+            data={
+                "examples": "https://huggingface.co/papers/2410.18451, 9999.99999",
+                "follows": "kaist ai, Yoshua Bengio",
+                "personal": "personal",
+            },
+        )
+        # An id we never collected is named back; the rest is saved.
+        assert saved.status_code == 400 and "9999.99999" in saved.text
+        assert "Example:" in saved.text and titles["2410.18451"] in saved.text
+        assert 'value="kaist ai, Yoshua Bengio"' in saved.text
+        assert re.search(r'value="personal" checked', saved.text)
+        with runtime.session_factory() as session:
+            marked = {m.paper_id: (m.signal, m.source.value) for m in session.scalars(select(PaperMark))}
+            profile = session.get(ReaderProfile, reader.id)
+            assert profile is not None and profile.personal_weight == feedback.PERSONAL_CHOICES["personal"]
+        assert marked == {second[0]: (1, "email"), "2410.18451": (1, "example")}
+
+        # Papers of a followed organisation (the API's "organization") come first, saying so.
+        smtp.clear()
+        run_inprocess(runtime, DAY2)
+        (next_mail,) = smtp.to("prefs@example.org")
+        top_id, _, _, top_block = papers_of(next_mail)[0]
+        assert top_id == "2604.14004" and "From: KAIST AI" in top_block
+        assert text_part(next_mail).count("From:") == 1
+
+        reset = http.post(f"{base}{teach}/reset")
+        assert reset.status_code == 200 and "Nothing yet" in reset.text
+        with runtime.session_factory() as session:
+            assert session.scalars(select(PaperMark)).all() == []
+            assert session.get(ReaderProfile, reader.id) is None
+            assert session.get(Subscriber, reader.id) is not None
+
+        # Erasing the person erases what they taught, too.
+        assert http.post(first[1]).status_code == 200
+        assert http.post(f"{preferences}/delete").status_code == 200
+        with runtime.session_factory() as session:
+            assert session.scalars(select(PaperMark)).all() == []
+            assert session.scalars(select(ReaderProfile)).all() == []
+
+
+def test_papers_stored_before_vectors_existed_get_them_when_an_edition_is_loaded(
+    site: tuple[Runtime, str], smtp: SMTPSink
+) -> None:
+    from digest.papers import load_sample, parse_items, store_papers
+
+    runtime, _ = site
+    with transaction(runtime.session_factory) as session:
+        store_papers(session, parse_items(load_sample(DAY2) or [], DAY2))  # no embedding hook
+        add_confirmed(session, "safety@example.org", now=utcnow(), topics="AI safety")
+    with runtime.session_factory() as session:
+        assert session.scalars(select(PaperEmbedding)).all() == []
+    run_inprocess(runtime, DAY2)
+    with runtime.session_factory() as session:
+        models = set(session.scalars(select(PaperEmbedding.model)))
+    assert models == {runtime.embedding_model}
+    (mail,) = smtp.to("safety@example.org")
+    # No paper of the day says "AI safety", yet the first one is there for its meaning.
+    assert "Matches:" not in text_part(mail)
+    top, *_ = papers_of(mail)
+    assert "About: ai safety" in top[3], [p[0] for p in papers_of(mail)]
