@@ -479,9 +479,9 @@ class Ranker:
             # is only an example of what they want, while a topic states it.
             semantic = np.maximum(semantic, liked[0] - LIKE_DISCOUNT)
         score = self._trend_share(allowed)
-        if topic_sims or liked is not None:
+        disliked = self._similarity(reader.disliked if reader else None)
+        if topic_sims or liked is not None or disliked is not None:
             dense = np.clip((semantic - DENSE_FLOOR) * (1 / (DENSE_CEILING - DENSE_FLOOR)), 0.0, 1.0)
-            disliked = self._similarity(reader.disliked if reader else None)
             if disliked is not None:
                 # Closer to a paper marked "less like this" than to anything liked: pushed down.
                 against = np.clip((disliked[0] - DENSE_FLOOR) * (1 / (DENSE_CEILING - DENSE_FLOOR)), 0.0, 1.0)

@@ -195,3 +195,23 @@ def test_papers_stored_before_vectors_existed_get_them_when_an_edition_is_loaded
     assert "Matches:" not in text_part(mail)
     top, *_ = papers_of(mail)
     assert "About: ai safety" in top[3], [p[0] for p in papers_of(mail)]
+
+
+def test_less_like_this_alone_pushes_similar_papers_down() -> None:
+    from digest.ranking import Reader
+
+    texts = [
+        "Video diffusion models that generate long clips",
+        "A survey of reward modelling for language models",
+        "Text-to-video generation with diffusion transformers",
+        "Graph neural networks for molecules",
+    ]
+    embedder = load_embedder()
+    vectors = embedder.embed(texts)
+    ranker = Ranker([Candidate(f"p{i}", 10.0 - i, t.lower()) for i, t in enumerate(texts)], vectors=vectors)
+    unmarked = [p.paper_id for p in ranker.order(Profile())]
+    assert unmarked == ["p0", "p1", "p2", "p3"]
+    # The reader said "less like this" to a video generation paper: both video papers sink.
+    less = Reader(key=(1, 0.0), disliked=embedder.embed(["Generating videos with diffusion models"]))
+    marked = [p.paper_id for p in ranker.order(Profile(reader=less))]
+    assert marked[:2] == ["p1", "p3"] and set(marked[2:]) == {"p0", "p2"}

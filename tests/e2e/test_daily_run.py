@@ -155,7 +155,7 @@ def test_digest_run_through_a_real_worker_sends_one_digest_per_active_subscriber
         assert normalised(in_process[email]) == normalised(received[email])
 
 
-TOKEN = re.compile(r"(unsubscribe|preferences|confirm|bounce)([/-])[A-Za-z0-9_.\-]+")
+TOKEN = re.compile(r"(unsubscribe|preferences|confirm|bounce|feedback)([/-])[A-Za-z0-9_.\-]+")
 
 
 def normalised(message: EmailMessage) -> tuple[str, str, str]:
