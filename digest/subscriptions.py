@@ -25,6 +25,8 @@ from digest.models import (
     Delivery,
     DeliveryStatus,
     Frequency,
+    PaperMark,
+    ReaderProfile,
     Subscriber,
     SubscriberEvent,
     SubscriberStatus,
@@ -399,6 +401,8 @@ def export_data(session: Session, subscriber: Subscriber) -> dict[str, Any]:
         .order_by(Delivery.id)
     ).all()
 
+    profile = session.get(ReaderProfile, subscriber.id)
+
     def iso(value: dt.datetime | None) -> str | None:
         return value.isoformat() if value else None
 
@@ -419,6 +423,14 @@ def export_data(session: Session, subscriber: Subscriber) -> dict[str, Any]:
             {"digest_id": d.digest_id, "status": d.status.value, "sent_at": iso(d.sent_at), "papers": d.paper_ids or []}
             for d in deliveries
         ],
+        # What they taught the digest (digest.feedback): marks and example papers, and follows.
+        "marks": [
+            {"paper": m.paper_id, "signal": "more" if m.signal > 0 else "less", "source": m.source.value}
+            for m in session.scalars(
+                select(PaperMark).where(PaperMark.subscriber_id == subscriber.id).order_by(PaperMark.created_at)
+            )
+        ],
+        "follows": profile.follows if profile is not None else [],
     }
 
 

@@ -75,8 +75,8 @@ def test_a_reader_without_topics_who_marked_three_papers_gets_a_matching_order(
 ) -> None:
     runtime, _ = site
     with transaction(runtime.session_factory) as session:
-        reader = add_confirmed(session, "marks@example.org", now=utcnow())
-        add_confirmed(session, "plain@example.org", now=utcnow())
+        reader = add_confirmed(session, runtime.tokens, "marks@example.org", now=utcnow())
+        add_confirmed(session, runtime.tokens, "plain@example.org", now=utcnow())
     run_inprocess(runtime, DAY1)
     (mail,) = smtp.to("marks@example.org")
     liked = ["2410.15580", "2410.16429", "2410.18693"]  # arithmetic, theorem proving, math questions
@@ -115,7 +115,7 @@ def test_a_reader_without_topics_who_marked_three_papers_gets_a_matching_order(
 def test_preferences_list_undo_examples_follows_and_reset(site: tuple[Runtime, str], smtp: SMTPSink) -> None:
     runtime, base = site
     with transaction(runtime.session_factory) as session:
-        reader = add_confirmed(session, "prefs@example.org", now=utcnow())
+        reader = add_confirmed(session, runtime.tokens, "prefs@example.org", now=utcnow())
     run_inprocess(runtime, DAY1)
     (mail,) = smtp.to("prefs@example.org")
     first, second = papers_of(mail)[:2]
@@ -169,7 +169,11 @@ def test_preferences_list_undo_examples_follows_and_reset(site: tuple[Runtime, s
 
         # Erasing the person erases what they taught, too.
         assert http.post(first[1]).status_code == 200
-        assert http.post(f"{preferences}/delete").status_code == 200
+        with runtime.session_factory() as session:
+            person = session.get(Subscriber, reader.id)
+            assert person is not None
+            my_data = runtime.links.data_access(person).removeprefix(runtime.settings.base_url)
+        assert http.post(f"{base}{my_data}/delete").status_code == 200
         with runtime.session_factory() as session:
             assert session.scalars(select(PaperMark)).all() == []
             assert session.scalars(select(ReaderProfile)).all() == []
@@ -183,7 +187,7 @@ def test_papers_stored_before_vectors_existed_get_them_when_an_edition_is_loaded
     runtime, _ = site
     with transaction(runtime.session_factory) as session:
         store_papers(session, parse_items(load_sample(DAY2) or [], DAY2))  # no embedding hook
-        add_confirmed(session, "safety@example.org", now=utcnow(), topics="AI safety")
+        add_confirmed(session, runtime.tokens, "safety@example.org", now=utcnow(), topics="AI safety")
     with runtime.session_factory() as session:
         assert session.scalars(select(PaperEmbedding)).all() == []
     run_inprocess(runtime, DAY2)

@@ -109,7 +109,7 @@ def test_export_my_data(client: TestClient, runtime: Runtime, smtp: SMTPSink) ->
     assert "attachment" in download.headers["content-disposition"]
     data = json.loads(download.content)
     assert data["email"] == "me@example.org" and data["topics"] == "diffusion"
-    assert data["deliveries"] == []
+    assert data["deliveries"] == [] and data["marks"] == [] and data["follows"] == []
 
 
 def test_the_data_link_expires_after_an_hour(client: TestClient, runtime: Runtime, smtp: SMTPSink) -> None:
