@@ -802,11 +802,13 @@ def run_batch(
     async def go() -> BatchResult:
         total = BatchResult()
         mailer = mailer_factory()
+        passed_over = False  # rows of the page not claimed: some may wait for a retry
         try:
             for start in range(0, len(subscriber_ids), policy.claim_chunk):
                 chunk = subscriber_ids[start : start + policy.claim_chunk]
                 with transaction(factory) as session:
                     claimed = claim(session, composer.digest_id, chunk, now=clock(), lease_seconds=policy.lease_seconds)
+                passed_over = passed_over or len(claimed) < len(chunk)
                 if not claimed:
                     continue
                 with transaction(factory) as session:
@@ -821,10 +823,11 @@ def run_batch(
                 total.merge(sent)
         finally:
             await mailer.close()
-        with transaction(factory) as session:
-            waiting = next_retry(session, composer.digest_id, subscriber_ids)
-        if waiting is not None and (total.retry_at is None or waiting < total.retry_at):
-            total.retry_at = waiting
+        if passed_over:
+            with transaction(factory) as session:
+                waiting = next_retry(session, composer.digest_id, subscriber_ids)
+            if waiting is not None and (total.retry_at is None or waiting < total.retry_at):
+                total.retry_at = waiting
         return total
 
     return asyncio.run(go())
@@ -838,12 +841,15 @@ def next_retry(session: Session, digest_id: int, subscriber_ids: Sequence[int]) 
     the stall sweep instead of their backoff.
     """
     keys = [(sid, digest_id) for sid in subscriber_ids]
-    return session.scalar(
-        select(func.min(Delivery.next_attempt_at)).where(
-            tuple_(Delivery.subscriber_id, Delivery.digest_id).in_(keys),
-            Delivery.status == DeliveryStatus.PENDING,
+    # Found by the (subscriber, edition) key and filtered here, as in ``claim``: a status filter
+    # in SQL lets the planner read every pending row of the edition through (edition, status).
+    rows = session.execute(
+        select(Delivery.status, Delivery.next_attempt_at).where(
+            tuple_(Delivery.subscriber_id, Delivery.digest_id).in_(keys)
         )
     )
+    waiting = [at for status, at in rows if status == DeliveryStatus.PENDING and at is not None]
+    return min(waiting, default=None)
 
 
 # ---------------------------------------------------------------------------------------------
