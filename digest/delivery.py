@@ -444,9 +444,7 @@ class DigestComposer:
             raise LookupError(f"digest {digest_id} does not exist")
         papers = {item.paper_id: item.paper for item in digest.items}
         candidates = [candidate_of(i.paper, i.score) for i in digest.items]
-        vectors = (
-            paper_vectors(session, list(papers.values()), embedding_model, embedder) if embedding_model else {}
-        )
+        vectors = paper_vectors(session, list(papers.values()), embedding_model, embedder) if embedding_model else {}
         for paper in papers.values():
             session.expunge(paper)
         matrix, dimensions = None, 0
