@@ -35,12 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import Engine, text  # noqa: E402
 
-from bench.year import weekdays, write_day  # noqa: E402
+from bench.year import FIRST_DAY, add_subscribers, weekdays, write_day  # noqa: E402
 from digest import db  # noqa: E402
 from digest.compaction import compact  # noqa: E402
 from tests.support.servers import Postgres  # noqa: E402
-
-FIRST_DAY = dt.date(2026, 1, 5)
 
 
 class Writer(threading.Thread):
@@ -116,15 +114,7 @@ def main() -> None:
         engine = db.make_engine(url)
         n = args.subscribers
         with engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO subscribers (email, status, topics, excluded, frequency, send_hour, timezone,"
-                    " weekday, source, soft_bounce_score, created_at, updated_at, confirmed_at)"
-                    " SELECT 'reader' || g || '@example' || (g % 50) || '.org', 'active', '', '', 'daily', 8, 'UTC',"
-                    " 0, 'import', 0, now(), now(), now() FROM generate_series(1, :n) AS g"
-                ),
-                {"n": n},
-            )
+            add_subscribers(conn, n)
         days = weekdays(FIRST_DAY, args.days)
         write_seconds = []
         for index, day in enumerate(days, start=1):
