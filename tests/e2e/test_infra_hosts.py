@@ -14,6 +14,7 @@ Everything it made (namespaces, veths, the bridge) goes, even when the test fail
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import shutil
@@ -107,14 +108,32 @@ class PeerSink(_Handler):
     def __init__(self, sink: SMTPSink) -> None:
         super().__init__(sink)
         self.peers: list[tuple[str, str, float]] = []  # (recipient, peer address, when)
+        self.in_flight: Counter[str] = Counter()  # peer address -> messages being received now
+        self.frozen: set[str] = set()  # peers whose replies are held back
         self.lock = threading.Lock()
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        peer = str(session.peer[0])
+        with self.lock:
+            self.in_flight[peer] += 1
         reply = await super().handle_DATA(server, session, envelope)
         if reply.startswith("250"):
             with self.lock:
-                self.peers.append((envelope.rcpt_tos[0].lower(), str(session.peer[0]), time.monotonic()))
-        return reply
+                self.peers.append((envelope.rcpt_tos[0].lower(), peer, time.monotonic()))
+        while True:  # bounded: the test unfreezes right after the cut
+            with self.lock:
+                if peer not in self.frozen:
+                    self.in_flight[peer] -= 1
+                    return reply
+            await asyncio.sleep(0.01)
+
+    def freeze_if_sending(self, peer: str) -> bool:
+        """Hold the replies to ``peer`` if one of its messages is being received now."""
+        with self.lock:
+            if self.in_flight[peer] > 0:
+                self.frozen.add(peer)
+                return True
+            return False
 
 
 def test_a_host_cut_off_mid_run_loses_nobody(network: Network, tmp_path: Path) -> None:
@@ -126,6 +145,7 @@ def test_a_host_cut_off_mid_run_loses_nobody(network: Network, tmp_path: Path) -
     sink.controller.start()
     workers: dict[str, Process] = {}
     runtime: Runtime | None = None
+    run: subprocess.Popen[bytes] | None = None
     try:
         db.upgrade(postgres.url)
         settings = make_settings(
@@ -167,8 +187,17 @@ def test_a_host_cut_off_mid_run_loses_nobody(network: Network, tmp_path: Path) -
             with handler.lock:
                 return sum(1 for _, peer, _ in handler.peers if peer == address)
 
-        assert wait_until(lambda: sent_by(HOSTS["a"]) >= 40 and sent_by(HOSTS["b"]) >= 40, timeout=120, interval=0.02)
+        def a_is_sending() -> bool:
+            # Cut while a message of host A is in the sink's hands, its reply held until the link
+            # is down: the row it belongs to was claimed (leased) before sending and its result
+            # can no longer reach the database, so A certainly holds a leased row. Cutting between
+            # two of A's batches would leave nothing to take over and prove nothing.
+            return sent_by(HOSTS["a"]) >= 40 and sent_by(HOSTS["b"]) >= 40 and handler.freeze_if_sending(HOSTS["a"])
+
+        assert wait_until(a_is_sending, timeout=120, interval=0.005)
         ip("link", "set", network.links["a"], "down")  # host A is cut off; its worker runs on
+        with handler.lock:
+            handler.frozen.clear()  # the held replies now go into a link that carries nothing
         cut = time.monotonic()
         leased_at_cut = leases(runtime)
         # Host B renews its own leases every third of a lease; rows whose lease has not moved
@@ -210,6 +239,9 @@ def test_a_host_cut_off_mid_run_loses_nobody(network: Network, tmp_path: Path) -
             from_b = [when for r, peer, when in handler.peers if r == email and peer == HOSTS["b"]]
             assert from_b and min(from_b) > cut, f"{email}: host B sent A's leased row after the cut"
     finally:
+        if run is not None and run.poll() is None:
+            run.kill()  # a failed assertion left it running; reap it here, not in a later test
+            run.wait(timeout=30)
         for worker in workers.values():
             worker.kill()
         if runtime is not None:

@@ -62,11 +62,27 @@ def env_for(runtime: Runtime, redis_url: str) -> dict[str, str]:
     )
 
 
+_runs: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap_runs() -> Iterator[None]:
+    """A run a failed assertion left behind is killed here, not reported later by another test."""
+    yield
+    while _runs:
+        run = _runs.pop()
+        if run.poll() is None:
+            run.kill()
+            run.wait(timeout=30)
+
+
 def start_run(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
-        return subprocess.Popen(
+        run = subprocess.Popen(
             [str(BIN / "digest"), "run", "--date", DAY.isoformat()], env=env, cwd=ROOT, stdout=out, stderr=out
         )
+    _runs.append(run)
+    return run
 
 
 def finish(run: subprocess.Popen[bytes], log: Path, timeout: float = 150) -> str:
