@@ -121,6 +121,8 @@ class MailinConfig:
     inbound_address: str
     tokens: Tokens
     policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
+    # Deliveries of editions older than this were compacted away (see digest.compaction).
+    ledger_retention_days: int = 30
 
     @property
     def local(self) -> str:
@@ -494,26 +496,49 @@ def _unsubscribe(session: Session, config: MailinConfig, inbound: Inbound, now: 
     )
 
 
-def delivery_from_bounce_token(session: Session, tokens: Tokens, token: str) -> Delivery:
-    """The delivery a VERP token names; ``InvalidToken`` unless it still names that subscriber."""
+@dataclass(frozen=True)
+class SignedDelivery:
+    """A delivery of ours that a token proves a message is about.
+
+    ``delivery_id`` is None when compaction has removed the row: the signed token still names
+    the subscriber, so the person's report still counts for them, but never toward the sending
+    pause (which only counts reports about deliveries still in the ledger's window).
+    """
+
+    subscriber_id: int
+    delivery_id: int | None
+
+
+def delivery_from_bounce_token(session: Session, tokens: Tokens, token: str) -> SignedDelivery:
+    """The delivery a VERP token names; ``InvalidToken`` unless it still names that subscriber.
+
+    The token is an HMAC over (delivery, subscriber), so a missing row is one we sent whose
+    ledger row was compacted (or whose subscriber was erased: then nobody is named).
+    """
     delivery_id, subscriber_id = tokens.read(Purpose.BOUNCE, token)
     delivery = session.get(Delivery, delivery_id)
-    if delivery is None or delivery.subscriber_id is None or delivery.subscriber_id != subscriber_id:
+    if delivery is None:
+        if session.get(Subscriber, subscriber_id) is None:
+            raise InvalidToken("This bounce address is not valid.")
+        return SignedDelivery(subscriber_id, None)
+    if delivery.subscriber_id is None or delivery.subscriber_id != subscriber_id:
         raise InvalidToken("This bounce address is not valid.")
-    return delivery
+    return SignedDelivery(subscriber_id, delivery.id)
 
 
 def _bounce(session: Session, config: MailinConfig, inbound: Inbound, now: dt.datetime) -> Handled:
     assert inbound.token is not None and inbound.status is not None
     delivery = delivery_from_bounce_token(session, config.tokens, inbound.token)
-    assert delivery.subscriber_id is not None
     hard = inbound.status.startswith("5")
+    if delivery.delivery_id is None and not hard:
+        # A temporary failure of a message that old says nothing about the mailbox today.
+        return Handled("ignored: soft bounce of a compacted delivery", subscriber_id=delivery.subscriber_id)
     bounced = subscriptions.record_bounce(
         session,
         delivery.subscriber_id,
-        delivery.id,
+        delivery.delivery_id,
         hard=hard,
-        detail=inbound.detail,
+        detail=inbound.detail if delivery.delivery_id else f"(about a compacted delivery) {inbound.detail}",
         now=now,
         policy=config.policy,
     )
@@ -524,24 +549,42 @@ def _bounce(session: Session, config: MailinConfig, inbound: Inbound, now: dt.da
 def _complaint(session: Session, config: MailinConfig, inbound: Inbound, now: dt.datetime) -> Handled:
     if inbound.feedback_type not in COMPLAINT_TYPES:
         return Handled(f"ignored: feedback type {inbound.feedback_type or 'unknown'} is not a complaint")
-    delivery = _reported_delivery(session, config, inbound)
-    if delivery is None or delivery.subscriber_id is None:
+    delivery = _reported_delivery(session, config, inbound, now)
+    if delivery is None:
         return Handled("ignored: complaint names no delivery of ours")
     subscriber = session.get(Subscriber, delivery.subscriber_id)
     assert subscriber is not None
     if not subscriptions.record_complaint(
-        session, config.tokens, subscriber, delivery.id, detail=inbound.detail, now=now
+        session, config.tokens, subscriber, delivery.delivery_id, detail=inbound.detail, now=now
     ):
         return Handled("ignored: this delivery's complaint is already recorded")
     return Handled("complaint (unsubscribed)", subscriber_id=subscriber.id, changed=True)
 
 
-def _reported_delivery(session: Session, config: MailinConfig, inbound: Inbound) -> Delivery | None:
+MESSAGE_ID_DATE = re.compile(r"<(\d{4}-\d\d-\d\d)\.(?:daily|weekly)\.[0-9a-f]+@")
+
+
+def _compacted_edition(message_id: str, today: dt.date, retention_days: int) -> bool:
+    """Whether a Message-ID of ours names an edition whose deliveries are compacted by now."""
+    found = MESSAGE_ID_DATE.match(message_id.strip())
+    if found is None:
+        return False
+    try:
+        day = dt.date.fromisoformat(found[1])
+    except ValueError:
+        return False
+    return day < today - dt.timedelta(days=retention_days)
+
+
+def _reported_delivery(
+    session: Session, config: MailinConfig, inbound: Inbound, now: dt.datetime
+) -> SignedDelivery | None:
     """The delivery a report proves it is about, or None: a Message-ID alone proves nothing.
 
     Proof is a token we made: the VERP address the report was sent to, or one in the quoted
     headers — the VERP Return-Path (names the delivery), or the List-Unsubscribe mailto (names
-    the subscriber; the quoted Message-ID must then be one of their deliveries).
+    the subscriber; the quoted Message-ID must then be one of their deliveries, or name an
+    edition so old that its deliveries were compacted).
     """
     candidates: list[tuple[str, str]] = []
     if inbound.token and inbound.tag == "bounce":
@@ -555,13 +598,15 @@ def _reported_delivery(session: Session, config: MailinConfig, inbound: Inbound)
         except InvalidToken:
             continue
         if inbound.original_message_id:
-            delivery = session.scalar(
-                select(Delivery).where(
+            delivery_id = session.scalar(
+                select(Delivery.id).where(
                     Delivery.message_id == inbound.original_message_id, Delivery.subscriber_id == subscriber.id
                 )
             )
-            if delivery is not None:
-                return delivery
+            if delivery_id is not None:
+                return SignedDelivery(subscriber.id, delivery_id)
+            if _compacted_edition(inbound.original_message_id, now.date(), config.ledger_retention_days):
+                return SignedDelivery(subscriber.id, None)
     return None
 
 
@@ -587,7 +632,12 @@ class Processed:
 
 
 def config_from(runtime: Runtime) -> MailinConfig:
-    return MailinConfig(runtime.settings.inbound_address, runtime.tokens, runtime.policy)
+    return MailinConfig(
+        runtime.settings.inbound_address,
+        runtime.tokens,
+        runtime.policy,
+        ledger_retention_days=runtime.settings.ledger_retention_days,
+    )
 
 
 def process(

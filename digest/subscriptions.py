@@ -315,22 +315,36 @@ def record_bounce(
 
 
 def record_complaint(
-    session: Session, tokens: Tokens, subscriber: Subscriber, delivery_id: int, *, detail: str, now: dt.datetime
+    session: Session,
+    tokens: Tokens,
+    subscriber: Subscriber,
+    delivery_id: int | None,
+    *,
+    detail: str,
+    now: dt.datetime,
 ) -> bool:
     """A verified abuse report about one delivery; False when that delivery's is already recorded.
 
     The person asked for nothing more from us: they stop getting mail at once, and the address
-    is suppressed so that no import brings it back.
+    is suppressed so that no import brings it back. ``delivery_id`` None: the delivery's ledger
+    row was compacted; the report still ends the subscription, once.
     """
-    already = session.scalar(
-        select(SubscriberEvent.id).where(
-            SubscriberEvent.kind == "complaint", SubscriberEvent.delivery_id == delivery_id
+    if delivery_id is None:
+        # Without the row there is nothing to key "once per delivery" on; once per person is
+        # enough, as such a report never counts toward the sending pause anyway.
+        if subscriber.status is SubscriberStatus.COMPLAINED:
+            return False
+        detail = f"(about a compacted delivery) {detail}"
+    else:
+        already = session.scalar(
+            select(SubscriberEvent.id).where(
+                SubscriberEvent.kind == "complaint", SubscriberEvent.delivery_id == delivery_id
+            )
         )
-    )
-    if already is not None:
-        # One message draws at most one complaint, so nobody can push the complaint rate (and
-        # pause everyone's mail) by reporting it again.
-        return False
+        if already is not None:
+            # One message draws at most one complaint, so nobody can push the complaint rate
+            # (and pause everyone's mail) by reporting it again.
+            return False
     session.add(
         SubscriberEvent(
             subscriber_id=subscriber.id, delivery_id=delivery_id, kind="complaint", detail=detail[:500], created_at=now

@@ -269,3 +269,52 @@ def test_subscribe_requests_cannot_mail_bomb_an_address(runtime: Runtime, smtp: 
             processed = process(runtime, request, envelope_sender="victim@example.net", recipients=[to])
         sent += len(processed.replies)
     assert sent == 1, "one confirmation in twenty minutes, not one per forged request"
+
+
+def test_reports_about_compacted_deliveries_still_end_the_subscription(runtime: Runtime, smtp: SMTPSink) -> None:
+    """A month on, compaction has removed the ledger rows; the signed tokens still prove whom a
+    report is about. Complaints and hard bounces stop the mail, once; nothing counts toward the
+    sending pause; a soft bounce that old and tampered tokens change nothing."""
+    from digest import reputation
+    from digest.compaction import compact
+    from digest.models import utcnow
+
+    people = ["alice@example.net", "bob@example.net", "carol@example.net", "dave@example.net"]
+    digests = send_digest(runtime, smtp, *people)
+    result = compact(runtime.session_factory, today=utcnow().date(), retention_days=30, pause=0)
+    assert result.rows == len(people), "the 2024 edition's rows are compacted"
+
+    alice, bob, carol, dave = (digests[p] for p in people)
+    # Alice's feedback loop reports to the VERP address; twice (a forger replaying it).
+    for _ in range(2):
+        report = messages.arf(alice.mail_from, people[0], alice.data)
+        process(runtime, report, envelope_sender="", recipients=[alice.mail_from])
+    # Bob's provider reports to the plain address, quoting the digest (its mailto token).
+    processed = process(runtime, messages.arf(INBOUND, people[1], bob.data), envelope_sender="", recipients=[INBOUND])
+    assert processed.outcome == "complaint (unsubscribed)"
+    # Carol's mailbox is gone; Dave's is only full.
+    hard = messages.dsn(carol.mail_from, people[2], carol.data, status="5.1.1", action="failed", diagnostic="550 5.1.1")
+    soft = messages.dsn(dave.mail_from, people[3], dave.data, status="4.2.2", action="delayed", diagnostic="452 4.2.2")
+    process(runtime, hard, envelope_sender="", recipients=[carol.mail_from])
+    assert not process(runtime, soft, envelope_sender="", recipients=[dave.mail_from]).changed
+    # Tampered tokens (the VERP address, and the mailto in the quoted digest) name nobody, and
+    # an old date in the Message-ID proves nothing by itself.
+    forged = dave.mail_from.replace("bounce-", "bounce-x", 1)
+    quoted = dave.data.replace(b"papers+unsubscribe-", b"papers+unsubscribe-x")
+    assert quoted != dave.data
+    report = messages.arf(forged, people[3], quoted)
+    assert not process(runtime, report, envelope_sender="", recipients=[forged]).changed
+
+    statuses = {p: subscriber(runtime, p).status for p in people}
+    assert statuses == {
+        people[0]: SubscriberStatus.COMPLAINED,
+        people[1]: SubscriberStatus.COMPLAINED,
+        people[2]: SubscriberStatus.BOUNCED,
+        people[3]: SubscriberStatus.ACTIVE,
+    }
+    assert events(runtime, people[0]) == ["complaint"], "once, however often it is reported"
+    assert events(runtime, people[3]) == []
+    with runtime.session_factory() as session:
+        now = utcnow()
+        assert reputation.counted_complaints(session, now, runtime.pause_rules) == (0, 0)
+        assert reputation.check_sending(session, now, runtime.pause_rules) is None
