@@ -142,6 +142,7 @@ class Subscriber(Base):
         # The dispatcher walks due subscribers by (status, id) keyset pages.
         Index("ix_subscribers_status_id", "status", "id"),
         Index("ix_subscribers_schedule", "status", "timezone", "send_hour"),
+        Index("ix_subscribers_confirmed_at", "confirmed_at"),  # the console's growth chart
     )
 
 
