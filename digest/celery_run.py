@@ -31,6 +31,8 @@ from digest.outages import Outages
 from digest.pipeline import RunSummary
 from digest.runtime import Runtime
 
+log = logging.getLogger(__name__)
+
 # How often the watch loop asks Redis whether it restarted (its queue then is gone).
 EPOCH_CHECK_SECONDS = 1.0
 
@@ -63,13 +65,36 @@ def stderr_line(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def progress_of(result: Any) -> object | None:
+    """What a running task last reported: which worker took it (``STARTED``), then how far it
+    got (``PROGRESS``); None while no worker has it."""
+    state = result.state
+    return (state, result.info) if state in ("STARTED", "PROGRESS") else None
+
+
+def release(result: Any) -> None:
+    """Stop listening for a result we no longer wait for, now rather than in its ``__del__``:
+    that runs at interpreter exit, when redis-py can no longer import, and prints a traceback
+    under the one-line error."""
+    try:
+        result.backend.remove_pending_result(result)
+    except Exception:  # best effort: the run is failing with its own message
+        log.debug("could not release a pending result", exc_info=True)
+    result.backend = None
+
+
 def await_task(outages: Outages, url: str, what: str, send: Callable[[], Any], wait_seconds: float) -> Any:
-    """Send a task and wait for its result, sending it again if Redis restarted meanwhile."""
+    """Send a task and wait for its result, sending it again if Redis restarted meanwhile.
+
+    Gives up after ``wait_seconds`` without an answer, counted from the task's last progress
+    report: a worker planning a million subscribers for several minutes is not missing.
+    """
     from celery.exceptions import TimeoutError as CeleryTimeout
 
     epoch = outages.redis(lambda: redis_epoch(url), limit=wait_seconds)
     result = outages.redis(send, limit=wait_seconds)
     deadline = time.monotonic() + wait_seconds
+    progress: object | None = None
     while True:
         try:
             return outages.redis(lambda: result.get(timeout=1.0), limit=wait_seconds)  # noqa: B023 - called at once
@@ -78,9 +103,16 @@ def await_task(outages: Outages, url: str, what: str, send: Callable[[], Any], w
         now = outages.redis(lambda: redis_epoch(url), limit=wait_seconds)
         if now != epoch:
             outages.notify(f"Redis restarted and lost its queue: sending {what} again")
-            epoch, deadline = now, time.monotonic() + wait_seconds
+            epoch, deadline, progress = now, time.monotonic() + wait_seconds, None
             result = outages.redis(send, limit=wait_seconds)
+            continue
+        reported = outages.redis(lambda: progress_of(result), limit=wait_seconds)  # noqa: B023 - called at once
+        if reported is not None and reported != progress:
+            progress, deadline = reported, time.monotonic() + wait_seconds
         elif time.monotonic() > deadline:
+            release(result)
+            if progress is not None:
+                raise DigestError(f"{what} stopped making progress for {wait_seconds:.0f} s (last: {progress})")
             raise DigestError("no Celery worker answered; is `celery -A workers worker` running?")
 
 

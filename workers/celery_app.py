@@ -24,6 +24,9 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
+    # A task says when a worker takes it (state STARTED): `digest run` waits for a long step
+    # (planning a big list) as long as a worker has it, not a fixed time.
+    task_track_started=True,
     broker_transport_options={"visibility_timeout": settings.task_visibility_timeout},
     result_backend_transport_options={"visibility_timeout": settings.task_visibility_timeout},
     broker_connection_retry_on_startup=True,

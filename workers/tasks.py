@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import functools
 import logging
+import time
 from typing import Any
 
 from celery import Task
@@ -75,10 +76,28 @@ def collect_latest() -> None:
         collect.delay(day.isoformat())
 
 
-@app.task(name="digest.dispatch", autoretry_for=(OperationalError,), retry_backoff=5, max_retries=5)
-def dispatch(digest_id: int) -> int:
-    """Plan one edition for every due subscriber, one keyset page per send_batch task."""
+# How often a long task tells its result backend how far it got (a Redis write each time).
+PROGRESS_EVERY_SECONDS = 1.0
+
+
+@app.task(name="digest.dispatch", bind=True, autoretry_for=(OperationalError,), retry_backoff=5, max_retries=5)
+def dispatch(self: Task[Any, Any], digest_id: int) -> int:
+    """Plan one edition for every due subscriber, one keyset page per send_batch task.
+
+    Planning a million subscribers takes minutes: the task reports its pages as it goes
+    (state ``PROGRESS``), so whoever waits for it (``digest run``) can tell a worker that is
+    busy with it from no worker at all.
+    """
     rt = runtime()
+    pages, reported = [0], [-PROGRESS_EVERY_SECONDS]  # the first page reports at once
+
+    def enqueue(ids: list[int]) -> None:
+        enqueue_batch(digest_id, ids)
+        pages[0] += 1
+        if time.monotonic() - reported[0] >= PROGRESS_EVERY_SECONDS and self.request.id is not None:
+            self.update_state(state="PROGRESS", meta={"pages": pages[0]})
+            reported[0] = time.monotonic()
+
     return pipeline.dispatch(
         rt.session_factory,
         digest_id,
@@ -87,7 +106,7 @@ def dispatch(digest_id: int) -> int:
         stale_after=rt.policy.stale_after,
         message_domain=rt.message_domain,
         composer=pipeline.composer_of(rt, digest_id, _composers),
-        enqueue=lambda ids: enqueue_batch(digest_id, ids),
+        enqueue=enqueue,
     )
 
 
