@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from digest import pipeline
 from digest.db import transaction
-from digest.delivery import counts_by_status, failure_reasons, open_count
+from digest.delivery.ledger import counts_by_status, failure_reasons, open_count
 from digest.errors import DigestError
 from digest.models import utcnow
 from digest.outages import Outages

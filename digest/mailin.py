@@ -52,7 +52,7 @@ from digest import subscriptions
 from digest.addresses import normalise_address
 from digest.confirmation_limits import source_network
 from digest.db import transaction
-from digest.delivery import DeliveryPolicy
+from digest.delivery.policy import DeliveryPolicy
 from digest.errors import DigestError, InvalidToken
 from digest.models import Delivery, ProcessedMessage, Subscriber, SubscriberStatus, utcnow
 from digest.runtime import Runtime

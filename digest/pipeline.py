@@ -17,17 +17,15 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from digest.db import transaction
-from digest.delivery import (
-    BatchResult,
-    DigestComposer,
-    build_digest,
+from digest.delivery.batch import BatchResult, run_batch
+from digest.delivery.composer import DigestComposer, build_digest
+from digest.delivery.ledger import (
     counts_by_status,
     due_subscriber_page,
     expire_stale,
     failure_reasons,
     open_count,
     plan_deliveries,
-    run_batch,
     unfinished_subscribers,
 )
 from digest.errors import DigestError, SendingPaused, UpstreamError
@@ -199,7 +197,7 @@ def send_batch(
     subscriber_ids: Sequence[int],
     composers: dict[int, DigestComposer] | None = None,
 ) -> BatchResult:
-    """One page of one edition: claim, render, send, record (see ``digest.delivery.run_batch``)."""
+    """One page of one edition: claim, render, send, record (see ``digest.delivery.batch.run_batch``)."""
     factory = runtime.session_factory
     check_not_paused(runtime, utcnow())
     return run_batch(

@@ -6,7 +6,7 @@ import datetime as dt
 
 from sqlalchemy.orm import Session
 
-from digest.delivery import message_id, recently_sent
+from digest.delivery.composer import message_id, recently_sent
 from digest.errors import DigestError
 from digest.models import Delivery, DeliveryStatus, utcnow
 from digest.pipeline import composer_for, ensure_digest

@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from digest.confirmation_limits import ConfirmationLimits, ConfirmationRules
 from digest.db import make_engine, make_session_factory
-from digest.delivery import DeliveryPolicy, RateLimiter
+from digest.delivery.batch import RateLimiter
+from digest.delivery.policy import DeliveryPolicy
 from digest.dkim import DkimSigner
 from digest.embedding import Embedder, load_embedder, model_name, paper_vectors
 from digest.links import Links

@@ -33,7 +33,7 @@ from sqlalchemy import ColumnElement, and_, exists, or_, select
 from sqlalchemy.orm import Session
 
 from digest.db import transaction
-from digest.delivery import DigestComposer, build_digest
+from digest.delivery.composer import DigestComposer, build_digest
 from digest.models import Delivery, Digest, DigestItem, DigestKind, Frequency, Subscriber, SubscriberStatus
 from digest.pipeline import composer_of, dispatch
 from digest.ranking import TrendingWeights

@@ -171,7 +171,7 @@ class Settings(BaseSettings):
     def _retention_outlasts_the_rules(self) -> Settings:
         # Compacted rows no longer answer "no repeats", the stale limit or the windowed trust
         # rules: each must be over before its rows may go.
-        from digest.delivery import NO_REPEAT_LOOKBACK
+        from digest.delivery.composer import NO_REPEAT_LOOKBACK
 
         needed = {
             "the no-repeats reach": NO_REPEAT_LOOKBACK.days,

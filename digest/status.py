@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from digest.delivery import counts_by_status, failure_reasons
+from digest.delivery.ledger import counts_by_status, failure_reasons
 from digest.models import Delivery, DeliveryStatus, Digest
 from digest.reputation import PauseRules
 

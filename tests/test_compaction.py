@@ -21,7 +21,9 @@ from sqlalchemy import func, select
 from digest import pipeline
 from digest.compaction import compact
 from digest.db import transaction
-from digest.delivery import NO_REPEAT_LOOKBACK, build_digest, counts_by_status, run_batch
+from digest.delivery.batch import run_batch
+from digest.delivery.composer import NO_REPEAT_LOOKBACK, build_digest
+from digest.delivery.ledger import counts_by_status
 from digest.models import (
     Delivery,
     DeliveryCount,

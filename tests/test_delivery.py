@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from digest.db import transaction
-from digest.delivery import claim
+from digest.delivery.ledger import claim
 from digest.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
 from digest.pipeline import collect_day, composer_of, dispatch, run_inprocess, send_batch, sweep
 from digest.runtime import Runtime
@@ -255,7 +255,7 @@ def test_erasing_someone_with_a_queued_digest_lets_the_run_finish(runtime: Runti
 
 
 def test_two_dispatchers_planning_the_same_page_both_succeed_once(runtime: Runtime, smtp: SMTPSink) -> None:
-    from digest.delivery import plan_deliveries
+    from digest.delivery.ledger import plan_deliveries
     from digest.models import Digest
 
     emails = people(runtime, 3)

@@ -25,7 +25,7 @@ def restore_logging() -> Iterator[None]:
 
 def test_lines_about_a_delivery_carry_its_ids(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("json", logging.INFO)
-    log = logging.getLogger("digest.delivery")
+    log = logging.getLogger("digest.delivery.batch")
     with log_context(digest_id=12):
         with log_context(delivery_id=345, subscriber_id=67):
             log.warning("SMTP said %s", "451 try later")
@@ -39,7 +39,7 @@ def test_lines_about_a_delivery_carry_its_ids(restore_logging: None, capsys: pyt
     assert len(lines) == 4
     first, second, third, fourth = (json.loads(line) for line in lines)
     assert first["message"] == "SMTP said 451 try later"
-    assert (first["level"], first["logger"]) == ("WARNING", "digest.delivery")
+    assert (first["level"], first["logger"]) == ("WARNING", "digest.delivery.batch")
     assert (first["digest_id"], first["delivery_id"], first["subscriber_id"]) == (12, 345, 67)
     assert (second["digest_id"], second["delivery_id"], second["subscriber_id"]) == (12, 346, 68)
     assert "ConnectionResetError: relay hung up" in third["exception"] and "delivery_id" not in third

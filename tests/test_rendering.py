@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import time_machine
 
-from digest.delivery import DigestComposer
+from digest.delivery.composer import DigestComposer
 from digest.links import Links
 from digest.models import Delivery, DigestKind, Frequency, Subscriber
 from digest.ranking import Candidate, Ranker

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from digest import schedule
 from digest.db import transaction
-from digest.delivery import build_digest
+from digest.delivery.composer import build_digest
 from digest.models import Delivery, Digest, DigestKind, Frequency, Paper, Subscriber
 from digest.runtime import Runtime
 from tests.support.servers import SMTPSink

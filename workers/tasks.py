@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from digest import pipeline
 from digest.db import transaction
-from digest.delivery import DigestComposer
+from digest.delivery.composer import DigestComposer
 from digest.errors import UpstreamError
 from digest.logging_setup import log_context
 from digest.models import Delivery, DeliveryStatus, utcnow

@@ -35,7 +35,7 @@ from digest.addresses import normalise_address
 from digest.confirmation_limits import source_network
 from digest.consent import ERASED, Action, Actor, NotAllowed, State, next_status
 from digest.db import transaction
-from digest.delivery import counts_by_status
+from digest.delivery.ledger import counts_by_status
 from digest.errors import DigestError, InvalidToken
 from digest.models import (
     AdminSignIn,

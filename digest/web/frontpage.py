@@ -6,7 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 
 from digest.db import transaction
-from digest.delivery import latest_digest
+from digest.delivery.composer import latest_digest
 from digest.runtime import Runtime
 
 SUMMARY_CHARS = 420

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import insert, select
 
 from digest.db import transaction
-from digest.delivery import SENT_GROUP_SIZE
+from digest.delivery.batch import SENT_GROUP_SIZE
 from digest.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
 from digest.runtime import Runtime
 from tests.conftest import TEST_SECRET

@@ -9,7 +9,7 @@ import feedparser
 from fastapi.testclient import TestClient
 
 from digest.db import transaction
-from digest.delivery import build_digest
+from digest.delivery.composer import build_digest
 from digest.models import utcnow
 from digest.papers import SAMPLE_DATES, load_sample, parse_items, store_papers
 from digest.runtime import Runtime

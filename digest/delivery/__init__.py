@@ -1,0 +1,30 @@
+"""Delivering a digest exactly once per subscriber: plan, claim, send, record.
+
+The parts, each in its own module:
+
+* ``ledger``: the ``deliveries`` table — planning rows, claiming them, recording them as sent,
+  failed or skipped, keeping leases alive, expiring stale rows, and the look-ups of what is
+  still open (counts, due retries, expired leases);
+* ``composer``: an edition's candidates, each subscriber's picks (no repeats within
+  ``NO_REPEAT_LOOKBACK``) and their rendered message with its fixed ``Message-ID``;
+* ``batch``: the batch sender — claim, render and send one page over one SMTP pool;
+* ``policy``: ``DeliveryPolicy`` and what a failed attempt leads to (retry after backoff, fail,
+  bounce). What a bounce does to the subscriber is ``digest.subscriptions``' to decide.
+
+The ledger is the ``deliveries`` table. A delivery is
+
+* planned (``pending``) by the dispatcher, one keyset page of subscribers at a time;
+* claimed (``sending`` with a lease) in its own committed transaction *before* its message
+  goes out, so a second worker, a retry or a rerun leaves it alone;
+* marked ``sent`` (with the server's reply) in a transaction right after the server accepts it,
+  or put back to ``pending`` with a backoff for temporary failures, or ``failed`` for
+  permanent ones and after the last attempt.
+
+A worker killed between the server's acceptance and the ``sent`` commit leaves a ``sending``
+row whose lease expires; the next claim sends the same message again with the same
+``Message-ID`` (receivers de-duplicate on it). That window of one in-flight message per SMTP
+connection is the only way a message can arrive twice.
+
+Import from the submodules (``from digest.delivery.ledger import claim``): this package
+re-exports nothing, so where a name is imported from says which part it belongs to.
+"""

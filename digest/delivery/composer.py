@@ -1,0 +1,235 @@
+"""The composer: an edition's candidates, each subscriber's picks, and the message they get.
+
+An edition (``Digest``) is built from the day's papers in trending order; a ``DigestComposer``
+chooses each subscriber's papers from it (never those they got within the no-repeat reach) and
+renders, signs and addresses their message. ``message_id`` is fixed when a delivery is planned,
+so every attempt of it is the same message to receivers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from email.utils import parseaddr
+from functools import cached_property
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from digest import feedback
+from digest.delivery.policy import DeliveryPolicy
+from digest.dkim import DkimSigner
+from digest.embedding import Embedder, paper_vectors, topic_vectors
+from digest.links import Links
+from digest.models import Delivery, DeliveryStatus, Digest, DigestItem, DigestKind, Paper, Subscriber, utcnow
+from digest.ranking import Profile, Ranker, Reader, TrendingWeights, candidate_of, parse_terms, trending_order
+from digest.rendering import DigestContext, EmailRenderer, Envelope, PaperView, date_label, message_bytes
+
+# Candidates of a weekly digest span 7 days; a paper can only repeat within that reach.
+# Papers in these deliveries count as received (failed and skipped ones never arrived).
+REPEAT_STATUSES = frozenset({DeliveryStatus.SENT, DeliveryStatus.SENDING, DeliveryStatus.PENDING})
+NO_REPEAT_LOOKBACK = dt.timedelta(days=15)
+
+
+def build_digest(
+    session: Session,
+    day: dt.date,
+    weights: TrendingWeights,
+    kind: DigestKind = DigestKind.DAILY,
+    max_items: int = 100,
+) -> Digest | None:
+    """The edition of ``day`` with its candidates in trending order; None when there are no papers.
+
+    Every collection refreshes the candidates and their order (votes keep coming in, late papers
+    join); each delivery keeps the papers it chose, so nobody's message changes under them.
+    """
+    first = day - dt.timedelta(days=6) if kind is DigestKind.WEEKLY else day
+    papers = list(session.scalars(select(Paper).where(Paper.daily_date.between(first, day))))
+    digest = session.scalar(select(Digest).where(Digest.kind == kind, Digest.date == day))
+    if not papers:
+        return digest
+    if digest is None:
+        digest = Digest(kind=kind, date=day, created_at=utcnow())
+        session.add(digest)
+        session.flush()
+    as_of = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
+    digest.items.clear()
+    session.flush()
+    for position, (paper, score) in enumerate(trending_order(papers, as_of, weights)[:max_items]):
+        digest.items.append(DigestItem(paper_id=paper.id, position=position, score=score))
+    session.flush()
+    return digest
+
+
+def latest_digest(session: Session, kind: DigestKind = DigestKind.DAILY) -> Digest | None:
+    return session.scalar(select(Digest).where(Digest.kind == kind).order_by(Digest.date.desc()).limit(1))
+
+
+def message_id(digest: Digest, subscriber_id: int, domain: str) -> str:
+    """Fixed at planning, so every attempt of a delivery is the same message to receivers."""
+    # Random, not the subscriber id: a Message-ID travels in forwards and reports, and must name
+    # nobody (complaints are matched to deliveries by it only together with a token of ours).
+    return f"<{digest.date.isoformat()}.{digest.kind.value}.{secrets.token_hex(12)}@{domain}>"
+
+
+@dataclass
+class DigestComposer:
+    """Builds each subscriber's message for one edition; ranking is cached per profile."""
+
+    digest_id: int
+    kind: DigestKind
+    day: dt.date
+    papers: dict[str, Paper]
+    ranker: Ranker
+    renderer: EmailRenderer
+    links: Links
+    mail_from: str
+    postal_address: str
+    default_size: int
+    extra_headers: dict[str, str] = field(default_factory=dict)
+    loaded_at: float = field(default_factory=time.monotonic)
+    _views: dict[tuple[str, tuple[str, ...]], PaperView] = field(default_factory=dict)
+    dkim: DkimSigner | None = None  # set by the runtime when DIGEST_DKIM_* are configured
+    embedding_model: str | None = None  # the name of the vectors this composer compares
+    embedder: Callable[[], Embedder] | None = None  # loads the model, only for missing vectors
+    dimensions: int = 0
+    _topic_vectors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def load(
+        cls,
+        session: Session,
+        digest_id: int,
+        *,
+        renderer: EmailRenderer,
+        links: Links,
+        mail_from: str,
+        postal_address: str,
+        policy: DeliveryPolicy,
+        embedding_model: str | None = None,
+        embedder: Callable[[], Embedder] | None = None,
+    ) -> DigestComposer:
+        digest = session.get(Digest, digest_id)
+        if digest is None:
+            raise LookupError(f"digest {digest_id} does not exist")
+        papers = {item.paper_id: item.paper for item in digest.items}
+        candidates = [candidate_of(i.paper, i.score) for i in digest.items]
+        vectors = paper_vectors(session, list(papers.values()), embedding_model, embedder) if embedding_model else {}
+        for paper in papers.values():
+            session.expunge(paper)
+        matrix, dimensions = None, 0
+        if vectors:
+            dimensions = len(next(iter(vectors.values())))
+            zero = np.zeros(dimensions, dtype=np.float32)  # a paper without a vector is about nothing
+            matrix = np.vstack([vectors.get(c.paper_id, zero) for c in candidates])
+        topic_cache: dict[str, np.ndarray] = {}
+        return cls(
+            digest_id=digest.id,
+            kind=digest.kind,
+            day=digest.date,
+            papers=papers,
+            ranker=Ranker(
+                candidates, relevance_weight=policy.relevance_weight, vectors=matrix, topic_vector=topic_cache.get
+            ),
+            renderer=renderer,
+            links=links,
+            mail_from=mail_from,
+            postal_address=postal_address,
+            default_size=policy.digest_size,
+            embedding_model=embedding_model if matrix is not None else None,
+            embedder=embedder,
+            dimensions=dimensions,
+            _topic_vectors=topic_cache,
+        )
+
+    @cached_property
+    def sender_domain(self) -> str:
+        return parseaddr(self.mail_from)[1].partition("@")[2]
+
+    def prepare(self, session: Session, subscribers: Sequence[Subscriber]) -> dict[int, Reader]:
+        """Before choosing for a page: the vectors of its topics (computed once per topic, ever)
+        and what its readers taught (one row each)."""
+        if self.embedding_model is None:
+            return {}
+        topics = {t for s in subscribers for t in parse_terms(s.topics)} - self._topic_vectors.keys()
+        if topics:
+            self._topic_vectors.update(topic_vectors(session, sorted(topics), self.embedding_model, self.embedder))
+        return feedback.readers(session, [s.id for s in subscribers], self.embedding_model, self.dimensions)
+
+    def choose(
+        self, subscriber: Subscriber, already_sent: set[str], reader: Reader | None = None
+    ) -> tuple[list[str], dict[str, list[str]]]:
+        """Papers and, per paper, the reasons shown ("Matches: ...", "Like: ...", "From: ...")."""
+        profile = Profile.from_text(subscriber.topics, subscriber.excluded, reader)
+        picks = self.ranker.pick(profile, subscriber.digest_size or self.default_size, already_sent)
+        return [p.paper_id for p in picks], {p.paper_id: list(p.lines) for p in picks if p.reasons or p.why}
+
+    def load_papers(self, session: Session, paper_ids: set[str]) -> None:
+        """Make sure these papers can be shown. Deliveries keep the papers chosen at planning,
+        and a collection since may have rebuilt the edition without some of them."""
+        missing = paper_ids - self.papers.keys()
+        if missing:
+            for paper in session.scalars(select(Paper).where(Paper.id.in_(missing))):
+                session.expunge(paper)
+                self.papers[paper.id] = paper
+
+    def _view(self, paper_id: str, reasons: tuple[str, ...]) -> PaperView:
+        # Shared by every subscriber with the same pick: built once per edition and reason.
+        key = (paper_id, reasons)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = PaperView.from_paper(self.papers[paper_id], reasons)
+        return view
+
+    def compose(self, delivery: Delivery, subscriber: Subscriber) -> bytes:
+        reasons = delivery.reasons or {}
+        views = [self._view(pid, tuple(reasons.get(pid, ()))) for pid in delivery.paper_ids or [] if pid in self.papers]
+        unsubscribe_url = self.links.unsubscribe(subscriber)
+        context = DigestContext(
+            date_label=date_label(self.day) if self.kind is DigestKind.DAILY else f"Week to {date_label(self.day)}",
+            papers=views,
+            recipient=subscriber.email,
+            frequency=subscriber.frequency.value,
+            unsubscribe_url=unsubscribe_url,
+            preferences_url=self.links.preferences(subscriber),
+            view_url=self.links.digest_view(self.day),
+            postal_address=self.postal_address,
+            feedback=tuple(self.links.feedback(subscriber, view.id) for view in views),
+        )
+        rendered = self.renderer.render(context)
+        envelope = Envelope(
+            mail_from=self.mail_from,
+            recipient=subscriber.email,
+            message_id=delivery.message_id,
+            date=delivery.created_at,
+            list_id=self.links.list_id(),
+            unsubscribe_url=unsubscribe_url,
+            unsubscribe_mailto=self.links.unsubscribe_mailto(subscriber),
+            extra_headers={
+                "Feedback-ID": f"{self.digest_id}:{self.kind.value}:digest:{self.sender_domain}",
+                **self.extra_headers,
+            },
+        )
+        data = message_bytes(rendered, envelope)
+        return self.dkim.sign(data) if self.dkim else data
+
+
+def recently_sent(session: Session, subscriber_ids: Sequence[int], now: dt.datetime) -> dict[int, set[str]]:
+    """Papers each subscriber already got (or is about to get) within the no-repeat reach."""
+    sent: dict[int, set[str]] = {sid: set() for sid in subscriber_ids}
+    rows = session.execute(
+        select(Delivery.subscriber_id, Delivery.paper_ids, Delivery.status).where(
+            Delivery.subscriber_id.in_(subscriber_ids),
+            Delivery.created_at > now - NO_REPEAT_LOOKBACK,
+            Delivery.paper_ids.is_not(None),
+        )
+    )
+    # Status is checked here, not in SQL, so the query stays on the (subscriber, created) index.
+    for sid, paper_ids, status in rows:
+        if sid is not None and status in REPEAT_STATUSES:
+            sent[sid].update(paper_ids or [])
+    return sent

@@ -1,0 +1,361 @@
+"""The ledger: the ``deliveries`` table, one row per (subscriber, edition).
+
+Rows are planned a keyset page at a time, claimed with a lease before their message goes out,
+and recorded as sent, failed (or put back for a retry, as ``policy`` says) or skipped. The
+look-ups here say what is still open: due retries, expired leases, counts per status.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+
+from sqlalchemy import ColumnElement, Table, and_, bindparam, func, or_, select, text, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from digest.consent import Actor
+from digest.delivery.composer import DigestComposer, message_id, recently_sent
+from digest.delivery.policy import DeliveryPolicy, is_bounce
+from digest.mailer import SendError
+from digest.models import Delivery, DeliveryStatus, Digest, DigestKind, Frequency, Subscriber, SubscriberStatus
+from digest.subscriptions import record_bounce
+
+log = logging.getLogger(__name__)
+
+NOTHING_NEW = "no new papers for this subscriber"
+NO_LONGER_ACTIVE = "subscriber no longer active"
+
+
+def frequency_of(kind: DigestKind) -> Frequency:
+    return Frequency.WEEKLY if kind is DigestKind.WEEKLY else Frequency.DAILY
+
+
+def due_subscriber_page(
+    session: Session,
+    digest: Digest,
+    after_id: int,
+    limit: int,
+    extra_filter: object | None = None,
+) -> list[int]:
+    """Ids of active subscribers of this edition's frequency, after ``after_id``, in id order."""
+    query = (
+        select(Subscriber.id)
+        .where(
+            Subscriber.status == SubscriberStatus.ACTIVE,
+            Subscriber.frequency == frequency_of(digest.kind),
+            Subscriber.id > after_id,
+        )
+        .order_by(Subscriber.id)
+        .limit(limit)
+    )
+    if extra_filter is not None:
+        query = query.where(extra_filter)  # type: ignore[arg-type]
+    return list(session.scalars(query))
+
+
+def plan_deliveries(
+    session: Session,
+    digest: Digest,
+    subscriber_ids: Sequence[int],
+    *,
+    composer: DigestComposer,
+    now: dt.datetime,
+    not_after: dt.datetime,
+    message_domain: str,
+) -> None:
+    """Create the missing ledger rows for these subscribers, each with its papers already chosen.
+
+    Choosing here, not at send time, fixes every delivery's content before anything is sent (a
+    retry is the same message even if the edition is refreshed meanwhile) and spares each row
+    an update on the way out. Someone with nothing new to read gets a ``skipped`` row.
+
+    ``ON CONFLICT DO NOTHING`` on the (subscriber, edition) key: two dispatchers planning the
+    same page at once (beat's hour and an operator's ``digest run``) both succeed, once.
+    """
+    if not subscriber_ids:
+        return
+    subscribers = list(
+        session.scalars(select(Subscriber).where(Subscriber.id.in_(subscriber_ids)).order_by(Subscriber.id))
+    )
+    already = recently_sent(session, subscriber_ids, now)
+    readers = composer.prepare(session, subscribers)
+    rows = []
+    for subscriber in subscribers:
+        paper_ids, reasons = composer.choose(subscriber, already.get(subscriber.id, set()), readers.get(subscriber.id))
+        rows.append(
+            {
+                "digest_id": digest.id,
+                "subscriber_id": subscriber.id,
+                "recipient": subscriber.email,
+                "status": DeliveryStatus.PENDING if paper_ids else DeliveryStatus.SKIPPED,
+                "last_error": None if paper_ids else NOTHING_NEW,
+                "paper_ids": paper_ids,
+                "reasons": reasons,
+                "attempts": 0,
+                "message_id": message_id(digest, subscriber.id, message_domain),
+                "not_after": not_after,
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+    if not rows:
+        return
+    dialect_insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    statement = dialect_insert(Delivery).on_conflict_do_nothing(index_elements=["subscriber_id", "digest_id"])
+    session.execute(statement, rows)
+    session.flush()
+
+
+def _claimable(now: dt.datetime) -> ColumnElement[bool]:
+    """Sendable at ``now``: pending and due, or sending with an expired lease (its worker died)."""
+    return or_(
+        and_(
+            Delivery.status == DeliveryStatus.PENDING,
+            or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+        ),
+        and_(Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until < now),
+    )
+
+
+def claim(
+    session: Session,
+    digest_id: int,
+    subscriber_ids: Sequence[int],
+    *,
+    now: dt.datetime,
+    lease_seconds: int,
+) -> list[int]:
+    """Atomically take the sendable deliveries of these subscribers; returns delivery ids.
+
+    The conditional UPDATE is the lock: of two workers racing for a row only one matches it.
+    """
+    lease_until = now + dt.timedelta(seconds=lease_seconds)
+    # Rows are found by their exact (subscriber, edition) key and updated by primary key, a
+    # shape no planner gets wrong: right after a dispatch the statistics still say the edition
+    # has no rows, and a plan through the (edition, status) index read every row of it per
+    # chunk. RETURNING says which rows this worker won.
+    keys = [(sid, digest_id) for sid in subscriber_ids]
+    delivery_ids = list(
+        session.scalars(select(Delivery.id).where(tuple_(Delivery.subscriber_id, Delivery.digest_id).in_(keys)))
+    )
+    if not delivery_ids:
+        return []
+    claimed = session.scalars(
+        update(Delivery)
+        .where(Delivery.id.in_(delivery_ids), _claimable(now))
+        .values(
+            status=DeliveryStatus.SENDING,
+            lease_until=lease_until,
+            attempts=Delivery.attempts + 1,
+            updated_at=now,
+        )
+        .returning(Delivery.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    session.flush()
+    return sorted(claimed)
+
+
+MARK_SENT_POSTGRESQL = text(
+    "UPDATE deliveries SET status = 'sent', smtp_reply = a.reply, sent_at = a.at, updated_at = a.at,"
+    " lease_until = NULL, last_error = NULL"
+    " FROM unnest(CAST(:ids AS bigint[]), CAST(:replies AS text[]), CAST(:ats AS timestamptz[])) AS a(id, reply, at)"
+    " WHERE deliveries.id = a.id"
+)
+
+
+def mark_sent(session: Session, outcomes: Sequence[tuple[int, str, dt.datetime]]) -> None:
+    """Record (delivery id, server reply, when) for a group of accepted messages at once."""
+    if not outcomes:
+        return
+    if any(at.tzinfo is None for _, _, at in outcomes):
+        raise ValueError("naive datetime stored; use timezone-aware UTC timestamps")
+    rows = [(d, r[:500], at) for d, r, at in outcomes]
+    if session.get_bind().dialect.name == "postgresql":
+        # One statement for the group, the same text every time (compiled once, prepared by the
+        # server): the ledger's busiest write. SQLite takes the executemany below.
+        session.connection().execute(
+            MARK_SENT_POSTGRESQL,
+            {
+                "ids": [d for d, _, _ in rows],
+                "replies": [r for _, r, _ in rows],
+                "ats": [at.astimezone(dt.UTC) for _, _, at in rows],
+            },
+        )
+        return
+    table = Delivery.__table__
+    assert isinstance(table, Table)
+    session.connection().execute(
+        update(table)
+        .where(table.c.id == bindparam("delivery_id"))
+        .values(
+            status=DeliveryStatus.SENT,
+            smtp_reply=bindparam("reply"),
+            sent_at=bindparam("at"),
+            updated_at=bindparam("at"),
+            lease_until=None,
+            last_error=None,
+        ),
+        [{"delivery_id": d, "reply": r, "at": at} for d, r, at in rows],
+    )
+
+
+def extend_leases(session: Session, delivery_ids: Sequence[int], lease_until: dt.datetime) -> None:
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(delivery_ids), Delivery.status == DeliveryStatus.SENDING)
+        .values(lease_until=lease_until)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def mark_skipped(session: Session, delivery_id: int, reason: str, now: dt.datetime) -> None:
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery_id)
+        .values(status=DeliveryStatus.SKIPPED, last_error=reason[:500], lease_until=None, updated_at=now)
+    )
+
+
+def withdraw(session: Session, delivery_id: int, attempts: int, now: dt.datetime) -> bool:
+    """Skip a claimed delivery whose subscriber left before it was sent; False when the row is
+    no longer this claim's to skip (sent, or claimed again by another worker: a new attempt)."""
+    result = session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery_id, Delivery.status == DeliveryStatus.SENDING, Delivery.attempts == attempts)
+        .values(status=DeliveryStatus.SKIPPED, last_error=NO_LONGER_ACTIVE, lease_until=None, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def record_failure(
+    session: Session,
+    delivery: Delivery,
+    error: SendError,
+    policy: DeliveryPolicy,
+    now: dt.datetime,
+) -> dt.datetime | None:
+    """Retry later (returns when) or fail for good; hard and repeated soft bounces stop the subscriber."""
+    reason = error.reason[:500]
+    # One line per failed attempt, tagged so a JSON log can be searched by delivery or reader.
+    log.info(
+        "delivery attempt %d failed: %s",
+        delivery.attempts,
+        reason,
+        extra={"delivery_id": delivery.id, "subscriber_id": delivery.subscriber_id},
+    )
+    when = policy.retry_at(error, delivery.attempts, now)
+    if when is not None:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery.id)
+            .values(
+                status=DeliveryStatus.PENDING,
+                next_attempt_at=when,
+                lease_until=None,
+                last_error=reason,
+                updated_at=now,
+            )
+        )
+        return when
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery.id)
+        .values(status=DeliveryStatus.FAILED, lease_until=None, last_error=reason, updated_at=now)
+    )
+    if delivery.subscriber_id is not None and is_bounce(error):
+        record_bounce(
+            session,
+            delivery.subscriber_id,
+            delivery.id,
+            hard=error.permanent,
+            detail=reason,
+            now=now,
+            policy=policy,
+            actor=Actor.SENDER,
+        )
+    return None
+
+
+def next_retry(session: Session, digest_id: int, subscriber_ids: Sequence[int]) -> dt.datetime | None:
+    """When the earliest retry still waiting in this page is due.
+
+    A batch is handed out again at its earliest retry; rows whose backoff (with its jitter) ends
+    a little later were not claimable then, and must say when they are, or they would wait for
+    the stall sweep instead of their backoff.
+    """
+    keys = [(sid, digest_id) for sid in subscriber_ids]
+    # Found by the (subscriber, edition) key and filtered here, as in ``claim``: a status filter
+    # in SQL lets the planner read every pending row of the edition through (edition, status).
+    rows = session.execute(
+        select(Delivery.status, Delivery.next_attempt_at).where(
+            tuple_(Delivery.subscriber_id, Delivery.digest_id).in_(keys)
+        )
+    )
+    waiting = [at for status, at in rows if status == DeliveryStatus.PENDING and at is not None]
+    return min(waiting, default=None)
+
+
+def expire_stale(session: Session, digest_id: int, now: dt.datetime) -> int:
+    """Record as skipped the open deliveries of an edition that are past their ``not_after``."""
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.digest_id == digest_id,
+            Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.SENDING]),
+            Delivery.not_after < now,
+            # A row being sent right now (live lease) is left to its worker.
+            or_(Delivery.lease_until.is_(None), Delivery.lease_until < now),
+        )
+        .values(status=DeliveryStatus.SKIPPED, last_error="stale: not sent in time", lease_until=None, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def unfinished_subscribers(session: Session, digest_id: int, now: dt.datetime, limit: int) -> list[int]:
+    """Subscribers whose delivery can be claimed now (due retries, expired leases)."""
+    return list(
+        session.scalars(
+            select(Delivery.subscriber_id)
+            .where(
+                Delivery.digest_id == digest_id,
+                Delivery.subscriber_id.is_not(None),
+                _claimable(now),
+            )
+            .order_by(Delivery.subscriber_id)
+            .limit(limit)
+        )
+    )
+
+
+def counts_by_status(session: Session, digest_id: int) -> dict[str, int]:
+    rows = session.execute(
+        select(Delivery.status, func.count()).where(Delivery.digest_id == digest_id).group_by(Delivery.status)
+    )
+    counts = {s.value: 0 for s in DeliveryStatus}
+    for status, count in rows:
+        counts[DeliveryStatus(status).value] = count
+    return counts
+
+
+def open_count(session: Session, digest_id: int) -> int:
+    """Deliveries of an edition not yet sent, failed or skipped (two ranges of one index)."""
+    open_statuses = [DeliveryStatus.PENDING, DeliveryStatus.SENDING]
+    query = select(func.count()).where(Delivery.digest_id == digest_id, Delivery.status.in_(open_statuses))
+    return session.scalar(query) or 0
+
+
+def failure_reasons(session: Session, digest_id: int, limit: int = 50) -> list[str]:
+    """'recipient: reason' for failed deliveries of an edition, for operators."""
+    rows = session.execute(
+        select(Delivery.recipient, Delivery.last_error)
+        .where(Delivery.digest_id == digest_id, Delivery.status == DeliveryStatus.FAILED)
+        .order_by(Delivery.id)
+        .limit(limit)
+    )
+    return [f"{recipient or '(erased)'}: {error}" for recipient, error in rows]
