@@ -152,7 +152,11 @@ def run(ctx: click.Context, date_: str | None, sample: bool) -> None:
         ) as bar:
             task = bar.add_task("sending", total=None)
             summary = run_inprocess(
-                runtime, day, allow_sample=sample, progress=lambda done: bar.update(task, completed=done)
+                runtime,
+                day,
+                allow_sample=sample,
+                progress=lambda done: bar.update(task, completed=done),
+                notify=lambda message: bar.console.print(message, markup=False, highlight=False, soft_wrap=True),
             )
     for line in summary.lines():
         click.echo(line)

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,11 +30,14 @@ from digest.delivery.ledger import (
 )
 from digest.errors import DigestError, SendingPaused, UpstreamError
 from digest.models import Digest, DigestKind, utcnow
+from digest.outages import Outages, log_notify
 from digest.papers import PapersClient, load_sample, papers_of_day, parse_items, store_papers
 from digest.reputation import check_sending
 from digest.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # An edition's candidates are refreshed by each collection; workers reload them this often.
 COMPOSER_MAX_AGE_SECONDS = 300.0
@@ -100,11 +103,12 @@ def dispatch(
     enqueue: Callable[[list[int]], None],
     extra_filter: object | None = None,
     not_after: dt.datetime | None = None,
+    after_id: int = 0,
 ) -> int:
     """Walk due subscribers by keyset, planning each page (papers chosen by ``composer``) and
     enqueueing it after its commit. Rows are stale after ``not_after`` (default: ``now`` +
-    ``stale_after``)."""
-    after_id, pages = 0, 0
+    ``stale_after``). ``after_id`` resumes a walk that was interrupted after that subscriber."""
+    pages = 0
     not_after = not_after or now + stale_after
     while True:
         with transaction(factory) as session:
@@ -196,6 +200,7 @@ def send_batch(
     digest_id: int,
     subscriber_ids: Sequence[int],
     composers: dict[int, DigestComposer] | None = None,
+    notify: Callable[[str], None] = log_notify,
 ) -> BatchResult:
     """One page of one edition: claim, render, send, record (see ``digest.delivery.batch.run_batch``)."""
     factory = runtime.session_factory
@@ -209,6 +214,7 @@ def send_batch(
         bounce_sender=runtime.bounce_sender(),
         limiter=runtime.rate_limiter(),
         concurrency=runtime.settings.smtp_pool_size,
+        notify=notify,
     )
 
 
@@ -257,40 +263,73 @@ def run_inprocess(
     allow_sample: bool = False,
     progress: Callable[[int], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    notify: Callable[[str], None] = log_notify,
 ) -> RunSummary:
-    """``digest run`` without Redis: every step in this process, retries waited for here."""
-    digest_id, notes = collect_if_needed(runtime, day, allow_sample=allow_sample)
+    """``digest run`` without Redis: every step in this process, retries waited for here.
+
+    A PostgreSQL restart is waited out (one line when it goes, one when it is back) and the
+    step it interrupted is done again: collecting and planning are idempotent (upserts, ``ON
+    CONFLICT DO NOTHING``), planning resumes after the last page it handed on, and a batch
+    only claims rows nobody holds, so a repeated step never sends anything twice.
+    """
+    outages = Outages(notify)
+    wait = runtime.settings.task_wait_seconds
+    factory = runtime.session_factory
+
+    def in_db(step: Callable[[Session], T]) -> T:
+        def unit() -> T:
+            with transaction(factory) as session:
+                return step(session)
+
+        return outages.database(unit, limit=wait)
+
+    digest_id, notes = outages.database(lambda: collect_if_needed(runtime, day, allow_sample=allow_sample), limit=wait)
     summary = RunSummary(day, digest_id, notes=notes)
     if digest_id is None:
         return summary
     composers: dict[int, DigestComposer] = {}
     total = BatchResult()
+    planned_through = [0]  # the last subscriber id of the last page handed on
 
-    def enqueue(ids: list[int]) -> None:
-        total.merge(send_batch(runtime, digest_id, ids, composers))
+    def send(ids: list[int]) -> None:
+        total.merge(outages.database(lambda: send_batch(runtime, digest_id, ids, composers, notify), limit=wait))
         if progress:
             progress(total.sent + total.failed + total.skipped)
 
+    def enqueue(ids: list[int]) -> None:
+        send(ids)
+        planned_through[0] = ids[-1]
+
     s = runtime.settings
-    dispatch(
-        runtime.session_factory,
-        digest_id,
-        now=utcnow(),
-        page_size=s.batch_size,
-        stale_after=runtime.policy.stale_after,
-        message_domain=runtime.message_domain,
-        composer=composer_of(runtime, digest_id, composers),
-        enqueue=enqueue,
-    )
-    factory = runtime.session_factory
+    now = utcnow()
+
+    def plan() -> int:
+        return dispatch(
+            factory,
+            digest_id,
+            now=now,
+            page_size=s.batch_size,
+            stale_after=runtime.policy.stale_after,
+            message_domain=runtime.message_domain,
+            composer=composer_of(runtime, digest_id, composers),
+            enqueue=enqueue,
+            after_id=planned_through[0],
+        )
+
+    outages.database(plan, limit=wait)
     while True:
-        with transaction(factory) as session:
-            remaining = open_count(session, digest_id)
+        remaining = in_db(lambda session: open_count(session, digest_id))
         if remaining == 0:
             break
-        if not sweep(factory, digest_id, now=utcnow(), page_size=s.batch_size, enqueue=enqueue):
+        swept = outages.database(
+            lambda: sweep(factory, digest_id, now=utcnow(), page_size=s.batch_size, enqueue=send), limit=wait
+        )
+        if not swept:
             sleep(0.5)  # waiting for a retry's backoff or a lease to run out
-    with transaction(factory) as session:
+
+    def final(session: Session) -> None:
         summary.counts = counts_by_status(session, digest_id)
         summary.failures = failure_reasons(session, digest_id)
+
+    in_db(final)
     return summary

@@ -136,6 +136,7 @@ async def send_prepared(
     policy: DeliveryPolicy,
     concurrency: int,
     clock: Callable[[], dt.datetime] = utcnow,
+    notify: Callable[[str], None] = log_notify,
 ) -> BatchResult:
     """Send concurrently over the mailer's pool, recording outcomes as they come.
 
@@ -153,7 +154,7 @@ async def send_prepared(
     unsent = {item.delivery.id for item in prepared}
     queued = {item.delivery.id: item for item in prepared}
     withdrawn: set[int] = set()  # deliveries whose subscriber left while they waited here
-    recorded = Outages(log_notify)
+    recorded = Outages(notify)  # says in one line when recording waits for the database
 
     def recheck() -> None:
         # A chunk can take a while to send (rate limits, a slow relay): someone who
@@ -269,6 +270,7 @@ def run_batch(
     limiter: RateLimiter | None = None,
     concurrency: int = 4,
     clock: Callable[[], dt.datetime] = utcnow,
+    notify: Callable[[str], None] = log_notify,
 ) -> BatchResult:
     """Claim, compose and send one page of subscribers' deliveries of ``composer``'s edition.
 
@@ -297,7 +299,7 @@ def run_batch(
                         session.expunge(item.subscriber)
                 total.skipped += skipped
                 sent = await send_prepared(
-                    factory, prepared, mailer, limiter or RateLimiter(), policy, concurrency, clock
+                    factory, prepared, mailer, limiter or RateLimiter(), policy, concurrency, clock, notify
                 )
                 total.merge(sent)
         finally:

@@ -305,6 +305,7 @@ class PapersAPIBehaviour:
     faults: list[int] = field(default_factory=list)
     retry_after: str = "0"
     requests: list[str] = field(default_factory=list)
+    delay: float = 0.0  # seconds before each answer (a slow upstream)
 
 
 def load_recorded(day: str) -> list[Any]:
@@ -327,6 +328,8 @@ class PapersAPI:
             def do_GET(self) -> None:
                 url = urlparse(self.path)
                 api.behaviour.requests.append(self.path)
+                if api.behaviour.delay:
+                    time.sleep(api.behaviour.delay)
                 if url.path != "/api/daily_papers":
                     self._send(404, b"{}")
                     return
