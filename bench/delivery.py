@@ -89,6 +89,12 @@ def insert_subscribers(url: str, n: int) -> None:
                     )
                 )
         conn.commit()
+        # A list that has been running has planner statistics (autovacuum, or the ANALYZE that
+        # `digest subscribers import` ends with); a freshly copied table has none, and without
+        # them the dispatcher's keyset page took 0.47 s at a million rows instead of ~1 ms.
+        # (This machine's PostgreSQL runs with autovacuum off.)
+        cur.execute("ANALYZE subscribers")
+        conn.commit()
 
 
 class Sink:

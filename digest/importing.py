@@ -45,6 +45,8 @@ DEFAULT_HOUR = 8
 DEFAULT_TIMEZONE = "UTC"
 STAGING = "import_staging"
 BATCH_ROWS = 10_000
+# An import creating this many subscribers ends by refreshing their planner statistics.
+ANALYZE_AFTER_ROWS = 10_000
 # Every statement below is put together from this module's constants and column names only
 # (hence the S608 exemptions); the file's content travels as bound values or COPY data.
 
@@ -437,6 +439,11 @@ def import_csv(
         refusals.extend(_refuse_repeats(session))
         refusals.extend(_refuse_suppressed(session))
         created, changed, unchanged = _merge(session, set(columns), now, dry_run=dry_run)
+        if created >= ANALYZE_AFTER_ROWS and not dry_run:
+            # The first dispatch may start right after a big import, before autovacuum has
+            # looked: without fresh statistics its keyset page over a million new rows was a
+            # bitmap scan and a sort of every row (0.47 s a page instead of ~1 ms).
+            session.execute(text("ANALYZE subscribers"))
     finally:
         session.execute(text(f"DROP TABLE IF EXISTS {STAGING}"))
     refusals.sort(key=lambda r: r.line)

@@ -221,3 +221,17 @@ def test_the_import_normalises_addresses_exactly_as_the_web_does(raw: str) -> No
     except InvalidAddress:
         got = InvalidAddress
     assert got == expected
+
+
+def test_a_big_import_leaves_planner_statistics_for_the_first_dispatch(session: Session) -> None:
+    """Right after a big import the dispatcher's keyset page must not be planned blind: without
+    statistics PostgreSQL sorted every new row for each page (0.47 s a page at a million)."""
+    from sqlalchemy import text
+
+    before = session.scalar(text("SELECT reltuples FROM pg_class WHERE relname = 'subscribers'"))
+    assert before is not None and before <= 0, "a fresh table has no statistics yet"
+    n = importing.ANALYZE_AFTER_ROWS
+    data = ("email\n" + "".join(f"reader{i}@example{i % 7}.org\n" for i in range(n))).encode()
+    assert run_import(session, data).created == n
+    after = session.scalar(text("SELECT reltuples FROM pg_class WHERE relname = 'subscribers'"))
+    assert after is not None and after >= 0.9 * n
