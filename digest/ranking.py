@@ -360,7 +360,7 @@ class _Explain:
 
     def reasons(self, i: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(topics that match paper ``i``; the other reasons, as shown)."""
-        matches = tuple(topic for topic, found in self.terms if found[i])
+        matches = tuple([topic for topic, found in self.terms if found[i]]) if self.terms else ()
         why: tuple[str, ...] = ()
         if self.likes is not None and self.likes.cosine[i] >= LIKE_REASON:
             why = (f"Like: {self.likes.titles[int(self.likes.nearest[i])]}",)
