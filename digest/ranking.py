@@ -65,7 +65,6 @@ papers they already received.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import logging
 import math
@@ -645,7 +644,8 @@ class Ranker:
             if follows:
                 # Papers by followed authors or organisations before everything.
                 score[list(follows)] += FOLLOW_BONUS
-        return self._finish(base, score, dataclasses.replace(base.explain, likes=likes, follows=follows))
+        explain = _Explain(base.explain.terms, base.explain.senses, likes, follows)
+        return self._finish(base, score, explain)
 
     def _finish(self, base: _Base, score: np.ndarray, explain: _Explain) -> _Order:
         if base.every:
