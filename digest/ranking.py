@@ -38,9 +38,13 @@ stored at collection), topics too (stored once per topic), and a ``Reader`` brin
 the papers its reader marked "more" or "less" (``digest.feedback``)::
 
     lexical(p) = sum over the topics that match p of BM25(topic, p) / its maximum
-    sim(p)     = max(max over topics t of cos(p, t), max over liked papers l of cos(p, l) - LIKE_DISCOUNT)
-    dense(p)   = clip((sim(p) - DENSE_FLOOR) / (DENSE_CEILING - DENSE_FLOOR), 0, 1)
-                 - DISLIKE_WEIGHT * (the same of the nearest disliked paper, when nearer than sim)
+    scaled(c)  = clip((c - DENSE_FLOOR) / (DENSE_CEILING - DENSE_FLOOR), 0, 1)
+    topic(p)   = scaled(max over topics t of cos(p, t))                       (0 without topics)
+    like(p)    = scaled(max over liked papers l of cos(p, l) - LIKE_DISCOUNT)
+    share      = liked / (liked + TOPIC_MARKS * topics)                      (1 without topics)
+    dense(p)   = topic(p) + max(topic(p), share) * max(like(p) - topic(p), 0)
+                 - DISLIKE_WEIGHT * clip((cos(p, nearest disliked) - DISLIKE_NEAR) / (1 - DISLIKE_NEAR), 0, 1)
+                   (the last term only when no liked paper is at least as near)
     score(p)   = w * (lexical_share * lexical + (1 - lexical_share) * dense)
                  + (1 - w) * trending(p) / max trending
                  + match_bonus if a topic matches p word for word, + FOLLOW_BONUS if by a followed
@@ -51,6 +55,12 @@ dense part is left out, which is the lexical ranking this module had before. Eac
 its reasons: the topics it matched ("Matches: ..."), and "About: <topic>", "Like: <title>",
 "From: <organisation>". Subscribers without topics who taught nothing get the trending order.
 
+Marks are examples, topics are statements: a reader without topics is ranked by their marks
+alone, while for one with topics a liked paper's neighbours gain the marks' share of the
+reader's evidence (a topic counting as ``TOPIC_MARKS`` liked papers), or more when they are
+about the topics too, so marks reorder freely within the topics and reach outside them as far
+as there are many; "less like this" only pushes down close neighbours of a disliked paper.
+
 **Excluded words** remove a paper outright when one of them matches it the same way as a topic,
 or occurs as a word (or the start of a word) in its title, abstract, AI summary or keywords.
 
@@ -59,8 +69,10 @@ days, across daily and weekly editions; the digest takes the next papers instead
 
 Two stages keep a million-subscriber run cheap: the trending order is computed once per edition
 (``digest_items``), and ``Ranker`` scores each distinct profile (topics + excluded words, or a
-reader's own) once, caching per topic and per profile, so subscribers who share a profile only pay for skipping the
-papers they already received.
+reader's own) once, caching per topic and per profile, so subscribers who share a profile only
+pay for skipping the papers they already received. A reader who taught it reuses their topic
+profile's part and adds one matrix product of their vectors with the edition's; every pick's
+reasons are only worked out for the papers picked.
 """
 
 from __future__ import annotations
@@ -315,6 +327,9 @@ class _Term:
 
     matches: np.ndarray  # bool per candidate
     bm25: np.ndarray  # BM25 score per candidate (0 where it does not match)
+    # The same as Python objects, for a pick's reasons: indexing numpy arrays one element at a
+    # time costs more than the whole ranking of a paper.
+    matching: frozenset[int] = frozenset()
 
 
 def _near(positions: Sequence[list[int]], span: int) -> bool:
@@ -352,19 +367,19 @@ class _Explain:
     """What a profile's picks say, worked out only for the papers picked: the topics (with
     the ranker's cached per-topic arrays) and, for a taught reader, likes and follows."""
 
-    terms: tuple[tuple[str, np.ndarray], ...] = ()  # topic, matches word for word (per candidate)
-    senses: tuple[tuple[str, np.ndarray], ...] = ()  # topic, cosine (per candidate)
+    terms: tuple[tuple[str, frozenset[int]], ...] = ()  # topic, the candidates it matches word for word
+    senses: tuple[tuple[str, list[float]], ...] = ()  # topic, cosine per candidate
     likes: _Likes | None = None
     follows: dict[int, str] = field(default_factory=dict)
 
     def reasons(self, i: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(topics that match paper ``i``; the other reasons, as shown)."""
-        matches = tuple([topic for topic, found in self.terms if found[i]]) if self.terms else ()
+        matches = tuple([topic for topic, found in self.terms if i in found]) if self.terms else ()
         why: tuple[str, ...] = ()
         if self.likes is not None and self.likes.cosine[i] >= LIKE_REASON:
             why = (f"Like: {self.likes.titles[int(self.likes.nearest[i])]}",)
         elif not matches and self.senses:
-            topic, cosine = max(self.senses, key=lambda sense: float(sense[1][i]))
+            topic, cosine = max(self.senses, key=lambda sense: sense[1][i])
             if cosine[i] >= TOPIC_REASON:
                 why = (f"About: {topic}",)
         source = self.follows.get(i)
@@ -381,7 +396,7 @@ class _Base:
     lexical: np.ndarray  # BM25 over the matching topics, relative to the best allowed match
     trend: np.ndarray  # trending relative to the best allowed paper
     start: np.ndarray  # trend + match bonus: the score before relevance
-    blend: np.ndarray  # start + weight * (lexical share of BM25 - trend), at the default weight
+    blend: np.ndarray  # start + weight * (lexical share of BM25 - trend), at the default weight (taught)
     dense: np.ndarray | None  # the topics' similarity, scaled (None: no topic has a vector)
     explain: _Explain
 
@@ -407,7 +422,7 @@ class Ranker:
     _reader_cache: dict[Profile, _Order] = field(default_factory=dict, repr=False)
     _base_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], _Base] = field(default_factory=dict, repr=False)
     _trend_shares: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict, repr=False)
-    _dense: dict[str, tuple[np.ndarray, np.ndarray] | None] = field(default_factory=dict, repr=False)
+    _dense: dict[str, tuple[list[float], np.ndarray] | None] = field(default_factory=dict, repr=False)
     _by_name: dict[str, list[tuple[int, str]]] | None = field(default=None, repr=False)
     _terms: dict[str, _Term] = field(default_factory=dict, repr=False)
     _excluded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -487,7 +502,7 @@ class Ranker:
                 scores = np.asarray(index.get_scores(unique), dtype=np.float64)
                 best = np.maximum(best, np.where(found_in, scores, 0.0))
                 matches |= found_in
-        known = self._terms[term] = _Term(matches, best)
+        known = self._terms[term] = _Term(matches, best, frozenset(np.flatnonzero(matches).tolist()))
         return known
 
     def _matching(self, words: list[str]) -> np.ndarray:
@@ -516,9 +531,9 @@ class Ranker:
             mask |= self._excluding(word)
         return mask
 
-    def _topic_similarity(self, topic: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """Cosine of each candidate with the topic's vector, and the same scaled to 0..1, once
-        per topic and edition."""
+    def _topic_similarity(self, topic: str) -> tuple[list[float], np.ndarray] | None:
+        """Cosine of each candidate with the topic's vector (a list, for reasons) and the same
+        scaled to 0..1, once per topic and edition."""
         if topic in self._dense:
             return self._dense[topic]
         found = None
@@ -526,11 +541,11 @@ class Ranker:
             vector = self.topic_vector(topic)
             if vector is not None:
                 cosine = self.vectors @ vector
-                found = cosine, _scaled(cosine)
+                found = cosine.tolist(), _scaled(cosine)
         self._dense[topic] = found
         return found
 
-    def _base(self, topics: tuple[str, ...], excluded: tuple[str, ...]) -> _Base:
+    def _base(self, topics: tuple[str, ...], excluded: tuple[str, ...], taught: bool = False) -> _Base:
         """What a topic profile contributes, the same for everyone who has it."""
         allowed = ~self._excluded_mask(excluded) if excluded else self._everything
         trend = self._trend_share(excluded, allowed)
@@ -551,8 +566,8 @@ class Ranker:
             dense = senses[0][1][1] if len(senses) == 1 else np.maximum.reduce([f[1] for _, f in senses])
         start = trend + matched * self.match_bonus
         # The score of a taught reader at the default weight is blend + the weighted meaning.
-        blend = start + self.relevance_weight * (self.lexical_share * lexical - trend)
-        explain = _Explain(tuple((t, term.matches) for t, term in terms), tuple((t, f[0]) for t, f in senses))
+        blend = start + self.relevance_weight * (self.lexical_share * lexical - trend) if taught else start
+        explain = _Explain(tuple((t, term.matching) for t, term in terms), tuple((t, f[0]) for t, f in senses))
         return _Base(allowed, not excluded, lexical, trend, start, blend, dense, explain)
 
     def _bases(self, topics: tuple[str, ...], excluded: tuple[str, ...]) -> _Base:
@@ -562,7 +577,7 @@ class Ranker:
         if found is None:
             if len(self._base_cache) >= BASE_CACHE_SIZE:
                 del self._base_cache[next(iter(self._base_cache))]
-            found = self._base_cache[key] = self._base(topics, excluded)
+            found = self._base_cache[key] = self._base(topics, excluded, taught=True)
         return found
 
     def _rank(self, profile: Profile) -> _Order:
