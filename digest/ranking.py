@@ -38,9 +38,13 @@ stored at collection), topics too (stored once per topic), and a ``Reader`` brin
 the papers its reader marked "more" or "less" (``digest.feedback``)::
 
     lexical(p) = sum over the topics that match p of BM25(topic, p) / its maximum
-    sim(p)     = max(max over topics t of cos(p, t), max over liked papers l of cos(p, l) - LIKE_DISCOUNT)
-    dense(p)   = clip((sim(p) - DENSE_FLOOR) / (DENSE_CEILING - DENSE_FLOOR), 0, 1)
-                 - DISLIKE_WEIGHT * (the same of the nearest disliked paper, when nearer than sim)
+    scaled(c)  = clip((c - DENSE_FLOOR) / (DENSE_CEILING - DENSE_FLOOR), 0, 1)
+    topic(p)   = scaled(max over topics t of cos(p, t))                       (0 without topics)
+    like(p)    = scaled(max over liked papers l of cos(p, l) - LIKE_DISCOUNT)
+    share      = liked / (liked + TOPIC_MARKS * topics)                      (1 without topics)
+    dense(p)   = topic(p) + max(topic(p), share) * max(like(p) - topic(p), 0)
+                 - DISLIKE_WEIGHT * clip((cos(p, nearest disliked) - DISLIKE_NEAR) / (1 - DISLIKE_NEAR), 0, 1)
+                   (the last term only when no liked paper is at least as near)
     score(p)   = w * (lexical_share * lexical + (1 - lexical_share) * dense)
                  + (1 - w) * trending(p) / max trending
                  + match_bonus if a topic matches p word for word, + FOLLOW_BONUS if by a followed
@@ -51,6 +55,12 @@ dense part is left out, which is the lexical ranking this module had before. Eac
 its reasons: the topics it matched ("Matches: ..."), and "About: <topic>", "Like: <title>",
 "From: <organisation>". Subscribers without topics who taught nothing get the trending order.
 
+Marks are examples, topics are statements: a reader without topics is ranked by their marks
+alone, while for one with topics a liked paper's neighbours gain the marks' share of the
+reader's evidence (a topic counting as ``TOPIC_MARKS`` liked papers), or more when they are
+about the topics too, so marks reorder freely within the topics and reach outside them as far
+as there are many; "less like this" only pushes down close neighbours of a disliked paper.
+
 **Excluded words** remove a paper outright when one of them matches it the same way as a topic,
 or occurs as a word (or the start of a word) in its title, abstract, AI summary or keywords.
 
@@ -59,8 +69,10 @@ days, across daily and weekly editions; the digest takes the next papers instead
 
 Two stages keep a million-subscriber run cheap: the trending order is computed once per edition
 (``digest_items``), and ``Ranker`` scores each distinct profile (topics + excluded words, or a
-reader's own) once, caching per topic and per profile, so subscribers who share a profile only pay for skipping the
-papers they already received.
+reader's own) once, caching per topic and per profile, so subscribers who share a profile only
+pay for skipping the papers they already received. A reader who taught it reuses their topic
+profile's part and adds one matrix product of their vectors with the edition's; every pick's
+reasons are only worked out for the papers picked.
 """
 
 from __future__ import annotations
@@ -138,6 +150,16 @@ class Reader:
     disliked: np.ndarray | None = None
     follows: tuple[str, ...] = ()  # lower-cased author or organisation names
     personal_weight: float | None = None  # None: the ranker's default relevance weight
+
+    def __post_init__(self) -> None:
+        # Liked rows then disliked ones in one matrix, so ranking takes one product of both.
+        parts = [m for m in (self.liked, self.disliked) if m is not None and len(m)]
+        rows = np.ascontiguousarray(np.vstack(parts), dtype=np.float32) if parts else None
+        object.__setattr__(self, "rows", rows)
+        object.__setattr__(self, "liked_count", 0 if self.liked is None else len(self.liked))
+
+    rows: np.ndarray | None = field(init=False, repr=False, compare=False)
+    liked_count: int = field(init=False, repr=False, compare=False)
 
     def __hash__(self) -> int:
         return hash(self.key)
@@ -305,6 +327,9 @@ class _Term:
 
     matches: np.ndarray  # bool per candidate
     bm25: np.ndarray  # BM25 score per candidate (0 where it does not match)
+    # The same as Python objects, for a pick's reasons: indexing numpy arrays one element at a
+    # time costs more than the whole ranking of a paper.
+    matching: frozenset[int] = frozenset()
 
 
 def _near(positions: Sequence[list[int]], span: int) -> bool:
@@ -315,6 +340,65 @@ def _near(positions: Sequence[list[int]], span: int) -> bool:
 
 # Bound on cached profiles per ranker: a whole in-process run shares one ranker.
 PROFILE_CACHE_SIZE = 20_000
+# OpenBLAS multiplies on one thread while rows x columns x inner size stays below twice
+# 65536 * GEMM_MULTITHREAD_THRESHOLD (4); above it, on more threads (measured: 13 rows of 100
+# papers x 384 dimensions ~27 µs CPU, 14 rows ~230 µs).
+SINGLE_THREAD_PRODUCT = 2 * 65536 * 4 - 1
+READER_CACHE_SIZE = 256  # a reader's own order is asked for once or twice per edition
+BASE_CACHE_SIZE = 2_000  # topic profiles of readers who taught it
+
+
+@dataclass(frozen=True)
+class _Likes:
+    """Per candidate: its cosine with the nearest liked paper, which one, and their titles."""
+
+    cosine: np.ndarray
+    nearest: np.ndarray
+    titles: tuple[str, ...]
+
+
+def _scaled(cosine: np.ndarray) -> np.ndarray:
+    """Cosine to 0..1: unrelated at DENSE_FLOOR or below, fully about it at DENSE_CEILING."""
+    return np.clip((cosine - DENSE_FLOOR) * _SCALE, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class _Explain:
+    """What a profile's picks say, worked out only for the papers picked: the topics (with
+    the ranker's cached per-topic arrays) and, for a taught reader, likes and follows."""
+
+    terms: tuple[tuple[str, frozenset[int]], ...] = ()  # topic, the candidates it matches word for word
+    senses: tuple[tuple[str, list[float]], ...] = ()  # topic, cosine per candidate
+    likes: _Likes | None = None
+    follows: dict[int, str] = field(default_factory=dict)
+
+    def reasons(self, i: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(topics that match paper ``i``; the other reasons, as shown)."""
+        matches = tuple([topic for topic, found in self.terms if i in found]) if self.terms else ()
+        why: tuple[str, ...] = ()
+        if self.likes is not None and self.likes.cosine[i] >= LIKE_REASON:
+            why = (f"Like: {self.likes.titles[int(self.likes.nearest[i])]}",)
+        elif not matches and self.senses:
+            topic, cosine = max(self.senses, key=lambda sense: sense[1][i])
+            if cosine[i] >= TOPIC_REASON:
+                why = (f"About: {topic}",)
+        source = self.follows.get(i)
+        return matches, why if source is None else (f"From: {source}", *why)
+
+
+@dataclass(frozen=True)
+class _Base:
+    """A topic profile's part of a ranking: shared by everyone with those topics and excluded
+    words, taught or not."""
+
+    allowed: np.ndarray  # not excluded
+    every: bool  # nothing is excluded
+    lexical: np.ndarray  # BM25 over the matching topics, relative to the best allowed match
+    trend: np.ndarray  # trending relative to the best allowed paper
+    start: np.ndarray  # trend + match bonus: the score before relevance
+    blend: np.ndarray  # start + weight * (lexical share of BM25 - trend), at the default weight (taught)
+    dense: np.ndarray | None  # the topics' similarity, scaled (None: no topic has a vector)
+    explain: _Explain
 
 
 @dataclass
@@ -333,7 +417,12 @@ class Ranker:
     lexical_share: float = 0.2  # of relevance: BM25 against meaning
     match_bonus: float = 1.0  # a word-for-word topic match ranks above every paper without one
     _cache: dict[Profile, _Order] = field(default_factory=dict)
-    _dense: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
+    # Readers who taught it have orders of their own, used once per edition: kept apart, so
+    # they never push out the orders that many subscribers share.
+    _reader_cache: dict[Profile, _Order] = field(default_factory=dict, repr=False)
+    _base_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], _Base] = field(default_factory=dict, repr=False)
+    _trend_shares: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict, repr=False)
+    _dense: dict[str, tuple[list[float], np.ndarray] | None] = field(default_factory=dict, repr=False)
     _by_name: dict[str, list[tuple[int, str]]] | None = field(default=None, repr=False)
     _terms: dict[str, _Term] = field(default_factory=dict, repr=False)
     _excluded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -345,13 +434,23 @@ class Ranker:
         self._id_rank = np.argsort(np.argsort(np.array(ids)))  # ties are broken by arXiv id
         values = np.array([c.trending for c in self.candidates], dtype=np.float64)
         self._trend_values = values
+        self._ids = [c.paper_id for c in self.candidates]
+        self._arange = np.arange(len(self.candidates))
+        self._everything = np.ones(len(self.candidates), dtype=bool)
+        self._nothing = np.zeros(len(self.candidates), dtype=bool)
+        self._zeros = np.zeros(len(self.candidates))
+        if self.vectors is not None:
+            self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
 
     def _ordered(self, profile: Profile) -> _Order:
-        cached = self._cache.get(profile)
+        cache, size = self._cache, PROFILE_CACHE_SIZE
+        if profile.reader is not None:
+            cache, size = self._reader_cache, READER_CACHE_SIZE
+        cached = cache.get(profile)
         if cached is None:
-            if len(self._cache) >= PROFILE_CACHE_SIZE:
-                del self._cache[next(iter(self._cache))]  # oldest first; dicts keep insertion order
-            cached = self._cache[profile] = self._rank(profile)
+            if len(cache) >= size:
+                del cache[next(iter(cache))]  # oldest first; dicts keep insertion order
+            cached = cache[profile] = self._rank(profile)
         return cached
 
     def order(self, profile: Profile) -> list[Pick]:
@@ -362,8 +461,9 @@ class Ranker:
         """The top ``size`` papers for ``profile`` that this subscriber has not received."""
         ordered = self._ordered(profile)
         chosen: list[Pick] = []
-        for position, paper_id in enumerate(ordered.ids):
-            if paper_id not in already_sent:
+        ids = self._ids
+        for position, i in enumerate(ordered.order):
+            if ids[i] not in already_sent:
                 chosen.append(ordered.at(position))
                 if len(chosen) == size:
                     break
@@ -402,7 +502,7 @@ class Ranker:
                 scores = np.asarray(index.get_scores(unique), dtype=np.float64)
                 best = np.maximum(best, np.where(found_in, scores, 0.0))
                 matches |= found_in
-        known = self._terms[term] = _Term(matches, best)
+        known = self._terms[term] = _Term(matches, best, frozenset(np.flatnonzero(matches).tolist()))
         return known
 
     def _matching(self, words: list[str]) -> np.ndarray:
@@ -431,93 +531,152 @@ class Ranker:
             mask |= self._excluding(word)
         return mask
 
-    def _topic_similarity(self, topic: str) -> np.ndarray | None:
-        """Cosine of each candidate with the topic's vector, once per topic and edition."""
+    def _topic_similarity(self, topic: str) -> tuple[list[float], np.ndarray] | None:
+        """Cosine of each candidate with the topic's vector (a list, for reasons) and the same
+        scaled to 0..1, once per topic and edition."""
         if topic in self._dense:
             return self._dense[topic]
         found = None
         if self.vectors is not None and self.topic_vector is not None:
             vector = self.topic_vector(topic)
-            found = None if vector is None else self.vectors @ vector
+            if vector is not None:
+                cosine = self.vectors @ vector
+                found = cosine.tolist(), _scaled(cosine)
         self._dense[topic] = found
         return found
 
-    def _similarity(self, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
-        """Best cosine of each candidate with any of ``rows``, and which row gave it."""
-        if rows is None or self.vectors is None or not len(rows):
-            return None
-        # Products of at most 8 rows at a time: measured 2.5x faster than one product of every
-        # row (which BLAS hands to its threads, costly on a busy machine) or one per row.
-        sims = np.hstack([self.vectors @ rows[i : i + 8].T for i in range(0, len(rows), 8)])
-        return sims.max(axis=1), sims.argmax(axis=1)
+    def _base(self, topics: tuple[str, ...], excluded: tuple[str, ...], taught: bool = False) -> _Base:
+        """What a topic profile contributes, the same for everyone who has it."""
+        allowed = ~self._excluded_mask(excluded) if excluded else self._everything
+        trend = self._trend_share(excluded, allowed)
+        terms = [(topic, self._term(topic)) for topic in topics]
+        if len(terms) == 1:
+            lexical, matched = terms[0][1].bm25, terms[0][1].matches
+            matched = matched & allowed if excluded else matched
+        elif terms:
+            lexical = np.add.reduce([term.bm25 for _, term in terms])
+            matched = np.logical_or.reduce([term.matches for _, term in terms]) & allowed
+        else:
+            lexical, matched = self._zeros, self._nothing
+        if terms and (top := lexical[matched].max(initial=0.0)) > 0:
+            lexical = lexical * (1 / top)
+        senses = [(topic, found) for topic, _ in terms if (found := self._topic_similarity(topic)) is not None]
+        dense = None
+        if senses:
+            dense = senses[0][1][1] if len(senses) == 1 else np.maximum.reduce([f[1] for _, f in senses])
+        start = trend + matched * self.match_bonus
+        # The score of a taught reader at the default weight is blend + the weighted meaning.
+        blend = start + self.relevance_weight * (self.lexical_share * lexical - trend) if taught else start
+        explain = _Explain(tuple((t, term.matching) for t, term in terms), tuple((t, f[0]) for t, f in senses))
+        return _Base(allowed, not excluded, lexical, trend, start, blend, dense, explain)
+
+    def _bases(self, topics: tuple[str, ...], excluded: tuple[str, ...]) -> _Base:
+        """``_base`` cached for readers who taught it: many of them share popular topics."""
+        key = (topics, excluded)
+        found = self._base_cache.get(key)
+        if found is None:
+            if len(self._base_cache) >= BASE_CACHE_SIZE:
+                del self._base_cache[next(iter(self._base_cache))]
+            found = self._base_cache[key] = self._base(topics, excluded, taught=True)
+        return found
 
     def _rank(self, profile: Profile) -> _Order:
         # Runs once per distinct profile (tens of thousands per edition): few numpy calls on
         # whole arrays, Python loops only over the candidates that carry a reason.
-        n = len(self.candidates)
-        allowed = ~self._excluded_mask(profile.excluded) if profile.excluded else np.ones(n, dtype=bool)
         reader = profile.reader if profile.reader is not None and profile.reader.teaches else None
-        if not profile.topics and reader is None:
-            return _Order(np.flatnonzero(allowed), self._trend_values, {}, {}, self.candidates)
-        terms = [(topic, self._term(topic)) for topic in profile.topics]
-        lexical = sum((term.bm25 for _, term in terms), np.zeros(n))
-        matched = np.logical_or.reduce([term.matches for _, term in terms]) & allowed if terms else np.zeros(n, bool)
-        if matched.any():
-            lexical = lexical / lexical[matched].max()
+        if reader is None:
+            base = self._base(profile.topics, profile.excluded)
+            if not profile.topics:
+                return _Order(np.flatnonzero(base.allowed), self._trend_values, self._ids, base.explain)
+            if base.dense is None:
+                relevance = base.lexical
+            else:
+                relevance = self.lexical_share * base.lexical + (1 - self.lexical_share) * base.dense
+            # Papers that match a topic word for word come first (the reader asked for exactly that).
+            score = base.start + self.relevance_weight * (relevance - base.trend)
+            return self._finish(base, score, base.explain)
+        return self._taught(self._bases(profile.topics, profile.excluded), reader)
 
-        # Meaning: the closest of the topics and of the papers the reader liked.
-        topic_sims = [sims for topic, _ in terms if (sims := self._topic_similarity(topic)) is not None]
-        semantic = np.full(n, -1.0)
-        topic_best = semantic
-        if topic_sims:
-            stacked = np.vstack(topic_sims)
-            topic_of = stacked.argmax(axis=0)
-            semantic = topic_best = stacked[topic_of, np.arange(n)]
-        liked = self._similarity(reader.liked if reader else None)
-        if liked is not None:
-            # A liked paper counts a little less than a topic the reader wrote: one liked paper
-            # is only an example of what they want, while a topic states it.
-            semantic = np.maximum(semantic, liked[0] - LIKE_DISCOUNT)
-        score = self._trend_share(allowed)
-        disliked = self._similarity(reader.disliked if reader else None)
-        if topic_sims or liked is not None or disliked is not None:
-            dense = np.clip((semantic - DENSE_FLOOR) * (1 / (DENSE_CEILING - DENSE_FLOOR)), 0.0, 1.0)
-            if disliked is not None:
-                # Closer to a paper marked "less like this" than to anything liked: pushed down.
-                against = np.clip((disliked[0] - DENSE_FLOOR) * (1 / (DENSE_CEILING - DENSE_FLOOR)), 0.0, 1.0)
-                dense = dense - DISLIKE_WEIGHT * np.where(disliked[0] > semantic, against, 0.0)
-            relevance = self.lexical_share * lexical + (1 - self.lexical_share) * dense
+    def _taught(self, base: _Base, reader: Reader) -> _Order:
+        """A reader's own ranking: their topics' part (shared) and what their marks add.
+
+        Runs once per reader who taught it and edition, so it is kept to a few numpy calls on
+        whole arrays: one product of the reader's vectors with the edition's, then the blend;
+        the "Like: <title>" reasons are only worked out for the papers picked (``_Order.at``).
+        """
+        dense = base.dense
+        rows = reader.rows
+        likes: _Likes | None = None
+        if rows is not None and self.vectors is not None:
+            # Products small enough for one BLAS thread: a bigger one is handed to its threads,
+            # measured 3-10x slower in CPU time on this busy 2-core machine.
+            step = max(1, SINGLE_THREAD_PRODUCT // self.vectors.size)
+            if len(rows) <= step:
+                sims = self.vectors @ rows.T
+            else:
+                sims = np.hstack([self.vectors @ rows[i : i + step].T for i in range(0, len(rows), step)])
+            liked_count = reader.liked_count
+            liked = None
+            if liked_count:
+                liked_sims = sims[:, :liked_count]
+                nearest = liked_sims.argmax(axis=1)
+                liked = liked_sims[self._arange, nearest]
+                likes = _Likes(liked, nearest, reader.liked_titles)
+                # Marks are examples, topics are statements. A paper nearer to a liked one than
+                # to the topics gains part of that lead: all of it for a reader without topics,
+                # otherwise the marks' share of the reader's evidence (a topic counts as
+                # TOPIC_MARKS marks) or, when more, how closely the paper is about the topics.
+                # So marks reorder freely within the reader's topics, and reach outside them
+                # only as far as there are many of them (measured: bench/relevance.py).
+                scaled = np.clip(liked * _SCALE - (LIKE_DISCOUNT + DENSE_FLOOR) * _SCALE, 0.0, 1.0)
+                if dense is None:
+                    dense = scaled
+                else:
+                    share = liked_count / (liked_count + TOPIC_MARKS * len(base.explain.senses))
+                    dense = dense + np.maximum(dense, share) * np.maximum(scaled - dense, 0.0)
+            if liked_count < len(rows):
+                # "Less like this" pushes down close neighbours of the disliked papers only (a
+                # paper merely nearer to them than to the topics may still be what was asked
+                # for), unless a liked paper is at least as close.
+                disliked = sims[:, liked_count:].max(axis=1)
+                slope = DISLIKE_WEIGHT / (1 - DISLIKE_NEAR)
+                penalty = np.clip(disliked * slope - DISLIKE_NEAR * slope, 0.0, DISLIKE_WEIGHT)
+                if liked is not None:
+                    penalty *= disliked > liked
+                dense = -penalty if dense is None else dense - penalty
+        weight = reader.personal_weight if reader.personal_weight is not None else self.relevance_weight
+        if dense is None:
+            score = base.start + weight * (base.lexical - base.trend)  # nothing to compare by meaning
+        elif weight == self.relevance_weight:
+            score = base.blend + (weight * (1 - self.lexical_share)) * dense
         else:
-            relevance = lexical
-        weight = reader.personal_weight if reader and reader.personal_weight is not None else self.relevance_weight
-        # Papers that match a topic word for word come first (the reader asked for exactly
-        # that), papers by followed authors or organisations before everything.
-        score = score * (1 - weight) + weight * relevance + matched * self.match_bonus
+            score = base.start + weight * (
+                self.lexical_share * base.lexical - base.trend + (1 - self.lexical_share) * dense
+            )
+        follows: dict[int, str] = {}
+        if reader.follows:
+            follows = self._followed(reader.follows)
+            if follows:
+                # Papers by followed authors or organisations before everything.
+                score[list(follows)] += FOLLOW_BONUS
+        explain = _Explain(base.explain.terms, base.explain.senses, likes, follows)
+        return self._finish(base, score, explain)
 
-        why: dict[int, tuple[str, ...]] = {}
-        if topic_sims:
-            topic_names = [topic for topic, _ in terms if self._dense.get(topic) is not None]
-            for i in np.flatnonzero(~matched & (topic_best >= TOPIC_REASON)).tolist():
-                why[i] = (f"About: {topic_names[int(topic_of[i])]}",)
-        if reader is not None:
-            if liked is not None:
-                for i in np.flatnonzero(liked[0] >= LIKE_REASON).tolist():
-                    why[i] = (f"Like: {reader.liked_titles[int(liked[1][i])]}",)
-            for i, source in self._followed(reader.follows).items():
-                score[i] += FOLLOW_BONUS
-                why[i] = (f"From: {source}", *why.get(i, ()))
-        indices = np.flatnonzero(allowed)
-        ordered = indices[np.lexsort((self._id_rank[indices], -score[indices]))]
-        reasons: dict[int, tuple[str, ...]] = {}
-        for topic, term in terms:
-            for i in np.flatnonzero(term.matches & matched).tolist():
-                reasons[i] = (*reasons.get(i, ()), topic)
-        return _Order(ordered, score, reasons, why, self.candidates)
+    def _finish(self, base: _Base, score: np.ndarray, explain: _Explain) -> _Order:
+        if base.every:
+            ordered = np.lexsort((self._id_rank, -score))
+        else:
+            indices = np.flatnonzero(base.allowed)
+            ordered = indices[np.lexsort((self._id_rank[indices], -score[indices]))]
+        return _Order(ordered, score, self._ids, explain)
 
-    def _trend_share(self, allowed: np.ndarray) -> np.ndarray:
-        """Trending scores relative to the best allowed paper."""
-        top = self._trend_values[allowed].max() if allowed.any() else 1.0
-        return self._trend_values * (1.0 / (top or 1.0))
+    def _trend_share(self, excluded: tuple[str, ...], allowed: np.ndarray) -> np.ndarray:
+        """Trending scores relative to the best allowed paper, once per set of excluded words."""
+        found = self._trend_shares.get(excluded)
+        if found is None:
+            top = self._trend_values[allowed].max() if allowed.any() else 1.0
+            found = self._trend_shares[excluded] = self._trend_values * (1.0 / (top or 1.0))
+        return found
 
     def _followed(self, follows: tuple[str, ...]) -> dict[int, str]:
         """Candidates by a followed organisation or author, with the name as shown."""
@@ -539,10 +698,13 @@ class Ranker:
 DENSE_FLOOR = 0.15  # cosine at or below which a paper is unrelated (MiniLM: ~0.0-0.15)
 DENSE_CEILING = 0.45  # cosine that counts as fully about it
 DISLIKE_WEIGHT = 0.5
+DISLIKE_NEAR = 0.4  # cosine with a disliked paper from which a paper is pushed down
 LIKE_DISCOUNT = 0.1
+TOPIC_MARKS = 8  # a topic the reader wrote counts as much as this many liked papers
 FOLLOW_BONUS = 3.0  # followed authors and organisations are always included, first
 LIKE_REASON = 0.45  # cosine with a liked paper from which "Like: <title>" is shown
 TOPIC_REASON = 0.30  # cosine with a topic from which "About: <topic>" is shown
+_SCALE = 1 / (DENSE_CEILING - DENSE_FLOOR)
 
 
 @dataclass
@@ -551,30 +713,26 @@ class _Order:
 
     indices: np.ndarray
     scores: np.ndarray
-    reasons: dict[int, tuple[str, ...]]
-    why: dict[int, tuple[str, ...]]
-    candidates: Sequence[Candidate]
+    ids: list[str]  # paper id per candidate index (the ranker's, shared)
+    explain: _Explain
     order: list[int] = field(init=False)  # the indices as Python ints, for cheap lookups
-    ids: list[str] = field(init=False)
     _made: list[Pick | None] = field(init=False)
     _all: list[Pick] | None = None
 
     def __post_init__(self) -> None:
-        self.order = np.asarray(self.indices, dtype=np.int64).tolist()
-        self.ids = [self.candidates[i].paper_id for i in self.order]
-        self._made = [None] * len(self.ids)
+        self.order = self.indices.tolist()
+        self._made = [None] * len(self.order)
 
     def at(self, position: int) -> Pick:
         """The pick at ``position`` in this order, made once: subscribers share a profile."""
         made = self._made[position]
         if made is None:
             i = self.order[position]
-            made = self._made[position] = Pick(
-                self.ids[position], float(self.scores[i]), self.reasons.get(i, ()), self.why.get(i, ())
-            )
+            reasons, why = self.explain.reasons(i)
+            made = self._made[position] = Pick(self.ids[i], float(self.scores[i]), reasons, why)
         return made
 
     def picks(self) -> list[Pick]:
         if self._all is None:
-            self._all = [self.at(position) for position in range(len(self.ids))]
+            self._all = [self.at(position) for position in range(len(self.order))]
         return self._all
