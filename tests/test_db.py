@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import text
 
 from digest import db
 from digest.models import Base
+from digest.runtime import Runtime
 from tests.support.postgres_url import fresh_database
 from tests.support.processes import digest_env, run_cli
 from tests.support.servers import Postgres
@@ -48,3 +51,16 @@ def test_a_broken_database_url_is_a_one_line_error(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert result.stderr.startswith("error:")
+
+
+def test_postgresql_connections_plan_each_statement_with_its_values(runtime: Runtime) -> None:
+    """A generic plan cached while the ledger was small made claiming 2-5 s per chunk at a
+    million subscribers; every connection must plan with the actual values."""
+    if runtime.engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only")
+    with runtime.engine.connect() as conn:
+        assert conn.execute(text("SHOW plan_cache_mode")).scalar_one() == "force_custom_plan"
+        conn.rollback()
+    # A connection the pool hands out again (pre-ping, rollbacks) keeps the setting.
+    with runtime.engine.connect() as conn:
+        assert conn.execute(text("SHOW plan_cache_mode")).scalar_one() == "force_custom_plan"
