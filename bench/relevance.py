@@ -21,6 +21,13 @@ paper in it "More like this" and every other one "Less like this"; the second da
 papers are then ranked with and without those marks (``hybrid@day3`` vs ``feedback@day3``),
 for the profiles with at least one relevant paper on that day.
 
+Held-out day: 2025-06-05 (``bench/data/``, 30 papers), which no weight was tuned on and whose
+labels (``held_out`` in the labels file) were written before any ranker ran on it. Its papers
+alone are ranked by ``trending``, ``bm25``, ``dense`` and ``hybrid``; for ``feedback`` the
+reader gets the hybrid top 10 of each recorded day (days 1-2) as their two digests, marks them
+as above, and is scored on the held-out day, with and without their topics (``marksonly``).
+Means over the profiles with at least one relevant paper that day.
+
 Also: the per-paper embedding cost and the process's memory with the model loaded.
 ``--model DIR`` runs everything with another model folder (e.g. an fp32 export from
 ``scripts/build_embedding_model.py --fp32-too DIR``) to compare.
@@ -38,6 +45,7 @@ import math
 import resource
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,10 +66,15 @@ from digest.runtime import Runtime
 from digest.settings import Settings
 
 LABELS = Path(__file__).with_name("relevance_labels.json")
+# Bench-only recorded days (not shipped in the wheel), see bench/data/README.md.
+BENCH_DATA = Path(__file__).with_name("data")
+HELD_OUT = dt.date(2025, 6, 5)
 
 
 def day_papers(day: dt.date) -> list[Paper]:
     items = load_sample(day)
+    if items is None:
+        items = json.loads((BENCH_DATA / f"{day.isoformat()}.json").read_text(encoding="utf-8"))
     assert items is not None, day
     return [Paper(**dataclasses.asdict(record)) for record in parse_items(items, day)]
 
@@ -111,6 +124,76 @@ def order_of(ranker: Ranker, profile: Profile) -> list[str]:
     return [p.paper_id for p in ranker.pick(profile, len(ranker.candidates), set())]
 
 
+def reader_of(
+    key: tuple[int, float],
+    shown: list[str],
+    relevant: set[str],
+    vectors: dict[str, np.ndarray],
+    papers: dict[str, Paper],
+) -> Reader:
+    """The simulated reader: every labelled paper they were shown "more like this", every other one "less"."""
+    liked = [pid for pid in shown if pid in relevant]
+    disliked = [pid for pid in shown if pid not in relevant]
+    return Reader(
+        key=key,
+        liked=np.vstack([vectors[p] for p in liked]) if liked else None,
+        liked_titles=tuple(papers[p].title for p in liked),
+        disliked=np.vstack([vectors[p] for p in disliked]) if disliked else None,
+    )
+
+
+def held_out_section(
+    labels: list[dict[str, Any]],
+    weights: TrendingWeights,
+    embedder: Embedder,
+    vectors: dict[str, np.ndarray],
+    papers: dict[str, Paper],
+    topic: dict[str, np.ndarray],
+    weight: float,
+) -> dict[str, float]:
+    """nDCG@10 on the held-out day, printed as a table; returns the means."""
+    pool, day_of = candidates(weights, (HELD_OUT,))
+    # Embedded apart from the recorded days so the per-paper timing above stays what it was.
+    texts = [paper_text(p.title, p.abstract, p.ai_keywords) for p in day_of.values()]
+    held_vectors = dict(zip(day_of, embedder.embed(texts), strict=True))
+    every = rankers(pool, held_vectors, topic, weight)
+    variants = {name: every[name] for name in ("trending", "bm25", "dense", "hybrid")}
+    old_days = [rankers(candidates(weights, (day,))[0], vectors, topic, weight)["hybrid"] for day in SAMPLE_DATES]
+    metrics = [*variants, "feedback", "marksonly"]
+    rows: list[tuple[str, int, dict[str, float]]] = []
+    for index, label in enumerate(labels):
+        relevant = set(label["held_out"][HELD_OUT.isoformat()])
+        if not relevant:
+            continue
+        profile = Profile.from_text(label["topics"])
+        scores = {
+            name: ndcg_at(order_of(ranker, Profile() if name == "trending" else profile), relevant, 10)
+            for name, ranker in variants.items()
+        }
+        # One digest per recorded day, each that day's hybrid top 10, marked against the old labels.
+        shown = [pid for ranker in old_days for pid in order_of(ranker, profile)[:10]]
+        reader = reader_of((1, float(index)), shown, set(label["relevant"]), vectors, papers)
+        hybrid = variants["hybrid"]
+        scores["feedback"] = ndcg_at(order_of(hybrid, dataclasses.replace(profile, reader=reader)), relevant, 10)
+        scores["marksonly"] = ndcg_at(order_of(hybrid, Profile(reader=reader)), relevant, 10)
+        rows.append((label["topics"], len(relevant), scores))
+    means = {m: sum(scores[m] for _, _, scores in rows) / len(rows) for m in metrics}
+    print()
+    print(f"held-out day {HELD_OUT} ({len(pool)} papers, labelled before any ranker ran on it), nDCG@10")
+    header = f"{'topics':<32} {'rel':>3} " + " ".join(f"{m:>10}" for m in metrics)
+    print(header)
+    print("-" * len(header))
+    for topics, count, scores in rows:
+        print(f"{topics[:32]:<32} {count:>3} " + " ".join(f"{scores[m]:>10.3f}" for m in metrics))
+    print("-" * len(header))
+    print(f"{'mean':<32} {'':>3} " + " ".join(f"{means[m]:>10.3f}" for m in metrics))
+    print(
+        f"(mean over the {len(rows)} profiles with a relevant paper on {HELD_OUT}; feedback: marks on the "
+        "hybrid top 10 of each recorded day, scored here; marksonly: the same marks without topics, against trending)"
+    )
+    return means
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=None, help="model folder (default: the shipped int8 model)")
@@ -153,15 +236,7 @@ def main() -> None:
             row[f"{name}_ndcg@10"] = ndcg_at(order, relevant, 10)
         later = relevant & day3_ids
         if later:
-            shown = order_of(day1_hybrid, profile)[:10]
-            liked = [pid for pid in shown if pid in relevant]
-            disliked = [pid for pid in shown if pid not in relevant]
-            reader = Reader(
-                key=(0, float(len(rows))),
-                liked=np.vstack([vectors[p] for p in liked]) if liked else None,
-                liked_titles=tuple(papers[p].title for p in liked),
-                disliked=np.vstack([vectors[p] for p in disliked]) if disliked else None,
-            )
+            reader = reader_of((0, float(len(rows))), order_of(day1_hybrid, profile)[:10], relevant, vectors, papers)
             row["hybrid@day3_ndcg@10"] = ndcg_at(order_of(day3_hybrid, profile), later, 10)
             taught = dataclasses.replace(profile, reader=reader)
             row["feedback@day3_ndcg@10"] = ndcg_at(order_of(day3_hybrid, taught), later, 10)
@@ -204,7 +279,9 @@ def main() -> None:
     )
     summary = {"bench": "relevance", "model": embedder.name, "profiles": len(rows), "candidates": len(pool)}
     extra = {"embed_ms_per_paper": round(per_paper_ms, 1), "rss_mb_with_model": round(rss_after / 1024)}
-    print(json.dumps(summary | {k: round(v, 4) for k, v in means.items()} | extra))
+    held = held_out_section(labels, weights, embedder, vectors, papers, topic, weight)
+    held_out = {f"heldout_{k}_ndcg@10": round(v, 4) for k, v in held.items()}
+    print(json.dumps(summary | {k: round(v, 4) for k, v in means.items()} | extra | held_out))
 
 
 if __name__ == "__main__":
