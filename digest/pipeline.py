@@ -20,12 +20,14 @@ from digest.db import transaction
 from digest.delivery.batch import BatchResult, run_batch
 from digest.delivery.composer import DigestComposer, build_digest
 from digest.delivery.ledger import (
+    STATISTICS_CHECK_FIRST,
     counts_by_status,
     due_subscriber_page,
     expire_stale,
     failure_reasons,
     open_count,
     plan_deliveries,
+    refresh_statistics_if_blind,
     unfinished_subscribers,
 )
 from digest.errors import DigestError, SendingPaused, UpstreamError
@@ -104,11 +106,14 @@ def dispatch(
     extra_filter: object | None = None,
     not_after: dt.datetime | None = None,
     after_id: int = 0,
+    check_statistics_at: int = STATISTICS_CHECK_FIRST,
 ) -> int:
     """Walk due subscribers by keyset, planning each page (papers chosen by ``composer``) and
     enqueueing it after its commit. Rows are stale after ``not_after`` (default: ``now`` +
-    ``stale_after``). ``after_id`` resumes a walk that was interrupted after that subscriber."""
-    pages = 0
+    ``stale_after``). ``after_id`` resumes a walk that was interrupted after that subscriber.
+    At ``check_statistics_at`` planned rows, then at each factor of four, the ledger's planner
+    statistics are refreshed if they know of fewer rows (see ``refresh_statistics_if_blind``)."""
+    pages = planned = 0
     not_after = not_after or now + stale_after
     while True:
         with transaction(factory) as session:
@@ -128,6 +133,11 @@ def dispatch(
                 )
         if not ids:
             return pages
+        planned += len(ids)
+        if planned >= check_statistics_at:
+            with transaction(factory) as session:
+                refresh_statistics_if_blind(session, planned)
+            check_statistics_at *= 4
         enqueue(ids)
         pages += 1
         after_id = ids[-1]

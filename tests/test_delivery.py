@@ -8,6 +8,7 @@ import threading
 import time
 from collections import Counter
 
+import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -400,3 +401,44 @@ def test_unsubscribing_while_the_message_waits_for_the_rate_limit_stops_it(
     batch.join(timeout=30)
     assert received_counts(smtp) == Counter(emails[:1])
     assert deliveries(session)[emails[1]].status is DeliveryStatus.SKIPPED
+
+
+def test_a_dispatch_onto_a_fresh_ledger_gives_the_planner_statistics(runtime: Runtime) -> None:
+    """A new install's ledger has the statistics of an empty table; planning a big edition onto
+    it then read the whole ledger per page (a sequential scan for each no-repeats look-up). The
+    dispatcher refreshes them once it has planned more rows than they know of."""
+    from sqlalchemy import text
+
+    from tests.e2e.test_infra_restarts import add_subscribers
+
+    if runtime.engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only")
+
+    def known_rows() -> float:
+        with runtime.engine.connect() as conn:
+            return float(conn.execute(text("SELECT reltuples FROM pg_class WHERE relname = 'deliveries'")).scalar_one())
+
+    add_subscribers(runtime, 300)
+    with runtime.papers_client() as client, transaction(runtime.session_factory) as session:
+        digest_id = collect_day(session, client, DAY, runtime).digest_id
+    assert digest_id is not None and known_rows() <= 0
+
+    def plan(check_at: int) -> None:
+        dispatch(
+            runtime.session_factory,
+            digest_id,
+            now=utcnow(),
+            page_size=50,
+            stale_after=runtime.policy.stale_after,
+            message_domain="digest.example.org",
+            composer=composer_of(runtime, digest_id),
+            enqueue=lambda ids: None,
+            check_statistics_at=check_at,
+        )
+
+    plan(check_at=10_000)  # an edition smaller than the first check: left to autovacuum
+    assert known_rows() <= 0
+    with transaction(runtime.session_factory) as session:
+        session.execute(text("DELETE FROM deliveries"))
+    plan(check_at=100)  # checked at 100 planned rows (then 400): the statistics knew of none
+    assert known_rows() >= 100

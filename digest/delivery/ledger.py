@@ -109,6 +109,29 @@ def plan_deliveries(
     session.flush()
 
 
+# A dispatch checks the ledger's planner statistics when it has planned this many rows, then at
+# each further factor of four.
+STATISTICS_CHECK_FIRST = 10_000
+
+
+def refresh_statistics_if_blind(session: Session, planned: int) -> bool:
+    """ANALYZE the ledger when its statistics know of fewer rows than this dispatch has planned.
+
+    A fresh ledger (a new install, or a server whose autovacuum lags or is off) has statistics
+    from when it was empty. PostgreSQL then reads a million-row ledger by sequential scan for
+    each page's no-repeats look-up (0.28 s a page at 250 000 rows instead of a few ms) and
+    plans claims through the status index. One ANALYZE samples 30 000 rows, far less than one
+    such page costs, and is needed only while the table outgrows what the statistics know.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return False
+    known = session.scalar(text("SELECT reltuples FROM pg_class WHERE oid = 'deliveries'::regclass"))
+    if known is not None and known >= planned:
+        return False
+    session.execute(text("ANALYZE deliveries"))
+    return True
+
+
 def _claimable(now: dt.datetime) -> ColumnElement[bool]:
     """Sendable at ``now``: pending and due, or sending with an expired lease (its worker died)."""
     return or_(
