@@ -23,7 +23,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from digest import pipeline
-from digest.db import transaction
 from digest.delivery.ledger import counts_by_status, failure_reasons, open_count
 from digest.errors import DigestError
 from digest.models import utcnow
@@ -148,11 +147,7 @@ def run_via_workers(
     factory = runtime.session_factory
 
     def in_db(step: Callable[[Any], Any]) -> Any:
-        def unit() -> Any:
-            with transaction(factory) as session:
-                return step(session)
-
-        return outages.database(unit, limit=wait)
+        return outages.transaction(factory, step, limit=wait)
 
     def sweep() -> None:
         def once() -> None:

@@ -14,7 +14,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 
+from digest.db import transaction
 from digest.errors import DigestError
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,15 @@ class Outages:
 
     def database(self, call: Callable[[], T], limit: float = 600.0) -> T:
         return self.retry("the database", call, is_outage=database_outage, limit=limit)
+
+    def transaction(self, factory: sessionmaker[Session], step: Callable[[Session], T], limit: float = 600.0) -> T:
+        """``step(session)`` in a unit of work of its own, done again while the database is away."""
+
+        def unit() -> T:
+            with transaction(factory) as session:
+                return step(session)
+
+        return self.database(unit, limit=limit)
 
     def redis(self, call: Callable[[], T], limit: float = 600.0) -> T:
         errors = broker_errors()

@@ -287,11 +287,7 @@ def run_inprocess(
     factory = runtime.session_factory
 
     def in_db(step: Callable[[Session], T]) -> T:
-        def unit() -> T:
-            with transaction(factory) as session:
-                return step(session)
-
-        return outages.database(unit, limit=wait)
+        return outages.transaction(factory, step, limit=wait)
 
     digest_id, notes = outages.database(lambda: collect_if_needed(runtime, day, allow_sample=allow_sample), limit=wait)
     summary = RunSummary(day, digest_id, notes=notes)
