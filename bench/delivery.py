@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -158,6 +159,40 @@ def cpu_by_program() -> dict[str, float]:
     return totals
 
 
+class PostgresMemory:
+    """Peak memory of the PostgreSQL server while the run lasts, sampled every 2 s: the largest
+    backend's RSS (shared buffers it touched included) and all its processes' PSS (shared pages
+    divided among them, so the sum is what the server really holds)."""
+
+    def __init__(self) -> None:
+        self.max_backend_rss_mb = 0.0
+        self.max_total_pss_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(2.0):
+            total = 0.0
+            for proc in psutil.process_iter(["name"]):
+                if proc.info["name"] != "postgres":
+                    continue
+                try:
+                    info = proc.memory_full_info()
+                except (psutil.Error, OSError):
+                    continue
+                self.max_backend_rss_mb = max(self.max_backend_rss_mb, info.rss / 2**20)
+                total += getattr(info, "pss", info.rss) / 2**20
+            self.max_total_pss_mb = max(self.max_total_pss_mb, total)
+
+    def __enter__(self) -> PostgresMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 def pool_processes(worker: Process) -> list[psutil.Process]:
     assert worker.proc is not None
     return psutil.Process(worker.proc.pid).children(recursive=True)
@@ -206,7 +241,8 @@ def run_once(
     cpu_before = sum(p.cpu_times().user + p.cpu_times().system for p in children)
     others_before = cpu_by_program()
     start = time.perf_counter()
-    run = subprocess.run([str(BIN / "digest"), "run", "--date", DAY], env=env, capture_output=True, text=True)
+    with PostgresMemory() as pg_memory:
+        run = subprocess.run([str(BIN / "digest"), "run", "--date", DAY], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     cpu_after = sum(p.cpu_times().user + p.cpu_times().system for p in children)
     others = {k: v - others_before.get(k, 0.0) for k, v in cpu_by_program().items()}
@@ -257,6 +293,8 @@ def run_once(
             k: round(1000 * v / max(1, sent), 3) for k, v in sorted(others.items()) if v > 0.5
         },
         "peak_rss_mb_per_worker_process": [round(r, 1) for r in peak_rss],
+        "postgres_peak_backend_rss_mb": round(pg_memory.max_backend_rss_mb, 1),
+        "postgres_peak_total_pss_mb": round(pg_memory.max_total_pss_mb, 1),
         "postgres_per_message": {
             "commits": round(commits / max(1, sent), 3),
             "delivery_row_updates": round(upd / max(1, sent), 3),
