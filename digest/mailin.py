@@ -561,21 +561,6 @@ def _complaint(session: Session, config: MailinConfig, inbound: Inbound, now: dt
     return Handled("complaint (unsubscribed)", subscriber_id=subscriber.id, changed=True)
 
 
-MESSAGE_ID_DATE = re.compile(r"<(\d{4}-\d\d-\d\d)\.(?:daily|weekly)\.[0-9a-f]+@")
-
-
-def _compacted_edition(message_id: str, today: dt.date, retention_days: int) -> bool:
-    """Whether a Message-ID of ours names an edition whose deliveries are compacted by now."""
-    found = MESSAGE_ID_DATE.match(message_id.strip())
-    if found is None:
-        return False
-    try:
-        day = dt.date.fromisoformat(found[1])
-    except ValueError:
-        return False
-    return day < today - dt.timedelta(days=retention_days)
-
-
 def _reported_delivery(
     session: Session, config: MailinConfig, inbound: Inbound, now: dt.datetime
 ) -> SignedDelivery | None:
@@ -583,8 +568,8 @@ def _reported_delivery(
 
     Proof is a token we made: the VERP address the report was sent to, or one in the quoted
     headers — the VERP Return-Path (names the delivery), or the List-Unsubscribe mailto (names
-    the subscriber; the quoted Message-ID must then be one of their deliveries, or name an
-    edition so old that its deliveries were compacted).
+    the subscriber; the quoted Message-ID must then be one of their live deliveries: a mailto
+    token next to a Message-ID proves nothing about whose message it was once the row is gone).
     """
     candidates: list[tuple[str, str]] = []
     if inbound.token and inbound.tag == "bounce":
@@ -605,8 +590,6 @@ def _reported_delivery(
             )
             if delivery_id is not None:
                 return SignedDelivery(subscriber.id, delivery_id)
-            if _compacted_edition(inbound.original_message_id, now.date(), config.ledger_retention_days):
-                return SignedDelivery(subscriber.id, None)
     return None
 
 
