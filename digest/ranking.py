@@ -71,8 +71,9 @@ Two stages keep a million-subscriber run cheap: the trending order is computed o
 (``digest_items``), and ``Ranker`` scores each distinct profile (topics + excluded words, or a
 reader's own) once, caching per topic and per profile, so subscribers who share a profile only
 pay for skipping the papers they already received. A reader who taught it reuses their topic
-profile's part and adds one matrix product of their vectors with the edition's; every pick's
-reasons are only worked out for the papers picked.
+profile's part; the vectors of a whole page of such readers are compared with the edition's in
+one matrix product (``Ranker.learn``), and every pick's reasons are only worked out for the
+papers picked.
 """
 
 from __future__ import annotations
@@ -84,11 +85,13 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import NamedTuple
 
 import bm25s
 import numpy as np
 import Stemmer
 from bm25s.stopwords import STOPWORDS_EN
+from threadpoolctl import ThreadpoolController
 
 from digest.models import Paper
 
@@ -172,6 +175,10 @@ class Reader:
         return self.liked is not None or self.disliked is not None or bool(self.follows)
 
 
+def _teaches(profile: Profile) -> bool:
+    return profile.reader is not None and profile.reader.teaches
+
+
 @dataclass(frozen=True)
 class Profile:
     """What personalises a digest; subscribers with equal profiles share one ranking."""
@@ -195,10 +202,13 @@ class Candidate:
     organization: str | None = None
 
 
-@dataclass(frozen=True)
-class Pick:
+class Pick(NamedTuple):
+    """A paper in a digest and why it is there. The same paper with the same reasons is one
+    object for every profile of an edition (``Ranker._picks``): a ranker keeps hundreds of
+    thousands of picks otherwise, and the garbage collector's full passes over them cost more
+    than the ranking (bench/ranking.py)."""
+
     paper_id: str
-    score: float
     reasons: tuple[str, ...] = ()  # the topics that match it (BM25): "Matches: ..."
     why: tuple[str, ...] = ()  # other reasons, as shown: "Like: <title>", "From: <organisation>"
 
@@ -327,9 +337,10 @@ class _Term:
 
     matches: np.ndarray  # bool per candidate
     bm25: np.ndarray  # BM25 score per candidate (0 where it does not match)
-    # The same as Python objects, for a pick's reasons: indexing numpy arrays one element at a
-    # time costs more than the whole ranking of a paper.
-    matching: frozenset[int] = frozenset()
+    # The term and the candidates it matches as Python objects, for a pick's reasons: indexing
+    # numpy arrays one element at a time costs more than the whole ranking of a paper. One
+    # pair per term, shared by every profile that has it (fewer objects for the collector).
+    named: tuple[str, frozenset[int]] = ("", frozenset())
 
 
 def _near(positions: Sequence[list[int]], span: int) -> bool:
@@ -340,20 +351,74 @@ def _near(positions: Sequence[list[int]], span: int) -> bool:
 
 # Bound on cached profiles per ranker: a whole in-process run shares one ranker.
 PROFILE_CACHE_SIZE = 20_000
-# OpenBLAS multiplies on one thread while rows x columns x inner size stays below twice
-# 65536 * GEMM_MULTITHREAD_THRESHOLD (4); above it, on more threads (measured: 13 rows of 100
-# papers x 384 dimensions ~27 µs CPU, 14 rows ~230 µs).
-SINGLE_THREAD_PRODUCT = 2 * 65536 * 4 - 1
-READER_CACHE_SIZE = 256  # a reader's own order is asked for once or twice per edition
+LEARN_AT_ONCE = 1_000  # readers ranked together (bounds the arrays: readers x candidates)
+SHARED_PICKS = 200_000  # distinct (paper, reasons) picks kept for sharing per ranker
 BASE_CACHE_SIZE = 2_000  # topic profiles of readers who taught it
+
+
+@lru_cache(maxsize=1)
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+@dataclass(frozen=True)
+class _Marks:
+    """Readers' marked papers against the edition's candidates, one row per reader."""
+
+    liked: np.ndarray  # cosine of each candidate with the reader's nearest liked paper
+    nearest: np.ndarray  # which of the reader's liked papers that is
+    disliked: np.ndarray  # cosine with the nearest disliked paper
+    liking: np.ndarray  # per reader (a column): has liked papers to compare with
+    disliking: np.ndarray  # per reader: has disliked papers
+
+    @classmethod
+    def of(cls, readers: Sequence[Reader], vectors: np.ndarray | None, candidates: int) -> _Marks:
+        """All ``readers`` compared in one matrix product.
+
+        One product of a page's readers (a few hundred rows) costs about a third of the CPU
+        time of the same rows taken reader by reader (0.5 against 1.6-2 µs a row with 100
+        candidates), and it runs on one BLAS thread: OpenBLAS hands a product this size to all
+        its threads, whose waiting measured 3-10x the CPU time on a busy 2-core machine, where
+        the other cores run other workers.
+        """
+        count = len(readers)
+        # The readers' vectors one after the other (none without a model to compare them by).
+        rows = [r.rows if vectors is not None and r.rows is not None else _NO_ROWS for r in readers]
+        sizes = np.array([len(matrix) for matrix in rows])
+        liked_counts = np.array([r.liked_count for r in readers]) * (sizes > 0)
+        disliked_counts = sizes - liked_counts
+        # Each reader's liked and disliked papers as the rows of one array per side, padded with
+        # a cosine below any real one, so the nearest of each is one max (and argmax) for all.
+        padded = np.full(
+            (2, count, max(1, liked_counts.max(initial=0), disliked_counts.max(initial=0)), candidates),
+            _BELOW,
+            dtype=np.float32,
+        )
+        if vectors is not None and sizes.any():
+            stacked = np.vstack([matrix for matrix in rows if len(matrix)])
+            with _blas().limit(limits=1, user_api="blas"):
+                sims = stacked @ vectors.T
+            owner = np.repeat(np.arange(count), sizes)
+            position = np.arange(len(stacked)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+            first_disliked = np.repeat(liked_counts, sizes)
+            side = position >= first_disliked
+            padded[side.astype(np.intp), owner, np.where(side, position - first_disliked, position)] = sims
+        nearest = padded[0].argmax(axis=1)
+        closest = padded.max(axis=2)
+        return cls(closest[0], nearest, closest[1], (liked_counts > 0)[:, None], (disliked_counts > 0)[:, None])
+
+
+_BELOW = -2.0  # below every cosine: "no paper here"
+_NO_ROWS = np.zeros((0, 0), dtype=np.float32)
 
 
 @dataclass(frozen=True)
 class _Likes:
-    """Per candidate: its cosine with the nearest liked paper, which one, and their titles."""
+    """Per candidate: its cosine with the nearest liked paper, which one, and their titles (as
+    Python lists: a pick's reasons look up single elements, which numpy makes slow)."""
 
-    cosine: np.ndarray
-    nearest: np.ndarray
+    cosine: list[float]
+    nearest: list[int]
     titles: tuple[str, ...]
 
 
@@ -374,13 +439,21 @@ class _Explain:
 
     def reasons(self, i: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(topics that match paper ``i``; the other reasons, as shown)."""
-        matches = tuple([topic for topic, found in self.terms if i in found]) if self.terms else ()
+        # Made for every pick of every profile: one topic (the common case) without a loop.
+        terms = self.terms
+        if len(terms) == 1:
+            matches: tuple[str, ...] = (terms[0][0],) if i in terms[0][1] else ()
+        else:
+            matches = tuple([topic for topic, found in terms if i in found]) if terms else ()
         why: tuple[str, ...] = ()
         if self.likes is not None and self.likes.cosine[i] >= LIKE_REASON:
-            why = (f"Like: {self.likes.titles[int(self.likes.nearest[i])]}",)
+            why = (f"Like: {self.likes.titles[self.likes.nearest[i]]}",)
         elif not matches and self.senses:
-            topic, cosine = max(self.senses, key=lambda sense: sense[1][i])
-            if cosine[i] >= TOPIC_REASON:
+            topic, closest = "", TOPIC_REASON
+            for sense, cosine in self.senses:
+                if cosine[i] > closest or (cosine[i] == closest and not topic):
+                    topic, closest = sense, cosine[i]
+            if topic:
                 why = (f"About: {topic}",)
         source = self.follows.get(i)
         return matches, why if source is None else (f"From: {source}", *why)
@@ -396,7 +469,6 @@ class _Base:
     lexical: np.ndarray  # BM25 over the matching topics, relative to the best allowed match
     trend: np.ndarray  # trending relative to the best allowed paper
     start: np.ndarray  # trend + match bonus: the score before relevance
-    blend: np.ndarray  # start + weight * (lexical share of BM25 - trend), at the default weight (taught)
     dense: np.ndarray | None  # the topics' similarity, scaled (None: no topic has a vector)
     explain: _Explain
 
@@ -417,12 +489,11 @@ class Ranker:
     lexical_share: float = 0.2  # of relevance: BM25 against meaning
     match_bonus: float = 1.0  # a word-for-word topic match ranks above every paper without one
     _cache: dict[Profile, _Order] = field(default_factory=dict)
-    # Readers who taught it have orders of their own, used once per edition: kept apart, so
-    # they never push out the orders that many subscribers share.
-    _reader_cache: dict[Profile, _Order] = field(default_factory=dict, repr=False)
     _base_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], _Base] = field(default_factory=dict, repr=False)
+    _learnt: dict[Profile, _Order] = field(default_factory=dict, repr=False)  # the page's readers
+    _picks: dict[tuple[int, tuple[str, ...], tuple[str, ...]], Pick] = field(default_factory=dict, repr=False)
     _trend_shares: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict, repr=False)
-    _dense: dict[str, tuple[list[float], np.ndarray] | None] = field(default_factory=dict, repr=False)
+    _dense: dict[str, tuple[tuple[str, list[float]], np.ndarray] | None] = field(default_factory=dict, repr=False)
     _by_name: dict[str, list[tuple[int, str]]] | None = field(default=None, repr=False)
     _terms: dict[str, _Term] = field(default_factory=dict, repr=False)
     _excluded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -443,15 +514,25 @@ class Ranker:
             self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
 
     def _ordered(self, profile: Profile) -> _Order:
-        cache, size = self._cache, PROFILE_CACHE_SIZE
         if profile.reader is not None:
-            cache, size = self._reader_cache, READER_CACHE_SIZE
-        cached = cache.get(profile)
+            # A reader's own order is asked for once per edition: kept for the page only, so it
+            # dies young (long-lived objects make the garbage collector's full passes longer).
+            return self._learnt.get(profile) or self._rank(profile)
+        cached = self._cache.get(profile)
         if cached is None:
-            if len(cache) >= size:
-                del cache[next(iter(cache))]  # oldest first; dicts keep insertion order
-            cached = cache[profile] = self._rank(profile)
+            if len(self._cache) >= PROFILE_CACHE_SIZE:
+                del self._cache[next(iter(self._cache))]  # oldest first; dicts keep insertion order
+            cached = self._cache[profile] = self._rank(profile)
         return cached
+
+    def learn(self, profiles: Iterable[Profile]) -> None:
+        """Rank a page's readers who taught it all at once, before their picks: their orders
+        are kept until the next page. Readers not learnt are ranked one by one, the same way."""
+        self._learnt.clear()
+        todo = [p for p in dict.fromkeys(profiles) if _teaches(p)]
+        for start in range(0, len(todo), LEARN_AT_ONCE):
+            some = todo[start : start + LEARN_AT_ONCE]
+            self._learnt.update(zip(some, self._taught(some), strict=True))
 
     def order(self, profile: Profile) -> list[Pick]:
         """Every allowed candidate for ``profile``, best first."""
@@ -461,10 +542,11 @@ class Ranker:
         """The top ``size`` papers for ``profile`` that this subscriber has not received."""
         ordered = self._ordered(profile)
         chosen: list[Pick] = []
-        ids = self._ids
+        ids, made = self._ids, ordered.made
         for position, i in enumerate(ordered.order):
             if ids[i] not in already_sent:
-                chosen.append(ordered.at(position))
+                # Runs for every subscriber: a pick made before is taken without a call.
+                chosen.append(made[position] or ordered.at(position))
                 if len(chosen) == size:
                     break
         return chosen
@@ -502,7 +584,7 @@ class Ranker:
                 scores = np.asarray(index.get_scores(unique), dtype=np.float64)
                 best = np.maximum(best, np.where(found_in, scores, 0.0))
                 matches |= found_in
-        known = self._terms[term] = _Term(matches, best, frozenset(np.flatnonzero(matches).tolist()))
+        known = self._terms[term] = _Term(matches, best, (term, frozenset(np.flatnonzero(matches).tolist())))
         return known
 
     def _matching(self, words: list[str]) -> np.ndarray:
@@ -531,9 +613,9 @@ class Ranker:
             mask |= self._excluding(word)
         return mask
 
-    def _topic_similarity(self, topic: str) -> tuple[list[float], np.ndarray] | None:
-        """Cosine of each candidate with the topic's vector (a list, for reasons) and the same
-        scaled to 0..1, once per topic and edition."""
+    def _topic_similarity(self, topic: str) -> tuple[tuple[str, list[float]], np.ndarray] | None:
+        """The topic with each candidate's cosine with its vector (a list, for reasons), and the
+        same scaled to 0..1, once per topic and edition."""
         if topic in self._dense:
             return self._dense[topic]
         found = None
@@ -541,11 +623,11 @@ class Ranker:
             vector = self.topic_vector(topic)
             if vector is not None:
                 cosine = self.vectors @ vector
-                found = cosine.tolist(), _scaled(cosine)
+                found = (topic, cosine.tolist()), _scaled(cosine)
         self._dense[topic] = found
         return found
 
-    def _base(self, topics: tuple[str, ...], excluded: tuple[str, ...], taught: bool = False) -> _Base:
+    def _base(self, topics: tuple[str, ...], excluded: tuple[str, ...]) -> _Base:
         """What a topic profile contributes, the same for everyone who has it."""
         allowed = ~self._excluded_mask(excluded) if excluded else self._everything
         trend = self._trend_share(excluded, allowed)
@@ -565,10 +647,8 @@ class Ranker:
         if senses:
             dense = senses[0][1][1] if len(senses) == 1 else np.maximum.reduce([f[1] for _, f in senses])
         start = trend + matched * self.match_bonus
-        # The score of a taught reader at the default weight is blend + the weighted meaning.
-        blend = start + self.relevance_weight * (self.lexical_share * lexical - trend) if taught else start
-        explain = _Explain(tuple((t, term.matching) for t, term in terms), tuple((t, f[0]) for t, f in senses))
-        return _Base(allowed, not excluded, lexical, trend, start, blend, dense, explain)
+        explain = _Explain(tuple([term.named for _, term in terms]), tuple([f[0] for _, f in senses]))
+        return _Base(allowed, not excluded, lexical, trend, start, dense, explain)
 
     def _bases(self, topics: tuple[str, ...], excluded: tuple[str, ...]) -> _Base:
         """``_base`` cached for readers who taught it: many of them share popular topics."""
@@ -577,17 +657,16 @@ class Ranker:
         if found is None:
             if len(self._base_cache) >= BASE_CACHE_SIZE:
                 del self._base_cache[next(iter(self._base_cache))]
-            found = self._base_cache[key] = self._base(topics, excluded, taught=True)
+            found = self._base_cache[key] = self._base(topics, excluded)
         return found
 
     def _rank(self, profile: Profile) -> _Order:
         # Runs once per distinct profile (tens of thousands per edition): few numpy calls on
         # whole arrays, Python loops only over the candidates that carry a reason.
-        reader = profile.reader if profile.reader is not None and profile.reader.teaches else None
-        if reader is None:
+        if not _teaches(profile):
             base = self._base(profile.topics, profile.excluded)
             if not profile.topics:
-                return _Order(np.flatnonzero(base.allowed), self._trend_values, self._ids, base.explain)
+                return _Order(np.flatnonzero(base.allowed), self._ids, base.explain, self._picks)
             if base.dense is None:
                 relevance = base.lexical
             else:
@@ -595,72 +674,61 @@ class Ranker:
             # Papers that match a topic word for word come first (the reader asked for exactly that).
             score = base.start + self.relevance_weight * (relevance - base.trend)
             return self._finish(base, score, base.explain)
-        return self._taught(self._bases(profile.topics, profile.excluded), reader)
+        return self._taught([profile])[0]
 
-    def _taught(self, base: _Base, reader: Reader) -> _Order:
-        """A reader's own ranking: their topics' part (shared) and what their marks add.
+    def _taught(self, profiles: Sequence[Profile]) -> list[_Order]:
+        """Readers' own rankings: their topics' part (shared) and what their marks add.
 
-        Runs once per reader who taught it and edition, so it is kept to a few numpy calls on
-        whole arrays: one product of the reader's vectors with the edition's, then the blend;
-        the "Like: <title>" reasons are only worked out for the papers picked (``_Order.at``).
+        One row per reader in each array, so a page of readers costs a few numpy calls in all:
+        one product of their vectors with the edition's, then the blend; the "Like: <title>"
+        reasons are only worked out for the papers picked (``_Order.at``).
         """
-        dense = base.dense
-        rows = reader.rows
-        likes: _Likes | None = None
-        if rows is not None and self.vectors is not None:
-            # Products small enough for one BLAS thread: a bigger one is handed to its threads,
-            # measured 3-10x slower in CPU time on this busy 2-core machine.
-            step = max(1, SINGLE_THREAD_PRODUCT // self.vectors.size)
-            if len(rows) <= step:
-                sims = self.vectors @ rows.T
-            else:
-                sims = np.hstack([self.vectors @ rows[i : i + step].T for i in range(0, len(rows), step)])
-            liked_count = reader.liked_count
-            liked = None
-            if liked_count:
-                liked_sims = sims[:, :liked_count]
-                nearest = liked_sims.argmax(axis=1)
-                liked = liked_sims[self._arange, nearest]
-                likes = _Likes(liked, nearest, reader.liked_titles)
-                # Marks are examples, topics are statements. A paper nearer to a liked one than
-                # to the topics gains part of that lead: all of it for a reader without topics,
-                # otherwise the marks' share of the reader's evidence (a topic counts as
-                # TOPIC_MARKS marks) or, when more, how closely the paper is about the topics.
-                # So marks reorder freely within the reader's topics, and reach outside them
-                # only as far as there are many of them (measured: bench/relevance.py).
-                scaled = np.clip(liked * _SCALE - (LIKE_DISCOUNT + DENSE_FLOOR) * _SCALE, 0.0, 1.0)
-                if dense is None:
-                    dense = scaled
-                else:
-                    share = liked_count / (liked_count + TOPIC_MARKS * len(base.explain.senses))
-                    dense = dense + np.maximum(dense, share) * np.maximum(scaled - dense, 0.0)
-            if liked_count < len(rows):
-                # "Less like this" pushes down close neighbours of the disliked papers only (a
-                # paper merely nearer to them than to the topics may still be what was asked
-                # for), unless a liked paper is at least as close.
-                disliked = sims[:, liked_count:].max(axis=1)
-                slope = DISLIKE_WEIGHT / (1 - DISLIKE_NEAR)
-                penalty = np.clip(disliked * slope - DISLIKE_NEAR * slope, 0.0, DISLIKE_WEIGHT)
-                if liked is not None:
-                    penalty *= disliked > liked
-                dense = -penalty if dense is None else dense - penalty
-        weight = reader.personal_weight if reader.personal_weight is not None else self.relevance_weight
-        if dense is None:
-            score = base.start + weight * (base.lexical - base.trend)  # nothing to compare by meaning
-        elif weight == self.relevance_weight:
-            score = base.blend + (weight * (1 - self.lexical_share)) * dense
-        else:
-            score = base.start + weight * (
-                self.lexical_share * base.lexical - base.trend + (1 - self.lexical_share) * dense
-            )
-        follows: dict[int, str] = {}
-        if reader.follows:
-            follows = self._followed(reader.follows)
-            if follows:
-                # Papers by followed authors or organisations before everything.
-                score[list(follows)] += FOLLOW_BONUS
-        explain = _Explain(base.explain.terms, base.explain.senses, likes, follows)
-        return self._finish(base, score, explain)
+        readers = [p.reader for p in profiles if p.reader is not None]
+        assert len(readers) == len(profiles), "only readers who taught it have orders of their own"
+        bases = [self._bases(p.topics, p.excluded) for p in profiles]
+        marks = _Marks.of(readers, self.vectors, len(self.candidates))
+        topic = np.stack([self._zeros if b.dense is None else b.dense for b in bases])
+        has_topic = np.array([b.dense is not None for b in bases])[:, None]
+        liked_count = np.array([r.liked_count for r in readers])
+        # Marks are examples, topics are statements. A paper nearer to a liked one than to the
+        # topics gains part of that lead: all of it for a reader without topics, otherwise the
+        # marks' share of the reader's evidence (a topic counts as TOPIC_MARKS marks) or, when
+        # more, how closely the paper is about the topics. So marks reorder freely within the
+        # reader's topics, and reach outside them only as far as there are many of them
+        # (measured: bench/relevance.py).
+        scaled = np.clip(marks.liked * _SCALE - (LIKE_DISCOUNT + DENSE_FLOOR) * _SCALE, 0.0, 1.0)
+        senses = np.array([len(b.explain.senses) for b in bases])
+        share = (liked_count / np.maximum(liked_count + TOPIC_MARKS * senses, 1))[:, None]
+        dense = np.where(marks.liking, topic + np.maximum(topic, share) * np.maximum(scaled - topic, 0.0), topic)
+        # "Less like this" pushes down close neighbours of the disliked papers only (a paper
+        # merely nearer to them than to the topics may still be what was asked for), unless a
+        # liked paper is at least as close.
+        slope = DISLIKE_WEIGHT / (1 - DISLIKE_NEAR)
+        penalty = np.clip(marks.disliked * slope - DISLIKE_NEAR * slope, 0.0, DISLIKE_WEIGHT)
+        dense -= penalty * (~marks.liking | (marks.disliked > marks.liked))
+        # Without anything to compare by meaning, relevance is BM25 alone.
+        lexical_share = np.where(has_topic | marks.liking | marks.disliking, self.lexical_share, 1.0)
+        weight = np.array(
+            [[self.relevance_weight if r.personal_weight is None else r.personal_weight] for r in readers]
+        )
+        start, lexical, trend = (np.stack([getattr(b, part) for b in bases]) for part in ("start", "lexical", "trend"))
+        score = start + weight * (lexical_share * lexical - trend + (1 - self.lexical_share) * dense)
+        follows = [self._followed(r.follows) if r.follows else {} for r in readers]
+        for k, found in enumerate(follows):
+            if found:
+                score[k, list(found)] += FOLLOW_BONUS  # followed authors and organisations first
+        # Best first, ties by arXiv id, the excluded at the end (cut off): one sort for all.
+        allowed = np.stack([b.allowed for b in bases])
+        ordered = np.lexsort((np.broadcast_to(self._id_rank, score.shape), np.where(allowed, -score, np.inf)))
+        kept = allowed.sum(axis=1).tolist()
+        liking = marks.liking[:, 0].tolist()
+        cosines, nearest = marks.liked.tolist(), marks.nearest.tolist()
+        orders = []
+        for k, (base, reader) in enumerate(zip(bases, readers, strict=True)):
+            likes = _Likes(cosines[k], nearest[k], reader.liked_titles) if liking[k] else None
+            explain = _Explain(base.explain.terms, base.explain.senses, likes, follows[k])
+            orders.append(_Order(ordered[k, : kept[k]], self._ids, explain, self._picks))
+        return orders
 
     def _finish(self, base: _Base, score: np.ndarray, explain: _Explain) -> _Order:
         if base.every:
@@ -668,7 +736,7 @@ class Ranker:
         else:
             indices = np.flatnonzero(base.allowed)
             ordered = indices[np.lexsort((self._id_rank[indices], -score[indices]))]
-        return _Order(ordered, score, self._ids, explain)
+        return _Order(ordered, self._ids, explain, self._picks)
 
     def _trend_share(self, excluded: tuple[str, ...], allowed: np.ndarray) -> np.ndarray:
         """Trending scores relative to the best allowed paper, once per set of excluded words."""
@@ -712,24 +780,30 @@ class _Order:
     """One profile's ranking: candidate indices best first, and what each pick says."""
 
     indices: np.ndarray
-    scores: np.ndarray
     ids: list[str]  # paper id per candidate index (the ranker's, shared)
     explain: _Explain
+    shared: dict[tuple[int, tuple[str, ...], tuple[str, ...]], Pick]  # the ranker's picks
     order: list[int] = field(init=False)  # the indices as Python ints, for cheap lookups
-    _made: list[Pick | None] = field(init=False)
+    made: list[Pick | None] = field(init=False)  # the picks made so far, by position
     _all: list[Pick] | None = None
 
     def __post_init__(self) -> None:
         self.order = self.indices.tolist()
-        self._made = [None] * len(self.order)
+        self.made = [None] * len(self.order)
 
     def at(self, position: int) -> Pick:
         """The pick at ``position`` in this order, made once: subscribers share a profile."""
-        made = self._made[position]
+        made = self.made[position]
         if made is None:
             i = self.order[position]
             reasons, why = self.explain.reasons(i)
-            made = self._made[position] = Pick(self.ids[i], float(self.scores[i]), reasons, why)
+            key = (i, reasons, why)
+            made = self.shared.get(key)
+            if made is None:
+                if len(self.shared) >= SHARED_PICKS:
+                    self.shared.clear()  # only sharing is lost
+                made = self.shared[key] = Pick(self.ids[i], reasons, why)
+            self.made[position] = made
         return made
 
     def picks(self) -> list[Pick]:

@@ -219,3 +219,59 @@ def test_less_like_this_alone_pushes_similar_papers_down() -> None:
     less = Reader(key=(1, 0.0), disliked=embedder.embed(["Generating videos with diffusion models"]))
     marked = [p.paper_id for p in ranker.order(Profile(reader=less))]
     assert marked[:2] == ["p1", "p3"] and set(marked[2:]) == {"p0", "p2"}
+
+
+def test_a_readers_digest_is_the_same_whoever_shares_their_page() -> None:
+    """Planning ranks a page's taught readers together (one product, one sort for all): each
+    must get exactly the papers and reasons they get when ranked alone."""
+    from digest.ranking import Reader
+
+    rng = np.random.default_rng(11)
+    texts = [f"paper {i} about {word}" for i, word in enumerate(["diffusion", "agents", "speech", "robots"] * 8)]
+    candidates = [
+        Candidate(f"p{i:02d}", 30.0 - i, text, (f"author {i % 5}",), "Qwen" if i % 7 == 0 else None)
+        for i, text in enumerate(texts)
+    ]
+    vectors = rng.normal(size=(len(candidates), 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    topic_vectors = {"diffusion": vectors[0] * 0.6 + vectors[4] * 0.4, "agents": vectors[1]}
+
+    def near(*rows: int) -> np.ndarray:
+        """Papers a reader marked: close to these candidates, not the same."""
+        found = vectors[list(rows)] + rng.normal(0, 0.03, (len(rows), 384)).astype(np.float32)
+        return (found / np.linalg.norm(found, axis=1, keepdims=True)).astype(np.float32)
+
+    readers = [
+        Reader((1, 0.0), liked=near(2, 6, 10), liked_titles=("a", "b", "c")),  # no topics: marks alone
+        Reader((2, 0.0), liked=near(3), liked_titles=("d",), disliked=near(0, 8)),
+        Reader((3, 0.0), disliked=near(1, 5)),  # "less" only
+        Reader((4, 0.0), follows=("qwen", "author 3")),  # follows, no vectors
+        Reader((5, 0.0), liked=near(*range(0, 32, 2)), liked_titles=tuple("efghijklmnopqrst"), personal_weight=0.9),
+        Reader((6, 0.0), liked=near(7, 11), liked_titles=("u", "v"), disliked=near(15), personal_weight=0.35),
+    ]
+    profiles = [
+        Profile.from_text("", "", readers[0]),
+        Profile.from_text("diffusion, agents", "", readers[1]),
+        Profile.from_text("agents", "", readers[2]),
+        Profile.from_text("speech", "robots", readers[3]),
+        Profile.from_text("", "", readers[4]),
+        Profile.from_text("diffusion", "speech", readers[5]),
+    ]
+    for with_vectors in (True, False):
+        options = {"vectors": vectors, "topic_vector": topic_vectors.get} if with_vectors else {}
+        together = Ranker(candidates, **options)  # type: ignore[arg-type]
+        together.learn(profiles)
+        for profile in profiles:
+            alone = Ranker(candidates, **options).pick(profile, 10, {"p05"})  # type: ignore[arg-type]
+            assert together.pick(profile, 10, {"p05"}) == alone, (profile, with_vectors)
+        if with_vectors:  # (without vectors the two readers without topics both get trending)
+            orders = {tuple(p.paper_id for p in together.pick(profile, 10, set())) for profile in profiles}
+            assert len(orders) == len(profiles), "every reader has an order of their own"
+    # What the reasons say survived the batching too.
+    shown = {
+        line
+        for profile in profiles
+        for pick in Ranker(candidates, vectors=vectors).pick(profile, 10, set())
+        for line in pick.lines
+    }
+    assert {"Like: a", "From: Qwen", "From: Author 3"} <= shown, shown

@@ -152,13 +152,17 @@ class DigestComposer:
 
     def prepare(self, session: Session, subscribers: Sequence[Subscriber]) -> dict[int, Reader]:
         """Before choosing for a page: the vectors of its topics (computed once per topic, ever)
-        and what its readers taught (one row each)."""
+        and what its readers taught (one row each), compared with the edition all at once."""
         if self.embedding_model is None:
             return {}
         topics = {t for s in subscribers for t in parse_terms(s.topics)} - self._topic_vectors.keys()
         if topics:
             self._topic_vectors.update(topic_vectors(session, sorted(topics), self.embedding_model, self.embedder))
-        return feedback.readers(session, [s.id for s in subscribers], self.embedding_model, self.dimensions)
+        readers = feedback.readers(session, [s.id for s in subscribers], self.embedding_model, self.dimensions)
+        self.ranker.learn(
+            Profile.from_text(s.topics, s.excluded, reader) for s in subscribers if (reader := readers.get(s.id))
+        )
+        return readers
 
     def choose(
         self, subscriber: Subscriber, already_sent: set[str], reader: Reader | None = None
