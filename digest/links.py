@@ -55,9 +55,11 @@ class Links:
     def unsubscribe_mailto(self, subscriber: Subscriber) -> str:
         return self.sub_address("unsubscribe-" + self._token(Purpose.MAIL_UNSUBSCRIBE, subscriber))
 
-    def bounce_address(self, delivery_id: int, subscriber_id: int) -> str:
-        """VERP return path naming one delivery; the signature stops forged bounces."""
-        return self.sub_address("bounce-" + self.tokens.make(Purpose.BOUNCE, delivery_id, subscriber_id))
+    def bounce_address(self, delivery_id: int, subscriber: Subscriber) -> str:
+        """VERP return path naming one delivery and its subscriber row; the signature stops
+        forged bounces (``digest.mailin.delivery_from_bounce_token``)."""
+        token = self.tokens.make_bound(Purpose.BOUNCE, delivery_id, subscriber.id, subscriber_stamp(subscriber))
+        return self.sub_address("bounce-" + token)
 
     def list_id(self) -> str:
         return f"Daily Papers <daily-papers.{self.inbound_domain}>"

@@ -54,6 +54,7 @@ from digest.confirmation_limits import source_network
 from digest.db import transaction
 from digest.delivery.policy import DeliveryPolicy
 from digest.errors import DigestError, InvalidToken
+from digest.links import subscriber_stamp
 from digest.models import Delivery, ProcessedMessage, Subscriber, SubscriberStatus, utcnow
 from digest.runtime import Runtime
 from digest.tokens import Purpose, Tokens
@@ -512,13 +513,22 @@ class SignedDelivery:
 def delivery_from_bounce_token(session: Session, tokens: Tokens, token: str) -> SignedDelivery:
     """The delivery a VERP token names; ``InvalidToken`` unless it still names that subscriber.
 
-    The token is an HMAC over (delivery, subscriber), so a missing row is one we sent whose
-    ledger row was compacted (or whose subscriber was erased: then nobody is named).
+    The token is an HMAC over (delivery, subscriber id, the subscriber row's creation second).
+    While the ledger row exists, it says whose delivery it was. A missing row is one we sent
+    whose row compaction removed: then the token itself must prove the person, which only the
+    bound form does. An id alone does not: SQLite gives an erased newest subscriber's id to the
+    next one, and tokens made before the bound form (mail sent by an earlier release) name
+    only the id.
     """
-    delivery_id, subscriber_id = tokens.read(Purpose.BOUNCE, token)
+
+    def created(_delivery_id: int, subscriber_id: int) -> int | None:
+        subscriber = session.get(Subscriber, subscriber_id)
+        return None if subscriber is None else subscriber_stamp(subscriber)
+
+    delivery_id, subscriber_id, bound = tokens.read_bound(Purpose.BOUNCE, token, created)
     delivery = session.get(Delivery, delivery_id)
     if delivery is None:
-        if session.get(Subscriber, subscriber_id) is None:
+        if not bound:
             raise InvalidToken("This bounce address is not valid.")
         return SignedDelivery(subscriber_id, None)
     if delivery.subscriber_id is None or delivery.subscriber_id != subscriber_id:

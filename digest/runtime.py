@@ -19,7 +19,7 @@ from digest.dkim import DkimSigner
 from digest.embedding import Embedder, load_embedder, model_name, paper_vectors
 from digest.links import Links
 from digest.mailer import Mailer, OutboxMailer, SMTPConfig, SMTPPool
-from digest.models import Delivery, Paper
+from digest.models import Delivery, Paper, Subscriber
 from digest.papers import PapersClient
 from digest.ranking import TrendingWeights
 from digest.rendering import EmailRenderer
@@ -148,13 +148,8 @@ class Runtime:
         config, size = self.smtp_config(), self.settings.smtp_pool_size
         return lambda: SMTPPool(config, size)
 
-    def bounce_sender(self) -> Callable[[Delivery], str]:
-        links = self.links
-
-        def sender(delivery: Delivery) -> str:
-            return links.bounce_address(delivery.id, delivery.subscriber_id or 0)
-
-        return sender
+    def bounce_sender(self) -> Callable[[Delivery, Subscriber], str]:
+        return lambda delivery, subscriber: self.links.bounce_address(delivery.id, subscriber)
 
     def rate_limiter(self) -> RateLimiter:
         s = self.settings

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import hmac
 import struct
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from itsdangerous import BadSignature, SignatureExpired, URLSafeSerializer, URLSafeTimedSerializer
@@ -139,6 +140,35 @@ class Tokens:
             return _b32(block + self._tag(purpose, block))
         payload: str | list[str] = _b32(block) if extra is None else [_b32(block), extra]
         return str(self._serializer(purpose).dumps(payload))
+
+    def make_bound(self, purpose: Purpose, object_id: int, stamp: int, bound: int) -> str:
+        """A compact token naming (``object_id``, ``stamp``) whose tag also covers ``bound``, a
+        number the reader looks up again rather than reads from the token (the VERP address
+        names a delivery and a subscriber id, and binds the subscriber row's creation second:
+        an erased subscriber's id reused by a later row must not open it). Same length."""
+        block = self._seal(object_id, stamp)
+        return _b32(block + self._tag(purpose, block + struct.pack(">q", bound)))
+
+    def read_bound(
+        self, purpose: Purpose, token: str, bound_of: Callable[[int, int], int | None]
+    ) -> tuple[int, int, bool]:
+        """The (id, stamp) of a ``make_bound`` token, and True; or of a token made before the
+        bound form (plain ``make``, or the older hex form), and False: it proves less.
+        ``bound_of(id, stamp)`` gives the bound number now (None: nothing to bind to)."""
+        if len(token) > 80:
+            raise InvalidToken("This address is not valid.")
+        if "." not in token:
+            try:
+                raw = _unb32(token)
+            except (ValueError, TypeError) as exc:
+                raise InvalidToken("This address is not valid.") from exc
+            block, tag = raw[:16], raw[16:]
+            if len(block) == 16 and len(tag) == TAG_BYTES:
+                object_id, stamp = self._open(block)
+                bound = bound_of(object_id, stamp)
+                if bound is not None and hmac.compare_digest(tag, self._tag(purpose, block + struct.pack(">q", bound))):
+                    return object_id, stamp, True
+        return (*self._read_compact(purpose, token), False)
 
     def make_for(self, purpose: Purpose, object_id: int, stamp: int, item: str) -> str:
         """A compact token that also names ``item`` (a paper id): ``block.item.tag``, the item

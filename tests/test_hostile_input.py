@@ -102,7 +102,7 @@ def test_tokens_and_addresses_carry_no_sequential_ids(runtime: Runtime, session:
     with transaction(runtime.session_factory) as s:
         people = [subscriptions.add_confirmed(s, runtime.tokens, f"n{i}@example.org", now=utcnow()) for i in range(3)]
         links = [(runtime.links.unsubscribe(p), runtime.links.unsubscribe_mailto(p)) for p in people]
-        verp = [runtime.links.bounce_address(7 + i, p.id) for i, p in enumerate(people)]
+        verp = [runtime.links.bounce_address(7 + i, p) for i, p in enumerate(people)]
     for url, mailto in links:
         token = url.rsplit("/", 1)[1]
         # Before: base64 of "[7, 1767323045]" and a signature. Now an encrypted block and a tag.

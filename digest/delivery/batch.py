@@ -82,7 +82,7 @@ def prepare_claimed(
     session: Session,
     composer: DigestComposer,
     delivery_ids: Sequence[int],
-    bounce_sender: Callable[[Delivery], str],
+    bounce_sender: Callable[[Delivery, Subscriber], str],
     now: dt.datetime,
 ) -> tuple[list[_Prepared], int]:
     """Decide papers (first attempt only), render and skip what must not go out."""
@@ -122,7 +122,7 @@ def prepare_claimed(
         if delivery.recipient != subscriber.email:
             delivery.recipient = subscriber.email
         prepared.append(
-            _Prepared(delivery, subscriber, composer.compose(delivery, subscriber), bounce_sender(delivery))
+            _Prepared(delivery, subscriber, composer.compose(delivery, subscriber), bounce_sender(delivery, subscriber))
         )
     session.flush()
     return prepared, skipped
@@ -266,7 +266,7 @@ def run_batch(
     *,
     mailer_factory: Callable[[], Mailer],
     policy: DeliveryPolicy,
-    bounce_sender: Callable[[Delivery], str],
+    bounce_sender: Callable[[Delivery, Subscriber], str],
     limiter: RateLimiter | None = None,
     concurrency: int = 4,
     clock: Callable[[], dt.datetime] = utcnow,

@@ -7,15 +7,18 @@ import datetime as dt
 import re
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from digest.db import transaction
+from digest.links import subscriber_stamp
 from digest.mailin import Kind, MailinConfig, classify, config_from, handle, process, send_replies
-from digest.models import SubscriberStatus
+from digest.models import Subscriber, SubscriberStatus
 from digest.runtime import Runtime
 from digest.tokens import Purpose, Tokens
 from tests.mailin import messages
-from tests.mailin.conftest import INBOUND, add_active, events, send_digest, snapshot, subscriber
-from tests.support.servers import SMTPSink
+from tests.mailin.conftest import DAY, INBOUND, add_active, digests_to, events, send_digest, snapshot, subscriber
+from tests.support.servers import PapersAPI, Received, SMTPSink
 
 
 def config(runtime: Runtime) -> MailinConfig:
@@ -144,11 +147,20 @@ def test_subscribe_requests_from_our_own_domain_are_ignored(runtime: Runtime) ->
     assert snapshot(runtime) == before
 
 
+def bounce_token_ids(runtime: Runtime, received: Received) -> tuple[int, int, int]:
+    """(delivery id, subscriber id, the row's creation second) a real VERP address names."""
+    token = received.mail_from.partition("+bounce-")[2].partition("@")[0]
+    with runtime.session_factory() as session:
+        created = {s.id: subscriber_stamp(s) for s in session.scalars(select(Subscriber))}
+    delivery_id, subscriber_id, bound = runtime.tokens.read_bound(Purpose.BOUNCE, token, lambda _, s: created.get(s))
+    assert bound
+    return delivery_id, subscriber_id, created[subscriber_id]
+
+
 def test_a_token_signed_with_another_key_bounces_nobody(runtime: Runtime, smtp: SMTPSink) -> None:
     digest = send_digest(runtime, smtp, "alice@example.net")["alice@example.net"]
-    delivery_token = digest.mail_from.partition("+bounce-")[2].partition("@")[0]
-    delivery_id, subscriber_id = runtime.tokens.read(Purpose.BOUNCE, delivery_token)
-    forged = Tokens("an attacker's guess at the key").make(Purpose.BOUNCE, delivery_id, subscriber_id)
+    delivery_id, subscriber_id, created = bounce_token_ids(runtime, digest)
+    forged = Tokens("an attacker's guess at the key").make_bound(Purpose.BOUNCE, delivery_id, subscriber_id, created)
     to = f"papers+bounce-{forged}@digest.example.org"
     before = snapshot(runtime)
     report = messages.dsn(to, "alice@example.net", digest.data, status="5.1.1", action="failed", diagnostic="550")
@@ -159,12 +171,10 @@ def test_a_token_signed_with_another_key_bounces_nobody(runtime: Runtime, smtp: 
 
 def test_a_valid_token_for_a_delivery_of_someone_else_is_refused(runtime: Runtime, smtp: SMTPSink) -> None:
     received = send_digest(runtime, smtp, "alice@example.net", "bob@example.net")
-    alice_token = received["alice@example.net"].mail_from.partition("+bounce-")[2].partition("@")[0]
-    bob_token = received["bob@example.net"].mail_from.partition("+bounce-")[2].partition("@")[0]
-    alice_delivery, _ = runtime.tokens.read(Purpose.BOUNCE, alice_token)
-    _, bob_id = runtime.tokens.read(Purpose.BOUNCE, bob_token)
+    alice_delivery, _, _ = bounce_token_ids(runtime, received["alice@example.net"])
+    _, bob_id, bob_created = bounce_token_ids(runtime, received["bob@example.net"])
     # Even a correctly signed token must name the delivery's own subscriber.
-    mixed = runtime.tokens.make(Purpose.BOUNCE, alice_delivery, bob_id)
+    mixed = runtime.tokens.make_bound(Purpose.BOUNCE, alice_delivery, bob_id, bob_created)
     to = f"papers+bounce-{mixed}@digest.example.org"
     report = messages.dsn(
         to,
@@ -323,3 +333,50 @@ def test_reports_about_compacted_deliveries_still_end_the_subscription(runtime: 
         now = utcnow()
         assert reputation.counted_complaints(session, now, runtime.pause_rules) == (0, 0)
         assert reputation.check_sending(session, now, runtime.pause_rules) is None
+
+
+def test_an_erased_subscribers_old_reports_never_reach_whoever_gets_their_id(
+    sqlite_url: str, smtp: SMTPSink, papers_api: PapersAPI
+) -> None:
+    """On SQLite the next subscriber gets an erased newest subscriber's id. A report about the
+    erased person's compacted delivery (signed by us, so forgery is not the question) must
+    not end the new person's subscription; a token made before the bound form proves only an
+    id, so it is not enough once the row is gone either."""
+    from digest.compaction import compact
+    from digest.models import utcnow
+    from digest.pipeline import run_inprocess
+    from digest.subscriptions import erase
+    from tests.conftest import make_settings
+
+    runtime = Runtime(make_settings(sqlite_url, smtp, papers_api))
+    try:
+        alice_id = add_active(runtime, "alice@example.net")
+        with transaction(runtime.session_factory) as session:
+            # She joined weeks before that digest (the new row's second must differ from hers).
+            subscriptions_get(session, alice_id).created_at -= dt.timedelta(days=40)
+        run_inprocess(runtime, DAY)
+        (alice,) = digests_to(smtp, "alice@example.net")
+        delivery_id, _, _ = bounce_token_ids(runtime, alice)
+        assert compact(runtime.session_factory, today=utcnow().date(), retention_days=30, pause=0).rows == 1
+        with transaction(runtime.session_factory) as session:
+            erase(session, runtime.tokens, subscriptions_get(session, alice_id), now=utcnow())
+        mallory_id = add_active(runtime, "mallory@example.net")
+        assert mallory_id == alice_id, "SQLite reuses the newest row's id (the case under test)"
+        complaint = messages.arf(alice.mail_from, "alice@example.net", alice.data)
+        processed = process(runtime, complaint, envelope_sender="", recipients=[alice.mail_from])
+        assert not processed.changed, processed.outcome
+        # The same delivery and id in the form earlier releases sent: an id, no row, no proof.
+        old_form = runtime.tokens.make(Purpose.BOUNCE, delivery_id, alice_id)
+        to = f"papers+bounce-{old_form}@digest.example.org"
+        hard = messages.dsn(to, "mallory@example.net", alice.data, status="5.1.1", action="failed", diagnostic="550")
+        assert not process(runtime, hard, envelope_sender="", recipients=[to]).changed
+        assert subscriber(runtime, "mallory@example.net").status is SubscriberStatus.ACTIVE
+        assert events(runtime, "mallory@example.net") == []
+    finally:
+        runtime.dispose()
+
+
+def subscriptions_get(session: Session, subscriber_id: int) -> Subscriber:
+    found = session.get(Subscriber, subscriber_id)
+    assert found is not None
+    return found
