@@ -8,6 +8,7 @@ size over 8 sessions to the same sink. Prints one JSON line per N.
     apt-get install -y postfix        # for smtp-sink / smtp-source; the daemon is not started
     .venv/bin/python bench/delivery.py --n 10000 --n 100000
     .venv/bin/python bench/delivery.py --n 10000 --dkim    # every digest DKIM-signed
+    .venv/bin/python bench/delivery.py --n 20000 --taught 0.05   # one reader in 20 taught it
 
 Uses the machine's PostgreSQL and Redis (127.0.0.1) like the tests, in a database of its own.
 """
@@ -96,6 +97,47 @@ def insert_subscribers(url: str, n: int) -> None:
         # (This machine's PostgreSQL runs with autovacuum off.)
         cur.execute("ANALYZE subscribers")
         conn.commit()
+
+
+def insert_readers(url: str, n: int, fraction: float) -> int:
+    """Make ``fraction`` of the subscribers readers who taught it, as bench/ranking.py does:
+    3-17 liked papers and 0-7 disliked (vectors of recorded papers' titles, made with the
+    shipped model), 30 % following an organisation. Returns how many."""
+    import numpy as np
+    import psycopg
+
+    from digest.embedding import load_embedder, to_blob
+    from digest.papers import SAMPLE_DATES, load_sample
+
+    titles = [item["paper"]["title"] for day in SAMPLE_DATES for item in load_sample(day) or []]
+    embedder = load_embedder()
+    vectors = embedder.embed(titles)
+    rng = np.random.default_rng(7)
+    dsn = url.replace("postgresql+psycopg://", "postgresql://")
+    count = 0
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur:
+        with cur.copy(
+            "COPY reader_profiles (subscriber_id, follows, model, liked, liked_titles, disliked, updated_at) FROM STDIN"
+        ) as copy:
+            for subscriber_id in range(1, n + 1):  # a fresh table's ids
+                if rng.random() >= fraction:
+                    continue
+                liked = rng.choice(len(titles), int(rng.integers(3, 18)), replace=False)
+                disliked = rng.choice(len(titles), int(rng.integers(0, 8)), replace=False)
+                copy.write_row(
+                    (
+                        subscriber_id,
+                        json.dumps(["Qwen"] if rng.random() < 0.3 else []),
+                        embedder.name,
+                        to_blob(vectors[liked]),
+                        json.dumps([titles[i] for i in liked]),
+                        to_blob(vectors[disliked]) if len(disliked) else None,
+                        "2026-01-01T00:00:00Z",
+                    )
+                )
+                count += 1
+        conn.commit()
+    return count
 
 
 class Sink:
@@ -211,12 +253,20 @@ def planning_seconds(worker_log: str) -> float | None:
 
 
 def run_once(
-    n: int, postgres: Postgres, api: PapersAPI, redis_url: str, workers: int, tmp: Path, dkim: bool = False
+    n: int,
+    postgres: Postgres,
+    api: PapersAPI,
+    redis_url: str,
+    workers: int,
+    tmp: Path,
+    dkim: bool = False,
+    taught: float = 0.0,
 ) -> dict[str, object]:
     name = f"digest_bench_{os.getpid()}"
     url = postgres.create_database(name)
     db.upgrade(url)
     insert_subscribers(url, n)
+    readers = insert_readers(url, n, taught) if taught else 0
     sink = Sink()
     env = digest_env(
         environment="test",
@@ -278,6 +328,7 @@ def run_once(
     return {
         "n": n,
         "dkim": dkim,
+        "readers_who_taught": readers,
         "sent": sent,
         "wall_s": round(wall, 2),
         "digests_per_s": round(sent / wall, 1),
@@ -334,6 +385,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, action="append", help="subscribers (repeatable); default 10000 and 100000")
     parser.add_argument("--workers", type=int, default=2, help="Celery worker processes")
     parser.add_argument("--dkim", action="store_true", help="sign every digest (DIGEST_DKIM_* with a fresh key)")
+    parser.add_argument("--taught", type=float, default=0.0, help="share of readers who taught it (e.g. 0.05)")
     args = parser.parse_args()
     if not shutil.which("smtp-sink") and not Path("/usr/sbin/smtp-sink").exists():
         sys.exit("needs Postfix's smtp-sink: apt-get install -y postfix")
@@ -345,7 +397,7 @@ def main() -> None:
         size = sample.stat().st_size
         for n in args.n or [10_000, 100_000]:
             ceiling_rate = ceiling(sample, min(n, 50_000))
-            result = run_once(n, postgres, api, redis_url, args.workers, tmp, dkim=args.dkim)
+            result = run_once(n, postgres, api, redis_url, args.workers, tmp, dkim=args.dkim, taught=args.taught)
             result.update(
                 message_bytes=size,
                 ceiling_smtp_source_8_sessions_per_s=round(ceiling_rate, 1),
