@@ -237,7 +237,8 @@ class PostgresMemory:
 
 def pool_processes(worker: Process) -> list[psutil.Process]:
     assert worker.proc is not None
-    return psutil.Process(worker.proc.pid).children(recursive=True)
+    children: list[psutil.Process] = psutil.Process(worker.proc.pid).children(recursive=True)
+    return children
 
 
 def dkim_settings(tmp: Path) -> dict[str, str]:

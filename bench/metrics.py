@@ -134,7 +134,7 @@ def run(ledger: int, days: int, repeat: int, postgres: Postgres, redis_url: str)
         load(url, ledger, days)
         loading = time.perf_counter() - started
         settings = Settings(
-            _env_file=None,  # type: ignore[call-arg]
+            _env_file=None,
             environment="test",
             database_url=url,
             redis_url=redis_url,

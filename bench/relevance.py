@@ -198,7 +198,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=None, help="model folder (default: the shipped int8 model)")
     args = parser.parse_args()
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None)
     weights = Runtime(settings).weights
     weight = settings.relevance_weight
 
@@ -225,11 +225,11 @@ def main() -> None:
     day3_hybrid = rankers(day3, vectors, topic, weight)["hybrid"]
     day3_ids = {c.paper_id for c in day3}
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label in labels:
         relevant = set(label["relevant"])
         profile = Profile.from_text(label["topics"])
-        row: dict[str, object] = {"topics": label["topics"], "relevant": len(relevant)}
+        row: dict[str, Any] = {"topics": label["topics"], "relevant": len(relevant)}
         for name, ranker in variants.items():
             order = order_of(ranker, Profile() if name == "trending" else profile)
             row[f"{name}_p@5"] = precision_at(order, relevant, 5)
@@ -246,11 +246,11 @@ def main() -> None:
         rows.append(row)
 
     metrics = [f"{n}_{m}" for n in variants for m in ("p@5", "ndcg@10")]
-    means = {m: sum(float(r[m]) for r in rows) / len(rows) for m in metrics}  # type: ignore[arg-type]
+    means = {m: sum(float(r[m]) for r in rows) / len(rows) for m in metrics}
     day3_rows = [r for r in rows if "feedback@day3_ndcg@10" in r]
     day3_metrics = ["hybrid@day3_ndcg@10", "feedback@day3_ndcg@10", "trending@day3_ndcg@10", "marksonly@day3_ndcg@10"]
     for m in day3_metrics:
-        means[m] = sum(float(r[m]) for r in day3_rows) / len(day3_rows)  # type: ignore[arg-type]
+        means[m] = sum(float(r[m]) for r in day3_rows) / len(day3_rows)
     shown_metrics = [m for m in metrics if m.endswith("ndcg@10")] + day3_metrics
     print(f"model {embedder.name} ({args.model or 'shipped int8'}), {len(pool)} candidates, {len(rows)} profiles")
     header = f"{'topics':<32} {'rel':>3} " + " ".join(f"{m.replace('_ndcg@10', ''):>13}" for m in shown_metrics)
@@ -258,7 +258,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
-        cells = " ".join(f"{float(r[m]):>13.3f}" if m in r else f"{'':>13}" for m in shown_metrics)  # type: ignore[arg-type]
+        cells = " ".join(f"{float(r[m]):>13.3f}" if m in r else f"{'':>13}" for m in shown_metrics)
         print(f"{str(r['topics'])[:32]:<32} {r['relevant']:>3} " + cells)
     print("-" * len(header))
     print(f"{'mean':<32} {'':>3} " + " ".join(f"{means[m]:>13.3f}" for m in shown_metrics))
@@ -270,7 +270,7 @@ def main() -> None:
     ):
         cells = " ".join(
             f"{sum(float(r[m]) for r in members) / len(members):>13.3f}" for m in metrics if m.endswith("ndcg@10")
-        )  # type: ignore[arg-type]
+        )
         print(f"{'mean of ' + str(len(members)) + ' ' + group + ' profiles':<36} " + cells)
     print(
         f"embedding: {per_paper_ms:.1f} ms per paper (title, keywords, abstract; one thread), "

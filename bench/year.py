@@ -37,7 +37,8 @@ FIRST_DAY = dt.date(2026, 1, 5)  # a Monday
 
 
 def weekdays(first: dt.date, count: int) -> list[dt.date]:
-    days, day = [], first
+    days: list[dt.date] = []
+    day = first
     while len(days) < count:
         if day.weekday() < 5:
             days.append(day)

@@ -9,7 +9,7 @@ import time
 from collections import Counter
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from digest.db import transaction
@@ -224,7 +224,7 @@ def test_a_slow_batch_keeps_its_leases_so_no_one_else_sends_it(runtime: Runtime,
     with transaction(runtime.session_factory) as s:
         ids = list(s.scalars(select(Subscriber.id)))
     smtp.behaviour.delay = 0.5  # 6 messages over one connection: ~3 s, the lease is 1 s
-    runtime.policy = dataclasses.replace(runtime.policy, lease_seconds=1)  # type: ignore[misc]
+    runtime.policy = dataclasses.replace(runtime.policy, lease_seconds=1)
     runtime.settings.smtp_pool_size = 1
     swept: list[int] = []
 
@@ -300,7 +300,7 @@ def test_papers_are_chosen_at_planning_and_survive_a_rebuilt_edition(
     with transaction(runtime.session_factory) as s:
         title = s.get(Paper, dropped).title  # type: ignore[union-attr]
         # A later collection rebuilt the edition and the paper fell out of it.
-        s.execute(DigestItem.__table__.delete().where(DigestItem.paper_id == dropped))
+        s.execute(delete(DigestItem).where(DigestItem.paper_id == dropped))
         ids = list(s.scalars(select(Subscriber.id)))
     assert send_batch(runtime, digest_id, ids).sent == 1
     [message] = smtp.to(email)

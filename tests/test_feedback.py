@@ -239,7 +239,8 @@ def test_a_readers_digest_is_the_same_whoever_shares_their_page() -> None:
     def near(*rows: int) -> np.ndarray:
         """Papers a reader marked: close to these candidates, not the same."""
         found = vectors[list(rows)] + rng.normal(0, 0.03, (len(rows), 384)).astype(np.float32)
-        return (found / np.linalg.norm(found, axis=1, keepdims=True)).astype(np.float32)
+        unit: np.ndarray = (found / np.linalg.norm(found, axis=1, keepdims=True)).astype(np.float32)
+        return unit
 
     readers = [
         Reader((1, 0.0), liked=near(2, 6, 10), liked_titles=("a", "b", "c")),  # no topics: marks alone

@@ -68,22 +68,24 @@ def add_subscriber(
 
 def deliver_due(runtime: Runtime, now: dt.datetime) -> int:
     """The hourly beat task, run in this process at ``now`` with delivery right away."""
+
+    def enqueue(digest_id: int, ids: list[int]) -> None:
+        pipeline.send_batch(runtime, digest_id, ids)
+
     with time_machine.travel(now, tick=False):
-        return schedule.dispatch_due(
-            runtime, now, enqueue=lambda digest_id, ids: pipeline.send_batch(runtime, digest_id, ids)
-        )
+        return schedule.dispatch_due(runtime, now, enqueue=enqueue)
 
 
 def text_part(message: EmailMessage) -> str:
     part = message.get_body(("plain",))
     assert part is not None
-    return str(part.get_content())  # type: ignore[attr-defined]
+    return str(part.get_content())
 
 
 def html_part(message: EmailMessage) -> str:
     part = message.get_body(("html",))
     assert part is not None
-    return str(part.get_content())  # type: ignore[attr-defined]
+    return str(part.get_content())
 
 
 def papers_in_text(message: EmailMessage) -> list[tuple[str, str]]:

@@ -20,7 +20,7 @@ HOUR = dt.timedelta(hours=1)
 
 
 def utc(*args: int) -> dt.datetime:
-    return dt.datetime(*args, tzinfo=dt.UTC)  # type: ignore[misc]
+    return dt.datetime(*args, tzinfo=dt.UTC)  # type: ignore[arg-type,misc]
 
 
 def add_papers(runtime: Runtime, day: dt.date, count: int = 3) -> None:

