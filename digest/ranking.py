@@ -189,7 +189,9 @@ class Profile:
 
     @classmethod
     def from_text(cls, topics: str, excluded: str = "", reader: Reader | None = None) -> Profile:
-        return cls(tuple(sorted(parse_terms(topics))), tuple(sorted(parse_terms(excluded))), reader)
+        # A reader who taught nothing (everything undone) shares the ranking of their topics.
+        taught = reader if reader is not None and reader.teaches else None
+        return cls(tuple(sorted(parse_terms(topics))), tuple(sorted(parse_terms(excluded))), taught)
 
 
 @dataclass(frozen=True)
@@ -449,11 +451,11 @@ class _Explain:
         if self.likes is not None and self.likes.cosine[i] >= LIKE_REASON:
             why = (f"Like: {self.likes.titles[self.likes.nearest[i]]}",)
         elif not matches and self.senses:
-            topic, closest = "", TOPIC_REASON
+            topic, closest = "", -2.0  # the first of the closest topics, without a lambda per pick
             for sense, cosine in self.senses:
-                if cosine[i] > closest or (cosine[i] == closest and not topic):
+                if cosine[i] > closest:
                     topic, closest = sense, cosine[i]
-            if topic:
+            if closest >= TOPIC_REASON:
                 why = (f"About: {topic}",)
         source = self.follows.get(i)
         return matches, why if source is None else (f"From: {source}", *why)
@@ -514,7 +516,7 @@ class Ranker:
             self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
 
     def _ordered(self, profile: Profile) -> _Order:
-        if profile.reader is not None:
+        if _teaches(profile):
             # A reader's own order is asked for once per edition: kept for the page only, so it
             # dies young (long-lived objects make the garbage collector's full passes longer).
             return self._learnt.get(profile) or self._rank(profile)
