@@ -7,12 +7,28 @@ import re
 # C0 and C1 controls (tab, LF and CR are whitespace to the callers, who collapse it), DEL,
 # lone surrogates (PostgreSQL and UTF-8 refuse them) and the two non-characters XML forbids.
 UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+_TERMINAL_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def without_unsafe(value: str) -> str:
     """``value`` without control characters, lone surrogates and XML non-characters."""
     return UNSAFE.sub("", value)
+
+
+def has_unsafe(value: str) -> bool:
+    """Whether ``value`` holds a character no store accepts (NUL on PostgreSQL) or no reader sees."""
+    return UNSAFE.search(value) is not None
+
+
+def for_terminal(value: str) -> str:
+    """``value`` safe to print on a terminal or in a log line: controls shown, never obeyed.
+
+    An escape sequence in a stored address or a mail header could otherwise move the cursor,
+    rewrite earlier lines or retitle the operator's window; each control (line breaks included)
+    is written out as its ``\\xNN``/``\\uNNNN`` escape instead.
+    """
+    return _TERMINAL_UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), value)
 
 
 def one_line(value: str) -> str:
