@@ -5,6 +5,7 @@ from __future__ import annotations
 from email_validator import EmailNotValidError, validate_email
 
 from digest.errors import InvalidAddress
+from digest.text import has_unsafe
 
 MAX_ADDRESS_LENGTH = 254
 
@@ -19,6 +20,9 @@ def normalise_address(raw: str) -> str:
     if not isinstance(raw, str) or not raw.strip():
         raise InvalidAddress("Please enter an email address.")
     candidate = raw.strip()
+    if has_unsafe(candidate):
+        # Said plainly, before the validator (which names the code point) or a store sees it.
+        raise InvalidAddress("An email address cannot contain control characters.")
     if any(ch in candidate for ch in "\r\n\t ") or len(candidate) > MAX_ADDRESS_LENGTH:
         raise InvalidAddress("That does not look like an email address.")
     try:

@@ -26,6 +26,7 @@ from digest.embedding import Embedder, from_blob, normalise, paper_vectors, to_b
 from digest.errors import DigestError
 from digest.models import MarkSource, Paper, PaperMark, ReaderProfile
 from digest.ranking import Reader
+from digest.text import has_unsafe
 
 MORE, LESS = 1, -1
 MAX_ROWS = 16  # individual liked (and disliked) vectors kept per reader (each costs ranking time)
@@ -34,31 +35,64 @@ MAX_EXAMPLES = 20  # example papers per form
 # How personal against how trending: the relevance weight of the blend (None = the default).
 PERSONAL_CHOICES: dict[str, float | None] = {"personal": 0.9, "balanced": None, "trending": 0.35}
 
-_NEW_ID = re.compile(r"(?<![\d.])(\d{4}\.\d{4,5})(?:v\d+)?(?![\d])")
-_OLD_ID = re.compile(r"(?<![\w])([a-z][a-z\-]*(?:\.[A-Z]{2})?/\d{7})(?:v\d+)?")
+# Work per form is linear and bounded (issue 18: one crafted paste once froze the app for
+# seconds): the text is length-checked, split on a linear pattern at most MAX_PIECES times, and a
+# piece longer than any paper reference is reported without matching. The patterns themselves
+# have bounded repetitions only: an old-style archive name ("cond-mat", "solv-int") is under 16
+# letters, so a search costs at most that much per position of a short piece.
+MAX_EXAMPLES_CHARS = 4000  # 20 paper URLs of up to 200 characters
+MAX_PIECES = 100  # whitespace- or comma-separated pieces per form
+MAX_PIECE_CHARS = 200  # a paper URL with its query string fits; a longer piece names no paper
+MAX_FOLLOWS_CHARS = 8000  # 30 names of up to 200 characters and their separators
+_NEW_ID = re.compile(r"(?<![\d.])(\d{4}\.\d{4,5})(?:v\d{1,3})?(?!\d)")
+_OLD_ID = re.compile(r"(?<!\w)([a-z][a-z\-]{0,15}(?:\.[A-Z]{2})?/\d{7})(?:v\d{1,3})?")
 _SPLIT = re.compile(r"[\s,;]+")
+_FOLLOWS_SPLIT = re.compile(r"[,;\n]+")
+
+
+def _refuse_unsafe(text: str, what: str) -> None:
+    if has_unsafe(text):
+        raise DigestError(f"{what} cannot contain control characters; please remove them.")
 
 
 def parse_paper_refs(text: str) -> tuple[list[str], list[str]]:
     """arXiv ids in anything a reader pastes: ``2604.12345``, ``arXiv:2604.12345v2``,
     ``https://huggingface.co/papers/2604.12345``, ``https://arxiv.org/pdf/2604.12345.pdf``.
-    Returns (ids, pieces that name no paper)."""
+    Returns (ids, pieces that name no paper); ``DigestError`` for text too long or with more
+    than ``MAX_EXAMPLES`` papers (refused whole, so nothing is dropped unsaid) or control
+    characters."""
+    text = text or ""
+    if len(text) > MAX_EXAMPLES_CHARS:
+        raise DigestError(f"Example papers are limited to {MAX_EXAMPLES_CHARS} characters.")
+    _refuse_unsafe(text, "Example papers")
+    # One split more than allowed: a leading separator's empty piece must not hide one too many.
+    pieces = [piece for piece in _SPLIT.split(text, maxsplit=MAX_PIECES + 1) if piece]
+    if len(pieces) > MAX_PIECES:
+        raise DigestError(f"Give at most {MAX_EXAMPLES} example papers at a time.")
     ids: dict[str, None] = {}
     bad: list[str] = []
-    for piece in _SPLIT.split(text or ""):
-        if not piece:
-            continue
-        found = _NEW_ID.search(piece) or _OLD_ID.search(piece)
+    for piece in pieces:
+        found = None
+        if len(piece) <= MAX_PIECE_CHARS:
+            found = _NEW_ID.search(piece) or _OLD_ID.search(piece)
         if found:
             ids.setdefault(found.group(1), None)
         else:
             bad.append(piece[:80])
-    return list(ids)[:MAX_EXAMPLES], bad
+    if len(ids) > MAX_EXAMPLES:
+        raise DigestError(f"Give at most {MAX_EXAMPLES} example papers at a time.")
+    return list(ids), bad
 
 
 def parse_follows(text: str) -> list[str]:
+    """Authors and organisations, one per comma, semicolon or line; ``DigestError`` for text too
+    long or with control characters."""
+    text = text or ""
+    if len(text) > MAX_FOLLOWS_CHARS:
+        raise DigestError(f"Authors and organisations to follow are limited to {MAX_FOLLOWS_CHARS} characters.")
+    _refuse_unsafe(text, "Authors and organisations to follow")
     names: dict[str, None] = {}
-    for part in re.split(r"[,;\n]+", text or ""):
+    for part in _FOLLOWS_SPLIT.split(text):
         name = " ".join(part.split())[:200]
         if name:
             names.setdefault(name, None)
@@ -116,6 +150,8 @@ def _upsert_marks(
 
 
 def remove_mark(session: Session, subscriber_id: int, paper_id: str, *, now: dt.datetime, embedder: Embedder) -> None:
+    """Undo the reader's mark on ``paper_id`` (nothing to undo is not an error)."""
+    _refuse_unsafe(paper_id, "A paper id")
     session.execute(delete(PaperMark).where(PaperMark.subscriber_id == subscriber_id, PaperMark.paper_id == paper_id))
     refresh_profile(session, subscriber_id, now=now, embedder=embedder)
 

@@ -33,6 +33,7 @@ from digest.models import (
     Suppression,
 )
 from digest.ranking import parse_terms
+from digest.text import has_unsafe
 from digest.tokens import Purpose, Tokens
 
 MIN_DIGEST_SIZE = 5
@@ -56,13 +57,21 @@ class BounceRules(Protocol):
     def soft_bounce_window(self) -> dt.timedelta: ...
 
 
-def clean_topics(text: str | None) -> str:
+def clean_topics(text: str | None, what: str = "Topics") -> str:
+    """Topics (or excluded words, ``what``) normalised to "a, b, c"; ``DigestError`` for text too
+    long or with characters no store accepts (a NUL fails on PostgreSQL, so it is refused on
+    every database rather than only where it would break)."""
     if text is None:
         return ""
+    # The length first, so no more than MAX_TOPICS_CHARS of a stranger's text is ever parsed.
+    if len(text) > MAX_TOPICS_CHARS:
+        raise DigestError(f"{what} are limited to {MAX_TOPICS_CHARS} characters.")
+    if has_unsafe(text):
+        raise DigestError(f"{what} cannot contain control characters; please remove them.")
     cleaned = ", ".join(parse_terms(text))
     # Checked after normalising too: "a,b,c" grows to "a, b, c" and the column holds 500.
-    if len(text) > MAX_TOPICS_CHARS or len(cleaned) > MAX_TOPICS_CHARS:
-        raise DigestError(f"Topics are limited to {MAX_TOPICS_CHARS} characters.")
+    if len(cleaned) > MAX_TOPICS_CHARS:
+        raise DigestError(f"{what} are limited to {MAX_TOPICS_CHARS} characters.")
     return cleaned
 
 
@@ -382,7 +391,7 @@ def validate_preferences(values: PreferencesUpdate) -> PreferencesUpdate:
         frequency=values.frequency,
         digest_size=values.digest_size,
         topics=clean_topics(values.topics),
-        excluded=clean_topics(values.excluded),
+        excluded=clean_topics(values.excluded, "Excluded words"),
         send_hour=values.send_hour,
         timezone=values.timezone,
         weekday=values.weekday,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
@@ -97,3 +97,26 @@ def load_subscriber(session: Session, runtime: Runtime, purpose: Purpose, token:
         return subscriptions.subscriber_from_token(session, runtime.tokens, purpose, token)
     except InvalidToken as exc:
         raise UnknownLink("This link does not lead anywhere any more.") from exc
+
+
+def link_limit(action: str, purpose: Purpose) -> Any:
+    """A route dependency: the ``TOKEN_LIMITS`` of ``action`` for the route's ``{token}``.
+
+    Checked before the body is read or the database is opened, so a flood costs a signature
+    check and two counters, nothing more; 429 with Retry-After once used up.
+    """
+
+    def limited(token: str, runtime: RuntimeDep, limits: LimitsDep, ip: ClientIP) -> None:
+        def subscriber_of() -> int | None:
+            # A bad token is left to the handler, which refuses it in its own way (400, or 410
+            # for an expired one) after the body limit has had its say.
+            try:
+                if purpose is Purpose.FEEDBACK:
+                    return runtime.tokens.read_for(purpose, token)[0]
+                return runtime.tokens.read(purpose, token)[0]
+            except InvalidToken:
+                return None
+
+        limits.hit_link(action, ip, subscriber_of)
+
+    return Depends(limited)

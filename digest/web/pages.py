@@ -26,7 +26,7 @@ from digest.ranking import parse_terms
 from digest.runtime import Runtime
 from digest.tokens import Purpose
 from digest.web.api import SubscribeRequest, subscribe_json
-from digest.web.deps import ClientIP, LimitsDep, RuntimeDep, UnknownLink, load_subscriber
+from digest.web.deps import ClientIP, LimitsDep, RuntimeDep, UnknownLink, link_limit, load_subscriber
 from digest.web.frontpage import front_page
 from digest.web.ratelimit import RateLimited
 from digest.web.signup import resend_confirmation, send_welcome, start_signup
@@ -239,7 +239,9 @@ def _parse_preferences(values: dict[str, list[str]], subscriber: Subscriber) -> 
     )
 
 
-@router.post("/preferences/{token}", response_class=HTMLResponse)
+@router.post(
+    "/preferences/{token}", response_class=HTMLResponse, dependencies=[link_limit("preferences", Purpose.PREFERENCES)]
+)
 async def save_preferences(request: Request, token: str, runtime: RuntimeDep) -> HTMLResponse:
     form = await request.form()
     values = {key: [str(v) for v in form.getlist(key)] for key in form}
@@ -269,7 +271,11 @@ def _save_preferences(request: Request, runtime: Runtime, token: str, values: di
         )
 
 
-@router.post("/preferences/{token}/data-link", response_class=HTMLResponse)
+@router.post(
+    "/preferences/{token}/data-link",
+    response_class=HTMLResponse,
+    dependencies=[link_limit("data-link", Purpose.PREFERENCES)],
+)
 async def data_link(
     request: Request, token: str, runtime: RuntimeDep, ip: ClientIP, background: BackgroundTasks
 ) -> HTMLResponse:
@@ -323,7 +329,9 @@ def delete_page(request: Request, token: str, runtime: RuntimeDep) -> HTMLRespon
         return templates.TemplateResponse(request, "delete.html", {"token": token, "email": subscriber.email})
 
 
-@router.post("/my-data/{token}/delete", response_class=HTMLResponse)
+@router.post(
+    "/my-data/{token}/delete", response_class=HTMLResponse, dependencies=[link_limit("delete", Purpose.DATA_ACCESS)]
+)
 def delete(request: Request, token: str, runtime: RuntimeDep) -> HTMLResponse:
     with transaction(runtime.session_factory) as session:
         subscriber = load_subscriber(session, runtime, Purpose.DATA_ACCESS, token)
@@ -364,21 +372,27 @@ def feedback_page(request: Request, token: str, mark: str, runtime: RuntimeDep) 
         )
 
 
-@router.post("/feedback/{token}/{mark}", response_class=HTMLResponse)
+@router.post(
+    "/feedback/{token}/{mark}", response_class=HTMLResponse, dependencies=[link_limit("feedback", Purpose.FEEDBACK)]
+)
 def record_feedback(request: Request, token: str, mark: str, runtime: RuntimeDep) -> HTMLResponse:
-    """Records the mark: no cookie or login, idempotent, the last mark on a paper wins."""
+    """Records the mark: no cookie or login, idempotent, the last mark on a paper wins.
+
+    The answer names the paper and nothing of the reader: a paper's links travel with a
+    forwarded digest, so whoever holds them must not reach the reader's preferences (which
+    show their address) from here. The way there is the reader's own preferences link.
+    """
     with transaction(runtime.session_factory) as session:
         subscriber, paper, signal, label = _feedback_target(session, runtime, token, mark)
         feedback.record_mark(session, subscriber.id, paper.id, signal, now=utcnow(), embedder=runtime.embedder)
-        title, preferences_url = paper.title, runtime.links.preferences(subscriber)
+        title = paper.title
     more = signal == feedback.MORE
     return message_page(
         request,
         "Noted: " + label.lower(),
         f"“{title}”: your next digests rank papers like it "
         + ("higher." if more else "lower.")
-        + " You can see and undo what you taught on your preferences page.",
-        preferences_url=preferences_url,
+        + " To see and undo what you taught, open your preferences from the link at the foot of any digest.",
     )
 
 
@@ -426,7 +440,11 @@ def _teach(request: Request, runtime: Runtime, token: str, values: dict[str, lis
         return templates.TemplateResponse(request, "preferences.html", context, status_code=status)
 
 
-@router.post("/preferences/{token}/teach/{action}", response_class=HTMLResponse)
+@router.post(
+    "/preferences/{token}/teach/{action}",
+    response_class=HTMLResponse,
+    dependencies=[link_limit("teach", Purpose.PREFERENCES)],
+)
 async def teach(request: Request, token: str, action: str, runtime: RuntimeDep) -> HTMLResponse:
     """Example papers, follows and how personal (``save``), undo one mark (``undo``), ``reset``."""
     if action not in ("save", "undo", "reset"):

@@ -32,8 +32,9 @@ SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
     (b"permissions-policy", b"camera=(), microphone=(), geolocation=(), interest-cohort=()"),
 ]
 
-# Pages opened from a personal link show an address and carry a token: no cache may keep them.
-PERSONAL_PREFIXES = ("/confirm/", "/unsubscribe/", "/preferences/", "/my-data/")
+# Pages opened from a personal link show an address or carry a token (a feedback page holds
+# the reader's signed link to one paper): no cache may keep them.
+PERSONAL_PREFIXES = ("/confirm/", "/unsubscribe/", "/preferences/", "/my-data/", "/feedback/")
 
 
 class SecurityHeaders:
