@@ -1,6 +1,6 @@
 """Issue 18 at the web door: no stranger with a self-made subscription can stall the app, flood
 its token endpoints, read a reader's data from a forwarded paper link or store a control
-character. Real uvicorn (in a thread, so a held GIL would stall /healthz just as in
+character. A real `digest serve` process (so a held GIL stalls its /healthz just as in
 production) or the real app through TestClient, on real PostgreSQL (and SQLite where said).
 """
 
@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 
 import httpx
 import pytest
@@ -27,9 +28,9 @@ from digest.runtime import Runtime
 from digest.web.app import create_app
 from digest.web.ratelimit import TOKEN_LIMITS
 from tests.conftest import make_settings
-from tests.support.servers import PapersAPI, SMTPSink, free_port
+from tests.support.servers import PapersAPI, SMTPSink
 from tests.web.conftest import snapshot
-from tests.web.live import server_thread
+from tests.web.live import serve_process
 
 SAMPLE_DAY = dt.date(2024, 10, 25)
 KNOWN = ["2410.18451", "2410.15580", "2410.16429"]  # papers of SAMPLE_DAY
@@ -55,12 +56,15 @@ def path(url: str) -> str:
 
 
 @pytest.fixture
-def live(database: str, smtp: SMTPSink, papers_api: PapersAPI) -> Iterator[tuple[Runtime, str]]:
-    """uvicorn in this process, with a body limit big enough to let 64 kB shapes in."""
-    port = free_port()
-    settings = make_settings(database, smtp, papers_api, base_url=f"http://127.0.0.1:{port}", max_request_bytes=256_000)
+def live(database: str, smtp: SMTPSink, papers_api: PapersAPI, tmp_path: Path) -> Iterator[tuple[Runtime, str]]:
+    """`digest serve` as its own process, with a body limit big enough to let 64 kB shapes in.
+
+    Its own process, not a thread: a thread of this process could not even start a /healthz
+    request while the server held the GIL, so it would never see the stall.
+    """
+    settings = make_settings(database, smtp, papers_api, max_request_bytes=256_000)
     runtime = Runtime(settings)
-    with server_thread(create_app(runtime), port) as base:
+    with serve_process(settings, tmp_path) as base:
         yield runtime, base
     runtime.dispose()
 
@@ -82,7 +86,7 @@ def test_pathological_examples_answer_promptly_and_healthz_stays_responsive(live
     runtime, base = live
     seed_papers(runtime)
     reader = add_reader(runtime, "stranger@example.org")
-    save = f"{runtime.links.preferences(reader)}/teach/save"
+    save = f"{base}{path(runtime.links.preferences(reader))}/teach/save"
     normal = {"examples": ", ".join(f"https://huggingface.co/papers/{p}" for p in KNOWN), "follows": "kaist ai"}
 
     with httpx.Client(timeout=120) as http:
@@ -121,6 +125,7 @@ def test_pathological_examples_answer_promptly_and_healthz_stays_responsive(live
         deadline = time.monotonic() + 30
         while not healthz_waits and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert healthz_waits, "the /healthz poller never got an answer"
         costs = {}
         try:
             for name, shape in SHAPES.items():
@@ -132,10 +137,10 @@ def test_pathological_examples_answer_promptly_and_healthz_stays_responsive(live
         finally:
             stop.set()
             poller.join(timeout=60)
+    # The process as a whole first (a PaaS restarts it when /healthz stalls), then each answer.
+    assert max(healthz_waits) < healthz_bound, (max(healthz_waits), healthz_bound, normal_cost, healthz_cost)
     slow = {name: round(cost, 3) for name, cost in costs.items() if cost > bound}
     assert not slow, f"answers over {bound:.3f}s (normal save {normal_cost:.3f}s): {slow}"
-    assert healthz_waits, "the /healthz poller never got an answer"
-    assert max(healthz_waits) < healthz_bound, (max(healthz_waits), healthz_bound, normal_cost, healthz_cost)
     with runtime.session_factory() as session:
         # Nothing a refused form held was stored: only the normal saves' examples are there.
         marked = set(session.scalars(select(PaperMark.paper_id)))
