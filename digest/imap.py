@@ -2,7 +2,9 @@
 
 Each unseen message is fetched without marking it (BODY.PEEK), handled by
 ``digest.mailin.process`` and flagged ``\\Seen`` only after its transaction committed, so a crash
-or a database outage leaves it for the next poll. ``ProcessedMessage`` keeps a message that
+or a database outage leaves it for the next poll. A message too large or with a header block too
+large to parse (``digest.mailin.header_problem``) is logged and flagged seen unhandled, so no
+poll reads it again. ``ProcessedMessage`` keeps a message that
 changed something from being handled again even if someone marks it unread. With
 ``DIGEST_IMAP_DONE_FOLDER`` set, handled messages are then moved there (created if missing),
 which keeps a busy list's inbox small; messages left for the next poll stay where they are.
@@ -21,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from digest.errors import DigestError
 from digest.mailin import Reply, process, send_replies
 from digest.runtime import Runtime
+from digest.text import for_terminal
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +142,12 @@ def _finish(client: imaplib.IMAP4, uid: str, done_folder: str | None, moves: str
     except imaplib.IMAP4.error as exc:
         status, answer = "NO", [str(exc).encode()]
     if status != "OK":
-        log.warning("mail in: IMAP message %s not moved to %r (%s); left seen in place", uid, done_folder, answer)
+        log.warning(
+            "mail in: IMAP message %s not moved to %r (%s); left seen in place",
+            uid,
+            done_folder,
+            for_terminal(str(answer)),
+        )
 
 
 def _quoted(folder: str) -> str:

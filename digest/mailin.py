@@ -26,6 +26,19 @@ confirmation limits (``digest.confirmation_limits``), so the answer and its timi
 about the address. Messages with too many MIME parts or too deep a nesting are refused as
 malformed before the parser sees them.
 
+The standard library's header parser costs about the square of a field's length (a folded
+297 kB ``From:`` took 14 s of CPU) and its body parser about 0.2 s per MB, so a stranger's
+message must not reach it whole: a header block over ``MAX_HEADER_BLOCK``, a field over
+``MAX_HEADER_FIELD`` or more than ``MAX_HEADER_FIELDS`` fields is refused unparsed
+(``Kind.OVERSIZE``: the listener answers 552, IMAP skips it), only the first
+``MAX_PARSED_BYTES`` are parsed (commands and reports sit at the start), header fields inside
+parts are cut to ``MAX_HEADER_FIELD``, and address fields are read with the linear
+``email.utils`` parser instead of the structured one.
+
+The confirmation limits' per-source key is what the message proves about its sender (``source``):
+the mailbox a trusted ``Authentication-Results`` field vouches for, else the envelope sender's
+mailbox, never the relay or the mailbox that handed it over, which many senders share.
+
 Only messages that changed something are remembered (``ProcessedMessage``), so junk leaves the
 database as it was; a remembered message is never handled twice.
 """
@@ -39,10 +52,11 @@ import hashlib
 import itertools
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email import message_from_bytes, message_from_string
 from email import policy as email_policy
 from email.message import Message
+from email.policy import EmailPolicy
 from email.utils import getaddresses, parseaddr
 
 from sqlalchemy import select
@@ -50,13 +64,14 @@ from sqlalchemy.orm import Session
 
 from digest import subscriptions
 from digest.addresses import normalise_address
-from digest.confirmation_limits import source_network
+from digest.confirmation_limits import mailbox_of, source_network
 from digest.db import transaction
 from digest.delivery.policy import DeliveryPolicy
 from digest.errors import DigestError, InvalidToken
 from digest.links import subscriber_stamp
 from digest.models import Delivery, ProcessedMessage, Subscriber, SubscriberStatus, utcnow
 from digest.runtime import Runtime
+from digest.text import for_terminal
 from digest.tokens import Purpose, Tokens
 
 log = logging.getLogger(__name__)
@@ -66,6 +81,23 @@ MAIL_RESEND_AFTER = dt.timedelta(minutes=20)
 MAX_MIME_PARTS = 64
 MAX_MIME_DEPTH = 8
 COMPLAINT_TYPES = frozenset({"abuse", "fraud"})
+# A real message relayed through Gmail and a forwarder carries 10-20 kB of Received, ARC and
+# DKIM headers in 30-60 fields, its longest field (a DKIM or ARC signature, a long Cc) a few kB.
+MAX_HEADER_BLOCK = 64 * 1024
+MAX_HEADER_FIELD = 8 * 1024  # unfolded; the structured parser takes ~10 ms for the worst 8 kB
+MAX_HEADER_FIELDS = 500
+# Only this much of a message is parsed: a command's text part, a report's parts and the
+# headers of the digest it quotes (under 102 kB) come first; 256 kB parse in at most ~70 ms.
+MAX_PARSED_BYTES = 256 * 1024
+MAX_REPORT_BLOCKS = 64  # field blocks read from a report part (one per recipient, and one more)
+# authserv-ids (RFC 8601) of the relays whose Authentication-Results we believe. Such a relay
+# removes fields with its own id from the mail it receives, so the topmost field with its id is
+# its own. Empty until a setting names them: a listener that is the MX itself must trust none.
+TRUSTED_AUTHSERV_IDS: frozenset[str] = frozenset()
+# Header fields the structured parser reads as address lists: the slowest, read raw instead.
+ADDRESS_HEADERS = frozenset(
+    {"from", "sender", "reply-to", "to", "cc", "bcc", "resent-from", "resent-sender", "resent-to", "resent-cc"}
+)
 
 STATUS_CODE = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 OUT_OF_OFFICE = re.compile(
@@ -86,6 +118,7 @@ class Kind(enum.StrEnum):
     AUTO_REPLY = "auto_reply"
     UNRECOGNISED = "unrecognised"
     MALFORMED = "malformed"
+    OVERSIZE = "oversize"  # refused unparsed: see header_problem
 
 
 @dataclass(frozen=True)
@@ -102,6 +135,7 @@ class Inbound:
     original_message_id: str | None = None  # of the digest a report is about
     feedback_type: str = ""  # of an abuse report
     quoted_tokens: tuple[tuple[str, str], ...] = ()  # (tag, token) of ours in a report's quoted headers
+    source: str = ""  # the confirmation limits' per-source key ("" when the message names no sender)
 
 
 @dataclass(frozen=True)
@@ -124,6 +158,7 @@ class MailinConfig:
     policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
     # Deliveries of editions older than this were compacted away (see digest.compaction).
     ledger_retention_days: int = 30
+    trusted_authserv_ids: frozenset[str] = TRUSTED_AUTHSERV_IDS
 
     @property
     def local(self) -> str:
@@ -166,8 +201,29 @@ def message_key(msg: Message | None, data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def _raw_headers(msg: Message, name: str) -> list[str]:
+    """Every ``name`` field's value as sent, unfolded, without the structured parser; bytes
+    that are not ASCII read as UTF-8 (the parser keeps them as surrogate escapes)."""
+    lower = name.lower()
+    found = []
+    for key, value in msg.raw_items():
+        if key.lower() == lower:
+            text = str(value)
+            if not text.isascii():
+                text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            found.append(" ".join(text.split()))
+    return found
+
+
 def _header(msg: Message, name: str) -> str:
-    """A header as text, whatever its encoding; '' when missing or unreadable."""
+    """A header as text, whatever its encoding; '' when missing or unreadable.
+
+    Address fields come back as sent (encoded words undecoded): only their addresses are used,
+    and the structured address parser is the one whose cost grows with the square of a field.
+    """
+    if name.lower() in ADDRESS_HEADERS:
+        raw = _raw_headers(msg, name)
+        return raw[0] if raw else ""
     try:
         value = msg.get(name)
     except Exception:  # a broken header must not stop the rest of the message being read
@@ -183,7 +239,8 @@ def _fields(part: Message) -> list[Message]:
     if isinstance(payload, list):
         return [p for p in payload if isinstance(p, Message)]
     text = payload if isinstance(payload, str) else ""
-    blocks = re.split(r"\r?\n\s*\r?\n", text.strip())
+    # Real reports have a block per recipient and one more; the rest of a long part is ignored.
+    blocks = re.split(r"\r?\n\s*\r?\n", text.strip(), maxsplit=MAX_REPORT_BLOCKS)[:MAX_REPORT_BLOCKS]
     return [message_from_string(block + "\n") for block in blocks if block.strip()]
 
 
@@ -288,8 +345,72 @@ def reply_address(msg: Message, envelope_sender: str | None) -> str | None:
         return None
     if _header(msg, "Return-Path").strip() == "<>":
         return None
-    from_address = parseaddr(_header(msg, "From"))[1]
+    from_address = _address(msg, "From")
     return from_address or (envelope_sender or "").strip("<> ") or None
+
+
+def _address(msg: Message, name: str) -> str:
+    """The address in a one-address field ('' when none), by the linear ``email.utils`` parser."""
+    try:
+        return parseaddr(_header(msg, name))[1]
+    except RecursionError:  # comments nested thousands deep: no address anyone could use
+        return ""
+
+
+_COMMENT = re.compile(r"\([^()]*\)")
+_RESULT = re.compile(r"\s*(dkim|dmarc|spf)\s*=\s*([a-z]+)", re.IGNORECASE)
+_PROPERTY = re.compile(r"\b(header\.d|header\.i|header\.from|smtp\.mailfrom)\s*=\s*\"?([^\s;\"]+)", re.IGNORECASE)
+
+
+def _trusted_results(config: MailinConfig, msg: Message) -> list[tuple[str, str, dict[str, str]]]:
+    """(method, result, properties) of the topmost Authentication-Results field whose
+    authserv-id we trust (RFC 8601): that relay removed forged ones carrying its id."""
+    for value in _raw_headers(msg, "Authentication-Results"):
+        authserv, _, rest = value.partition(";")
+        words = authserv.split()
+        if not words or words[0].lower() not in config.trusted_authserv_ids:
+            continue
+        results = []
+        for piece in _COMMENT.sub(" ", rest).split(";", 32)[:32]:
+            found = _RESULT.match(piece)
+            if found is not None:
+                properties = {k.lower(): v.lower() for k, v in _PROPERTY.findall(piece, found.end())}
+                results.append((found.group(1).lower(), found.group(2).lower(), properties))
+        return results
+    return []
+
+
+def _aligned(domain: str, authenticated: str) -> bool:
+    """DMARC's relaxed alignment, without a public-suffix list: the same domain or a sub-domain."""
+    return bool(domain) and (domain == authenticated or domain.endswith("." + authenticated))
+
+
+def limit_source(config: MailinConfig, msg: Message, envelope_sender: str | None) -> str:
+    """The confirmation limits' per-source key of a message: what it proves about its sender.
+
+    A trusted relay's DKIM or DMARC pass aligned with the From domain proves the From mailbox,
+    its SPF pass the envelope sender's: ``auth:<mailbox>``, a budget no forger can spend. Else
+    the claimed envelope sender (for a mailbox, the Return-Path its delivery agent wrote):
+    ``sender:<mailbox>``, so a forger spends only the budget of the senders it names, never
+    that of everyone behind the same relay or in the same IMAP box.
+    """
+    from_address = _address(msg, "From").lower()
+    envelope = (envelope_sender or "").strip("<> ") if envelope_sender is not None else _address(msg, "Return-Path")
+    envelope = envelope.lower()
+    from_domain = from_address.rpartition("@")[2]
+    for method, result, properties in _trusted_results(config, msg):
+        if result != "pass":
+            continue
+        if method == "dmarc" and from_domain and properties.get("header.from") == from_domain:
+            return "auth:" + mailbox_of(from_address)
+        signer = properties.get("header.d") or properties.get("header.i", "").rpartition("@")[2]
+        if method == "dkim" and signer and _aligned(from_domain, signer):
+            return "auth:" + mailbox_of(from_address)
+        checked = properties.get("smtp.mailfrom", "").rpartition("@")[2]
+        if method == "spf" and envelope and checked and checked == envelope.rpartition("@")[2]:
+            return "auth:" + mailbox_of(envelope)
+    claimed = envelope or from_address
+    return "sender:" + mailbox_of(claimed)[:254] if claimed else ""
 
 
 def our_recipients(config: MailinConfig, msg: Message | None, recipients: list[str] | None) -> list[tuple[str, str]]:
@@ -313,7 +434,7 @@ def _too_complex(data: bytes) -> str | None:
     counting those bounds the parser's work from above (a line starting "--" that is not a
     delimiter only makes the count err on the side of refusing).
     """
-    multiparts = len(_BOUNDARY_PARAM.findall(data, 0, 4 * 1024 * 1024))
+    multiparts = len(_BOUNDARY_PARAM.findall(data))
     if multiparts > MAX_MIME_DEPTH * 4:
         return f"too many multipart sections ({multiparts})"
     most = 4 * MAX_MIME_PARTS
@@ -339,20 +460,69 @@ def _nesting_depth(msg: Message, limit: int) -> int:
     return deepest
 
 
+class _BoundedPolicy(EmailPolicy):
+    """``email.policy.default`` with every header field cut to ``MAX_HEADER_FIELD`` as it is read
+    (the fields of MIME parts and quoted messages, which ``header_problem`` does not measure)."""
+
+    def header_source_parse(self, sourcelines: list[str]) -> tuple[str, str]:
+        name, value = super().header_source_parse(sourcelines)
+        return name, value[:MAX_HEADER_FIELD]
+
+
+BOUNDED = _BoundedPolicy()
+
+
+def header_problem(data: bytes) -> str | None:
+    """Why a message's header block is refused before any parsing, or None.
+
+    Linear and cheap (a few ms at most): the header block is found with ``bytes.find`` in the
+    first ``MAX_HEADER_BLOCK`` bytes, its lines counted with ``bytes.split``.
+    """
+    ends = [i for i in (data.find(b"\n\n", 0, MAX_HEADER_BLOCK), data.find(b"\n\r\n", 0, MAX_HEADER_BLOCK)) if i >= 0]
+    if data.startswith((b"\n", b"\r\n")):
+        return None  # no header block at all: the parser's problem, and a cheap one
+    if not ends and len(data) > MAX_HEADER_BLOCK:
+        return f"header block over {MAX_HEADER_BLOCK} bytes"
+    head = data[: min(ends) + 1] if ends else data
+    fields = 0
+    name, length = b"", 0
+    for line in head.split(b"\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            length += len(line) + 1  # a folded line: the same field, unfolded
+        elif line.strip():
+            fields += 1
+            name, length = line.partition(b":")[0][:40], len(line) + 1
+        if length > MAX_HEADER_FIELD:
+            # ASCII and no controls: this goes into the SMTP answer and a log line.
+            field_name = for_terminal(name.decode("ascii", "backslashreplace"))
+            return f"header field {field_name!r} over {MAX_HEADER_FIELD} bytes"
+    if fields > MAX_HEADER_FIELDS:
+        return f"{fields} header fields (at most {MAX_HEADER_FIELDS})"
+    return None
+
+
 def classify(
     config: MailinConfig, data: bytes, *, envelope_sender: str | None, recipients: list[str] | None
 ) -> Inbound:
-    """What a message is. Never raises: unreadable input is ``Kind.MALFORMED``."""
-    too_complex = _too_complex(data)
+    """What a message is. Never raises: unreadable input is ``Kind.MALFORMED``, a header block
+    the parser must not see is ``Kind.OVERSIZE``."""
+    oversize = header_problem(data)
+    if oversize is not None:
+        return Inbound(Kind.OVERSIZE, "sha256:" + hashlib.sha256(data).hexdigest(), detail=oversize)
+    parsed = data[:MAX_PARSED_BYTES]
+    too_complex = _too_complex(parsed)
     if too_complex is not None:
         return Inbound(Kind.MALFORMED, "sha256:" + hashlib.sha256(data).hexdigest(), detail=too_complex)
     try:
-        msg = message_from_bytes(data, policy=email_policy.default)
+        msg = message_from_bytes(parsed, policy=BOUNDED)
         key = message_key(msg, data)
     except Exception as exc:  # the parser is lenient; this is for input that still breaks it
         return Inbound(Kind.MALFORMED, "sha256:" + hashlib.sha256(data).hexdigest(), detail=repr(exc)[:200])
     try:
-        return _classify(config, msg, key, envelope_sender, recipients)
+        inbound = _classify(config, msg, key, envelope_sender, recipients)
+        if inbound.sender is not None:
+            inbound = replace(inbound, source=limit_source(config, msg, envelope_sender))
+        return inbound
     except Exception as exc:  # headers or parts that break the parser's lazy decoding
         return Inbound(Kind.MALFORMED, key, detail=repr(exc)[:200])
 
@@ -613,7 +783,7 @@ class Reply:
 
     kind: str  # "confirmation", "unsubscribed" or "unsubscribe-link"
     subscriber_id: int
-    source: str  # the limits' source key: the SMTP peer's network, or "imap"
+    source: str  # the limits' source key: Inbound.source, else the SMTP peer's network or "imap"
     topics: str | None = None
 
 
@@ -666,16 +836,19 @@ def process_classified(runtime: Runtime, inbound: Inbound, *, size: int, peer: s
         handled = handle(session, config, inbound, now=utcnow())
     replies: list[Reply] = []
     if handled.reply is not None and handled.subscriber_id is not None:
-        source = source_network(peer) if peer else "imap"
+        # A sender the message names (proven or claimed) is always there for an answer; the
+        # peer or "imap" is only what the key was before, should a caller classify without one.
+        source = inbound.source or (source_network(peer) if peer else "imap")
         replies.append(Reply(handled.reply, handled.subscriber_id, source, handled.topics))
     level = logging.INFO if handled.changed or inbound.kind is Kind.AUTO_REPLY else logging.WARNING
     log.log(
         level,
         "mail in %s (%s, %d bytes): %s",
-        inbound.key[:80],
+        # The Message-ID and the outcome (a Subject, an address) are the sender's text.
+        for_terminal(inbound.key[:80]),
         inbound.kind.value,
         size,
-        handled.outcome,
+        for_terminal(handled.outcome),
         extra={"subscriber_id": handled.subscriber_id} if handled.subscriber_id is not None else None,
     )
     return Processed(handled.outcome, handled.changed, replies)

@@ -3,7 +3,9 @@
 It accepts mail only for the list's own address and its sub-addresses, refuses anything over
 ``DIGEST_MAILIN_MAX_BYTES`` (advertised as SIZE, 552 otherwise), and hands each message to
 ``digest.mailin.process`` off the event loop. Junk is accepted and ignored (a refusal would only
-make someone else send a bounce); a database failure answers 451 so the sender retries.
+make someone else send a bounce); a database failure answers 451 so the sender retries. A header
+block too large to parse cheaply (``digest.mailin.header_problem``) is refused with 552: no
+real mail has one, and the sender's own server is the one to tell them.
 """
 
 from __future__ import annotations
@@ -17,8 +19,18 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy.exc import SQLAlchemyError
 
-from digest.mailin import Inbound, MailinConfig, answer_first, classify, config_from, process_classified, send_replies
+from digest.mailin import (
+    Inbound,
+    Kind,
+    MailinConfig,
+    answer_first,
+    classify,
+    config_from,
+    process_classified,
+    send_replies,
+)
 from digest.runtime import Runtime
+from digest.text import for_terminal
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +62,15 @@ class MailinHandler:
             envelope_sender=str(envelope.mail_from or ""),
             recipients=list(envelope.rcpt_tos),
         )
+        if inbound.kind is Kind.OVERSIZE:
+            log.warning(
+                "mail in from %s (%s, %d bytes): refused, %s",
+                for_terminal(str(envelope.mail_from or "<>")[:254]),
+                inbound.kind.value,
+                len(data),
+                inbound.detail,
+            )
+            return f"552 5.3.4 Message header too large: {inbound.detail}"
         if answer_first(inbound):
             # A request about any address: answered before the database is touched, so neither
             # the answer nor its timing says whether the address is known. (A database failure
