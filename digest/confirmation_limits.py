@@ -1,26 +1,42 @@
 """How many confirmation (and other requested) emails a stranger can make us send.
 
 Anyone can ask us to mail an address: a subscribe form, a mail to ``+subscribe``, an
-unsubscribe mail without a token. Each of those mails a third party, so each is limited by every
-key a stranger cannot cheaply change, all shared by every process through Redis (``limits``):
+unsubscribe mail without a token, a data link, a console sign-in link. Each of those mails a
+third party, so each is limited by every key a stranger cannot cheaply change, all shared by
+every process through Redis (``limits``):
 
 * the **source**: the client's network for the web (IPv4 /24, IPv6 /56: rotating addresses
-  inside one provider allocation does not help), the SMTP peer's for mail-in;
+  inside one provider allocation does not help), what mail-in knows of the sender for mail;
 * the **mailbox**: the destination with its sub-address tag dropped and case folded, so
   ``Inbox+1@victim.example`` … ``inbox+50@victim.example`` are one mailbox;
 * the destination **domain**;
 * **overall**, so that even a botnet cannot make us a mail cannon.
 
+The budgets protect the person, not the kind of mail: every kind (web or mail-in confirmation,
+unsubscribe link, data link) counts against the same four budgets, so a mailbox gets at most
+its per-mailbox number of stranger-triggered mails whatever mix of requests a stranger sends.
+The per-source budget is shared too: it measures how much third-party mail one network may
+cause, which does not depend on the form it used (and per kind it would be five times larger).
+
 A request over a limit is answered exactly as one that sent mail (no oracle, and nothing to
 retry against), and only the mail is withheld. A confirmation already sent stays valid for
 its full lifetime, so filling a victim's limit never locks them out.
+
+**Console sign-in links** to a configured operator have a budget of their own, apart from the
+above (``allow_operator_link``): otherwise strangers asking for an operator's link, or signing
+the operator's address up, would spend the day budget the operator needs to get in. It has
+only windows of at most an hour (``Settings`` checks), so whatever strangers asked before, the
+operator's budget is whole again an hour later; per source network as well as per address, so
+a stranger elsewhere cannot spend the operator's share at all, only many networks at once can.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import ipaddress
 import logging
+import math
 from dataclasses import dataclass
 
 from limits import RateLimitItem, parse_many
@@ -29,7 +45,9 @@ from limits.strategies import MovingWindowRateLimiter
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "digest-confirm"
+# A new namespace for the shared keys: counters written per kind under the old one simply expire.
+NAMESPACE = "digest-mail"
+OPERATOR_NAMESPACE = "digest-operator-link"
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,9 @@ class ConfirmationRules:
     per_mailbox: str = "2/hour;5/day"
     per_domain: str = "100/hour"
     overall: str = "1000/hour"
+    # Console sign-in links to an operator address: per (address, source network), and per address.
+    operator_per_source: str = "3/hour"
+    operator_per_address: str = "10/hour"
 
 
 def source_network(host: str) -> str:
@@ -63,6 +84,23 @@ def _hashed(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()[:32]
 
 
+def longest_window(limits: str) -> dt.timedelta:
+    """The longest window among ``limits`` (a ``limits`` string, several joined by ";")."""
+    return dt.timedelta(seconds=max(item.get_expiry() for item in parse_many(limits)))
+
+
+def retry_after(now: dt.datetime, window: dt.timedelta) -> dt.datetime:
+    """When a moving window of ``window`` has forgotten every request made up to ``now``.
+
+    The next whole minute strictly after ``now + window`` (a request counted at ``now`` still
+    counts at exactly ``now + window``), as a page says it. It depends on the clock alone, never
+    on what was counted for an address, so saying it tells nobody whether that address is an
+    operator's or was asked for before.
+    """
+    later = (now + window).timestamp()
+    return dt.datetime.fromtimestamp((math.floor(later) // 60 + 1) * 60, dt.UTC)
+
+
 class ConfirmationLimits:
     """``allow(kind, source, address)``: may we send this requested mail now? Counts it if so."""
 
@@ -74,8 +112,16 @@ class ConfirmationLimits:
             ("domain", parse_many(rules.per_domain)),
             ("overall", parse_many(rules.overall)),
         ]
+        self._operator_rules: list[tuple[str, list[RateLimitItem]]] = [
+            ("source", parse_many(rules.operator_per_source)),
+            ("address", parse_many(rules.operator_per_address)),
+        ]
+        self.operator_window = max(
+            longest_window(rules.operator_per_source), longest_window(rules.operator_per_address)
+        )
 
     def allow(self, kind: str, source: str, address: str) -> bool:
+        """Counts against the budgets every kind shares; ``kind`` only names it in the log."""
         mailbox = mailbox_of(address)
         keys = {
             "source": _hashed(source),
@@ -83,13 +129,24 @@ class ConfirmationLimits:
             "domain": _hashed(mailbox.rpartition("@")[2]),
             "overall": "all",
         }
+        return self._hit(NAMESPACE, self._rules, keys, kind)
+
+    def allow_operator_link(self, source: str, address: str) -> bool:
+        """A console sign-in link to ``address``, which the caller knows is an operator's."""
+        mailbox = _hashed(mailbox_of(address))
+        keys = {"source": _hashed(f"{mailbox}|{source}"), "address": mailbox}
+        return self._hit(OPERATOR_NAMESPACE, self._operator_rules, keys, "admin-sign-in")
+
+    def _hit(
+        self, namespace: str, rules: list[tuple[str, list[RateLimitItem]]], keys: dict[str, str], kind: str
+    ) -> bool:
         # Each hit checks and counts in one atomic step (a Lua script on Redis), so requests that
         # arrive together cannot all pass a check before any is counted. Stopping at the first
         # refusal leaves a refused request counted against the limits before it (the source's
         # first): a flood spends its own budget, and a victim's already-sent link stays valid.
-        for name, items in self._rules:
+        for name, items in rules:
             for item in items:
-                if not self._limiter.hit(item, NAMESPACE, kind, name, keys[name]):
+                if not self._limiter.hit(item, namespace, name, keys[name]):
                     log.warning("withheld a %s email: the per-%s limit (%s) is reached", kind, name, item)
                     return False
         return True

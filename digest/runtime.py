@@ -123,6 +123,8 @@ class Runtime:
                 per_mailbox=s.confirmation_limit_per_mailbox,
                 per_domain=s.confirmation_limit_per_domain,
                 overall=s.confirmation_limit_overall,
+                operator_per_source=s.admin_link_limit_per_source,
+                operator_per_address=s.admin_link_limit_per_address,
             ),
         )
 

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     admin_emails: str = ""
     admin_link_minutes: int = Field(default=15, ge=1, le=60)
     admin_session_hours: float = Field(default=8.0, gt=0, le=24)
+    # Sign-in links to an operator address have their own budget (strangers can ask for them
+    # too): per (address, client network) and per address; windows of at most an hour, so an
+    # operator can always get a link within the hour (digest.confirmation_limits).
+    admin_link_limit_per_source: str = "3/hour"
+    admin_link_limit_per_address: str = "10/hour"
     # Proxies whose X-Forwarded-For is believed: comma-separated addresses or networks.
     trusted_proxies: str = ""
 
@@ -123,6 +128,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     metrics_token: str | None = None  # set: GET /metrics needs "Authorization: Bearer <token>"
+    # In production /metrics is refused without a token unless this opens it to anyone (warned
+    # at start-up): subscriber counts, complaints and the pause state are not for strangers.
+    metrics_public: bool = False
     beat_stale_after_seconds: float = Field(default=300.0, gt=0)  # beat writes its heartbeat every 15 s
     delivery_late_after_minutes: float = Field(default=30.0, gt=0)  # due this long ago and not sent: late
     log_format: Literal["text", "json"] = "text"
@@ -151,6 +159,16 @@ class Settings(BaseSettings):
                     normalise_address(part)
                 except InvalidAddress as exc:
                     raise ValueError(f"DIGEST_ADMIN_EMAILS: {part.strip()!r}: {exc}") from exc
+        return value
+
+    @field_validator("admin_link_limit_per_source", "admin_link_limit_per_address")
+    @classmethod
+    def _operator_windows_within_an_hour(cls, value: str) -> str:
+        from limits import parse_many
+
+        # The README promises an operator a link within the hour: no window may be longer.
+        if any(item.get_expiry() > 3600 for item in parse_many(value)):
+            raise ValueError(f"{value!r}: console sign-in limits may count over an hour at most")
         return value
 
     @field_validator("trusted_proxies")

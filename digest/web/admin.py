@@ -1,9 +1,11 @@
 """The operator console under ``/admin``: sign-in by a mailed one-time link, a dashboard, and
 one address's record with the actions the consent rules allow.
 
-Sign-in: an address listed in ``DIGEST_ADMIN_EMAILS`` gets a link (within the limits on mail a
-stranger can make us send, ``digest.confirmation_limits``); every address gets the same answer,
-and the work happens after it, so neither the page nor its timing says who is an operator. The
+Sign-in: an address listed in ``DIGEST_ADMIN_EMAILS`` gets a link, within a budget of its own
+(``ConfirmationLimits.allow_operator_link``: strangers can ask for an operator's link too, so
+it only has windows of at most an hour); every address gets the same answer, with the time
+after which asking again surely sends a link (from the clock alone), and the work happens
+after it, so neither the page nor its timing says who is an operator or was asked for. The
 link opens a page with one button (scanners fetch links); its POST uses the link up
 (``AdminSignIn.used_at``) and starts a session: a signed cookie naming the row, HttpOnly,
 SameSite=Strict, Secure outside development, good until ``expires_at`` or sign-out. Every form
@@ -25,6 +27,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, BackgroundTasks, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from limits import parse_many
 from sqlalchemy import Date, cast, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
@@ -32,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 
 from digest import notifications, reputation, subscriptions
 from digest.addresses import normalise_address
-from digest.confirmation_limits import source_network
+from digest.confirmation_limits import retry_after, source_network
 from digest.consent import ERASED, Action, Actor, NotAllowed, State, next_status
 from digest.db import transaction
 from digest.delivery.ledger import counts_by_status
@@ -64,7 +67,11 @@ NO_STORE = {"Cache-Control": "no-store"}
 # What the look-up page may offer, in the order shown; each is offered only when the consent
 # rules let an operator make that move from the person's state.
 OPERATOR_ACTIONS = (Action.UNSUBSCRIBE, Action.UNSUPPRESS, Action.ERASE)
-SIGN_IN_SENT = "If this address may sign in, a link is on its way. It works once, for a short while."
+SIGN_IN_SENT = "If this address may sign in, a link is on its way. It works once, within {minutes} minutes."
+SIGN_IN_RETRY = (
+    "Sign-in links to one address: at most {per_source} asked from one network, {per_address} in all. "
+    "If none arrives, ask again after {at:%H:%M} UTC."
+)
 
 
 @dataclass(frozen=True)
@@ -142,7 +149,31 @@ async def sign_in_request(
     """The same answer for every address; only an operator's gets mail, after the answer."""
     await run_in_threadpool(limits.hit, "admin-sign-in", "ip", ip)
     background.add_task(_mail_sign_in_link, runtime, source_network(ip), email)
-    return page(request, "admin/sign_in.html", {"sent": True, "message": SIGN_IN_SENT})
+    return page(request, "admin/sign_in.html", {"sent": True, **sign_in_answer(runtime, utcnow())})
+
+
+def _per_window(limits: str) -> str:
+    """``"3/hour;5/10 minutes"`` -> ``"3 an hour, 5 per 10 minutes"``, for the answer page."""
+    parts = []
+    for item in parse_many(limits):
+        minutes = item.get_expiry() // 60
+        parts.append(f"{item.amount} an hour" if minutes == 60 else f"{item.amount} per {minutes} minutes")
+    return ", ".join(parts)
+
+
+def sign_in_answer(runtime: Runtime, now: dt.datetime) -> dict[str, str]:
+    """The answer to every sign-in request. Nothing in it depends on the address or on what was
+    counted for it (that would tell who is an operator, or was asked for): the retry time is when
+    the operator budget's windows have forgotten every request made until now."""
+    s = runtime.settings
+    return {
+        "message": SIGN_IN_SENT.format(minutes=s.admin_link_minutes),
+        "retry": SIGN_IN_RETRY.format(
+            per_source=_per_window(s.admin_link_limit_per_source),
+            per_address=_per_window(s.admin_link_limit_per_address),
+            at=retry_after(now, runtime.confirmation_limits.operator_window),
+        ),
+    }
 
 
 def _new_sign_in(runtime: Runtime, email: str, source: str) -> tuple[str, bytes] | None:
@@ -152,7 +183,7 @@ def _new_sign_in(runtime: Runtime, email: str, source: str) -> tuple[str, bytes]
         return None
     if address not in runtime.settings.admin_addresses:
         return None
-    if not runtime.confirmation_limits.allow("admin-sign-in", source, address):
+    if not runtime.confirmation_limits.allow_operator_link(source, address):
         return None
     with transaction(runtime.session_factory) as session:
         row = AdminSignIn(email=address, created_at=utcnow())

@@ -3,19 +3,24 @@
 ``/healthz`` says only that the process answers (a PaaS restarts it when it does not; a
 database outage must not restart every web process). ``/readyz`` says whether this process can
 serve: the database answers, Redis answers when configured, and the schema is at the newest
-migration. ``/metrics`` is computed from the database and Redis at each scrape.
+migration; on failure it names the dependency that failed, never where it lives (host, port,
+role or the driver's message stay in the log). ``/metrics`` is computed from the database and
+Redis at each scrape; it needs ``DIGEST_METRICS_TOKEN`` when set, and in production it is
+refused without one unless ``DIGEST_METRICS_PUBLIC`` opens it (with a warning at start-up).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Callable
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from functools import lru_cache
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import redis
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
@@ -24,12 +29,47 @@ from starlette.concurrency import run_in_threadpool
 from digest import db, heartbeat
 from digest.metrics import DigestCollector
 from digest.runtime import Runtime
+from digest.settings import Settings
 from digest.web.deps import RuntimeDep
 
-router = APIRouter()
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 FINE = ("ok", "not configured", "unknown")  # "unknown": not checked because the database is away
+UNAVAILABLE = "unavailable"
 CHECK_TIMEOUT = 5.0  # seconds: a probe that hangs is as bad as one that fails
+MetricsAccess = Literal["token", "open", "refused"]
+
+
+def metrics_access(environment: str, token: str | None, public: bool) -> MetricsAccess:
+    """Who may read ``/metrics``: token holders (a token always wins), anyone, or nobody.
+
+    Development and test deployments stay open as before; production is closed by default,
+    because the counts, complaints and pause state are a stranger's map of the service.
+    """
+    if token:
+        return "token"
+    if environment != "production" or public:
+        return "open"
+    return "refused"
+
+
+def _metrics_access(settings: Settings) -> MetricsAccess:
+    return metrics_access(settings.environment, settings.metrics_token, settings.metrics_public)
+
+
+@asynccontextmanager
+async def _say_how_metrics_are_served(app: FastAPI) -> AsyncIterator[None]:
+    """At start-up, once per process: an open ``/metrics`` in production is a warning."""
+    runtime: Runtime = app.state.runtime
+    access = _metrics_access(runtime.settings)
+    if access == "open" and runtime.settings.environment == "production":
+        log.warning("DIGEST_METRICS_PUBLIC is true: /metrics is open to anyone; set DIGEST_METRICS_TOKEN instead")
+    elif access == "refused":
+        log.info("/metrics is refused: set DIGEST_METRICS_TOKEN for Prometheus to read it")
+    yield
+
+
+router = APIRouter(lifespan=_say_how_metrics_are_served)
 
 
 class Health(BaseModel):
@@ -61,7 +101,9 @@ def _check_database(runtime: Runtime) -> dict[str, str]:
     try:
         current = db.current_revisions(runtime.engine)
     except Exception as exc:  # any failure to reach the database means "not ready"
-        return {"database": f"unavailable: {_reason(exc)}", "schema": "unknown"}
+        # The driver's message names host, port and role: for the log, not for the answer.
+        log.warning("readyz: the database did not answer: %s", _reason(exc))
+        return {"database": UNAVAILABLE, "schema": "unknown"}
     expected = _expected_heads()
     if current == expected:
         return {"database": "ok", "schema": "ok"}
@@ -77,18 +119,20 @@ def _check_redis(url: str) -> str:
     try:
         client.ping()
     except redis.RedisError as exc:
-        return f"unavailable: {_reason(exc)}"
+        log.warning("readyz: Redis did not answer: %s", _reason(exc))
+        return UNAVAILABLE
     finally:
         client.close()
     return "ok"
 
 
-async def _within(timeout: float, func: Callable[[], T]) -> T | str:
-    """``func()`` in a thread, or a reason when it has not answered in ``timeout`` seconds."""
+async def _within(name: str, timeout: float, func: Callable[[], T]) -> T | str:
+    """``func()`` in a thread, or "unavailable" when it has not answered in ``timeout`` seconds."""
     try:
         return await asyncio.wait_for(run_in_threadpool(func), timeout)
     except TimeoutError:
-        return f"unavailable: no answer within {timeout:.0f} s"
+        log.warning("readyz: %s gave no answer within %.0f s", name, timeout)
+        return UNAVAILABLE
 
 
 @router.get(
@@ -98,11 +142,15 @@ async def _within(timeout: float, func: Callable[[], T]) -> T | str:
     summary="Readiness: database, Redis (when configured) and schema",
 )
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
-    database = await _within(CHECK_TIMEOUT, lambda: _check_database(runtime))
+    database = await _within("the database", CHECK_TIMEOUT, lambda: _check_database(runtime))
     checks = database if isinstance(database, dict) else {"database": database, "schema": "unknown"}
     url = runtime.settings.redis_url
-    checks["redis"] = await _within(CHECK_TIMEOUT, lambda: _check_redis(url)) if url else "not configured"
-    problems = [f"{name}: {state}" for name, state in checks.items() if state not in FINE]
+    checks["redis"] = await _within("Redis", CHECK_TIMEOUT, lambda: _check_redis(url)) if url else "not configured"
+    problems = [
+        f"{name} {state}" if state == UNAVAILABLE else f"{name}: {state}"
+        for name, state in checks.items()
+        if state not in FINE
+    ]
     body = Readiness(status="unavailable" if problems else "ok", checks=checks, problems=problems)
     return JSONResponse(body.model_dump(), status_code=503 if problems else 200)
 
@@ -120,9 +168,7 @@ def metrics_registry(request: Request) -> CollectorRegistry:
     return registry
 
 
-def _authorised(expected: str | None, authorization: str | None) -> bool:
-    if not expected:
-        return True
+def _authorised(expected: str, authorization: str | None) -> bool:
     scheme, _, token = (authorization or "").partition(" ")
     # Constant time, so the token cannot be guessed byte by byte from response times.
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
@@ -134,7 +180,14 @@ async def metrics(
     registry: Annotated[CollectorRegistry, Depends(metrics_registry)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
-    if not _authorised(runtime.settings.metrics_token, authorization):
+    access = _metrics_access(runtime.settings)
+    if access == "refused":
+        return JSONResponse(
+            {"detail": "metrics are off: set DIGEST_METRICS_TOKEN"},
+            status_code=403,
+            headers={"Cache-Control": "no-store"},
+        )
+    if access == "token" and not _authorised(runtime.settings.metrics_token or "", authorization):
         return JSONResponse(
             {"detail": "metrics need Authorization: Bearer <DIGEST_METRICS_TOKEN>"},
             status_code=401,

@@ -72,10 +72,9 @@ def test_readyz_is_503_with_the_reason_when_the_database_is_unreachable(smtp: SM
         assert answer.status_code == 503
         body = answer.json()
         assert body["status"] == "unavailable"
-        assert body["checks"]["database"].startswith("unavailable: ")
-        assert "refused" in body["checks"]["database"].lower()
+        assert body["checks"]["database"] == "unavailable"
         assert body["checks"]["redis"] == "not configured"
-        assert [p.split(":")[0] for p in body["problems"]] == ["database"]
+        assert body["problems"] == ["database unavailable"]
 
 
 def test_readyz_is_503_when_redis_is_configured_but_away(settings: Settings) -> None:
@@ -84,7 +83,8 @@ def test_readyz_is_503_when_redis_is_configured_but_away(settings: Settings) -> 
         answer = httpx.get(f"{base}/readyz")
         assert answer.status_code == 503
         assert answer.json()["checks"]["database"] == "ok"
-        assert answer.json()["checks"]["redis"].startswith("unavailable: ")
+        assert answer.json()["checks"]["redis"] == "unavailable"
+        assert answer.json()["problems"] == ["redis unavailable"]
 
 
 def test_readyz_is_503_when_the_schema_is_behind(smtp: SMTPSink, tmp_path: Path) -> None:
