@@ -11,7 +11,12 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 # Shipped inside the package, so an installed wheel migrates from any folder.
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# Installed, the migrations ship inside the package; in a checkout they are alembic/ at its top.
+MIGRATIONS_DIR = next(
+    path
+    for path in (Path(__file__).resolve().parent / "migrations", Path(__file__).resolve().parents[1] / "alembic")
+    if (path / "env.py").is_file()
+)
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:

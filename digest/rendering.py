@@ -1,4 +1,4 @@
-"""Emails from Jinja2 templates in ``digest/email_templates/``: subject, text and HTML from one object.
+"""Emails from Jinja2 templates in ``email_templates/``: subject, text and HTML from one object.
 
 Every email kind has one typed context class. Its fields split in two: the *personal* ones
 (recipient, signed links) and everything else. The template is rendered, its stylesheet
@@ -32,7 +32,15 @@ from markupsafe import escape
 from digest.models import Paper
 from digest.text import one_line
 
-TEMPLATES_DIR = Path(__file__).resolve().parent / "email_templates"  # package data: ships in the wheel
+# Installed, the templates ship inside the package; in a checkout they are email_templates/ at its top.
+TEMPLATES_DIR = next(
+    path
+    for path in (
+        Path(__file__).resolve().parent / "email_templates",
+        Path(__file__).resolve().parents[1] / "email_templates",
+    )
+    if (path / "_base").is_dir()
+)
 SUMMARY_CHARS = 420
 AUTHORS_SHOWN = 4
 TEXT_WIDTH = 78
