@@ -1,67 +1,121 @@
-"""The ``digest`` command: operators' entry point. Reads settings, commits, reports in one line."""
+"""The ``digest`` command: operators' entry point. Reads settings, commits, reports in one line.
+
+Start-up is kept short (``bench/cli_startup.py``): this module imports only the standard
+library and click at the top; each command imports what it needs (the database, the delivery
+and rendering code, Redis) when it runs, so ``digest --help`` or ``digest status`` never load
+the embedding model, Jinja or the SMTP client.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
-from kombu.exceptions import OperationalError as BrokerError
-from redis.exceptions import RedisError
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 
-from digest import db
-from digest.consent import Actor
-from digest.db import transaction
-from digest.errors import DigestError
-from digest.models import Subscriber, SubscriberStatus, utcnow
-from digest.runtime import Runtime
-from digest.settings import get_settings
-from digest.text import csv_cell
+from digest import __version__
+from digest.text import for_terminal
 
 if TYPE_CHECKING:
+    from digest.runtime import Runtime
     from digest.status import Probe
 
-F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("digest.cli")
+
+UPGRADE_HINT = "the database has no schema or an older one: run `digest db upgrade`"
+# SQLSTATEs of PostgreSQL for a missing table or column: the schema is behind the code.
+UNMIGRATED_SQLSTATES = {"42P01", "42703"}
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
 def one_line(exc: object) -> str:
-    return " ".join(str(exc).split())[:500]
+    return for_terminal(" ".join(str(exc).split())[:500])
 
 
-def reports_errors(func: F) -> F:
-    """Domain errors end the command with a one-line reason on stderr and exit status 1."""
+def say(line: str, *, err: bool = False) -> None:
+    """Print a line that may hold stored or received text: controls shown, never obeyed."""
+    click.echo(for_terminal(line), err=err)
 
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+
+def _loaded(module: str, name: str) -> type[BaseException] | None:
+    """An exception class of ``module`` if that module was imported (else nothing raised it).
+
+    Looking in ``sys.modules`` keeps the failure report from importing SQLAlchemy, Redis or
+    kombu into commands that never used them.
+    """
+    found = getattr(sys.modules.get(module), name, None)
+    return found if isinstance(found, type) and issubclass(found, BaseException) else None
+
+
+def _is(exc: BaseException, module: str, name: str) -> bool:
+    cls = _loaded(module, name)
+    return cls is not None and isinstance(exc, cls)
+
+
+def failure(exc: Exception) -> tuple[str, int]:
+    """(the one line to print, the exit status) for a failure a command let through."""
+    from digest.errors import DigestError
+
+    if isinstance(exc, DigestError):
+        return one_line(exc), 1
+    if _is(exc, "digest.mailer", "SendError"):
+        return f"mail server: {one_line(exc)}", 1
+    if _is(exc, "sqlalchemy.exc", "SQLAlchemyError"):
+        reason = getattr(exc, "orig", None) or exc
+        text = str(reason)
+        if (
+            getattr(reason, "sqlstate", None) in UNMIGRATED_SQLSTATES
+            or "no such table" in text
+            or "no such column" in text
+        ):
+            return UPGRADE_HINT, 1
+        return f"database: {one_line(reason)}", 1
+    if _is(exc, "kombu.exceptions", "OperationalError") or _is(exc, "redis.exceptions", "RedisError"):
+        return f"Redis: {one_line(exc)}", 1
+    if isinstance(exc, ValueError):  # settings validation and bad option values
+        return one_line(exc), 2
+    if isinstance(exc, OSError):  # SMTP, the papers API or the network
+        return f"{type(exc).__name__}: {one_line(exc)}", 1
+    return f"unexpected {type(exc).__name__}: {one_line(exc)} (`digest -v ...` logs the traceback)", 1
+
+
+class DigestGroup(click.Group):
+    """Every command's failure as one line on stderr; help that lists each command in full."""
+
+    def invoke(self, ctx: click.Context) -> Any:
         try:
-            return func(*args, **kwargs)
-        except DigestError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-        except ValueError as exc:  # settings validation and bad option values
-            click.echo(f"error: {one_line(exc)}", err=True)
-            sys.exit(2)
-        except SQLAlchemyError as exc:
-            reason = getattr(exc, "orig", None) or exc
-            click.echo(f"error: database: {one_line(reason)}", err=True)
-            sys.exit(1)
-        except (ConnectionError, OSError, BrokerError, RedisError) as exc:  # Redis, SMTP or the network
-            click.echo(f"error: {type(exc).__name__}: {one_line(exc)}", err=True)
-            sys.exit(1)
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # every command, the ones added later too: no traceback
+            line, code = failure(exc)
+            log.info("the command failed", exc_info=True)  # shown with -v
+            click.echo(f"error: {line}", err=True)
+            ctx.exit(code)
 
-    return wrapper  # type: ignore[return-value]
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # click cuts each description to fit one line ("Fetch and store the..."); a command's
+        # whole first paragraph is shown here instead, wrapped.
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is None or command.hidden:
+                continue
+            rows.append((name, (command.help or "").split("\n\n")[0].replace("\n", " ").strip()))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 def runtime_from(ctx: click.Context) -> Runtime:
     obj = ctx.ensure_object(dict)
     if "runtime" not in obj:
+        from digest.runtime import Runtime
+        from digest.settings import get_settings
+
         obj["runtime"] = Runtime(get_settings())
         ctx.call_on_close(obj["runtime"].dispose)
     runtime: Runtime = obj["runtime"]
@@ -84,11 +138,13 @@ def latest_weekday(today: dt.date) -> dt.date:
     return day
 
 
-@click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Log what happens.")
+@click.group(cls=DigestGroup, context_settings={"max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="digest", message="%(prog)s %(version)s")
+@click.option("-v", "--verbose", is_flag=True, help="Log what happens (and a failure's traceback).")
 def main(verbose: bool) -> None:
     """digest: each day's trending AI research papers, by email."""
     from digest.logging_setup import configure_logging
+    from digest.settings import get_settings
 
     try:
         log_format = get_settings().log_format
@@ -97,27 +153,27 @@ def main(verbose: bool) -> None:
     configure_logging(log_format, logging.INFO if verbose else logging.WARNING)
 
 
-@main.group("db")
+@main.group("db", cls=DigestGroup)
 def db_group() -> None:
     """Database schema."""
 
 
 @db_group.command("upgrade")
-@click.pass_context
-@reports_errors
-def db_upgrade(ctx: click.Context) -> None:
+def db_upgrade() -> None:
     """Migrate the database to the newest schema."""
-    settings = get_settings()
-    db.upgrade(settings.database_url)
+    from digest import db
+    from digest.settings import get_settings
+
+    db.upgrade(get_settings().database_url)
     click.echo("database is at the newest schema")
 
 
 @main.command()
 @click.option("--date", "date_", help="Day to collect (YYYY-MM-DD); default: the latest weekday.")
 @click.pass_context
-@reports_errors
 def collect(ctx: click.Context, date_: str | None) -> None:
     """Fetch and store the papers of a day."""
+    from digest.db import transaction
     from digest.pipeline import collect_day
 
     runtime = runtime_from(ctx)
@@ -133,7 +189,6 @@ def collect(ctx: click.Context, date_: str | None) -> None:
     "--sample/--no-sample", default=False, help="Fall back to the recorded sample when the API is unreachable."
 )
 @click.pass_context
-@reports_errors
 def run(ctx: click.Context, date_: str | None, sample: bool) -> None:
     """The whole daily job for a day: collect if needed, then deliver to everyone due."""
     runtime = runtime_from(ctx)
@@ -156,12 +211,20 @@ def run(ctx: click.Context, date_: str | None, sample: bool) -> None:
                 day,
                 allow_sample=sample,
                 progress=lambda done: bar.update(task, completed=done),
-                notify=lambda message: bar.console.print(message, markup=False, highlight=False, soft_wrap=True),
+                notify=lambda message: bar.console.print(
+                    for_terminal(message), markup=False, highlight=False, soft_wrap=True
+                ),
             )
     for line in summary.lines():
-        click.echo(line)
+        say(line)
     if summary.counts.get("failed"):
         sys.exit(3)
+
+
+def preview_path(email: str, day: dt.date) -> Path:
+    """``preview-DAY-ADDRESS.eml``: one file per person and day, so previews never overwrite each other."""
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "@._+-") else "_" for c in email)
+    return Path(f"preview-{day}-{safe}.eml")
 
 
 @main.command()
@@ -171,35 +234,44 @@ def run(ctx: click.Context, date_: str | None, sample: bool) -> None:
     "--output",
     "-o",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write (.eml); default: preview-DATE.eml",
+    help="Where to write (.eml, and .html beside it); default: preview-DATE-EMAIL.eml",
 )
 @click.pass_context
-@reports_errors
 def preview(ctx: click.Context, email: str, date_: str, output: Path | None) -> None:
-    """Write one subscriber's rendered digest to a file, without sending or recording anything."""
+    """Write one subscriber's digest of a day to a file, without sending or recording anything.
+
+    For a day they were already sent, it is the digest they got (its papers from the delivery
+    record); otherwise the one they would get now.
+    """
+    from email import message_from_bytes, policy
+
+    from digest.db import transaction
     from digest.preview import render_preview
 
     runtime = runtime_from(ctx)
     day = parse_day(date_)
-    assert day is not None
+    assert day is not None  # required=True
     with transaction(runtime.session_factory) as session:
-        data = render_preview(session, runtime, email, day)
+        shown = render_preview(session, runtime, email, day)
         session.rollback()
-    target = output or Path(f"preview-{day}.eml")
-    target.write_bytes(data)
+    target = output or preview_path(shown.email, day)
+    target.write_bytes(shown.data)
     html = target.with_suffix(".html")
-    from email import message_from_bytes, policy
-
-    msg = message_from_bytes(data, policy=policy.default)
-    body = msg.get_body(preferencelist=("html",))
+    body = message_from_bytes(shown.data, policy=policy.default).get_body(preferencelist=("html",))
     if body is not None:
         html.write_text(body.get_content(), encoding="utf-8")
-    click.echo(f"wrote {target} and {html}")
+    what = "as delivered" if shown.delivered else "as it would be sent now"
+    say(f"wrote {target} and {html} ({what})")
 
 
-@main.group()
+@main.group(cls=DigestGroup)
 def subscribers() -> None:
     """Manage subscribers."""
+
+
+# The model's statuses, spelled out so that `--help` needs no database code (a test holds them
+# to digest.models.SubscriberStatus).
+STATUSES = ("pending", "active", "unsubscribed", "bounced", "complained")
 
 
 @subscribers.command("add")
@@ -207,11 +279,16 @@ def subscribers() -> None:
 @click.option("--confirmed", is_flag=True, help="Activate at once (consent already on record).")
 @click.option("--topics", default="", help='Comma-separated topics, e.g. "diffusion, LLM agents".')
 @click.option("--exclude", default=None, help="Comma-separated words whose papers are left out.")
-@click.option("--frequency", type=click.Choice(["daily", "weekly"]), default=None, help="Default: daily.")
+@click.option("--frequency", default=None, metavar="daily|weekly", help="How often. Default: daily.")
+@click.option(
+    "--weekday",
+    type=click.Choice(WEEKDAYS, case_sensitive=False),
+    default=None,
+    help="The day of a weekly digest. Default: mon.",
+)
 @click.option("--timezone", default=None, help="IANA time zone, e.g. Europe/Berlin. Default: UTC.")
 @click.option("--hour", type=int, default=None, help="Local hour of delivery, 0-23. Default: 8.")
 @click.pass_context
-@reports_errors
 def subscribers_add(
     ctx: click.Context,
     email: str,
@@ -219,66 +296,103 @@ def subscribers_add(
     topics: str,
     exclude: str | None,
     frequency: str | None,
+    weekday: str | None,
     timezone: str | None,
     hour: int | None,
 ) -> None:
     """Add a subscriber; without --confirmed they get a confirmation email."""
     from digest import importing, subscriptions
+    from digest.db import transaction
+    from digest.errors import DigestError
+    from digest.mailer import SendError
+    from digest.models import Subscriber, utcnow
+    from digest.notifications import send_confirmation
 
     runtime = runtime_from(ctx)
     now = utcnow()
-    fields = importing.parse_fields(topics, exclude, frequency, timezone, hour)  # refuse bad input first
+    fields = importing.parse_fields(topics, exclude, frequency, timezone, hour, weekday)  # refuse bad input first
     with transaction(runtime.session_factory) as session:
         if confirmed:
             sub = subscriptions.add_confirmed(session, runtime.tokens, email, now=now, topics=topics)
             importing.apply_fields(session, sub, fields)
-            click.echo(f"{sub.email}: active")
+            say(f"{sub.email}: active")
             return
         outcome = subscriptions.subscribe(session, runtime.tokens, email, now=now, topics=topics, source="cli")
         subscriber = session.get(Subscriber, outcome.subscriber_id)
         assert subscriber is not None
         if subscriber.created_at == now:  # only a row made just now: a request never changes a known one
             importing.apply_fields(session, subscriber, fields)
+        if outcome.send_confirmation:
+            # Sent before the commit: when the mail server refuses or is away, nothing is stored
+            # (no pending person waiting for a mail that never left, and no resend pause), so
+            # running the same command again is the whole retry.
+            try:
+                send_confirmation(runtime, subscriber, outcome.topics)
+            except (SendError, OSError) as exc:
+                raise DigestError(
+                    f"{subscriber.email}: the confirmation could not be sent ({one_line(exc)}); nothing was"
+                    " stored: run the same command again once the mail server answers"
+                    " (DIGEST_SMTP_HOST, DIGEST_SMTP_PORT)"
+                ) from exc
     if outcome.send_confirmation:
-        from digest.notifications import send_confirmation
-
-        send_confirmation(runtime, subscriber, outcome.topics)
-        click.echo(f"{subscriber.email}: pending; confirmation sent")
+        say(f"{subscriber.email}: pending; confirmation sent")
     else:
-        click.echo(f"{subscriber.email}: {subscriber.status.value}")
+        say(f"{subscriber.email}: {subscriber.status.value}")
+
+
+def cells_line(cells: list[str]) -> str:
+    """Tab-separated cells, each safe for the terminal (a tab inside a cell shows as \\t)."""
+    return "\t".join(for_terminal(cell) for cell in cells)
+
+
+LIST_COLUMNS = ["email", "status", "frequency", "weekday", "timezone", "hour", "topics"]
 
 
 @subscribers.command("list")
-@click.option("--status", type=click.Choice([s.value for s in SubscriberStatus]), help="Only this status.")
+@click.option("--status", type=click.Choice(STATUSES), help="Only this status.")
 @click.pass_context
-@reports_errors
 def subscribers_list(ctx: click.Context, status: str | None) -> None:
-    """List subscribers: email, status, frequency, topics."""
+    """List subscribers, tab-separated under a header: email, status, schedule, topics.
+
+    The schedule is the frequency, the weekday of a weekly digest, the time zone and the
+    local hour of delivery.
+    """
+    from sqlalchemy import select
+
+    from digest.db import transaction
+    from digest.models import Subscriber, SubscriberStatus
+
     runtime = runtime_from(ctx)
     with transaction(runtime.session_factory) as session:
         query = select(Subscriber).order_by(Subscriber.id)
         if status:
             query = query.where(Subscriber.status == SubscriberStatus(status))
-        for sub in session.scalars(query.execution_options(yield_per=1000)):
-            click.echo(f"{sub.email}\t{sub.status.value}\t{sub.frequency.value}\t{sub.topics}")
+        found = session.scalars(query.execution_options(yield_per=1000))  # fails before the header is out
+        click.echo(cells_line(LIST_COLUMNS))
+        for sub in found:
+            schedule = [sub.frequency.value, WEEKDAYS[sub.weekday], sub.timezone, f"{sub.send_hour:02d}:00"]
+            click.echo(cells_line([sub.email, sub.status.value, *schedule, sub.topics]))
 
 
 @subscribers.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Validate and report; write nothing.")
 @click.pass_context
-@reports_errors
 def subscribers_import(ctx: click.Context, file: Path, dry_run: bool) -> None:
     """Import a CSV of subscribers whose consent is on record, as active subscribers.
 
-    The header row names the columns: email (required), topics, exclude, frequency, timezone,
-    hour. Every row is checked first; bad and suppressed rows are reported by line and skipped,
-    the rest written at once (all or nothing). Exits 1 when any row was refused.
+    The header row names the columns: email (required), topics, exclude, frequency, weekday,
+    timezone, hour; the other columns of `digest subscribers export` (status, created_at,
+    confirmed_at) are read but set nothing, and a row whose status is not active is left
+    alone. Every row is checked first; bad and suppressed rows are reported by line and
+    skipped, the rest written at once (all or nothing). Exits 1 when any row was refused.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from digest import importing
+    from digest.db import transaction
+    from digest.models import utcnow
 
     runtime = runtime_from(ctx)
     with file.open("rb") as handle:
@@ -305,11 +419,13 @@ def subscribers_import(ctx: click.Context, file: Path, dry_run: bool) -> None:
             session.rollback()
         bar.update(task, completed=max(lines, 1))
     for refusal in result.refused:
-        click.echo(f"line {refusal.line}: {refusal.reason}", err=True)
+        say(f"line {refusal.line}: {refusal.reason}", err=True)
     bad = len(result.refused)
     verb = "would import" if dry_run else "imported"
     click.echo(f"{verb} {result.imported} subscribers; {bad} rows refused")
     click.echo(f"  {result.created} new, {result.changed} changed, {result.unchanged} already so")
+    if result.not_active:
+        click.echo(f"  {result.not_active} rows whose status is not active: left as they are")
     if dry_run:
         click.echo("dry run: nothing was written")
     if bad:
@@ -319,23 +435,42 @@ def subscribers_import(ctx: click.Context, file: Path, dry_run: bool) -> None:
 @subscribers.command("export")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path), required=False)
 @click.pass_context
-@reports_errors
 def subscribers_export(ctx: click.Context, file: Path | None) -> None:
-    """Write every subscriber as CSV (email, topics, status, ...) to FILE or standard output."""
+    """Write every subscriber as CSV to FILE or standard output; `import` reads it back.
+
+    Columns: email, status, topics, exclude, frequency, timezone, hour, weekday, created_at,
+    confirmed_at.
+    """
     import csv
     from typing import TextIO
+
+    from sqlalchemy import select
+
+    from digest.db import transaction
+    from digest.importing import EXPORT_COLUMNS
+    from digest.models import Subscriber
+    from digest.text import csv_cell
 
     runtime = runtime_from(ctx)
 
     def write(out: TextIO) -> None:
         writer = csv.writer(out)
-        writer.writerow(["email", "topics", "status", "frequency", "created_at", "confirmed_at"])
+        writer.writerow(EXPORT_COLUMNS)
         with transaction(runtime.session_factory) as session:
             query = select(Subscriber).order_by(Subscriber.id).execution_options(yield_per=1000)
             for sub in session.scalars(query):
-                confirmed = sub.confirmed_at.isoformat() if sub.confirmed_at else ""
-                created = sub.created_at.isoformat()
-                cells = [sub.email, sub.topics, sub.status.value, sub.frequency.value, created, confirmed]
+                cells = [
+                    sub.email,
+                    sub.status.value,
+                    sub.topics,
+                    sub.excluded,
+                    sub.frequency.value,
+                    sub.timezone,
+                    str(sub.send_hour),
+                    WEEKDAYS[sub.weekday],
+                    sub.created_at.isoformat(),
+                    sub.confirmed_at.isoformat() if sub.confirmed_at else "",
+                ]
                 writer.writerow([csv_cell(c) for c in cells])
 
     if file is None:
@@ -349,33 +484,36 @@ def subscribers_export(ctx: click.Context, file: Path | None) -> None:
 @subscribers.command("delete")
 @click.argument("email")
 @click.pass_context
-@reports_errors
 def subscribers_delete(ctx: click.Context, email: str) -> None:
     """Erase a person: their subscriber row and the personal data in the delivery records."""
     from digest import subscriptions
+    from digest.consent import Actor
+    from digest.db import transaction
+    from digest.models import utcnow
 
     runtime = runtime_from(ctx)
     with transaction(runtime.session_factory) as session:
         subscriber = subscriptions.get_by_email(session, email)
         subscriptions.erase(session, runtime.tokens, subscriber, now=utcnow(), actor=Actor.OPERATOR)
-    click.echo(f"{email}: deleted (a keyed hash of the address is kept so it stays suppressed)")
+    say(f"{email}: deleted (a keyed hash of the address is kept so it stays suppressed)")
 
 
 @subscribers.command("unsuppress")
 @click.argument("email")
 @click.pass_context
-@reports_errors
 def subscribers_unsuppress(ctx: click.Context, email: str) -> None:
     """Mail a hard-bounced address again (its mailbox works again). Opt-outs cannot be undone here."""
     from digest import subscriptions
+    from digest.db import transaction
+    from digest.models import utcnow
 
     runtime = runtime_from(ctx)
     with transaction(runtime.session_factory) as session:
         subscriber = subscriptions.unsuppress(session, email, now=utcnow())
-        click.echo(f"{subscriber.email}: {subscriber.status.value}")
+        say(f"{subscriber.email}: {subscriber.status.value}")
 
 
-@main.group()
+@main.group(cls=DigestGroup)
 def sending() -> None:
     """Pause or resume all sending."""
 
@@ -383,25 +521,27 @@ def sending() -> None:
 @sending.command("pause")
 @click.argument("reason")
 @click.pass_context
-@reports_errors
 def sending_pause(ctx: click.Context, reason: str) -> None:
     """Stop all sending until `digest sending resume` (deliveries wait, pending)."""
     from digest import reputation
+    from digest.db import transaction
+    from digest.models import utcnow
 
     runtime = runtime_from(ctx)
     with transaction(runtime.session_factory) as session:
         pause = reputation.pause(session, utcnow(), reason)
-        click.echo(f"sending paused since {pause.paused_at:%Y-%m-%d %H:%M} UTC: {pause.reason}")
+        say(f"sending paused since {pause.paused_at:%Y-%m-%d %H:%M} UTC: {pause.reason}")
 
 
 @sending.command("resume")
 @click.pass_context
-@reports_errors
 def sending_resume(ctx: click.Context) -> None:
     """Lift a pause (automatic or not); complaints before now no longer count toward the next."""
     import getpass
 
     from digest import reputation
+    from digest.db import transaction
+    from digest.models import utcnow
 
     runtime = runtime_from(ctx)
     with transaction(runtime.session_factory) as session:
@@ -412,6 +552,8 @@ def sending_resume(ctx: click.Context) -> None:
 def web_app() -> Any:
     """The ASGI app of one web worker process, from the environment (uvicorn's factory with --workers)."""
     from digest.logging_setup import configure_logging
+    from digest.runtime import Runtime
+    from digest.settings import get_settings
     from digest.web.app import create_app
 
     settings = get_settings()
@@ -424,17 +566,17 @@ def web_app() -> Any:
 @click.option("--port", type=int, help="Port to listen on; default: DIGEST_PORT (8000).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Web processes.")
 @click.pass_context
-@reports_errors
 def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) -> None:
     """The web app (subscribe, confirm, preferences, unsubscribe, JSON API) under uvicorn."""
     import uvicorn
 
     from digest.web.app import create_app
 
-    settings = get_settings()
+    runtime = runtime_from(ctx)
+    settings = runtime.settings
     # Built here even with several workers: a broken setup (e.g. the DKIM key) ends the command
     # with a one-line reason instead of every worker failing on its own.
-    app = create_app(runtime_from(ctx))
+    app = create_app(runtime)
     if settings.log_format == "json":
         from digest.logging_setup import configure_logging
 
@@ -459,13 +601,14 @@ PING_TIMEOUT = 1.5  # seconds to wait for any worker to answer `status --check`
 
 def probe_workers(redis_url: str | None, stale_after: float) -> Probe:
     """Beat's heartbeat and a Celery ping, for `status --check` (nothing to probe without Redis)."""
-    import redis
-
-    from digest import heartbeat
     from digest.status import Probe
 
     if not redis_url:
         return Probe()
+    import redis
+
+    from digest import heartbeat
+
     client = heartbeat.client(redis_url)
     try:
         age = heartbeat.heartbeat_age(client)
@@ -493,9 +636,10 @@ def probe_workers(redis_url: str | None, stale_after: float) -> Probe:
     "(stale beat, no worker, sending paused, a late delivery).",
 )
 @click.pass_context
-@reports_errors
 def status(ctx: click.Context, date_: str | None, check: bool) -> None:
     """Deliveries by status, send rate, the oldest open delivery and failures with reasons."""
+    from digest.db import transaction
+    from digest.models import utcnow
     from digest.status import check_problems, reputation_lines, status_for
 
     runtime = runtime_from(ctx)
@@ -506,7 +650,7 @@ def status(ctx: click.Context, date_: str | None, check: bool) -> None:
         with transaction(runtime.session_factory) as session:
             problems = check_problems(session, utcnow(), runtime.pause_rules, late_after, probe)
         if problems:
-            click.echo("; ".join(problems), err=True)
+            say("; ".join(problems), err=True)
             sys.exit(1)
         click.echo("ok")
         return
@@ -517,33 +661,38 @@ def status(ctx: click.Context, date_: str | None, check: bool) -> None:
             click.echo("no digest yet")
         for edition in editions:
             for line in edition.lines(now):
-                click.echo(line)
+                say(line)
         for line in reputation_lines(session, now, runtime.pause_rules):
-            click.echo(line)
+            say(line)
 
 
 @main.command()
 @click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(1), help="Rows per transaction.")
+@click.option("--dry-run", is_flag=True, help="Report what would be reduced; write nothing.")
 @click.pass_context
-@reports_errors
-def compact(ctx: click.Context, batch_size: int) -> None:
+def compact(ctx: click.Context, batch_size: int, dry_run: bool) -> None:
     """Reduce delivery rows of editions older than DIGEST_LEDGER_RETENTION_DAYS to counts."""
     from digest.compaction import compact as compact_ledger
+    from digest.compaction import would_compact
+    from digest.db import transaction
+    from digest.models import utcnow
 
     runtime = runtime_from(ctx)
+    today, retention_days = utcnow().date(), runtime.settings.ledger_retention_days
+    if dry_run:
+        with transaction(runtime.session_factory) as session:
+            planned = would_compact(session, today=today, retention_days=retention_days)
+            session.rollback()
+        click.echo(planned.line(dry_run=True))
+        return
     result = compact_ledger(
-        runtime.session_factory,
-        today=utcnow().date(),
-        retention_days=runtime.settings.ledger_retention_days,
-        batch_size=batch_size,
-        vacuum=True,
+        runtime.session_factory, today=today, retention_days=retention_days, batch_size=batch_size, vacuum=True
     )
     click.echo(result.line())
 
 
 @main.command()
 @click.pass_context
-@reports_errors
 def mailin(ctx: click.Context) -> None:
     """Receive mail to the list's address over SMTP (subscribe, unsubscribe, bounces, complaints)."""
     from digest.mailin_server import run as run_mailin
@@ -556,7 +705,6 @@ def mailin(ctx: click.Context) -> None:
 @main.command()
 @click.option("--outbox", type=click.Path(file_okay=False, path_type=Path), default=Path("outbox"), show_default=True)
 @click.option("--date", "date_", help="Day to collect; default: the latest weekday, else the newest sample.")
-@reports_errors
 def demo(outbox: Path, date_: str | None) -> None:
     """The main job on embedded defaults: SQLite, in-process tasks, an embedded SMTP server."""
     from digest.demo import run_demo

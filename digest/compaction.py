@@ -45,8 +45,13 @@ class CompactResult:
     longest_batch_seconds: float = 0.0
     by_status: Counter[str] = field(default_factory=Counter)
 
-    def line(self) -> str:
+    def line(self, *, dry_run: bool = False) -> str:
         statuses = ", ".join(f"{status} {n}" for status, n in sorted(self.by_status.items())) or "nothing"
+        if dry_run:
+            return (
+                f"dry run: would compact {self.rows} delivery rows of {self.editions} editions dated before"
+                f" {self.cutoff} ({statuses}); nothing was written"
+            )
         return (
             f"compacted {self.rows} delivery rows of {self.editions} editions dated before {self.cutoff} "
             f"({statuses}) in {self.batches} batches; longest batch {self.longest_batch_seconds * 1000:.0f} ms"
@@ -62,6 +67,22 @@ def editions_to_compact(session: Session, cutoff: dt.date) -> list[int]:
     """Editions dated before ``cutoff`` that still have ledger rows (one index probe each)."""
     has_rows = select(Delivery.id).where(Delivery.digest_id == Digest.id).limit(1).exists()
     return list(session.scalars(select(Digest.id).where(Digest.date < cutoff, has_rows).order_by(Digest.date)))
+
+
+def would_compact(session: Session, *, today: dt.date, retention_days: int) -> CompactResult:
+    """What ``compact`` would reduce now (rows by the status they would be counted as); reads only."""
+    result = CompactResult(cutoff_for(today, retention_days))
+    digest_ids = editions_to_compact(session, result.cutoff)
+    if not digest_ids:
+        return result
+    rows = session.execute(
+        select(Delivery.status, func.count()).where(Delivery.digest_id.in_(digest_ids)).group_by(Delivery.status)
+    )
+    for status, n in rows:
+        result.by_status[(DeliveryStatus.SKIPPED if status in OPEN else DeliveryStatus(status)).value] += n
+    result.editions = len(digest_ids)
+    result.rows = sum(result.by_status.values())
+    return result
 
 
 def compact_batch(session: Session, digest_id: int, limit: int) -> Counter[str]:

@@ -1,11 +1,17 @@
 """Importing subscribers whose consent is on record: validate every row, then one bulk write.
 
 A CSV file's header row names its columns (``email`` required; ``topics``, ``exclude``,
-``frequency``, ``timezone``, ``hour`` optional). The import happens in two phases inside the
-caller's transaction:
+``frequency``, ``weekday``, ``timezone``, ``hour`` optional). The other columns of
+``digest subscribers export`` are accepted so that an export reads back, but set nothing: a row
+whose ``status`` is not ``active`` is left alone (an import never activates anyone the file
+itself says is pending or gone), ``created_at`` and ``confirmed_at`` are not read. The import
+happens in two phases inside the caller's transaction:
 
 1. **Validate and stage.** Each line is decoded on its own, so one line that is not UTF-8 is a
-   bad row with its number, not an aborted file. Every row goes through the same checks as the
+   bad row with its number, not an aborted file; so is a cell holding NUL or another control
+   character (no store takes it; on PostgreSQL it would abort the whole ``COPY``), and a
+   quote that is never closed (reported with its line: the lines after it are not read as
+   rows, since there is no telling where the quote meant to end). Every row goes through the same checks as the
    web forms (``digest.addresses.normalise_address``, ``digest.subscriptions.validate_preferences``);
    good rows stream into a temporary staging table (PostgreSQL ``COPY``, batched
    ``executemany`` on SQLite), so memory stays flat at a million rows.
@@ -34,13 +40,34 @@ from sqlalchemy.orm import Session
 
 from digest.addresses import MAX_ADDRESS_LENGTH, normalise_address
 from digest.errors import DigestError, InvalidAddress
-from digest.models import Frequency, Subscriber, UTCDateTime
+from digest.models import Frequency, Subscriber, SubscriberStatus, UTCDateTime
 from digest.subscriptions import PreferencesUpdate, validate_preferences
+from digest.text import FORMULA_START, has_unsafe
 
-COLUMNS = ("email", "topics", "exclude", "frequency", "timezone", "hour")
+# The columns an import sets.
+COLUMNS = ("email", "topics", "exclude", "frequency", "weekday", "timezone", "hour")
+# What `digest subscribers export` writes; an import reads all of them.
+EXPORT_COLUMNS = (
+    "email",
+    "status",
+    "topics",
+    "exclude",
+    "frequency",
+    "timezone",
+    "hour",
+    "weekday",
+    "created_at",
+    "confirmed_at",
+)
+# Read but never set: the status only decides whether a row is imported at all.
+READ_ONLY_COLUMNS = ("status", "created_at", "confirmed_at")
+KNOWN_COLUMNS = (*COLUMNS, *READ_ONLY_COLUMNS)
 # Files written before the header named the columns: ``email[,topics]`` without a header.
 LEGACY_COLUMNS = ("email", "topics")
-FREQUENCIES = {Frequency.DAILY.value: Frequency.DAILY, Frequency.WEEKLY.value: Frequency.WEEKLY}
+# Every frequency a person can choose (``paused`` is the preferences page's own switch).
+FREQUENCIES = {f.value: f for f in Frequency if f is not Frequency.PAUSED}
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+WEEKDAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 DEFAULT_HOUR = 8
 DEFAULT_TIMEZONE = "UTC"
 STAGING = "import_staging"
@@ -50,8 +77,8 @@ ANALYZE_AFTER_ROWS = 10_000
 # Every statement below is put together from this module's constants and column names only
 # (hence the S608 exemptions); the file's content travels as bound values or COPY data.
 
-# (line, email, fingerprint, topics, excluded, frequency, timezone, hour); None: keep / default.
-StagedRow = tuple[int, str, str, str | None, str | None, str | None, str | None, int | None]
+# (line, email, fingerprint, topics, excluded, frequency, timezone, hour, weekday); None: keep / default.
+StagedRow = tuple[int, str, str, str | None, str | None, str | None, str | None, int | None, int | None]
 
 
 class BadFile(DigestError):
@@ -67,6 +94,20 @@ class Fields:
     frequency: Frequency | None = None
     timezone: str | None = None
     hour: int | None = None
+    weekday: int | None = None  # Monday = 0
+
+
+def parse_weekday(value: str | int | None) -> int | None:
+    """``mon``..``sun`` (or a full name, or 0-6 with Monday 0) as 0-6; None when not given."""
+    if value is None or isinstance(value, int):
+        return value
+    word = value.strip().lower()
+    if not word:
+        return None
+    for names in (WEEKDAYS, WEEKDAY_NAMES, tuple("0123456")):
+        if word in names:
+            return names.index(word)
+    raise DigestError(f"weekday must be one of {', '.join(WEEKDAYS)}, not {value.strip()[:20]!r}")
 
 
 @lru_cache(maxsize=4096)
@@ -76,6 +117,7 @@ def parse_fields(
     frequency: str | None = None,
     timezone: str | None = None,
     hour: str | int | None = None,
+    weekday: str | int | None = None,
 ) -> Fields:
     """Validate preferences given as text (a CSV row, command-line options); ``DigestError`` if bad.
 
@@ -86,7 +128,8 @@ def parse_fields(
     if frequency is not None and frequency.strip():
         wanted_frequency = FREQUENCIES.get(frequency.strip().lower())
         if wanted_frequency is None:
-            raise DigestError(f"frequency must be daily or weekly, not {frequency.strip()[:20]!r}")
+            choices = " or ".join(FREQUENCIES)
+            raise DigestError(f"frequency must be {choices}, not {frequency.strip()[:20]!r}")
     wanted_hour: int | None = None
     if isinstance(hour, int):
         wanted_hour = hour
@@ -96,6 +139,7 @@ def parse_fields(
         except ValueError as exc:
             raise DigestError(f"hour must be a whole number from 0 to 23, not {hour.strip()[:20]!r}") from exc
     wanted_zone = timezone.strip() if timezone is not None and timezone.strip() else None
+    wanted_weekday = parse_weekday(weekday)
     clean = validate_preferences(
         PreferencesUpdate(
             frequency=wanted_frequency or Frequency.DAILY,
@@ -104,6 +148,7 @@ def parse_fields(
             excluded=exclude or "",
             send_hour=DEFAULT_HOUR if wanted_hour is None else wanted_hour,
             timezone=wanted_zone or DEFAULT_TIMEZONE,
+            weekday=wanted_weekday or 0,
         )
     )
     return Fields(
@@ -112,6 +157,7 @@ def parse_fields(
         frequency=wanted_frequency,
         timezone=wanted_zone,
         hour=wanted_hour,
+        weekday=wanted_weekday,
     )
 
 
@@ -127,6 +173,8 @@ def apply_fields(session: Session, subscriber: Subscriber, fields: Fields) -> No
         subscriber.timezone = fields.timezone
     if fields.hour is not None:
         subscriber.send_hour = fields.hour
+    if fields.weekday is not None:
+        subscriber.weekday = fields.weekday
     session.flush()
 
 
@@ -173,6 +221,7 @@ class ImportResult:
     changed: int = 0
     unchanged: int = 0
     refused: list[Refusal] = field(default_factory=list)
+    not_active: int = 0  # rows the file itself says are not active: left alone
 
     @property
     def imported(self) -> int:
@@ -197,7 +246,11 @@ def decoded_lines(source: BinaryIO, refusals: list[Refusal]) -> Iterator[tuple[i
 def csv_rows(lines: Iterable[tuple[int, str]], refusals: list[Refusal]) -> Iterator[tuple[int, list[str]]]:
     """(first line number, cells) of each CSV record; blank records are skipped.
 
-    A quoted cell may span lines; the record is reported by the line it starts on.
+    A record is reported by the line it starts on. No column holds a line break, so a quoted
+    cell that runs over lines is refused: it is a closing quote missing there, which read on
+    would swallow the rows after it into one cell. A quote still open at the end of the file
+    is reported the same way; the rows after it cannot be told apart, so none of them are
+    imported and the message says which lines were not read.
     """
     consumed: list[int] = []
 
@@ -206,18 +259,34 @@ def csv_rows(lines: Iterable[tuple[int, str]], refusals: list[Refusal]) -> Itera
             consumed.append(number)
             yield line
 
-    reader = csv.reader(feed())
+    # strict: an open quote at the end of the file is an error, not a cell holding the rest.
+    reader = csv.reader(feed(), strict=True)
     while True:
         try:
             cells = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
-            refusals.append(Refusal(consumed[0] if consumed else 0, f"not readable as CSV: {exc}"))
+            start = consumed[0] if consumed else 0
+            if "unexpected end of data" in str(exc) and len(consumed) > 1:
+                reason = (
+                    f"a quote opened on this line is never closed: lines {start}-{consumed[-1]}"
+                    " were not read (close the quote and import again)"
+                )
+            elif "unexpected end of data" in str(exc):
+                reason = "a quote opened on this line is never closed"
+            else:
+                reason = f"not readable as CSV: {exc}"
+            refusals.append(Refusal(start, reason))
             consumed.clear()
             continue
-        start = consumed[0] if consumed else 0
+        start, end = (consumed[0], consumed[-1]) if consumed else (0, 0)
         consumed.clear()
+        if end > start:
+            refusals.append(
+                Refusal(start, f"a quoted cell runs over lines {start}-{end} (a closing quote missing?): not read")
+            )
+            continue
         if any(cell.strip() for cell in cells):
             yield start, cells
 
@@ -227,9 +296,9 @@ def header_of(cells: list[str]) -> tuple[tuple[str, ...], bool]:
     if "@" in cells[0]:
         return LEGACY_COLUMNS, False
     names = tuple(cell.strip().lower() for cell in cells)
-    unknown = [n for n in names if n and n not in COLUMNS]
+    unknown = [n for n in names if n and n not in KNOWN_COLUMNS]
     if unknown:
-        raise BadFile(f"unknown column {unknown[0][:40]!r} in the header (known: {', '.join(COLUMNS)})")
+        raise BadFile(f"unknown column {unknown[0][:40]!r} in the header (known: {', '.join(KNOWN_COLUMNS)})")
     named = [n for n in names if n]  # a blank header cell (a trailing comma) names nothing
     if len(set(named)) != len(named):
         raise BadFile("a column is named twice in the header")
@@ -239,9 +308,13 @@ def header_of(cells: list[str]) -> tuple[tuple[str, ...], bool]:
 
 
 def staged_rows(
-    source: BinaryIO, fingerprint: Callable[[str], str], refusals: list[Refusal]
+    source: BinaryIO, fingerprint: Callable[[str], str], refusals: list[Refusal], not_active: list[int] | None = None
 ) -> tuple[tuple[str, ...], Iterator[StagedRow]]:
-    """The columns of the file and its valid rows, validated one by one (bad ones refused)."""
+    """The columns of the file and its valid rows, validated one by one (bad ones refused).
+
+    The lines of rows whose ``status`` column says they are not active go to ``not_active``.
+    """
+    skipped = [] if not_active is None else not_active
     records = csv_rows(decoded_lines(source, refusals), refusals)
     first = next(records, None)
     if first is None:
@@ -251,11 +324,16 @@ def staged_rows(
 
     def rows() -> Iterator[StagedRow]:
         if not was_header:
-            yield from _row(*first, columns, position, fingerprint, refusals)
+            yield from _row(*first, columns, position, fingerprint, refusals, skipped)
         for line, cells in records:
-            yield from _row(line, cells, columns, position, fingerprint, refusals)
+            yield from _row(line, cells, columns, position, fingerprint, refusals, skipped)
 
-    return tuple(name for name in columns if name), rows()
+    return tuple(name for name in columns if name and name not in READ_ONLY_COLUMNS), rows()
+
+
+def _as_written(value: str) -> str:
+    """A cell as the person meant it: the export's guard quote (``text.csv_cell``) taken off."""
+    return value[1:] if value.startswith("'") and value[1:].startswith(FORMULA_START) else value
 
 
 def _row(
@@ -265,25 +343,50 @@ def _row(
     position: dict[str, int],
     fingerprint: Callable[[str], str],
     refusals: list[Refusal],
+    not_active: list[int],
 ) -> Iterator[StagedRow]:
     if len(cells) > len(columns):
         refusals.append(Refusal(line, f"{len(cells)} cells, but the header names {len(columns)} columns"))
         return
+    for index, value in enumerate(cells):
+        if has_unsafe(value):
+            name = columns[index] or f"column {index + 1}"
+            refusals.append(Refusal(line, f"the {name} cell holds a control character (such as NUL)"))
+            return
 
     def cell(name: str) -> str | None:
         if name not in position:
             return None
         index = position[name]
-        return cells[index] if index < len(cells) else ""
+        return _as_written(cells[index]) if index < len(cells) else ""
 
+    status = (cell("status") or "").strip().lower()
+    if status and status not in {s.value for s in SubscriberStatus}:
+        refusals.append(Refusal(line, f"status must be one of {', '.join(s.value for s in SubscriberStatus)}"))
+        return
+    if status and status != SubscriberStatus.ACTIVE.value:
+        not_active.append(line)
+        return
     try:
         address = normalise(cell("email") or "")
-        given = parse_fields(cell("topics"), cell("exclude"), cell("frequency"), cell("timezone"), cell("hour"))
+        given = parse_fields(
+            cell("topics"), cell("exclude"), cell("frequency"), cell("timezone"), cell("hour"), cell("weekday")
+        )
     except DigestError as exc:
         refusals.append(Refusal(line, str(exc)))
         return
     frequency = given.frequency.value if given.frequency is not None else None
-    yield (line, address, fingerprint(address), given.topics, given.excluded, frequency, given.timezone, given.hour)
+    yield (
+        line,
+        address,
+        fingerprint(address),
+        given.topics,
+        given.excluded,
+        frequency,
+        given.timezone,
+        given.hour,
+        given.weekday,
+    )
 
 
 # --------------------------------------------------------------------------------- writing
@@ -295,14 +398,14 @@ def _create_staging(session: Session) -> None:
         text(
             f"CREATE TEMPORARY TABLE {STAGING} (line INTEGER NOT NULL, email VARCHAR(254) NOT NULL,"
             " fingerprint VARCHAR(64) NOT NULL, topics VARCHAR(500), excluded VARCHAR(500),"
-            " frequency VARCHAR(16), timezone VARCHAR(64), send_hour INTEGER)"
+            " frequency VARCHAR(16), timezone VARCHAR(64), send_hour INTEGER, weekday INTEGER)"
         )
     )
 
 
 def _fill_staging(session: Session, rows: Iterable[StagedRow], progress: Callable[[int], None] | None) -> None:
     connection = session.connection()
-    names = "line, email, fingerprint, topics, excluded, frequency, timezone, send_hour"
+    names = "line, email, fingerprint, topics, excluded, frequency, timezone, send_hour, weekday"
     if connection.dialect.name == "postgresql":
         driver: Any = connection.connection.driver_connection
         with driver.cursor() as cursor, cursor.copy(f"COPY {STAGING} ({names}) FROM STDIN") as copy:
@@ -311,7 +414,7 @@ def _fill_staging(session: Session, rows: Iterable[StagedRow], progress: Callabl
                 if progress is not None and count % BATCH_ROWS == 0:
                     progress(row[0])
         return
-    insert = f"INSERT INTO {STAGING} ({names}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+    insert = f"INSERT INTO {STAGING} ({names}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
     batch: list[StagedRow] = []
     for row in rows:
         batch.append(row)
@@ -371,9 +474,15 @@ def _changes(present: set[str]) -> str:
 
 
 def _assigned(present: set[str]) -> list[str]:
-    by_field = {"topics": "topics", "exclude": "excluded", "frequency": "frequency", "timezone": "timezone"}
-    columns = [column for name, column in by_field.items() if name in present]
-    return [*columns, "send_hour"] if "hour" in present else columns
+    by_field = {
+        "topics": "topics",
+        "exclude": "excluded",
+        "frequency": "frequency",
+        "timezone": "timezone",
+        "hour": "send_hour",
+        "weekday": "weekday",
+    }
+    return [column for name, column in by_field.items() if name in present]
 
 
 def _count(session: Session, sql: str) -> int:
@@ -401,7 +510,8 @@ def _merge(session: Session, present: set[str], now: dt.datetime, *, dry_run: bo
         INSERT INTO subscribers (email, status, topics, excluded, frequency, digest_size, send_hour, timezone,
             weekday, source, soft_bounce_score, created_at, updated_at, confirmed_at)
         SELECT s.email, 'active', COALESCE(s.topics, ''), COALESCE(s.excluded, ''), COALESCE(s.frequency, 'daily'),
-            NULL, COALESCE(s.send_hour, {DEFAULT_HOUR}), COALESCE(s.timezone, '{DEFAULT_TIMEZONE}'), 0, 'import', 0,
+            NULL, COALESCE(s.send_hour, {DEFAULT_HOUR}), COALESCE(s.timezone, '{DEFAULT_TIMEZONE}'),
+            COALESCE(s.weekday, 0), 'import', 0,
             :now, :now, :now
         FROM {STAGING} s
         WHERE NOT EXISTS (SELECT 1 FROM subscribers t WHERE t.email = s.email)
@@ -429,7 +539,8 @@ def import_csv(
     ``progress`` is called now and then with the line number reached. Flushes, never commits.
     """
     refusals: list[Refusal] = []
-    columns, rows = staged_rows(source, fingerprint, refusals)
+    not_active: list[int] = []
+    columns, rows = staged_rows(source, fingerprint, refusals, not_active)
     _create_staging(session)
     try:
         _fill_staging(session, rows, progress)
@@ -447,4 +558,6 @@ def import_csv(
     finally:
         session.execute(text(f"DROP TABLE IF EXISTS {STAGING}"))
     refusals.sort(key=lambda r: r.line)
-    return ImportResult(created=created, changed=changed, unchanged=unchanged, refused=refusals)
+    return ImportResult(
+        created=created, changed=changed, unchanged=unchanged, refused=refusals, not_active=len(not_active)
+    )

@@ -7,25 +7,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from digest.confirmation_limits import ConfirmationLimits, ConfirmationRules
 from digest.db import make_engine, make_session_factory
-from digest.delivery.batch import RateLimiter
-from digest.delivery.policy import DeliveryPolicy
-from digest.dkim import DkimSigner
-from digest.embedding import Embedder, load_embedder, model_name, paper_vectors
-from digest.links import Links
-from digest.mailer import Mailer, OutboxMailer, SMTPConfig, SMTPPool
-from digest.models import Delivery, Paper, Subscriber
-from digest.papers import PapersClient
-from digest.ranking import TrendingWeights
-from digest.rendering import EmailRenderer
 from digest.reputation import PauseRules
-from digest.settings import Settings
-from digest.tokens import Tokens
+
+# The rest is imported where it is first used: a CLI command builds a Runtime too, and
+# `digest status` must not pay for the embedding model, Jinja, SMTP and HTTP clients
+# (bench/cli_startup.py).
+if TYPE_CHECKING:
+    from digest.confirmation_limits import ConfirmationLimits
+    from digest.delivery.batch import RateLimiter
+    from digest.delivery.policy import DeliveryPolicy
+    from digest.dkim import DkimSigner
+    from digest.embedding import Embedder
+    from digest.links import Links
+    from digest.mailer import Mailer, SMTPConfig
+    from digest.models import Delivery, Paper, Subscriber
+    from digest.papers import PapersClient
+    from digest.ranking import TrendingWeights
+    from digest.rendering import EmailRenderer
+    from digest.settings import Settings
+    from digest.tokens import Tokens
 
 
 @dataclass
@@ -46,37 +52,53 @@ class Runtime:
 
     @cached_property
     def tokens(self) -> Tokens:
+        from digest.tokens import Tokens
+
         return Tokens(self.settings.secret_key, self.settings.confirm_token_max_age_hours * 3600)
 
     @cached_property
     def links(self) -> Links:
+        from digest.links import Links
+
         return Links(self.settings.base_url, self.tokens, self.settings.inbound_address)
 
     @cached_property
     def renderer(self) -> EmailRenderer:
+        from digest.rendering import EmailRenderer
+
         return EmailRenderer()
 
     @cached_property
     def dkim_signer(self) -> DkimSigner | None:
+        from digest.dkim import DkimSigner
+
         s = self.settings
         return DkimSigner.from_settings(s.dkim_selector, s.dkim_domain, s.dkim_private_key_path)
 
     @cached_property
     def embedding_model(self) -> str:
         """The name stored vectors carry; known without loading the model."""
+        from digest.embedding import model_name
+
         return model_name(self.settings.embedding_model)
 
     @property
     def embedder(self) -> Embedder:
         """The sentence-embedding model, loaded on first use (once per process)."""
+        from digest.embedding import load_embedder
+
         return load_embedder(self.settings.embedding_model)
 
     def embed_papers(self, session: Session, papers: list[Paper]) -> object:
         """Give newly collected papers their vectors (``digest.papers.store_papers``' hook)."""
+        from digest.embedding import paper_vectors
+
         return paper_vectors(session, papers, self.embedding_model, lambda: self.embedder)
 
     @cached_property
     def weights(self) -> TrendingWeights:
+        from digest.ranking import TrendingWeights
+
         s = self.settings
         return TrendingWeights(
             upvotes=s.weight_upvotes,
@@ -88,6 +110,8 @@ class Runtime:
 
     @cached_property
     def policy(self) -> DeliveryPolicy:
+        from digest.delivery.policy import DeliveryPolicy
+
         s = self.settings
         return DeliveryPolicy(
             digest_size=s.digest_size,
@@ -115,6 +139,8 @@ class Runtime:
 
     @cached_property
     def confirmation_limits(self) -> ConfirmationLimits:
+        from digest.confirmation_limits import ConfirmationLimits, ConfirmationRules
+
         s = self.settings
         return ConfirmationLimits(
             s.redis_url,
@@ -133,6 +159,8 @@ class Runtime:
         return self.settings.mail_from_address.rpartition("@")[2] or "localhost"
 
     def smtp_config(self) -> SMTPConfig:
+        from digest.mailer import SMTPConfig
+
         s = self.settings
         return SMTPConfig(
             host=s.smtp_host,
@@ -144,6 +172,8 @@ class Runtime:
         )
 
     def mailer_factory(self) -> Callable[[], Mailer]:
+        from digest.mailer import OutboxMailer, SMTPPool
+
         if self.outbox is not None:
             outbox = OutboxMailer(self.outbox)
             return lambda: outbox
@@ -154,6 +184,8 @@ class Runtime:
         return lambda delivery, subscriber: self.links.bounce_address(delivery.id, subscriber)
 
     def rate_limiter(self) -> RateLimiter:
+        from digest.delivery.batch import RateLimiter
+
         s = self.settings
         if s.redis_url and (s.rate_limit_per_second > 0 or s.rate_limit_per_domain_per_second > 0):
             from digest.ratelimit import RedisSendLimiter
@@ -162,6 +194,8 @@ class Runtime:
         return RateLimiter()
 
     def papers_client(self) -> PapersClient:
+        from digest.papers import PapersClient
+
         s = self.settings
         return PapersClient(
             s.papers_api_url,

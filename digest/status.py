@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from digest.delivery.ledger import counts_by_status, failure_reasons
 from digest.models import Delivery, DeliveryStatus, Digest
 from digest.reputation import PauseRules
 
@@ -41,6 +40,10 @@ class EditionStatus:
 
 
 def edition_status(session: Session, digest: Digest) -> EditionStatus:
+    # Imported here: the ledger module brings the whole delivery code (composer, rendering),
+    # which `digest status` with no edition yet, and `status --check`, never need.
+    from digest.delivery.ledger import counts_by_status, failure_reasons
+
     first, last, sent = session.execute(
         select(func.min(Delivery.sent_at), func.max(Delivery.sent_at), func.count(Delivery.sent_at)).where(
             Delivery.digest_id == digest.id, Delivery.status == DeliveryStatus.SENT
