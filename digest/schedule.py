@@ -1,13 +1,24 @@
 """When each subscriber's digest goes out: at their hour, in their time zone, daily or weekly.
 
-Beat calls ``dispatch_due`` once an hour. It works out which (time zone, hour) pairs reach their
-local hour in the UTC hour that just started, picks the edition each of them is due, and hands
-the matching subscribers to ``digest.pipeline.dispatch`` (keyset pages, a commit per page, then
-``enqueue``). Nothing here loads subscribers: the due set is an SQL filter.
+Beat calls ``dispatch_due`` every five minutes (``TICK``): local hours start on the quarter hour
+somewhere (+5:30 in India, +5:45 in Nepal, +12:45 on the Chatham Islands), so an hourly run on
+UTC hours would send those subscribers' digests 30 or 45 minutes late. A run works out which
+(time zone, hour) pairs reached their local hour since the previous tick, picks the edition each
+of them is due, and hands the matching subscribers to ``digest.pipeline.dispatch`` (keyset
+pages, a commit per page, then ``enqueue``). Nothing here loads subscribers: the due set is an
+SQL filter.
+
+A run also looks back over the hour before it, for subscribers still without their row in the
+ledger: a tick that came late or never ran (beat restarting) then costs minutes, not a day, and
+the windows may overlap because the unique (subscriber, edition) row makes planning twice a
+no-op. Further back, ``DIGEST_CATCH_UP_HOURS`` covers beat or the workers being down for longer.
 
 Rules:
 
-* A subscriber's hour is due at the first instant their local clock shows it: when a DST change
+* A subscriber's hour H is due at the first tick at or after the instant their local clock shows
+  H:00 (within ``TICK``; one late or missed tick makes it two), never before it. Every current
+  UTC offset is a whole quarter hour, so with ticks on multiples of five minutes it is H:00.
+* That instant is the first one their local clock shows the hour: when a DST change
   skips the hour (02:00 on a spring-forward night) it is due at the moment of the change, and an
   hour that happens twice (autumn) is due only the first time. So DST neither skips nor doubles
   a day; the unique (subscriber, edition) ledger row guards against doubles as well.
@@ -40,6 +51,11 @@ from digest.ranking import TrendingWeights
 from digest.runtime import Runtime
 
 HOUR = dt.timedelta(hours=1)
+# Beat's cadence for ``digest.dispatch_due`` (workers/celery_app.py): the contract is a digest
+# within 10 minutes after H:00 local, which one late or missed tick must not break.
+TICK = dt.timedelta(minutes=5)
+# How far back a run looks for due subscribers still without a ledger row, besides catching up.
+LOOK_BACK = HOUR
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,28 @@ class Slot:
     hour: int
     date: dt.date
 
+    @property
+    def starts_at(self) -> dt.datetime:
+        """The instant (UTC) the local clock first shows the hour (``fold=0``: the first of an
+        hour that DST repeats) or, for an hour that DST skips, the instant of the change."""
+        zone = _zone(self.timezone)
+        wall = dt.datetime.combine(self.date, dt.time(self.hour))
+        instant = wall.replace(tzinfo=zone).astimezone(dt.UTC)
+        if instant.astimezone(zone).replace(tzinfo=None) == wall:
+            return instant
+        # Skipped. ``fold=0`` reads H:00 with the offset from before the change, which is the
+        # change itself only when the gap starts at H:00 (US 02:00); on the Chatham Islands the
+        # gap is 02:45-03:45, and 03:00 read that way is 04:00 on the new clock. The change lies
+        # between the two readings: find the first second whose local time is past H:00.
+        before, after = wall.replace(tzinfo=zone, fold=1).astimezone(dt.UTC), instant
+        while after - before > dt.timedelta(seconds=1):
+            middle = before + (after - before) / 2
+            if middle.astimezone(zone).replace(tzinfo=None) >= wall:
+                after = middle
+            else:
+                before = middle
+        return after.replace(microsecond=0)
+
 
 def _zone(name: str) -> dt.tzinfo:
     try:
@@ -58,26 +96,27 @@ def _zone(name: str) -> dt.tzinfo:
         return dt.UTC
 
 
-def due_slots(timezones: Iterable[str], now: dt.datetime, hours: int = 1) -> list[Slot]:
-    """The local hours that start in the UTC hour ``now`` falls in (or in the ``hours`` UTC hours
-    up to it), per time zone.
+def tick_of(now: dt.datetime) -> dt.datetime:
+    """The scheduled tick a run at ``now`` stands for: ``now`` in UTC, down to a multiple of
+    ``TICK`` (beat fires a little after its time, and a slot's instant is exact)."""
+    now = now.astimezone(dt.UTC)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return midnight + ((now - midnight) // TICK) * TICK
 
-    A local hour H on date D starts at ``datetime(D, H, tzinfo=zone)`` with ``fold=0``: for an
-    hour that does not exist (spring forward) that is the instant of the change, for one that
-    happens twice its first occurrence. Due: that instant lies in (hour start - 1 h, hour start].
-    """
-    end = now.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
-    start = end - hours * HOUR
-    slots = []
+
+def due_slots(timezones: Iterable[str], start: dt.datetime, end: dt.datetime) -> list[Slot]:
+    """The local hours, per time zone, that start in (``start``, ``end``].
+
+    Each slot counts at ``Slot.starts_at``, one instant, so windows that follow each other see
+    every slot exactly once, DST changes included."""
+    start, end = start.astimezone(dt.UTC), end.astimezone(dt.UTC)
+    slots: list[Slot] = []
     for name in sorted(set(timezones)):
         zone = _zone(name)
         first = (start + dt.timedelta(microseconds=1)).astimezone(zone).date()
         last = end.astimezone(zone).date()
         for day in (first + dt.timedelta(days=n) for n in range((last - first).days + 1)):
-            for hour in range(24):
-                instant = dt.datetime.combine(day, dt.time(hour), tzinfo=zone).astimezone(dt.UTC)
-                if start < instant <= end:
-                    slots.append(Slot(name, hour, day))
+            slots.extend(s for s in (Slot(name, h, day) for h in range(24)) if start < s.starts_at <= end)
     return slots
 
 
@@ -155,33 +194,51 @@ def dispatch_due(
     enqueue: Callable[[int, list[int]], None],
     composers: dict[int, DigestComposer] | None = None,
 ) -> int:
-    """Plan and hand out every digest due in the UTC hour of ``now``, and those of the
-    ``DIGEST_CATCH_UP_HOURS`` before it that were never planned; returns the number of pages.
+    """Plan and hand out every digest due since the previous tick, those of the hour before it
+    that are still unplanned (a late or missed tick), and those of the ``DIGEST_CATCH_UP_HOURS``
+    before that which were never planned; returns the number of pages.
 
     ``enqueue(digest_id, subscriber_ids)`` is called after each page's commit. Running it twice
-    in the same hour plans nothing new (the ledger has one row per subscriber and edition).
+    in the same tick plans nothing new (the ledger has one row per subscriber and edition).
     """
     factory = runtime.session_factory
-    hour_start = now.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
+    tick = tick_of(now)
+    since = tick - LOOK_BACK
     stale_after = runtime.policy.stale_after
     # Never further back than a digest may still go out (DIGEST_STALE_AFTER_HOURS).
     catch_up = min(runtime.settings.catch_up_hours, math.ceil(stale_after / HOUR) - 2)
-    missed_since = hour_start - (catch_up + 1) * HOUR
+    missed_since = since - catch_up * HOUR
+
+    def unplanned(digest_id: int) -> ColumnElement[bool]:
+        return ~exists().where(Delivery.subscriber_id == Subscriber.id, Delivery.digest_id == digest_id)
+
     with transaction(factory) as session:
         zones = session.scalars(
             select(Subscriber.timezone).where(Subscriber.status == SubscriberStatus.ACTIVE).distinct()
         ).all()
         # (edition, subscriber filter, stale limit) to plan.
-        plans = [(d, c, now + stale_after) for d, c in due_editions(session, due_slots(zones, now), runtime.weights)]
+        fresh = due_slots(zones, tick - TICK, tick)
+        plans = [(d, c, now + stale_after) for d, c in due_editions(session, fresh, runtime.weights)]
+        # Slots of the last hour a tick already saw, unless it came late or not at all: only
+        # subscribers still without a row, so an on-time beat re-plans and re-enqueues nobody,
+        # and, as when catching up, only those whose row is unchanged since their hour began
+        # (someone who joined at 08:20 gets their first 08:00 digest tomorrow, not now). A
+        # weekly edition is not rebuilt for them (others may have received it already).
+        by_instant: dict[dt.datetime, list[Slot]] = defaultdict(list)
+        for slot in due_slots(zones, since, tick - TICK):
+            by_instant[slot.starts_at].append(slot)
+        for instant, slots in sorted(by_instant.items()):
+            for digest_id, condition in due_editions(session, slots, runtime.weights, refresh_weekly=False):
+                late = and_(condition, Subscriber.updated_at <= instant, unplanned(digest_id))
+                plans.append((digest_id, late, now + stale_after))
         if catch_up > 0:
             # Hours that passed without their digests being planned (beat or the workers were
             # down): the ledger says who is still missing one. Not for anyone whose row changed
             # since (joined, resumed, switched to daily, moved their hour): their next digest
             # comes at their next hour. The stale limit counts from the earliest missed hour.
-            earlier = due_slots(zones, hour_start - HOUR, hours=catch_up)
+            earlier = due_slots(zones, missed_since, since)
             for digest_id, condition in due_editions(session, earlier, runtime.weights, refresh_weekly=False):
-                planned = exists().where(Delivery.subscriber_id == Subscriber.id, Delivery.digest_id == digest_id)
-                missed = and_(condition, Subscriber.updated_at <= missed_since, ~planned)
+                missed = and_(condition, Subscriber.updated_at <= missed_since, unplanned(digest_id))
                 plans.append((digest_id, missed, missed_since + stale_after))
     pages = 0
     for digest_id, condition, not_after in plans:

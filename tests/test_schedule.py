@@ -93,26 +93,42 @@ def test_each_zone_is_dispatched_in_its_hour_across_dst_changes(runtime: Runtime
             assert count == 9
 
 
+def due_at(zones: list[str], now: dt.datetime) -> set[tuple[int, dt.date]]:
+    """(hour, local date) that a beat run at ``now`` finds due since the previous tick."""
+    tick = schedule.tick_of(now)
+    return {(s.hour, s.date) for s in schedule.due_slots(zones, tick - schedule.TICK, tick)}
+
+
 def test_hours_that_dst_skips_or_repeats_are_due_exactly_once() -> None:
     zones = ["America/Los_Angeles"]
-    # 2026-03-08: 02:00 PST does not exist; clocks jump from 01:59 to 03:00 PDT (10:00 UTC).
-    skipped = schedule.Slot("America/Los_Angeles", 2, dt.date(2026, 3, 8))
-    assert skipped in schedule.due_slots(zones, utc(2026, 3, 8, 10))
-    assert {(s.hour, s.date) for s in schedule.due_slots(zones, utc(2026, 3, 8, 10, 30))} == {
-        (2, dt.date(2026, 3, 8)),
-        (3, dt.date(2026, 3, 8)),
-    }
+    march_8, november_1 = dt.date(2026, 3, 8), dt.date(2026, 11, 1)
+    # 2026-03-08: 02:00 PST does not exist; clocks jump from 01:59 to 03:00 PDT (10:00 UTC),
+    # so 02:00 is due with 03:00, at the change, and at no other tick.
+    assert due_at(zones, utc(2026, 3, 8, 9)) == {(1, march_8)}
+    assert due_at(zones, utc(2026, 3, 8, 10)) == {(2, march_8), (3, march_8)}
+    assert due_at(zones, utc(2026, 3, 8, 10, 5)) == set()
     # 2026-11-01: 01:00-01:59 happens twice (08:00 and 09:00 UTC); due only the first time.
-    assert {s.hour for s in schedule.due_slots(zones, utc(2026, 11, 1, 8))} == {1}
-    assert {s.hour for s in schedule.due_slots(zones, utc(2026, 11, 1, 9))} == set()
-    assert {s.hour for s in schedule.due_slots(zones, utc(2026, 11, 1, 10))} == {2}
-    # Half-hour zones are due at the first run after their hour starts, never before it.
-    assert {(s.hour, s.date) for s in schedule.due_slots(["Asia/Kolkata"], utc(2026, 4, 16, 3))} == {
-        (8, dt.date(2026, 4, 16))
-    }
+    assert due_at(zones, utc(2026, 11, 1, 8)) == {(1, november_1)}
+    assert due_at(zones, utc(2026, 11, 1, 9)) == set()
+    assert due_at(zones, utc(2026, 11, 1, 10)) == {(2, november_1)}
+    # Chatham (+12:45/+13:45): on 2026-09-27 02:45 jumps to 03:45 (14:00 UTC); 03:00 never
+    # shows and is due at the change, not at 04:00 (14:15 UTC) when the old offset reads it.
+    assert due_at(["Pacific/Chatham"], utc(2026, 9, 26, 14)) == {(3, dt.date(2026, 9, 27))}
+    assert due_at(["Pacific/Chatham"], utc(2026, 9, 26, 14, 15)) == {(4, dt.date(2026, 9, 27))}
+    # On 2026-04-05 03:45 goes back to 02:45 (14:00 UTC): 03:00 is due at 13:15 UTC, not again.
+    assert due_at(["Pacific/Chatham"], utc(2026, 4, 4, 13, 15)) == {(3, dt.date(2026, 4, 5))}
+    assert due_at(["Pacific/Chatham"], utc(2026, 4, 4, 14, 15)) == set()
+    assert due_at(["Pacific/Chatham"], utc(2026, 4, 4, 15, 15)) == {(4, dt.date(2026, 4, 5))}
+    # Half- and quarter-hour zones are due at their own H:00 (a run a little late stands for
+    # its tick), never before it.
+    april_16 = dt.date(2026, 4, 16)
+    assert due_at(["Asia/Kolkata"], utc(2026, 4, 16, 2, 25)) == set()
+    assert due_at(["Asia/Kolkata"], utc(2026, 4, 16, 2, 30, 40)) == {(8, april_16)}
+    assert due_at(["Asia/Kolkata"], utc(2026, 4, 16, 3)) == set()
+    assert due_at(["Asia/Kathmandu"], utc(2026, 4, 16, 2, 15)) == {(8, april_16)}
     # An unknown zone is treated as UTC.
-    assert schedule.due_slots(["Mars/Olympus_Mons"], utc(2026, 4, 16, 8)) == [
-        schedule.Slot("Mars/Olympus_Mons", 8, dt.date(2026, 4, 16))
+    assert schedule.due_slots(["Mars/Olympus_Mons"], utc(2026, 4, 16, 7, 55), utc(2026, 4, 16, 8)) == [
+        schedule.Slot("Mars/Olympus_Mons", 8, april_16)
     ]
 
 
@@ -215,8 +231,9 @@ def test_hours_missed_while_beat_was_down_are_caught_up_once(runtime: Runtime, s
     assert smtp.to("joined@example.org") == []
     with runtime.session_factory() as session:
         (not_after,) = session.scalars(select(Delivery.not_after)).all()
-    # Stale 20 hours after the earliest hour it could have been for (04:00), not after planning.
-    assert not_after == utc(2026, 4, 17, 4) + dt.timedelta(hours=20)
+    # Stale 20 hours after the start of catching up's reach, not after planning: 11:20 less
+    # the hour a run looks back over anyway and the 6 hours caught up.
+    assert not_after == utc(2026, 4, 17, 4, 20) + dt.timedelta(hours=20)
     for hour in range(12, 24):  # the rest of the day: nobody gets a second one
         deliver_due(runtime, utc(2026, 4, 17, hour, 4))
     assert [m.rcpt_tos for m in smtp.messages] == [["eight@example.org"]]
