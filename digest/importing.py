@@ -275,6 +275,10 @@ def csv_rows(lines: Iterable[tuple[int, str]], refusals: list[Refusal]) -> Itera
                 )
             elif "unexpected end of data" in str(exc):
                 reason = "a quote opened on this line is never closed"
+            elif len(consumed) > 1:
+                reason = (
+                    f"not readable as CSV: {exc} (a quote opened on this line: lines {start}-{consumed[-1]} not read)"
+                )
             else:
                 reason = f"not readable as CSV: {exc}"
             refusals.append(Refusal(start, reason))

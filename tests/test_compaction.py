@@ -240,3 +240,31 @@ def test_digest_compact_then_status_reports_the_old_day(runtime: Runtime) -> Non
     with runtime.session_factory() as session:
         left = session.scalars(select(Delivery.digest_id).distinct()).all()
     assert left == [recent.id], "the recent edition keeps its rows"
+
+
+def test_digest_compact_dry_run_reports_and_writes_nothing(runtime: Runtime) -> None:
+    from tests.support.processes import run_cli, settings_env
+    from tests.web.conftest import snapshot
+
+    now = dt.datetime.now(dt.UTC)
+    with transaction(runtime.session_factory) as session:
+        old = Digest(kind=DigestKind.DAILY, date=now.date() - dt.timedelta(days=45), created_at=now)
+        session.add(old)
+        session.flush()
+        for n, status in enumerate(["sent", "sent", "failed", "pending"]):
+            session.add(
+                Delivery(digest_id=old.id, status=status, message_id=f"<dry{n}@x>", created_at=now, updated_at=now)
+            )
+
+    def ledger() -> tuple[object, ...]:
+        with runtime.session_factory() as session:
+            deliveries = session.execute(select(Delivery.id, Delivery.status).order_by(Delivery.id)).all()
+            counts = session.execute(select(DeliveryCount.digest_id, DeliveryCount.status, DeliveryCount.count)).all()
+        return tuple(deliveries), tuple(counts), tuple(snapshot(runtime))
+
+    before = ledger()
+    result = run_cli(["compact", "--dry-run"], settings_env(runtime.settings), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("dry run: would compact 4 delivery rows of 1 editions"), result.stdout
+    assert "(failed 1, sent 2, skipped 1); nothing was written" in result.stdout
+    assert ledger() == before

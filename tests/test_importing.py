@@ -235,3 +235,64 @@ def test_a_big_import_leaves_planner_statistics_for_the_first_dispatch(session: 
     assert run_import(session, data).created == n
     after = session.scalar(text("SELECT reltuples FROM pg_class WHERE relname = 'subscribers'"))
     assert after is not None and after >= 0.9 * n
+
+
+def test_a_cell_with_a_control_character_is_a_reported_line(any_session: Session) -> None:
+    # On PostgreSQL one NUL cell used to abort the whole COPY, and with it the import.
+    data = (
+        "email,topics\n"
+        "ada@example.org,diffusion\n"
+        "nul@example.org,diff\x00usion\n"
+        "esc\x1b[2J@example.org,robotics\n"
+        "bob@example.org,agents\n"
+    )
+    result = run_import(any_session, data.encode())
+    assert [(r.line, r.reason) for r in result.refused] == [
+        (3, "the topics cell holds a control character (such as NUL)"),
+        (4, "the email cell holds a control character (such as NUL)"),
+    ]
+    assert [r[0] for r in rows(any_session)] == ["ada@example.org", "bob@example.org"]
+
+
+def test_an_unclosed_quote_is_reported_with_its_line_not_swallowing_rows(any_session: Session) -> None:
+    at_the_end = 'email,topics\nada@example.org,diffusion\nbob@example.org,"agents\ncy@example.org,robotics\n'
+    result = run_import(any_session, at_the_end.encode())
+    assert [(r.line, r.reason) for r in result.refused] == [
+        (3, "a quote opened on this line is never closed: lines 3-4 were not read (close the quote and import again)")
+    ]
+    assert [r[0] for r in rows(any_session)] == ["ada@example.org"]
+    # Closed by a later line's quote: the rows in between would become one cell.
+    midway = 'email,topics\ndan@example.org,"vision\neve@example.org,speech"\nfay@example.org,audio\n'
+    result = run_import(any_session, midway.encode())
+    assert [(r.line, r.reason) for r in result.refused] == [
+        (2, "a quoted cell runs over lines 2-3 (a closing quote missing?): not read")
+    ]
+    assert [r[0] for r in rows(any_session)] == ["ada@example.org", "fay@example.org"]
+    broken = 'email,topics\ngus@example.org,"vision\nhal@example.org,"speech"\nivy@example.org,audio\n'
+    result = run_import(any_session, broken.encode())
+    assert [
+        (r.line, r.reason.endswith("(a quote opened on this line: lines 2-3 not read)")) for r in result.refused
+    ] == [(2, True)]
+    assert [r[0] for r in rows(any_session)] == ["ada@example.org", "fay@example.org", "ivy@example.org"]
+
+
+def test_an_export_reads_back_and_its_status_never_activates(any_session: Session) -> None:
+    data = (
+        "email,status,topics,exclude,frequency,timezone,hour,weekday,created_at,confirmed_at\n"
+        "ada@example.org,active,'=sum,,weekly,Asia/Kolkata,6,fri,2026-01-01T00:00:00+00:00,\n"
+        "pat@example.org,pending,,,daily,UTC,8,mon,2026-01-01T00:00:00+00:00,\n"
+        "uma@example.org,unsubscribed,,,daily,UTC,8,mon,2026-01-01T00:00:00+00:00,\n"
+        "vic@example.org,asleep,,,daily,UTC,8,mon,,\n"
+    )
+    result = run_import(any_session, data.encode())
+    assert (result.created, result.not_active) == (1, 2)
+    assert [(r.line, r.reason[:17]) for r in result.refused] == [(5, "status must be on")]
+    ada = any_session.scalars(select(Subscriber)).one()
+    assert (ada.email, ada.topics, ada.frequency, ada.timezone, ada.send_hour, ada.weekday) == (
+        "ada@example.org",
+        "=sum",  # the export's guard quote is taken off again
+        Frequency.WEEKLY,
+        "Asia/Kolkata",
+        6,
+        4,
+    )
