@@ -205,4 +205,4 @@ def test_preview_of_a_delivered_day_is_what_the_person_got(
     message = message_from_bytes((tmp_path / files[0]).read_bytes(), policy=policy.default)
     body = message.get_body(preferencelist=("plain",))
     assert body is not None
-    assert PAPER_LINK.findall(body.get_content()) == got  # type: ignore[attr-defined]
+    assert PAPER_LINK.findall(body.get_content()) == got

@@ -1,0 +1,87 @@
+"""Start-up time of the ``digest`` command, with the reference measured in the same run.
+
+    .venv/bin/python bench/cli_startup.py [--runs 9] [--before 496dc42]
+
+Times (median of ``--runs``, wall clock of the whole process) ``digest --help``,
+``digest --version`` and ``digest status`` on an empty, migrated SQLite database, run as an
+operator runs them: the installed ``digest`` script. The references, in the same run:
+``python -c pass`` (the interpreter's own start), and the code of commit ``--before`` (taken
+out with ``git archive`` into a temporary folder; the working tree is not touched) doing the
+same commands and ``import digest.cli``. That code runs with ``python -S`` and its folder first
+on ``PYTHONPATH``, so the editable install's finder (which points at this tree) stays out; the
+current code's ``import digest.cli`` is measured the same way, so those two compare like for
+like. The target (issue 20): ``--help`` and ``status`` under 0.3 s on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import site
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGEST = Path(sys.executable).with_name("digest")
+RUN_MAIN = "import sys; from digest.cli import main; sys.argv[0] = 'digest'; main()"
+
+
+def median_seconds(command: list[str], env: dict[str, str], runs: int, cwd: Path) -> float:
+    took = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, check=False)
+        took.append(time.perf_counter() - started)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} failed: {done.stderr.decode()[-500:]}")
+    return statistics.median(took)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--before", default="496dc42", help="the commit to compare against")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        before = tmp / "before"
+        before.mkdir()
+        archive = subprocess.run(["git", "archive", args.before, "digest"], cwd=ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(before)], input=archive.stdout, check=True)
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DIGEST_")}
+        env["DIGEST_DATABASE_URL"] = f"sqlite:///{tmp / 'empty.db'}"
+        subprocess.run([str(DIGEST), "db", "upgrade"], env=env, cwd=tmp, capture_output=True, check=True)
+        packages = os.pathsep.join(site.getsitepackages())
+        old_env = {**env, "PYTHONPATH": f"{before}{os.pathsep}{packages}"}
+        new_env = {**env, "PYTHONPATH": f"{ROOT}{os.pathsep}{packages}"}
+        python = [sys.executable, "-S"]
+
+        rows = [
+            ("python -c pass", [sys.executable, "-c", "pass"], env, None),
+            ("import digest.cli", [*python, "-c", "import digest.cli"], new_env, old_env),
+            ("digest --help", [str(DIGEST), "--help"], env, [*python, "-c", RUN_MAIN, "--help"]),
+            ("digest --version", [str(DIGEST), "--version"], env, None),
+            ("digest status (empty DB)", [str(DIGEST), "status"], env, [*python, "-c", RUN_MAIN, "status"]),
+        ]
+        print(f"median of {args.runs} runs, seconds; before = {args.before} (git archive)")
+        print(f"{'command':28} {'now':>7} {'before':>7}")
+        for name, command, now_env, reference in rows:
+            now = median_seconds(command, now_env, args.runs, tmp)
+            then = ""
+            if isinstance(reference, dict):
+                then = f"{median_seconds(command, reference, args.runs, tmp):7.3f}"
+            elif isinstance(reference, list):
+                then = f"{median_seconds(reference, old_env, args.runs, tmp):7.3f}"
+            elif name == "digest --version":
+                then = "    n/a"  # the command had no --version
+            print(f"{name:28} {now:7.3f} {then:>7}")
+
+
+if __name__ == "__main__":
+    main()
