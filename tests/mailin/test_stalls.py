@@ -17,6 +17,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from digest.imap import poll_imap
+from digest.mailin import classify, config_from
 from digest.mailin_server import MailinHandler
 from digest.runtime import Runtime
 from tests.mailin import messages, test_imap
@@ -220,3 +221,26 @@ def test_a_sender_controlled_escape_sequence_is_logged_escaped(listener: Listene
     assert "\x1b" not in log and "\x07" not in log
     assert "\\x1b]0;owned\\x07 hello \\x1b[2J" in log
     assert "mid:<\\x1b[31m" in log
+
+
+@pytest.mark.parametrize(
+    ("results", "key"),
+    [
+        ("mx.relay.example; dkim=pass header.d=example.net", "auth:alice@example.net"),
+        ("mx.relay.example 1; dmarc=pass (p=reject) header.from=example.net", "auth:alice@example.net"),
+        ("mx.relay.example; spf=pass smtp.mailfrom=bounce@forger.example", "auth:bounce@forger.example"),
+        ("mx.relay.example; dkim=fail header.d=example.net", "sender:bounce@forger.example"),
+        ("mx.relay.example; dkim=pass header.d=other.example", "sender:bounce@forger.example"),  # not aligned
+        ("forger.example; dkim=pass header.d=example.net", "sender:bounce@forger.example"),  # not our relay
+    ],
+)
+def test_the_limit_source_is_what_a_trusted_relay_proves_else_the_claimed_envelope(
+    runtime: Runtime, results: str, key: str
+) -> None:
+    config = replace(config_from(runtime), trusted_authserv_ids=frozenset({"mx.relay.example"}))
+    data = f"Authentication-Results: {results}\r\n".encode() + messages.plain("Alice+x@Example.net", SUBSCRIBE, "hi")
+    inbound = classify(config, data, envelope_sender="bounce@forger.example", recipients=[SUBSCRIBE])
+    assert inbound.source == key
+    # Without a relay named in settings nothing is believed.
+    untrusting = classify(config_from(runtime), data, envelope_sender="bounce@forger.example", recipients=[SUBSCRIBE])
+    assert untrusting.source == "sender:bounce@forger.example"
