@@ -9,9 +9,10 @@ pages, a commit per page, then ``enqueue``). Nothing here loads subscribers: the
 SQL filter.
 
 A run also looks back over the hour before it, for subscribers still without their row in the
-ledger: a tick that came late or never ran (beat restarting) then costs minutes, not a day, and
-the windows may overlap because the unique (subscriber, edition) row makes planning twice a
-no-op. Further back, ``DIGEST_CATCH_UP_HOURS`` covers beat or the workers being down for longer.
+ledger (and unchanged since their hour began): a tick that came late or never ran (beat
+restarting) then costs minutes, not a day, and the windows may overlap because the unique
+(subscriber, edition) row makes planning twice a no-op. Further back, ``DIGEST_CATCH_UP_HOURS``
+covers beat or the workers being down for longer.
 
 Rules:
 
