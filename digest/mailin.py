@@ -803,6 +803,7 @@ def config_from(runtime: Runtime) -> MailinConfig:
         runtime.tokens,
         runtime.policy,
         ledger_retention_days=runtime.settings.ledger_retention_days,
+        trusted_authserv_ids=runtime.settings.mailin_trusted_relays,
     )
 
 

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     admin_link_limit_per_address: str = "10/hour"
     # Proxies whose X-Forwarded-For is believed: comma-separated addresses or networks.
     trusted_proxies: str = ""
+    # authserv-ids of the relays whose Authentication-Results header mail-in believes (the
+    # relay in front of `digest mailin` that checks SPF/DKIM/DMARC), comma-separated. None by
+    # default: when the listener is the MX itself, any such header is the sender's own claim.
+    mailin_trusted_authserv_ids: str = ""
 
     # Paper source
     papers_api_url: str = "https://huggingface.co"
@@ -189,7 +193,7 @@ class Settings(BaseSettings):
     def _retention_outlasts_the_rules(self) -> Settings:
         # Compacted rows no longer answer "no repeats", the stale limit or the windowed trust
         # rules: each must be over before its rows may go.
-        from digest.delivery.composer import NO_REPEAT_LOOKBACK
+        from digest.retention import NO_REPEAT_LOOKBACK
 
         needed = {
             "the no-repeats reach": NO_REPEAT_LOOKBACK.days,
@@ -209,6 +213,10 @@ class Settings(BaseSettings):
         return tuple(
             ipaddress.ip_network(p.strip(), strict=False) for p in self.trusted_proxies.split(",") if p.strip()
         )
+
+    @property
+    def mailin_trusted_relays(self) -> frozenset[str]:
+        return frozenset(i.strip().lower() for i in self.mailin_trusted_authserv_ids.split(",") if i.strip())
 
     @property
     def admin_addresses(self) -> frozenset[str]:

@@ -22,7 +22,7 @@ from digest import pipeline
 from digest.compaction import compact
 from digest.db import transaction
 from digest.delivery.batch import run_batch
-from digest.delivery.composer import NO_REPEAT_LOOKBACK, build_digest
+from digest.delivery.composer import build_digest
 from digest.delivery.ledger import counts_by_status
 from digest.models import (
     Delivery,
@@ -34,6 +34,7 @@ from digest.models import (
     Subscriber,
     SubscriberStatus,
 )
+from digest.retention import NO_REPEAT_LOOKBACK
 from digest.runtime import Runtime
 from digest.settings import Settings
 from digest.status import status_for

@@ -28,11 +28,10 @@ from digest.links import Links
 from digest.models import Delivery, DeliveryStatus, Digest, DigestItem, DigestKind, Paper, Subscriber, utcnow
 from digest.ranking import Profile, Ranker, Reader, TrendingWeights, candidate_of, parse_terms, trending_order
 from digest.rendering import DigestContext, EmailRenderer, Envelope, PaperView, date_label, message_bytes
+from digest.retention import NO_REPEAT_LOOKBACK
 
-# Candidates of a weekly digest span 7 days; a paper can only repeat within that reach.
 # Papers in these deliveries count as received (failed and skipped ones never arrived).
 REPEAT_STATUSES = frozenset({DeliveryStatus.SENT, DeliveryStatus.SENDING, DeliveryStatus.PENDING})
-NO_REPEAT_LOOKBACK = dt.timedelta(days=15)
 
 
 def build_digest(
@@ -98,6 +97,7 @@ class DigestComposer:
     embedder: Callable[[], Embedder] | None = None  # loads the model, only for missing vectors
     dimensions: int = 0
     _topic_vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    trending_rank: dict[str, int] = field(default_factory=dict)  # paper id: place in the edition
 
     @classmethod
     def load(
@@ -144,6 +144,7 @@ class DigestComposer:
             embedder=embedder,
             dimensions=dimensions,
             _topic_vectors=topic_cache,
+            trending_rank={item.paper_id: item.position for item in digest.items},
         )
 
     @cached_property
@@ -170,7 +171,13 @@ class DigestComposer:
         """Papers and, per paper, the reasons shown ("Matches: ...", "Like: ...", "From: ...")."""
         profile = Profile.from_text(subscriber.topics, subscriber.excluded, reader)
         picks = self.ranker.pick(profile, subscriber.digest_size or self.default_size, already_sent)
-        return [p.paper_id for p in picks], {p.paper_id: list(p.lines) for p in picks if p.reasons or p.why}
+        reasons = {p.paper_id: list(p.lines) for p in picks if p.reasons or p.why}
+        if subscriber.only_for_you and not reasons:
+            # Nothing passed the reader's bar and they asked for no digest then: no papers means
+            # a skipped row (nothing new for them), which neither counts as received nor stands
+            # in the way of the next edition's row.
+            return [], {}
+        return [p.paper_id for p in picks], reasons
 
     def load_papers(self, session: Session, paper_ids: set[str]) -> None:
         """Make sure these papers can be shown. Deliveries keep the papers chosen at planning,
@@ -189,9 +196,32 @@ class DigestComposer:
             view = self._views[key] = PaperView.from_paper(self.papers[paper_id], reasons)
         return view
 
+    def sections(self, delivery: Delivery, subscriber: Subscriber) -> tuple[list[str], list[str]] | None:
+        """(For you, Also trending) paper ids of a delivery, or None for one trending list.
+
+        The bar is the ranker's own: a pick it can give a reason for ("Matches: ...", "About:
+        ...", "Like: ...", "From: ...") was chosen by the reader's topics, marks or follows;
+        a pick without one is trending filler. Sections are shown to a reader with topics or
+        with a pick that passed (marks, follows); "Also trending" keeps the edition's order.
+        """
+        reasons = delivery.reasons or {}
+        shown = [pid for pid in delivery.paper_ids or [] if pid in self.papers]
+        for_you = [pid for pid in shown if reasons.get(pid)]
+        if not for_you and not parse_terms(subscriber.topics):
+            return None
+        unranked = len(self.trending_rank)  # papers kept from an earlier build of the edition
+        rest = sorted((pid for pid in shown if not reasons.get(pid)), key=lambda p: self.trending_rank.get(p, unranked))
+        return for_you, rest
+
     def compose(self, delivery: Delivery, subscriber: Subscriber) -> bytes:
         reasons = delivery.reasons or {}
-        views = [self._view(pid, tuple(reasons.get(pid, ()))) for pid in delivery.paper_ids or [] if pid in self.papers]
+        sections = self.sections(delivery, subscriber)
+        shown = (
+            sections[0] + sections[1]
+            if sections
+            else [pid for pid in delivery.paper_ids or [] if pid in self.papers]
+        )
+        views = [self._view(pid, tuple(reasons.get(pid, ()))) for pid in shown]
         unsubscribe_url = self.links.unsubscribe(subscriber)
         context = DigestContext(
             date_label=date_label(self.day) if self.kind is DigestKind.DAILY else f"Week to {date_label(self.day)}",
@@ -203,6 +233,8 @@ class DigestComposer:
             view_url=self.links.digest_view(self.day),
             postal_address=self.postal_address,
             feedback=tuple(self.links.feedback(subscriber, view.id) for view in views),
+            sectioned=sections is not None,
+            for_you=len(sections[0]) if sections else 0,
         )
         rendered = self.renderer.render(context)
         envelope = Envelope(
