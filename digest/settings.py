@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     send_retry_max_seconds: float = 300.0
     lease_seconds: int = 120
     stale_after_hours: float = 20.0
-    # The hourly dispatch also plans digests of this many earlier hours that were never planned
+    # Each dispatch run also plans digests of this many earlier hours that were never planned
     # (beat or workers down at the time); 0 turns catching up off. Kept well under a day, so
     # nobody gets two editions in one go, and under the stale limit.
     catch_up_hours: int = Field(default=6, ge=0, le=12)

@@ -112,7 +112,7 @@ def dispatch(self: Task[Any, Any], digest_id: int) -> int:
 
 @app.task(name="digest.dispatch_due")
 def dispatch_due() -> int:
-    """Beat, hourly: plan the editions of subscribers whose local delivery hour is now."""
+    """Beat, every five minutes: plan the editions of subscribers whose local delivery hour has just begun."""
     from digest.schedule import dispatch_due as plan_due
 
     return plan_due(runtime(), utcnow(), enqueue_batch, _composers)
