@@ -69,6 +69,18 @@ LABELS = Path(__file__).with_name("relevance_labels.json")
 # Bench-only recorded days (not shipped in the wheel), see bench/data/README.md.
 BENCH_DATA = Path(__file__).with_name("data")
 HELD_OUT = dt.date(2025, 6, 5)
+# Labelled before any ranker ran on them, for how marks weigh against topics (issue 21).
+HELD_OUT_DAYS = (HELD_OUT, dt.date(2025, 3, 12), dt.date(2025, 10, 22), dt.date(2025, 12, 3), dt.date(2026, 3, 11))
+# Simulated readers whose topics mislead: they wrote the first profile's topics but want the
+# second's papers (its labels), as a reader who names one field and marks another's.
+MISLEADING = (
+    ("3D reconstruction", "reinforcement learning"),
+    ("hallucination", "video generation"),
+    ("knowledge editing", "efficient inference"),
+    ("GUI agents", "mathematical reasoning"),
+    ("long context", "diffusion, video generation"),
+    ("AI safety", "LLM agents"),
+)
 
 
 def day_papers(day: dt.date) -> list[Paper]:
@@ -194,6 +206,88 @@ def held_out_section(
     return means
 
 
+def marks_section(
+    labels: list[dict[str, Any]],
+    weights: TrendingWeights,
+    embedder: Embedder,
+    vectors: dict[str, np.ndarray],
+    papers: dict[str, Paper],
+    topic: dict[str, np.ndarray],
+    weight: float,
+) -> dict[str, float]:
+    """Day-3 nDCG@10 of twin (topics only), taught (topics + marks of days 1-2) and cold (marks
+    only) readers on every held-out day, for the labelled profiles and for readers whose topics
+    mislead (``MISLEADING``); printed as a table, returns the means.
+
+    Days 1-2 are the recorded sample days: each day the reader gets their twin's top 10 and also
+    sees that day's trending top 10 (the Daily Papers page); they mark "More like this" on every
+    paper they want among both and "Less like this" on the digest's others.
+    """
+    by_topics = {label["topics"]: label for label in labels}
+    readers = [(label["topics"], label) for label in labels]
+    readers += [(f"{named} -> {wants}", by_topics[named] | {"wants": by_topics[wants]}) for named, wants in MISLEADING]
+    old_days = [rankers(candidates(weights, (day,))[0], vectors, topic, weight)["hybrid"] for day in SAMPLE_DATES]
+    plain = [order_of(ranker, Profile())[:10] for ranker in old_days]
+    taught_readers = {}
+    for index, (name, label) in enumerate(readers):
+        wanted = label.get("wants", label)
+        profile = Profile.from_text(label["topics"])
+        digests = [order_of(ranker, profile)[:10] for ranker in old_days]
+        relevant = set(wanted["relevant"])
+        liked = [pid for shown in (*digests, *plain) for pid in shown if pid in relevant]
+        disliked = [pid for shown in digests for pid in shown if pid not in relevant]
+        reader = Reader(
+            key=(2, float(index)),
+            liked=np.vstack([vectors[p] for p in dict.fromkeys(liked)]) if liked else None,
+            liked_titles=tuple(papers[p].title for p in dict.fromkeys(liked)),
+            disliked=np.vstack([vectors[p] for p in dict.fromkeys(disliked)]) if disliked else None,
+        )
+        taught_readers[name] = (profile, reader, wanted)
+    kinds = ("twin", "taught", "cold")
+    rows: list[tuple[str, str, dict[str, float]]] = []
+    for day in HELD_OUT_DAYS:
+        pool, day_of = candidates(weights, (day,))
+        texts = [paper_text(p.title, p.abstract, p.ai_keywords) for p in day_of.values()]
+        day_vectors = dict(zip(day_of, embedder.embed(texts), strict=True))
+        hybrid = rankers(pool, day_vectors, topic, weight)["hybrid"]
+        for name, (profile, reader, wanted) in taught_readers.items():
+            relevant = set(wanted["held_out"][day.isoformat()])
+            if not relevant:
+                continue
+            orders = {
+                "twin": order_of(hybrid, profile),
+                "taught": order_of(hybrid, dataclasses.replace(profile, reader=reader)),
+                "cold": order_of(hybrid, Profile(reader=reader)),
+            }
+            rows.append((day.isoformat(), name, {k: ndcg_at(orders[k], relevant, 10) for k in kinds}))
+    print()
+    print("day-3 nDCG@10 on the held-out days: twin (topics), taught (topics + marks of days 1-2), cold (marks only)")
+    header = f"{'day':<10} {'reader (topics -> what they want)':<48} " + " ".join(f"{k:>7}" for k in kinds)
+    print(header)
+    print("-" * len(header))
+    for when, name, scores in rows:
+        print(f"{when:<10} {name[:48]:<48} " + " ".join(f"{scores[k]:>7.3f}" for k in kinds))
+    print("-" * len(header))
+    means: dict[str, float] = {}
+    for group, members in (
+        ("labelled", [r for r in rows if "->" not in r[1]]),
+        ("misleading", [r for r in rows if "->" in r[1]]),
+        ("all", rows),
+    ):
+        for k in kinds:
+            means[f"{group}_{k}"] = sum(r[2][k] for r in members) / len(members)
+        best = sum(max(r[2]["twin"], r[2]["cold"]) for r in members) / len(members)
+        worst = min(r[2]["taught"] - max(r[2]["twin"], r[2]["cold"]) for r in members)
+        means[f"{group}_worst_below_best"] = worst
+        cells = " ".join(f"{means[f'{group}_{k}']:>7.3f}" for k in kinds)
+        print(
+            f"{'mean':<10} {group + f' ({len(members)} reader-days)':<48} {cells}  "
+            f"taught-twin {means[f'{group}_taught'] - means[f'{group}_twin']:+.3f}, "
+            f"best of twin/cold {best:.3f}, taught at worst {worst:+.3f} from it"
+        )
+    return means
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=None, help="model folder (default: the shipped int8 model)")
@@ -281,6 +375,8 @@ def main() -> None:
     extra = {"embed_ms_per_paper": round(per_paper_ms, 1), "rss_mb_with_model": round(rss_after / 1024)}
     held = held_out_section(labels, weights, embedder, vectors, papers, topic, weight)
     held_out = {f"heldout_{k}_ndcg@10": round(v, 4) for k, v in held.items()}
+    marks = marks_section(labels, weights, embedder, vectors, papers, topic, weight)
+    held_out |= {f"marks_{k}_ndcg@10": round(v, 4) for k, v in marks.items()}
     print(json.dumps(summary | {k: round(v, 4) for k, v in means.items()} | extra | held_out))
 
 

@@ -414,6 +414,94 @@ _BELOW = -2.0  # below every cosine: "no paper here"
 _NO_ROWS = np.zeros((0, 0), dtype=np.float32)
 
 
+def _padded(parts: Sequence[np.ndarray | None], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each reader's rows (``None``: none) in one zero-padded array, and which rows are real."""
+    size = max(1, max((len(m) for m in parts if m is not None), default=0))
+    rows = np.zeros((len(parts), size, width), dtype=np.float32)
+    real = np.zeros((len(parts), size), dtype=bool)
+    for k, matrix in enumerate(parts):
+        if matrix is not None and len(matrix):
+            rows[k, : len(matrix)] = matrix
+            real[k, : len(matrix)] = True
+    return rows, real
+
+
+def _agreement(pos: np.ndarray, pos_real: np.ndarray, neg: np.ndarray, neg_real: np.ndarray) -> np.ndarray:
+    """Per reader (row): how often a score puts a liked paper above an unwanted one, ties half
+    (an AUC); 0.5, "no better than chance", without pairs to compare."""
+    diff = pos[:, :, None] - neg[:, None, :]
+    pairs = pos_real[:, :, None] & neg_real[:, None, :]
+    wins = ((diff > 0) + 0.5 * (diff == 0)) * pairs
+    count = pairs.sum(axis=(1, 2))
+    return np.where(count > 0, wins.sum(axis=(1, 2)) / np.maximum(count, 1), 0.5)
+
+
+def _mark_lead(readers: Sequence[Reader], bases: Sequence[_Base], marks: _Marks, width: int) -> np.ndarray:
+    """How far each reader's marks lead their topics, 0..1 (a column): the evidence they gave
+    (MARK_PRIOR marks make half of it) times how much better the marks than the topics tell the
+    reader's own "more" papers from their "less" ones (from today's candidates when they marked
+    nothing "less"). Topics that rank the liked papers low and the disliked ones high hand the
+    lead to the marks; topics that agree with the marks keep it."""
+    count = len(readers)
+    lead = np.zeros((count, 1))
+    # Only readers with topics and liked papers: the others are ranked by what they have.
+    todo = [k for k, r in enumerate(readers) if r.liked_count and bases[k].topic_rows is not None]
+    if not todo:
+        return lead
+    chosen = [readers[k] for k in todo]
+    liked, liked_real = _padded([r.liked for r in chosen], width)
+    disliked, disliked_real = _padded([r.disliked for r in chosen], width)
+    topics, topics_real = _padded([bases[k].topic_rows for k in todo], width)
+    with _blas().limit(limits=1, user_api="blas"):
+        # Topic score of a marked paper: cosine with the nearest topic, as for a candidate.
+        def topic_score(rows: np.ndarray) -> np.ndarray:
+            found = np.where(topics_real[:, None, :], rows @ topics.transpose(0, 2, 1), _BELOW)
+            return np.asarray(found.max(axis=2))
+
+        # Mark score of a liked paper: cosine with the nearest *other* liked paper; of a disliked
+        # one, with the nearest liked paper (as a candidate's).
+        among = liked @ liked.transpose(0, 2, 1)
+        alone = ~(liked_real[:, :, None] & liked_real[:, None, :]) | np.eye(liked.shape[1], dtype=bool)
+        liked_marks = np.where(alone, _BELOW, among).max(axis=2)
+        disliked_marks = np.where(liked_real[:, None, :], disliked @ liked.transpose(0, 2, 1), _BELOW).max(axis=2)
+        liked_topics, disliked_topics = topic_score(liked), topic_score(disliked)
+    against_disliked = disliked_real.any(axis=1)
+    index = np.array(todo)
+    # Without "less" marks, the liked papers are compared with today's candidates instead.
+    candidates_topic = np.stack([bases[k].closeness for k in todo])  # type: ignore[misc]
+    candidates_marks = marks.liked[index]
+    every = np.ones_like(candidates_topic, dtype=bool)
+    by_topics = np.where(
+        against_disliked,
+        _agreement(liked_topics, liked_real, disliked_topics, disliked_real),
+        _agreement(liked_topics, liked_real, candidates_topic, every),
+    )
+    # A single liked paper has no other one to be near: its marks tell nothing yet.
+    several = liked_real.sum(axis=1) > 1
+    by_marks = np.where(
+        against_disliked,
+        _agreement(liked_marks, liked_real & several[:, None], disliked_marks, disliked_real),
+        _agreement(liked_marks, liked_real & several[:, None], candidates_marks, every),
+    )
+    liked_given = liked_real.sum(axis=1).astype(np.float64)
+    given = liked_given + disliked_real.sum(axis=1)
+    ranked = given / (given + MARK_PRIOR) * np.clip((by_marks - by_topics) / LEAD_MARGIN, 0.0, 1.0)
+    # Liked papers the topics call unrelated (no nearer to them than DENSE_FLOOR) say so plainly,
+    # however the "less" marks fall: their share, as far as there are liked papers to trust.
+    outside = ((liked_topics <= DENSE_FLOOR) & liked_real).sum(axis=1) / np.maximum(liked_given, 1)
+    lead[index, 0] = np.maximum(ranked, liked_given / (liked_given + MARK_PRIOR) * outside)
+    return lead
+
+
+class _Sense(NamedTuple):
+    """One topic against an edition's candidates."""
+
+    named: tuple[str, list[float]]  # the topic and each candidate's cosine (a list, for reasons)
+    scaled: np.ndarray  # the cosines scaled to 0..1
+    cosine: np.ndarray
+    vector: np.ndarray  # the topic's unit vector
+
+
 @dataclass(frozen=True)
 class _Likes:
     """Per candidate: its cosine with the nearest liked paper, which one, and their titles (as
@@ -473,6 +561,8 @@ class _Base:
     start: np.ndarray  # trend + match bonus: the score before relevance
     dense: np.ndarray | None  # the topics' similarity, scaled (None: no topic has a vector)
     explain: _Explain
+    closeness: np.ndarray | None = None  # the same unscaled: cosine with the nearest topic
+    topic_rows: np.ndarray | None = None  # the topics' unit vectors, one row each
 
 
 @dataclass
@@ -495,7 +585,7 @@ class Ranker:
     _learnt: dict[Profile, _Order] = field(default_factory=dict, repr=False)  # the page's readers
     _picks: dict[tuple[int, tuple[str, ...], tuple[str, ...]], Pick] = field(default_factory=dict, repr=False)
     _trend_shares: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict, repr=False)
-    _dense: dict[str, tuple[tuple[str, list[float]], np.ndarray] | None] = field(default_factory=dict, repr=False)
+    _dense: dict[str, _Sense | None] = field(default_factory=dict, repr=False)
     _by_name: dict[str, list[tuple[int, str]]] | None = field(default=None, repr=False)
     _terms: dict[str, _Term] = field(default_factory=dict, repr=False)
     _excluded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -615,9 +705,9 @@ class Ranker:
             mask |= self._excluding(word)
         return mask
 
-    def _topic_similarity(self, topic: str) -> tuple[tuple[str, list[float]], np.ndarray] | None:
-        """The topic with each candidate's cosine with its vector (a list, for reasons), and the
-        same scaled to 0..1, once per topic and edition."""
+    def _topic_similarity(self, topic: str) -> _Sense | None:
+        """The topic with each candidate's cosine with its vector (a list, for reasons), the
+        same scaled to 0..1, and the topic's vector, once per topic and edition."""
         if topic in self._dense:
             return self._dense[topic]
         found = None
@@ -625,7 +715,7 @@ class Ranker:
             vector = self.topic_vector(topic)
             if vector is not None:
                 cosine = self.vectors @ vector
-                found = (topic, cosine.tolist()), _scaled(cosine)
+                found = _Sense((topic, cosine.tolist()), _scaled(cosine), cosine, vector)
         self._dense[topic] = found
         return found
 
@@ -644,13 +734,15 @@ class Ranker:
             lexical, matched = self._zeros, self._nothing
         if terms and (top := lexical[matched].max(initial=0.0)) > 0:
             lexical = lexical * (1 / top)
-        senses = [(topic, found) for topic, _ in terms if (found := self._topic_similarity(topic)) is not None]
-        dense = None
+        senses = [sense for topic, _ in terms if (sense := self._topic_similarity(topic)) is not None]
+        dense = closeness = rows = None
         if senses:
-            dense = senses[0][1][1] if len(senses) == 1 else np.maximum.reduce([f[1] for _, f in senses])
+            dense = senses[0].scaled if len(senses) == 1 else np.maximum.reduce([f.scaled for f in senses])
+            closeness = senses[0].cosine if len(senses) == 1 else np.maximum.reduce([f.cosine for f in senses])
+            rows = np.vstack([f.vector for f in senses]).astype(np.float32)
         start = trend + matched * self.match_bonus
-        explain = _Explain(tuple([term.named for _, term in terms]), tuple([f[0] for _, f in senses]))
-        return _Base(allowed, not excluded, lexical, trend, start, dense, explain)
+        explain = _Explain(tuple([term.named for _, term in terms]), tuple([f.named for f in senses]))
+        return _Base(allowed, not excluded, lexical, trend, start, dense, explain, closeness, rows)
 
     def _bases(self, topics: tuple[str, ...], excluded: tuple[str, ...]) -> _Base:
         """``_base`` cached for readers who taught it: many of them share popular topics."""
@@ -715,6 +807,17 @@ class Ranker:
         )
         start, lexical, trend = (np.stack([getattr(b, part) for b in bases]) for part in ("start", "lexical", "trend"))
         score = start + weight * (lexical_share * lexical - trend + (1 - self.lexical_share) * dense)
+        # Where the marks explain what the reader marked better than the topics do, the order
+        # moves toward the one their marks alone give (a reader without topics), topics' word
+        # matches included, as far as they lead (``_mark_lead``).
+        lead = _mark_lead(readers, bases, marks, 0 if self.vectors is None else self.vectors.shape[1])
+        if lead.any():
+            alone = np.where(marks.liking, scaled, 0.0) - penalty
+            cold = trend + weight * ((1 - self.lexical_share) * alone - trend)
+            # The word-for-word bonus would keep the topics' papers on top of any blend: it fades
+            # twice as fast, gone once the marks lead by half.
+            bonus = start - trend
+            score = (1 - lead) * (score - bonus) + lead * cold + np.clip(1 - 2 * lead, 0.0, 1.0) * bonus
         follows = [self._followed(r.follows) if r.follows else {} for r in readers]
         for k, found in enumerate(follows):
             if found:
@@ -771,6 +874,8 @@ DISLIKE_WEIGHT = 0.5
 DISLIKE_NEAR = 0.4  # cosine with a disliked paper from which a paper is pushed down
 LIKE_DISCOUNT = 0.1
 TOPIC_MARKS = 8  # a topic the reader wrote counts as much as this many liked papers
+MARK_PRIOR = 1  # marks at which their lead is half what they show (three: three quarters)
+LEAD_MARGIN = 0.3  # how much better (in AUC) the marks explain the marks to lead fully
 FOLLOW_BONUS = 3.0  # followed authors and organisations are always included, first
 LIKE_REASON = 0.45  # cosine with a liked paper from which "Like: <title>" is shown
 TOPIC_REASON = 0.30  # cosine with a topic from which "About: <topic>" is shown

@@ -279,3 +279,28 @@ def test_more_relevant_papers_rank_higher_among_matches() -> None:
     picks = ranker.pick(Profile.from_text("diffusion"), 2, set())
     # p1 trends lower but is far more about the topic; relevance weighs 0.7.
     assert [p.paper_id for p in picks] == ["p1", "p0"]
+
+
+def test_marks_of_another_field_lead_topics_that_do_not_explain_them() -> None:
+    """Topics name 3D reconstruction; the reader marked three RL papers "More like this": papers
+    like the marked ones come ahead of the 3D papers the twin (same topics, no marks) gets first."""
+    import numpy as np
+
+    from digest.ranking import Reader
+
+    def unit(*weights: float) -> np.ndarray:
+        vector = np.array([*weights, 0.0, 0.0, 0.0, 0.0][:6], dtype=np.float32)
+        return vector / np.linalg.norm(vector)
+
+    three_d = [Candidate(f"3d-{i}", 1.0 - i / 10, f"3D reconstruction of scenes, part {i}") for i in range(3)]
+    rl = [Candidate(f"rl-{i}", 0.5 - i / 10, f"policy optimisation with rewards, part {i}") for i in range(3)]
+    vectors = np.vstack([unit(1, 0.1 * i, 0) for i in range(3)] + [unit(0.05, 1, 0.1 * i) for i in range(3)])
+    topics = {"3d reconstruction": unit(1, 0, 0)}  # topics are kept lower-cased
+    ranker = Ranker([*three_d, *rl], vectors=vectors, topic_vector=topics.get)
+    liked = np.vstack([unit(0, 1, 0.05), unit(0.02, 1, 0.15), unit(0, 1, 0.25)])
+    reader = Reader(key=(1, 0.0), liked=liked, liked_titles=("a", "b", "c"))
+
+    twin = [p.paper_id for p in ranker.pick(Profile.from_text("3D reconstruction"), 3, set())]
+    taught = [p.paper_id for p in ranker.pick(Profile.from_text("3D reconstruction", reader=reader), 3, set())]
+    assert twin == ["3d-0", "3d-1", "3d-2"]
+    assert taught == ["rl-0", "rl-1", "rl-2"]
