@@ -561,19 +561,69 @@ def web_app() -> Any:
     return create_app(Runtime(settings))
 
 
+def schema_problem(runtime: Runtime) -> str | None:
+    """Why the app cannot serve this database (no schema, an older one), as one line; else None.
+
+    A missing SQLite file is reported without opening it: connecting would create it empty.
+    """
+    from sqlalchemy.engine import make_url
+
+    from digest.db import current_revisions, schema_heads
+
+    url = make_url(runtime.settings.database_url)
+    shown = url.render_as_string(hide_password=True)
+    on_disk = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
+    if on_disk and not Path(str(url.database)).exists():
+        return f"{shown} does not exist: run `digest db upgrade` (or `digest demo`, then `digest serve --demo`)"
+    current = current_revisions(runtime.engine)
+    if current == schema_heads():
+        return None
+    state = "has no schema" if not current else "has an older schema"
+    return f"{shown} {state}: run `digest db upgrade`"
+
+
+def _demo_runtime(ctx: click.Context) -> Runtime:
+    from digest.demo import DEMO_DB, demo_settings
+    from digest.runtime import DEV_OUTBOX, Runtime
+
+    if not DEMO_DB.exists():
+        raise click.ClickException(f"no {DEMO_DB} in {Path.cwd()}: run `digest demo` here first")
+    runtime = Runtime(demo_settings(), outbox=DEV_OUTBOX.resolve())
+    ctx.call_on_close(runtime.dispose)
+    return runtime
+
+
 @main.command()
 @click.option("--host", help="Interface to listen on; default: DIGEST_HOST (127.0.0.1).")
 @click.option("--port", type=int, help="Port to listen on; default: DIGEST_PORT (8000).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Web processes.")
+@click.option(
+    "--demo",
+    is_flag=True,
+    help="Serve `digest demo`'s database (./demo.db) at the address its emails link to "
+    "(DIGEST_BASE_URL, http://127.0.0.1:8000 by default); mail goes to ./outbox/.",
+)
 @click.pass_context
-def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) -> None:
-    """The web app (subscribe, confirm, preferences, unsubscribe, JSON API) under uvicorn."""
+def serve(ctx: click.Context, host: str | None, port: int | None, workers: int, demo: bool) -> None:
+    """The web app (subscribe, confirm, preferences, unsubscribe, JSON API) under uvicorn.
+
+    Refuses to start on a database without the current schema (one line: run `digest db
+    upgrade`) rather than answering every page with an error.
+    """
+    from urllib.parse import urlsplit
+
     import uvicorn
 
     from digest.web.app import create_app
 
-    runtime = runtime_from(ctx)
+    if demo and workers > 1:
+        raise click.UsageError("--demo serves with one web process")
+    runtime = _demo_runtime(ctx) if demo else runtime_from(ctx)
     settings = runtime.settings
+    problem = schema_problem(runtime)
+    if problem is not None:
+        say(f"error: {problem}", err=True)
+        ctx.exit(1)
     # Built here even with several workers: a broken setup (e.g. the DKIM key) ends the command
     # with a one-line reason instead of every worker failing on its own.
     app = create_app(runtime)
@@ -581,6 +631,13 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) 
         from digest.logging_setup import configure_logging
 
         configure_logging("json", logging.INFO)  # uvicorn's start-up and access lines too
+    if demo:
+        # Listen where the demo's links point, so every link in ./outbox/ opens on this server.
+        base = urlsplit(settings.base_url)
+        host = host or base.hostname
+        port = port or base.port or (443 if base.scheme == "https" else 80)
+        say(f"Serving the demo's {settings.database_url} at {settings.base_url}, the address its emails link to.")
+    say(f"In {settings.environment}: {runtime.mail_destination}.")
     # Proxy headers are read by the app itself, from DIGEST_TRUSTED_PROXIES only: uvicorn's own
     # default would believe any X-Forwarded-For arriving from 127.0.0.1. With JSON logs uvicorn's
     # own loggers go through our root handler (log_config=None).

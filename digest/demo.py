@@ -34,6 +34,14 @@ SAMPLE_SUBSCRIBERS = (
     ("alan@example.com", "reinforcement learning, agents, reasoning", "robot"),
 )
 PENDING_SUBSCRIBER = "pending@example.com"  # never confirmed: must get no digest
+SERVE_COMMAND = "digest serve --demo"
+
+
+def demo_settings(**overrides: Any) -> Settings:
+    """The settings the demo runs with, and ``digest serve --demo`` serves with: the same
+    database and the same ``DIGEST_BASE_URL`` (so the demo's email links reach that server),
+    no Redis (limits are counted in memory)."""
+    return Settings(database_url=f"sqlite:///{DEMO_DB}", redis_url=None, **overrides)
 
 
 class _OutboxHandler:
@@ -57,9 +65,7 @@ def run_demo(outbox: Path, day: dt.date | None, *, echo: Callable[[str], None]) 
         Path(f"{DEMO_DB}{suffix}").unlink(missing_ok=True)
     shutil.rmtree(outbox, ignore_errors=True)
     port = _free_port()
-    settings = Settings(
-        database_url=f"sqlite:///{DEMO_DB}",
-        redis_url=None,
+    settings = demo_settings(
         smtp_host="127.0.0.1",
         smtp_port=port,
         smtp_security="none",
@@ -90,6 +96,10 @@ def run_demo(outbox: Path, day: dt.date | None, *, echo: Callable[[str], None]) 
     for path in files:
         echo(f"  {path.resolve().as_uri()}")
     echo("Open an .html file in a browser, or an .eml file in a mail program.")
+    echo(
+        f"\nTheir links (preferences, More like this, unsubscribe) point at {settings.base_url}; to serve them:"
+        f"\n  {SERVE_COMMAND}"
+    )
 
 
 def _collect(runtime: Runtime, day: dt.date | None, echo: Callable[[str], None]) -> dt.date:

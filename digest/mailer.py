@@ -253,7 +253,13 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class OutboxMailer:
-    """Writes each message to a folder as ``.eml`` (and its HTML part as ``.html``)."""
+    """Writes each message to a folder as ``.eml`` (and its HTML part as ``.html``).
+
+    The embedded default's "mail server": the demo's SMTP receiver and, in development without
+    an SMTP host, the web app and workers write here. Numbers continue after the files already
+    in the folder (the served app adds to the demo's digests instead of overwriting them), and
+    each ``.eml`` is created exclusively, so two processes never take the same name.
+    """
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -262,13 +268,24 @@ class OutboxMailer:
     async def send(self, sender: str, recipient: str, data: bytes) -> str:
         return self.write(recipient, data)
 
+    def _highest_number(self) -> int:
+        numbers = [int(p.name[:4]) for p in self.directory.glob("*.eml") if p.name[:4].isdigit()]
+        return max(numbers, default=0)
+
     def write(self, recipient: str, data: bytes) -> str:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.count += 1
         message = message_from_bytes(data, policy=policy.default)
         assert isinstance(message, EmailMessage)
-        stem = f"{self.count:04d}-{_UNSAFE.sub('_', recipient)[:80]}"
-        (self.directory / f"{stem}.eml").write_bytes(data)
+        self.count = max(self.count, self._highest_number())
+        while True:
+            self.count += 1
+            stem = f"{self.count:04d}-{_UNSAFE.sub('_', recipient)[:80]}"
+            try:
+                with (self.directory / f"{stem}.eml").open("xb") as file:
+                    file.write(data)
+                break
+            except FileExistsError:
+                continue
         html = message.get_body(preferencelist=("html",))
         if html is not None:
             (self.directory / f"{stem}.html").write_text(html.get_content(), encoding="utf-8")

@@ -20,10 +20,10 @@ from digest.reputation import PauseRules
 # (bench/cli_startup.py).
 if TYPE_CHECKING:
     from digest.confirmation_limits import ConfirmationLimits
-    from digest.delivery.batch import RateLimiter
     from digest.delivery.policy import DeliveryPolicy
     from digest.dkim import DkimSigner
     from digest.embedding import Embedder
+    from digest.limiter import RateLimiter
     from digest.links import Links
     from digest.mailer import Mailer, SMTPConfig
     from digest.models import Delivery, Paper, Subscriber
@@ -34,11 +34,35 @@ if TYPE_CHECKING:
     from digest.tokens import Tokens
 
 
+DEV_OUTBOX = Path("outbox")  # the demo's folder: one place a newcomer reads all mail
+
+
+def development_outbox(settings: Settings) -> Path | None:
+    """The folder mail goes to when nobody set up a mail server: in development with no
+    ``DIGEST_SMTP_HOST``, the demo's ``./outbox/`` (the default 127.0.0.1:1025 has nothing
+    listening on a fresh machine, so every confirmation and sign-in link would be lost).
+    Elsewhere, or once a host is set, ``None``: SMTP."""
+    if settings.environment == "development" and "smtp_host" not in settings.model_fields_set:
+        return DEV_OUTBOX.resolve()
+    return None
+
+
 @dataclass
 class Runtime:
     settings: Settings
     outbox: Path | None = None  # set: write mail to files instead of SMTP (embedded default)
     _engine: Engine | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.outbox is None:
+            self.outbox = development_outbox(self.settings)
+
+    @property
+    def mail_destination(self) -> str:
+        """Where mail goes, for the start-up log: the outbox folder or the SMTP relay."""
+        if self.outbox is not None:
+            return f"mail is written to {self.outbox}/ (.eml and .html; set DIGEST_SMTP_HOST to send over SMTP)"
+        return f"mail goes to the SMTP server at {self.settings.smtp_host}:{self.settings.smtp_port}"
 
     @property
     def engine(self) -> Engine:
@@ -184,7 +208,7 @@ class Runtime:
         return lambda delivery, subscriber: self.links.bounce_address(delivery.id, subscriber)
 
     def rate_limiter(self) -> RateLimiter:
-        from digest.delivery.batch import RateLimiter
+        from digest.limiter import RateLimiter
 
         s = self.settings
         if s.redis_url and (s.rate_limit_per_second > 0 or s.rate_limit_per_domain_per_second > 0):
