@@ -21,10 +21,12 @@ from digest.delivery.batch import BatchResult, run_batch
 from digest.delivery.composer import DigestComposer, build_digest
 from digest.delivery.ledger import (
     STATISTICS_CHECK_FIRST,
+    closed_edition,
     counts_by_status,
     due_subscriber_page,
     expire_stale,
     failure_reasons,
+    is_closed,
     open_count,
     plan_deliveries,
     refresh_statistics_if_blind,
@@ -115,6 +117,12 @@ def dispatch(
     statistics are refreshed if they know of fewer rows (see ``refresh_statistics_if_blind``)."""
     pages = planned = 0
     not_after = not_after or now + stale_after
+    with transaction(factory) as session:
+        if is_closed(session, digest_id):
+            # Whoever asks (beat, a worker, `digest run`): its rows are gone, planning would
+            # find everyone unserved and send a second copy.
+            log.info("edition %d is closed (compacted): nothing planned", digest_id)
+            return 0
     while True:
         with transaction(factory) as session:
             digest = session.get(Digest, digest_id)
@@ -235,8 +243,11 @@ class RunSummary:
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    closed: bool = False  # the edition was compacted: nothing was collected, planned or sent
 
     def lines(self) -> list[str]:
+        if self.closed:
+            return [f"Digest {self.day} is closed: its deliveries were compacted; nothing sent."]
         out = list(self.notes)
         if self.digest_id is None:
             out.append(f"No papers for {self.day}: no digest sent.")
@@ -248,6 +259,16 @@ class RunSummary:
         )
         out.extend(f"  failed: {f}" for f in self.failures)
         return out
+
+
+def closed_run(runtime: Runtime, day: dt.date) -> RunSummary | None:
+    """The summary of a run for a closed day (see ``digest.delivery.ledger.is_closed``), else None.
+
+    Checked before collecting: a closed edition's candidates are not rebuilt either.
+    """
+    with transaction(runtime.session_factory) as session:
+        digest_id = closed_edition(session, day)
+    return None if digest_id is None else RunSummary(day, digest_id, closed=True)
 
 
 def collect_if_needed(runtime: Runtime, day: dt.date, *, allow_sample: bool) -> tuple[int | None, list[str]]:
@@ -289,6 +310,9 @@ def run_inprocess(
     def in_db(step: Callable[[Session], T]) -> T:
         return outages.transaction(factory, step, limit=wait)
 
+    closed = outages.database(lambda: closed_run(runtime, day), limit=wait)
+    if closed is not None:
+        return closed
     digest_id, notes = outages.database(lambda: collect_if_needed(runtime, day, allow_sample=allow_sample), limit=wait)
     summary = RunSummary(day, digest_id, notes=notes)
     if digest_id is None:

@@ -269,3 +269,44 @@ def test_digest_compact_dry_run_reports_and_writes_nothing(runtime: Runtime) -> 
     assert result.stdout.startswith("dry run: would compact 4 delivery rows of 1 editions"), result.stdout
     assert "(failed 1, sent 2, skipped 1); nothing was written" in result.stdout
     assert ledger() == before
+
+
+def test_a_compacted_edition_is_closed_run_sends_nothing_and_status_keeps_its_counts(
+    runtime: Runtime, smtp: SMTPSink
+) -> None:
+    """After compaction the ledger still knows who had edition D: `digest run --date D` sends
+    nothing again (it used to send everyone a second copy) and `digest status` keeps its counts."""
+    from tests.support.processes import run_cli, settings_env
+
+    now = dt.datetime.now(dt.UTC)
+    old_day = now.date() - dt.timedelta(days=45)
+    with transaction(runtime.session_factory) as session:
+        for n in range(3):
+            add_confirmed(session, runtime.tokens, f"closed{n}@example.org", now=now - dt.timedelta(days=60))
+        for k in range(4):
+            session.add(
+                Paper(
+                    id=f"2601.{k:05d}",
+                    title=f"Old paper {k}",
+                    abstract="A study of diffusion models and agents.",
+                    upvotes=50 - k,
+                    daily_date=old_day,
+                    submitted_at=dt.datetime.combine(old_day, dt.time(8), dt.UTC),
+                )
+            )
+    env = settings_env(runtime.settings)
+    first = run_cli(["run", "--date", old_day.isoformat()], env, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert len(smtp.wait_for(3)) == 3, "the day's digest went out once"
+    assert run_cli(["compact"], env, timeout=60).returncode == 0
+    smtp.clear()
+
+    again = run_cli(["run", "--date", old_day.isoformat()], env, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == f"Digest {old_day} is closed: its deliveries were compacted; nothing sent."
+    assert smtp.messages == [], "nobody gets the closed edition a second time"
+    with runtime.session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(Delivery)) == 0, "nothing planned again"
+    report = run_cli(["status", "--date", old_day.isoformat()], env, timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert f"daily digest {old_day}: sent 3, sending 0, pending 0, failed 0, skipped 0" in report.stdout

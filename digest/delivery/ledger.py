@@ -3,6 +3,9 @@
 Rows are planned a keyset page at a time, claimed with a lease before their message goes out,
 and recorded as sent, failed (or put back for a retry, as ``policy`` says) or skipped. The
 look-ups here say what is still open: due retries, expired leases, counts per status.
+
+An edition whose rows were compacted is *closed*: its counts row in ``delivery_counts`` is the
+only record left of who had it, so it is never planned or sent again (``is_closed``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,16 @@ from digest.consent import Actor
 from digest.delivery.composer import DigestComposer, message_id, recently_sent
 from digest.delivery.policy import DeliveryPolicy, is_bounce
 from digest.mailer import SendError
-from digest.models import Delivery, DeliveryStatus, Digest, DigestKind, Frequency, Subscriber, SubscriberStatus
+from digest.models import (
+    Delivery,
+    DeliveryCount,
+    DeliveryStatus,
+    Digest,
+    DigestKind,
+    Frequency,
+    Subscriber,
+    SubscriberStatus,
+)
 from digest.subscriptions import record_bounce
 
 log = logging.getLogger(__name__)
@@ -31,6 +43,23 @@ NO_LONGER_ACTIVE = "subscriber no longer active"
 
 def frequency_of(kind: DigestKind) -> Frequency:
     return Frequency.WEEKLY if kind is DigestKind.WEEKLY else Frequency.DAILY
+
+
+def is_closed(session: Session, digest_id: int) -> bool:
+    """True once compaction has reduced any of the edition's rows to counts.
+
+    The rows were the only answer to "who has had this edition": planning it again would find
+    nobody served and send everyone a second copy. The counts row is written in the same
+    transaction as the first deletion, so no edition is ever half-forgotten and still open.
+    """
+    closed = select(DeliveryCount.digest_id).where(DeliveryCount.digest_id == digest_id).limit(1)
+    return session.scalar(closed) is not None
+
+
+def closed_edition(session: Session, day: dt.date, kind: DigestKind = DigestKind.DAILY) -> int | None:
+    """The id of ``day``'s edition of this kind when it is closed (see ``is_closed``), else None."""
+    digest_id = session.scalar(select(Digest.id).where(Digest.date == day, Digest.kind == kind))
+    return digest_id if digest_id is not None and is_closed(session, digest_id) else None
 
 
 def due_subscriber_page(
