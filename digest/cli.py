@@ -194,7 +194,7 @@ def run(ctx: click.Context, date_: str | None, sample: bool) -> None:
     runtime = runtime_from(ctx)
     day = parse_day(date_) or latest_weekday(dt.date.today())
     if runtime.settings.redis_url:
-        from digest.celery_run import run_via_workers
+        from workers.dispatch import run_via_workers
 
         summary = run_via_workers(runtime, day, allow_sample=sample)
     else:

@@ -1,5 +1,8 @@
 """``digest run`` through the Celery workers: collect, dispatch, then watch the ledger.
 
+It lives with the workers, not in ``digest``: it sends their tasks, and the domain knows no
+Celery (the import-linter contract in pyproject.toml holds it to that).
+
 The command returns when every delivery of the edition is sent, failed or skipped. If the
 ledger stops moving (a worker died, Redis lost its queue), it re-enqueues what can be claimed,
 which the ledger turns into exactly the missing messages.
@@ -29,6 +32,7 @@ from digest.models import utcnow
 from digest.outages import Outages
 from digest.pipeline import RunSummary
 from digest.runtime import Runtime
+from workers import tasks
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +127,6 @@ def run_via_workers(
     poll: float = 0.25,
     notify: Callable[[str], None] = stderr_line,
 ) -> RunSummary:
-    from workers import tasks
-
     url = str(runtime.settings.redis_url)
     wait = runtime.settings.task_wait_seconds
     require_redis(url)
@@ -133,6 +135,9 @@ def run_via_workers(
     logging.getLogger("celery.backends.redis").setLevel(logging.CRITICAL)
     say: list[Callable[[str], None]] = [notify]  # the progress bar's console while it shows
     outages = Outages(lambda message: say[0](message))
+    closed = outages.database(lambda: pipeline.closed_run(runtime, day), limit=wait)
+    if closed is not None:
+        return closed
     collected = await_task(
         outages, url, "the collect step", lambda: tasks.collect.delay(day.isoformat(), allow_sample), wait
     )
