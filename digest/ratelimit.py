@@ -14,7 +14,7 @@ from limits import RateLimitItemPerSecond
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
-from digest.delivery.batch import RateLimiter
+from digest.limiter import RateLimiter
 
 
 class RedisSendLimiter(RateLimiter):

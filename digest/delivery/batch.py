@@ -34,6 +34,7 @@ from digest.delivery.ledger import (
     withdraw,
 )
 from digest.delivery.policy import DeliveryPolicy
+from digest.limiter import RateLimiter
 from digest.mailer import Mailer, SendError
 from digest.models import Delivery, Subscriber, SubscriberStatus, utcnow
 from digest.outages import Outages, log_notify
@@ -61,13 +62,6 @@ class BatchResult:
         self.errors.extend(other.errors)
         if other.retry_at and (self.retry_at is None or other.retry_at < self.retry_at):
             self.retry_at = other.retry_at
-
-
-class RateLimiter:
-    """No limit; the Redis-backed limiter in ``digest.ratelimit`` shares one across workers."""
-
-    async def acquire(self, domain: str) -> None:
-        return None
 
 
 @dataclass
