@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
@@ -15,6 +15,8 @@ from digest.web import admin, api, archive, health, pages
 from digest.web.ratelimit import RateLimited, WebLimits
 from digest.web.security import BodyLimit, SecurityHeaders
 from digest.web.templating import STATIC_DIR, templates
+
+FAVICON_CACHE = {"Cache-Control": "public, max-age=86400"}
 
 
 def wants_json(request: Request) -> bool:
@@ -113,6 +115,13 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(health.router)
     app.include_router(admin.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:
+        # Browsers and feed readers ask for /favicon.ico whatever the page links; the SVG (which
+        # they all draw) answers it rather than a 404 in every access log.
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml", headers=FAVICON_CACHE)
+
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     return app
 

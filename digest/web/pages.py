@@ -37,9 +37,18 @@ router = APIRouter(include_in_schema=False)
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 
 
-def render_front(request: Request, runtime: Runtime, *, error: str | None = None, status: int = 200) -> HTMLResponse:
+def render_front(
+    request: Request,
+    runtime: Runtime,
+    *,
+    error: str | None = None,
+    status: int = 200,
+    typed: dict[str, str] | None = None,
+) -> HTMLResponse:
+    """The front page; ``typed`` refills the form after an error, so nobody types it twice."""
     page = front_page(runtime)
-    return templates.TemplateResponse(request, "index.html", {"page": page, "error": error}, status_code=status)
+    context = {"page": page, "error": error, "typed": typed or {}}
+    return templates.TemplateResponse(request, "index.html", context, status_code=status)
 
 
 def message_page(request: Request, title: str, text: str, *, status: int = 200, **extra: Any) -> HTMLResponse:
@@ -88,7 +97,8 @@ async def subscribe(
         raise  # the app's handler answers 429 with Retry-After
     except DigestError as exc:  # a bad address or topics: say what is wrong, nothing stored
         error = str(exc)
-        return await run_in_threadpool(lambda: render_front(request, runtime, error=error, status=400))
+        typed = {"email": email, "topics": topics}
+        return await run_in_threadpool(lambda: render_front(request, runtime, error=error, status=400, typed=typed))
     return message_page(request, *CHECK_INBOX)
 
 

@@ -198,3 +198,39 @@ def test_the_answer_does_not_wait_for_the_confirmation_mail(runtime: Runtime, sm
     [confirmation] = smtp.to("new@example.org")
     body = confirmation.get_body(preferencelist=("plain",))
     assert body is not None and "/confirm/" in body.get_content()
+
+
+def test_an_error_keeps_what_was_typed(client: TestClient, runtime: Runtime) -> None:
+    answer = client.post("/subscribe", data={"email": "not an address", "topics": "diffusion, <agents>"})
+    assert answer.status_code == 400
+    assert 'role="alert"' in answer.text
+    # Both fields come back filled (escaped), so the person corrects the address instead of
+    # typing everything again.
+    assert 'value="not an address"' in answer.text
+    assert 'value="diffusion, &lt;agents&gt;"' in answer.text
+    assert subscriber(runtime, "not an address") is None
+
+
+def test_favicon_is_linked_and_served(client: TestClient) -> None:
+    page = client.get("/")
+    assert '<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">' in page.text
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200
+    assert icon.headers["content-type"].startswith("image/svg+xml")
+    assert icon.content.lstrip().startswith(b"<svg")
+    assert client.get("/static/favicon.svg").content == icon.content
+
+
+def test_development_without_a_mail_server_writes_to_the_outbox(runtime: Runtime) -> None:
+    from pathlib import Path
+
+    from digest.runtime import development_outbox
+    from digest.settings import Settings
+
+    assert runtime.outbox is None  # an SMTP host is set: SMTP
+    development = Settings(_env_file=None, environment="development")  # type: ignore[call-arg]
+    assert development_outbox(development) == Path("outbox").resolve()
+    assert Runtime(development).mail_destination.startswith(f"mail is written to {Path('outbox').resolve()}/")
+    relay = Settings(_env_file=None, environment="development", smtp_host="mail.example.org")  # type: ignore[call-arg]
+    assert development_outbox(relay) is None
+    assert Runtime(relay).mail_destination == "mail goes to the SMTP server at mail.example.org:1025"
