@@ -3,6 +3,7 @@
 
     python3 dev.py demo    # the main job on embedded defaults; digests land in ./outbox/
     python3 dev.py test    # the whole test suite (starts embedded PostgreSQL/Redis if needed)
+    python3 dev.py lint    # the import contracts of pyproject.toml (import-linter), in a second
 
 Creates ./.venv and installs the project into it on first use (and again whenever
 pyproject.toml changes); extra arguments go to `digest demo` or `pytest`.
@@ -41,7 +42,7 @@ def ensure_env(extra: str) -> None:
 
 
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("demo", "test"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("demo", "test", "lint"):
         print(__doc__)
         return 2
     command, rest = sys.argv[1], sys.argv[2:]
@@ -49,6 +50,8 @@ def main() -> int:
         ensure_env("")
         return subprocess.call([str(BIN / "digest"), "demo", *rest], cwd=ROOT)
     ensure_env("test")
+    if command == "lint":
+        return subprocess.call([str(BIN / "lint-imports"), *rest], cwd=ROOT)
     return subprocess.call([str(BIN / "python"), "-m", "pytest", *rest], cwd=ROOT)
 
 
