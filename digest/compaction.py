@@ -10,6 +10,9 @@ transaction: live rows plus counts always add up to the edition's true totals.
 Subscriber state (unsubscribed, bounced, complained) lives on the subscriber and in
 ``subscriber_events``, not in delivery rows, so compaction never makes anyone sendable again.
 
+The rows and their counts are the ledger's (``digest.delivery.ledger``); the first counts row
+of an edition closes it, so it is never planned or sent again. This module decides when.
+
 Batches are small (one edition's rows, ``batch_size`` at a time, in id order through the
 (edition, status) index), each its own transaction, with ``SKIP LOCKED`` on PostgreSQL: rows of
 an edition that old are not touched by sending, and compaction never waits for a lock.
@@ -23,17 +26,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine, delete, func, select, text
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from digest.db import transaction
-from digest.models import Delivery, DeliveryCount, DeliveryStatus, Digest
+from digest.delivery.ledger import compact_rows, editions_with_rows_before, rows_by_status
 
 BATCH_ROWS = 5000
-# An open row this old can never be sent (it is far past its stale limit): it counts as skipped.
-OPEN = (DeliveryStatus.PENDING, DeliveryStatus.SENDING)
 
 
 @dataclass
@@ -63,60 +62,16 @@ def cutoff_for(today: dt.date, retention_days: int) -> dt.date:
     return today - dt.timedelta(days=retention_days)
 
 
-def editions_to_compact(session: Session, cutoff: dt.date) -> list[int]:
-    """Editions dated before ``cutoff`` that still have ledger rows (one index probe each)."""
-    has_rows = select(Delivery.id).where(Delivery.digest_id == Digest.id).limit(1).exists()
-    return list(session.scalars(select(Digest.id).where(Digest.date < cutoff, has_rows).order_by(Digest.date)))
-
-
 def would_compact(session: Session, *, today: dt.date, retention_days: int) -> CompactResult:
     """What ``compact`` would reduce now (rows by the status they would be counted as); reads only."""
     result = CompactResult(cutoff_for(today, retention_days))
-    digest_ids = editions_to_compact(session, result.cutoff)
+    digest_ids = editions_with_rows_before(session, result.cutoff)
     if not digest_ids:
         return result
-    rows = session.execute(
-        select(Delivery.status, func.count()).where(Delivery.digest_id.in_(digest_ids)).group_by(Delivery.status)
-    )
-    for status, n in rows:
-        result.by_status[(DeliveryStatus.SKIPPED if status in OPEN else DeliveryStatus(status)).value] += n
+    result.by_status = rows_by_status(session, digest_ids)
     result.editions = len(digest_ids)
     result.rows = sum(result.by_status.values())
     return result
-
-
-def compact_batch(session: Session, digest_id: int, limit: int) -> Counter[str]:
-    """Delete up to ``limit`` of an edition's rows, adding them to its counts; what was removed."""
-    batch = (
-        select(Delivery.id)
-        .where(Delivery.digest_id == digest_id)
-        .order_by(Delivery.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    # One statement: the rows go and say what they were (no id list sent back and forth).
-    statuses = session.scalars(
-        delete(Delivery)
-        .where(Delivery.id.in_(batch.scalar_subquery()))
-        .returning(Delivery.status)
-        .execution_options(synchronize_session=False)
-    ).all()
-    if not statuses:
-        return Counter()
-    removed: Counter[str] = Counter()
-    for status in statuses:
-        removed[(DeliveryStatus.SKIPPED if status in OPEN else DeliveryStatus(status)).value] += 1
-    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    statement = insert(DeliveryCount).values(
-        [{"digest_id": digest_id, "status": status, "count": n} for status, n in removed.items()]
-    )
-    session.execute(
-        statement.on_conflict_do_update(
-            index_elements=["digest_id", "status"], set_={"count": DeliveryCount.count + statement.excluded.count}
-        )
-    )
-    session.flush()
-    return removed
 
 
 def compact(
@@ -139,7 +94,7 @@ def compact(
     result = CompactResult(cutoff_for(today, retention_days))
     started = clock()
     with transaction(factory) as session:
-        digest_ids = editions_to_compact(session, result.cutoff)
+        digest_ids = editions_with_rows_before(session, result.cutoff)
         engine = session.get_bind()
 
     def out_of_time() -> bool:
@@ -152,7 +107,7 @@ def compact(
         while not out_of_time():
             began = clock()
             with transaction(factory) as session:
-                removed = compact_batch(session, digest_id, batch_size)
+                removed = compact_rows(session, digest_id, batch_size)
             if not removed:
                 break
             result.batches += 1
@@ -178,13 +133,3 @@ def vacuum_ledger(engine: Engine) -> None:
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM (ANALYZE) deliveries"))
         conn.execute(text("VACUUM (ANALYZE) subscriber_events"))
-
-
-def compacted_counts(session: Session, digest_id: int) -> dict[str, int]:
-    """How many of an edition's deliveries were compacted away, by status."""
-    rows = session.execute(
-        select(DeliveryCount.status, func.sum(DeliveryCount.count))
-        .where(DeliveryCount.digest_id == digest_id)
-        .group_by(DeliveryCount.status)
-    )
-    return {DeliveryStatus(status).value: int(n or 0) for status, n in rows}

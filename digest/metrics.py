@@ -20,7 +20,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from digest import heartbeat
-from digest.models import Delivery, DeliveryStatus, Digest, Paper, Subscriber, SubscriberEvent, SubscriberStatus, utcnow
+from digest.delivery.ledger import counts_of_editions, sent_since
+from digest.models import Digest, Paper, Subscriber, SubscriberEvent, SubscriberStatus, utcnow
 from digest.reputation import PauseRules
 from digest.status import oldest_due, sending_paused_now
 
@@ -61,17 +62,11 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
 def ledger_figures(session: Session, now: dt.datetime, rule: PauseRules) -> LedgerFigures:
     # Ids as values, not a subquery, so the planner reads only those editions (see status.oldest_due).
     recent = list(session.scalars(select(Digest.id).where(Digest.date >= now.date() - dt.timedelta(days=EDITION_DAYS))))
-    deliveries = dict.fromkeys((s.value for s in DeliveryStatus), 0)
-    for status, count in session.execute(
-        select(Delivery.status, func.count()).where(Delivery.digest_id.in_(recent)).group_by(Delivery.status)
-    ):
-        deliveries[DeliveryStatus(status).value] = count
+    deliveries = counts_of_editions(session, recent)
     subscribers = dict.fromkeys((s.value for s in SubscriberStatus), 0)
     for sub_status, count in session.execute(select(Subscriber.status, func.count()).group_by(Subscriber.status)):
         subscribers[SubscriberStatus(sub_status).value] = count
-    sent_recently = session.scalar(
-        select(func.count()).where(Delivery.status == DeliveryStatus.SENT, Delivery.sent_at > now - RATE_WINDOW)
-    )
+    sent_recently = sent_since(session, now - RATE_WINDOW)
     events = dict.fromkeys(("hard_bounce", "soft_bounce", "complaint"), 0)
     for kind, count in session.execute(
         select(SubscriberEvent.kind, func.count())

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from digest.models import Delivery, DeliveryStatus, SendPause, Subscriber, SubscriberEvent
+from digest.models import SendPause, Subscriber, SubscriberEvent
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,11 @@ def sent_in(
     session: Session, now: dt.datetime, window: dt.timedelta = DEFAULT_WINDOW, *, at_most: int | None = None
 ) -> int:
     """Digests sent in ``window``; with ``at_most``, counting stops there (min(count, at_most))."""
-    sent = select(Delivery.id).where(Delivery.status == DeliveryStatus.SENT, Delivery.sent_at > now - window)
-    if at_most is not None:
-        sent = sent.limit(at_most)
-    return session.scalar(select(func.count()).select_from(sent.subquery())) or 0
+    # Imported here: the runtime imports this module, and every command builds a runtime; the
+    # ledger brings the subscriber code (ranking, numpy) that most commands never need.
+    from digest.delivery.ledger import sent_since
+
+    return sent_since(session, now - window, at_most=at_most)
 
 
 def complaint_rate(session: Session, now: dt.datetime, window: dt.timedelta = DEFAULT_WINDOW) -> float:
@@ -96,17 +97,28 @@ def counted_complaints(session: Session, now: dt.datetime, rules: PauseRules) ->
     resumed = last_resume(session)
     if resumed is not None and resumed > start:
         start = resumed
+    from digest.delivery.ledger import recipients  # lazily, as in ``sent_in``
+
+    # Only complaints about a delivery still in the ledger count (compaction sets the id NULL);
+    # the addresses come from the ledger, which owns them.
     rows = session.execute(
-        select(SubscriberEvent.delivery_id, SubscriberEvent.created_at, Subscriber.confirmed_at, Delivery.recipient)
-        .join(Delivery, Delivery.id == SubscriberEvent.delivery_id)
+        select(SubscriberEvent.delivery_id, SubscriberEvent.created_at, Subscriber.confirmed_at)
         .join(Subscriber, Subscriber.id == SubscriberEvent.subscriber_id)
-        .where(SubscriberEvent.kind == "complaint", SubscriberEvent.created_at > start)
+        .where(
+            SubscriberEvent.kind == "complaint",
+            SubscriberEvent.created_at > start,
+            SubscriberEvent.delivery_id.is_not(None),
+        )
         .limit(MAX_COMPLAINTS_READ)
     ).all()
+    addresses = recipients(session, [delivery_id for delivery_id, _, _ in rows if delivery_id is not None])
     counted = {
         (delivery_id, recipient)
-        for delivery_id, complained_at, confirmed_at, recipient in rows
-        if confirmed_at is not None and confirmed_at <= complained_at - rules.min_subscriber_age and recipient
+        for delivery_id, complained_at, confirmed_at in rows
+        if delivery_id is not None
+        and (recipient := addresses.get(delivery_id))
+        and confirmed_at is not None
+        and confirmed_at <= complained_at - rules.min_subscriber_age
     }
     domains = {recipient.rpartition("@")[2] for _, recipient in counted}
     return len({delivery_id for delivery_id, _ in counted}), len(domains)

@@ -46,7 +46,8 @@ from sqlalchemy.orm import Session
 
 from digest.db import transaction
 from digest.delivery.composer import DigestComposer, build_digest
-from digest.models import Delivery, Digest, DigestItem, DigestKind, Frequency, Subscriber, SubscriberStatus
+from digest.delivery.ledger import not_planned_for
+from digest.models import Digest, DigestItem, DigestKind, Frequency, Subscriber, SubscriberStatus
 from digest.pipeline import composer_of, dispatch
 from digest.ranking import TrendingWeights
 from digest.runtime import Runtime
@@ -211,7 +212,7 @@ def dispatch_due(
     missed_since = since - catch_up * HOUR
 
     def unplanned(digest_id: int) -> ColumnElement[bool]:
-        return ~exists().where(Delivery.subscriber_id == Subscriber.id, Delivery.digest_id == digest_id)
+        return not_planned_for(digest_id, Subscriber.id)
 
     with transaction(factory) as session:
         zones = session.scalars(

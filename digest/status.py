@@ -5,10 +5,10 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from digest.models import Delivery, DeliveryStatus, Digest
+from digest.models import Digest
 from digest.reputation import PauseRules
 
 
@@ -42,22 +42,13 @@ class EditionStatus:
 def edition_status(session: Session, digest: Digest) -> EditionStatus:
     # Imported here: the ledger module brings the whole delivery code (composer, rendering),
     # which `digest status` with no edition yet, and `status --check`, never need.
-    from digest.delivery.ledger import counts_by_status, failure_reasons
+    from digest.delivery.ledger import counts_by_status, failure_reasons, oldest_open, send_span
 
-    first, last, sent = session.execute(
-        select(func.min(Delivery.sent_at), func.max(Delivery.sent_at), func.count(Delivery.sent_at)).where(
-            Delivery.digest_id == digest.id, Delivery.status == DeliveryStatus.SENT
-        )
-    ).one()
+    first, last, sent = send_span(session, digest.id)
     rate = None
     if first is not None and last is not None and sent > 1 and last > first:
         rate = (sent - 1) / (last - first).total_seconds()
-    oldest = session.scalar(
-        select(func.min(Delivery.created_at)).where(
-            Delivery.digest_id == digest.id,
-            Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.SENDING]),
-        )
-    )
+    oldest = oldest_open(session, digest.id)
     if oldest is not None and oldest.tzinfo is None:
         oldest = oldest.replace(tzinfo=dt.UTC)
     return EditionStatus(
@@ -72,7 +63,7 @@ def edition_status(session: Session, digest: Digest) -> EditionStatus:
 
 def with_compacted(session: Session, digest_id: int, counts: dict[str, int]) -> dict[str, int]:
     """Live ledger counts plus those of rows compaction removed (``digest.compaction``)."""
-    from digest.compaction import compacted_counts
+    from digest.delivery.ledger import compacted_counts
 
     for status, n in compacted_counts(session, digest_id).items():
         counts[status] = counts.get(status, 0) + n
@@ -120,20 +111,12 @@ def oldest_due(session: Session, now: dt.datetime) -> dt.datetime | None:
     lease ran out. A retry waiting for its backoff is not due yet. Only recent editions are
     read, through the (edition, status) index.
     """
-    # The edition ids as values, not a subquery: given a join, PostgreSQL estimated that most of
-    # the table matched and scanned all of it (114 ms against 29 ms at a million rows).
+    from digest.delivery.ledger import oldest_due as due_since
+
     recent = list(session.scalars(select(Digest.id).where(Digest.date >= (now - OPEN_HORIZON).date())))
     if not recent:
         return None
-    pending = select(func.min(func.coalesce(Delivery.next_attempt_at, Delivery.created_at))).where(
-        Delivery.digest_id.in_(recent),
-        Delivery.status == DeliveryStatus.PENDING,
-        or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
-    )
-    abandoned = select(func.min(Delivery.lease_until)).where(
-        Delivery.digest_id.in_(recent), Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until < now
-    )
-    found = [t for t in (session.scalar(pending), session.scalar(abandoned)) if t is not None]
+    found = due_since(session, recent, now)
     return min((t if t.tzinfo else t.replace(tzinfo=dt.UTC) for t in found), default=None)
 
 
