@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Date,
     DateTime,
     Enum,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -137,6 +139,11 @@ class Subscriber(Base):
     unsubscribed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
     bounced_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
     complained_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    # The digest only on days with at least one paper that passed the reader's bar.
+    only_for_you: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The secret part of the reader's own feed URL (random, replaced on request); None until
+    # the reader first opens their preferences. Unique: the feed is looked up by it.
+    feed_token: Mapped[str | None] = mapped_column(String(64), unique=True, default=None)
 
     __table_args__ = (
         # The dispatcher walks due subscribers by (status, id) keyset pages.

@@ -69,6 +69,11 @@ def shorten(text: str, limit: int = SUMMARY_CHARS) -> str:
     return cut + "…"
 
 
+def counted(count: int, singular: str, plural: str | None = None) -> str:
+    """ "1 GitHub star", "2,048 GitHub stars": the number with the word that agrees with it."""
+    return f"{count:,} {singular if count == 1 else plural or singular + 's'}"
+
+
 def authors_line(authors: list[str], shown: int = AUTHORS_SHOWN) -> str:
     if not authors:
         return "Unknown authors"
@@ -110,6 +115,16 @@ class PaperView:
     reasons: tuple[str, ...] = ()  # lines: "Matches: ...", "Like: ...", "From: ..."
     thumbnail: str | None = None
 
+    @property
+    def stats(self) -> tuple[tuple[str, str], ...]:
+        """(symbol for the HTML part, count) of the non-zero counts: "0 comments" says nothing worth a line."""
+        shown = (
+            ("\u25b2", self.upvotes, counted(self.upvotes, "upvote")),
+            ("", self.comments, counted(self.comments, "comment")),
+            ("\u2605", self.stars or 0, counted(self.stars or 0, "GitHub star")),
+        )
+        return tuple((symbol, label) for symbol, count, label in shown if count > 0)
+
     @classmethod
     def from_paper(cls, paper: Paper, reasons: Sequence[str] = ()) -> PaperView:
         return cls(
@@ -144,6 +159,10 @@ class DigestContext:
     postal_address: str
     # Per paper, in order: its signed (More like this, Less like this) links for this reader.
     feedback: Sequence[tuple[str, str]] = ()
+    # Sections (a reader with topics or marks): the first ``for_you`` papers are under "For
+    # you", the rest under "Also trending". Unsectioned, ``papers`` is one trending list.
+    sectioned: bool = False
+    for_you: int = 0
 
 
 @dataclass(frozen=True)

@@ -217,9 +217,7 @@ class DigestComposer:
         reasons = delivery.reasons or {}
         sections = self.sections(delivery, subscriber)
         shown = (
-            sections[0] + sections[1]
-            if sections
-            else [pid for pid in delivery.paper_ids or [] if pid in self.papers]
+            sections[0] + sections[1] if sections else [pid for pid in delivery.paper_ids or [] if pid in self.papers]
         )
         views = [self._view(pid, tuple(reasons.get(pid, ()))) for pid in shown]
         unsubscribe_url = self.links.unsubscribe(subscriber)
