@@ -14,15 +14,15 @@ import time
 from typing import Any
 
 from celery import Task
-from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from digest import pipeline
 from digest.db import transaction
 from digest.delivery.composer import DigestComposer
+from digest.delivery.ledger import editions_with_open_rows
 from digest.errors import UpstreamError
 from digest.logging_setup import log_context
-from digest.models import Delivery, DeliveryStatus, utcnow
+from digest.models import utcnow
 from digest.runtime import Runtime
 from digest.settings import get_settings
 from workers.celery_app import app
@@ -142,16 +142,7 @@ def sweep() -> int:
     # Reaches past the stale limit, so editions stuck while sending was paused get closed.
     since = utcnow() - dt.timedelta(days=7)
     with transaction(rt.session_factory) as session:
-        digest_ids = list(
-            session.scalars(
-                select(Delivery.digest_id)
-                .where(
-                    Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.SENDING]),
-                    Delivery.created_at > since,
-                )
-                .distinct()
-            )
-        )
+        digest_ids = editions_with_open_rows(session, since)
     total = 0
     for digest_id in digest_ids:
         total += pipeline.sweep(

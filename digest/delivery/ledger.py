@@ -407,6 +407,17 @@ def unfinished_subscribers(session: Session, digest_id: int, now: dt.datetime, l
     )
 
 
+def editions_with_open_rows(session: Session, since: dt.datetime) -> list[int]:
+    """Editions with pending or sending rows planned after ``since`` (what beat's sweep walks)."""
+    return list(
+        session.scalars(
+            select(Delivery.digest_id)
+            .where(Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.SENDING]), Delivery.created_at > since)
+            .distinct()
+        )
+    )
+
+
 def counts_by_status(session: Session, digest_id: int) -> dict[str, int]:
     rows = session.execute(
         select(Delivery.status, func.count()).where(Delivery.digest_id == digest_id).group_by(Delivery.status)
