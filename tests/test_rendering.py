@@ -19,6 +19,7 @@ from digest.ranking import Candidate, Ranker
 from digest.rendering import (
     ConfirmContext,
     EmailRenderer,
+    PaperView,
     UnsubscribedContext,
     WelcomeContext,
     build_message,
@@ -230,3 +231,26 @@ def test_an_internationalised_address_stays_an_address_in_to() -> None:
     data = message_bytes(RenderedEmail("Subject", "text", "<p>html</p>"), envelope)
     assert "To: jörg@example.org\n".encode() in data
     assert b"=?utf-8?" not in data.split(b"\n\n", 1)[0]
+
+
+def test_counts_agree_with_their_number_and_zero_counts_are_left_out() -> None:
+    papers = sample_papers(51)
+    message = parse(message_bytes(EmailRenderer().render(digest_context(papers)), envelope()))
+    text, page = text_of(message), html_of(message)
+    assert any(p.github_stars == 1 for p in papers) and any(p.num_comments == 0 for p in papers)
+    for part in (text, page):
+        assert "1 GitHub star" in part and "1 GitHub stars" not in part
+        assert not re.search(r"(?<![\d,])0 (GitHub stars?|comments?|upvotes?)\b", part)
+        assert not re.search(r"(?<![\d,])1 (comments|upvotes)\b", part)
+
+
+def test_the_text_part_gives_the_teaching_links_after_the_paper_not_before_its_authors() -> None:
+    papers = sample_papers(10)
+    text = text_of(parse(digest_bytes(10)))
+    items = re.split(r"\n(?=\d+\. )", text.split("\n--\n")[0])[1:]
+    assert len(items) == 10
+    for item, paper in zip(items, papers, strict=True):
+        authors = item.index(paper.authors[0])
+        more, less = item.index("More like this: "), item.index("Less like this: ")
+        summary = item.index(" ".join(PaperView.from_paper(paper).summary.split()[:3]))
+        assert authors < summary < more < less < item.index("Paper:   https://huggingface.co/papers/")
