@@ -375,6 +375,7 @@ class PreferencesUpdate:
     send_hour: int
     timezone: str
     weekday: int = 0
+    only_for_you: bool | None = None  # the digest only on days with a paper for them; None: as is
 
 
 def validate_preferences(values: PreferencesUpdate) -> PreferencesUpdate:
@@ -395,6 +396,7 @@ def validate_preferences(values: PreferencesUpdate) -> PreferencesUpdate:
         send_hour=values.send_hour,
         timezone=values.timezone,
         weekday=values.weekday,
+        only_for_you=values.only_for_you,
     )
 
 
@@ -413,6 +415,8 @@ def update_preferences(session: Session, subscriber: Subscriber, values: Prefere
     subscriber.send_hour = clean.send_hour
     subscriber.timezone = clean.timezone
     subscriber.weekday = clean.weekday
+    if clean.only_for_you is not None:
+        subscriber.only_for_you = clean.only_for_you
     session.flush()
 
 

@@ -267,3 +267,38 @@ def recently_sent(session: Session, subscriber_ids: Sequence[int], now: dt.datet
         if sid is not None and status in REPEAT_STATUSES:
             sent[sid].update(paper_ids or [])
     return sent
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """One paper as a reader got it: which edition, when, and the reasons it carried."""
+
+    paper: Paper
+    day: dt.date
+    kind: DigestKind
+    sent_at: dt.datetime
+    reasons: tuple[str, ...]
+
+
+def delivered_papers(session: Session, subscriber_id: int, limit: int) -> list[Delivered]:
+    """The papers of a subscriber's sent digests, newest digest first and in each digest's order.
+
+    Read from their ledger rows (on the (subscriber, created) index), so their feed shows what
+    their digests showed, reasons included; papers no longer stored are left out.
+    """
+    rows = session.execute(
+        select(Delivery.paper_ids, Delivery.reasons, Delivery.sent_at, Digest.date, Digest.kind)
+        .join(Digest, Digest.id == Delivery.digest_id)
+        .where(Delivery.subscriber_id == subscriber_id, Delivery.status == DeliveryStatus.SENT)
+        .order_by(Delivery.created_at.desc())
+        .limit(limit)
+    ).all()
+    wanted = {pid for row in rows for pid in row.paper_ids or ()}
+    papers = {p.id: p for p in session.scalars(select(Paper).where(Paper.id.in_(wanted)))} if wanted else {}
+    found: list[Delivered] = []
+    for paper_ids, reasons, sent_at, day, kind in rows:
+        for pid in paper_ids or ():
+            if pid in papers and len(found) < limit:
+                when = sent_at or dt.datetime.combine(day, dt.time(), dt.UTC)  # rows sent before sent_at existed
+                found.append(Delivered(papers[pid], day, kind, when, tuple((reasons or {}).get(pid, ()))))
+    return found

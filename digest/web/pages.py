@@ -25,6 +25,7 @@ from digest.models import Frequency, Paper, ReaderProfile, Subscriber, Subscribe
 from digest.ranking import parse_terms
 from digest.runtime import Runtime
 from digest.tokens import Purpose
+from digest.web import archive
 from digest.web.api import SubscribeRequest, subscribe_json
 from digest.web.deps import ClientIP, LimitsDep, RuntimeDep, UnknownLink, link_limit, load_subscriber
 from digest.web.frontpage import front_page
@@ -208,6 +209,7 @@ def _prefs_context(runtime: Runtime, subscriber: Subscriber, token: str, **extra
         "max_size": subscriptions.MAX_DIGEST_SIZE,
         "default_size": runtime.settings.digest_size,
         "unsubscribe_url": runtime.links.unsubscribe(subscriber),
+        "feed_url": archive.personal_feed_url(runtime.settings.base_url, subscriber),
         **extra,
     }
 
@@ -246,6 +248,8 @@ def _parse_preferences(values: dict[str, list[str]], subscriber: Subscriber) -> 
         send_hour=_form_int(values, "send_hour", subscriber.send_hour),
         timezone=text("timezone", subscriber.timezone).strip(),
         weekday=_form_int(values, "weekday", subscriber.weekday),
+        # A checkbox is sent only when ticked; the form always marks that it carries one.
+        only_for_you=bool(values.get("only_for_you")) if "has_only_for_you" in values else None,
     )
 
 
@@ -279,6 +283,20 @@ def _save_preferences(request: Request, runtime: Runtime, token: str, values: di
             "preferences.html",
             _prefs_context(runtime, subscriber, token, saved=True, **_taught_context(session, subscriber)),
         )
+
+
+@router.post(
+    "/preferences/{token}/feed",
+    response_class=HTMLResponse,
+    dependencies=[link_limit("preferences", Purpose.PREFERENCES)],
+)
+def replace_feed(request: Request, token: str, runtime: RuntimeDep) -> HTMLResponse:
+    """A new address for the reader's own feed (a leaked one stops working at once)."""
+    with transaction(runtime.session_factory) as session:
+        subscriber = load_subscriber(session, runtime, Purpose.PREFERENCES, token)
+        archive.replace_feed_token(subscriber)
+        context = _prefs_context(runtime, subscriber, token, feed_replaced=True, **_taught_context(session, subscriber))
+        return templates.TemplateResponse(request, "preferences.html", context)
 
 
 @router.post(
