@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from xml.etree import ElementTree
 
 import feedparser
 from fastapi.testclient import TestClient
@@ -76,3 +77,24 @@ def test_feed_is_valid_atom_linking_each_digest(client: TestClient, runtime: Run
     assert "https://huggingface.co/papers/" in first.content[0].value
     assert any(link.rel == "self" and link.href == f"{base}/digests/feed.atom" for link in feed.feed.links)
     assert dt.date.fromisoformat(first.link.rsplit("/", 1)[1]) == NEW
+
+
+def test_the_feed_names_its_author_and_dates_each_entry_by_its_editions_day(
+    client: TestClient, runtime: Runtime
+) -> None:
+    publish_sample_days(runtime)  # collected today, for days long past
+    body = client.get("/digests/feed.atom").content
+    feed = feedparser.parse(body)
+    assert feed.bozo == 0 and feed.version == "atom10"
+    assert feed.feed.author_detail.name == "Daily Papers"  # RFC 4287 4.1.1: a feed has an author
+    atom = "{http://www.w3.org/2005/Atom}"
+    root = ElementTree.fromstring(body)
+    assert root.find(f"{atom}author/{atom}name") is not None
+    dates = {
+        str(entry.findtext(f"{atom}id")).rsplit("/", 1)[1]: entry.findtext(f"{atom}updated")
+        for entry in root.findall(f"{atom}entry")
+    }
+    assert {day: dt.datetime.fromisoformat(str(when)) for day, when in dates.items()} == {
+        day.isoformat(): dt.datetime.combine(day, dt.time(), dt.UTC) for day in (NEW, OLD)
+    }
+    assert root.findtext(f"{atom}updated", "").startswith(NEW.isoformat())

@@ -134,3 +134,20 @@ def test_delete_me_asks_first_then_erases(client: TestClient, runtime: Runtime, 
     assert done.status_code == 200 and "Your data is deleted" in done.text
     assert subscriber(runtime, "me@example.org") is None
     assert client.get(prefs).status_code == 404
+
+
+def test_only_on_days_with_a_paper_for_me_is_a_checkbox_that_saves_both_ways(
+    client: TestClient, runtime: Runtime
+) -> None:
+    path = prefs_path(runtime, "me@example.org")
+    page = client.get(path)
+    assert re.search(r'<input type="checkbox" name="only_for_you" value="1">', page.text)
+    assert "Only on days with a paper for me" in page.text
+    ticked = client.post(path, data={**GOOD, "has_only_for_you": "1", "only_for_you": "1"})
+    assert ticked.status_code == 200 and 'name="only_for_you" value="1" checked' in ticked.text
+    sub = subscriber(runtime, "me@example.org")
+    assert sub is not None and sub.only_for_you is True
+    # Unticked, a browser sends nothing for the box: the form's marker says it was there.
+    assert client.post(path, data={**GOOD, "has_only_for_you": "1"}).status_code == 200
+    sub = subscriber(runtime, "me@example.org")
+    assert sub is not None and sub.only_for_you is False
