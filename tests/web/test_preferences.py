@@ -151,3 +151,16 @@ def test_only_on_days_with_a_paper_for_me_is_a_checkbox_that_saves_both_ways(
     assert client.post(path, data={**GOOD, "has_only_for_you": "1"}).status_code == 200
     sub = subscriber(runtime, "me@example.org")
     assert sub is not None and sub.only_for_you is False
+
+
+def test_time_zone_is_picked_from_a_list_with_the_readers_own_zone_selected(
+    client: TestClient, runtime: Runtime
+) -> None:
+    path = prefs_path(runtime, "zone@example.org")
+    client.post(path, data={**GOOD, "timezone": "Asia/Kathmandu"})
+    page = client.get(path).text
+    select = re.search(r'<select id="timezone" name="timezone"[^>]*>(.*?)</select>', page, re.S)
+    assert select is not None, "the time zone is a list, not a free text field"
+    options = re.findall(r'<option value="([^"]+)"( selected)?>', select.group(1))
+    assert {"Asia/Kolkata", "Asia/Kathmandu", "Pacific/Chatham", "UTC"} <= {value for value, _ in options}
+    assert [value for value, selected in options if selected] == ["Asia/Kathmandu"]
