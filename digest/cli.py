@@ -279,7 +279,7 @@ STATUSES = ("pending", "active", "unsubscribed", "bounced", "complained")
 @click.option("--confirmed", is_flag=True, help="Activate at once (consent already on record).")
 @click.option("--topics", default="", help='Comma-separated topics, e.g. "diffusion, LLM agents".')
 @click.option("--exclude", default=None, help="Comma-separated words whose papers are left out.")
-@click.option("--frequency", default=None, metavar="daily|weekly", help="How often. Default: daily.")
+@click.option("--frequency", default=None, metavar="daily|weekly|monthly", help="How often. Default: daily.")
 @click.option(
     "--weekday",
     type=click.Choice(WEEKDAYS, case_sensitive=False),

@@ -86,12 +86,14 @@ OPTED_OUT = frozenset({SubscriberStatus.UNSUBSCRIBED, SubscriberStatus.BOUNCED, 
 class Frequency(enum.StrEnum):
     DAILY = "daily"
     WEEKLY = "weekly"
+    MONTHLY = "monthly"  # the best of the previous calendar month, on the 1st
     PAUSED = "paused"
 
 
 class DigestKind(enum.StrEnum):
     DAILY = "daily"
     WEEKLY = "weekly"
+    MONTHLY = "monthly"
 
 
 class DeliveryStatus(enum.StrEnum):

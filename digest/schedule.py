@@ -1,4 +1,4 @@
-"""When each subscriber's digest goes out: at their hour, in their time zone, daily or weekly.
+"""When each subscriber's digest goes out: at their hour, in their time zone, daily, weekly or monthly.
 
 Beat calls ``dispatch_due`` every five minutes (``TICK``): local hours start on the quarter hour
 somewhere (+5:30 in India, +5:45 in Nepal, +12:45 on the Chatham Islands), so an hourly run on
@@ -28,6 +28,8 @@ Rules:
   (no empty emails).
 * Weekly subscribers get, on their weekday (Monday = 0), the weekly edition of the seven days
   up to the day before their local date, built here when first needed.
+* Monthly subscribers get, on the 1st of their month, the monthly edition of the previous
+  calendar month ("the best of"), built the same way.
 * Paused, pending and unsubscribed subscribers get nothing (``due_subscriber_page``).
 * An unknown time-zone name is treated as UTC (the documented default).
 """
@@ -48,7 +50,7 @@ from digest.db import transaction
 from digest.delivery.composer import DigestComposer, build_digest
 from digest.delivery.ledger import not_planned_for
 from digest.models import Digest, DigestItem, DigestKind, Frequency, Subscriber, SubscriberStatus
-from digest.pipeline import composer_of, dispatch
+from digest.pipeline import Page, composer_of, dispatch
 from digest.ranking import TrendingWeights
 from digest.runtime import Runtime
 
@@ -139,9 +141,9 @@ def _slot_filter(slots: Iterable[Slot], weekly: bool) -> ColumnElement[bool]:
 def due_editions(
     session: Session, slots: list[Slot], weights: TrendingWeights, *, refresh_weekly: bool = True
 ) -> list[tuple[int, ColumnElement[bool]]]:
-    """(edition id, subscriber filter) for every edition due in these slots, daily then weekly.
+    """(edition id, subscriber filter) for every edition due in these slots: daily, weekly, monthly.
 
-    A weekly edition is (re)built here when someone is due for it; with ``refresh_weekly``
+    A weekly or monthly edition is (re)built here when someone is due for it; with ``refresh_weekly``
     False an existing one is used as it is (catching up must not reorder an edition that
     others already received)."""
     if not slots:
@@ -159,35 +161,57 @@ def due_editions(
         )
     }
     daily_slots: dict[int, list[Slot]] = defaultdict(list)
-    weekly_slots: dict[int, list[Slot]] = defaultdict(list)
     for slot in slots:
         # Yesterday's edition in the subscriber's own calendar: by their morning that day is
         # over (in UTC too, for every zone up to UTC+8), so nobody gets a half-collected day.
         edition = dailies.get(slot.date - dt.timedelta(days=1))
         if edition is not None:
             daily_slots[edition].append(slot)
-    for week_end in sorted({s.date - dt.timedelta(days=1) for s in slots}):
-        due = [s for s in slots if s.date - dt.timedelta(days=1) == week_end]
-        # Build a weekly edition only when someone is due for it: most hours nobody is.
-        wanted = session.scalar(
-            select(Subscriber.id)
-            .where(
-                Subscriber.status == SubscriberStatus.ACTIVE,
-                Subscriber.frequency == Frequency.WEEKLY,
-                _slot_filter(due, weekly=True),
-            )
-            .limit(1)
+    periodic: list[tuple[int, ColumnElement[bool]]] = []
+    for kind, frequency, on_weekday in (
+        (DigestKind.WEEKLY, Frequency.WEEKLY, True),
+        (DigestKind.MONTHLY, Frequency.MONTHLY, False),
+    ):
+        # Weekly subscribers are due on their weekday, monthly ones on the 1st of the month;
+        # both get the edition of the period that ended the day before.
+        eligible = slots if kind is DigestKind.WEEKLY else [s for s in slots if s.date.day == 1]
+        for period_end in sorted({s.date - dt.timedelta(days=1) for s in eligible}):
+            due = [s for s in eligible if s.date - dt.timedelta(days=1) == period_end]
+            edition = _periodic_edition(session, due, period_end, kind, frequency, on_weekday, weights, refresh_weekly)
+            if edition is not None:
+                periodic.append((edition, _slot_filter(due, weekly=on_weekday)))
+    return [(i, _slot_filter(s, weekly=False)) for i, s in sorted(daily_slots.items())] + periodic
+
+
+def _periodic_edition(
+    session: Session,
+    due: list[Slot],
+    period_end: dt.date,
+    kind: DigestKind,
+    frequency: Frequency,
+    on_weekday: bool,
+    weights: TrendingWeights,
+    refresh: bool,
+) -> int | None:
+    """The id of the weekly or monthly edition ending ``period_end`` if anyone in ``due`` wants it."""
+    # Build the edition only when someone is due for it: most ticks nobody is.
+    wanted = session.scalar(
+        select(Subscriber.id)
+        .where(
+            Subscriber.status == SubscriberStatus.ACTIVE,
+            Subscriber.frequency == frequency,
+            _slot_filter(due, weekly=on_weekday),
         )
-        weekly = None
-        if wanted and not refresh_weekly:
-            weekly = session.scalar(select(Digest).where(Digest.kind == DigestKind.WEEKLY, Digest.date == week_end))
-        if wanted and weekly is None:
-            weekly = build_digest(session, week_end, weights, DigestKind.WEEKLY)
-        if weekly is not None and weekly.items:
-            weekly_slots[weekly.id] = due
-    return [(i, _slot_filter(s, weekly=False)) for i, s in sorted(daily_slots.items())] + [
-        (i, _slot_filter(s, weekly=True)) for i, s in sorted(weekly_slots.items())
-    ]
+        .limit(1)
+    )
+    if not wanted:
+        return None
+    edition = None
+    if not refresh:
+        edition = session.scalar(select(Digest).where(Digest.kind == kind, Digest.date == period_end))
+    if edition is None:
+        edition = build_digest(session, period_end, weights, kind)
+    return edition.id if edition is not None and edition.items else None
 
 
 def dispatch_due(
@@ -195,12 +219,14 @@ def dispatch_due(
     now: dt.datetime,
     enqueue: Callable[[int, list[int]], None],
     composers: dict[int, DigestComposer] | None = None,
+    hand_out: Callable[[int, Page], None] | None = None,
 ) -> int:
     """Plan and hand out every digest due since the previous tick, those of the hour before it
     that are still unplanned (a late or missed tick), and those of the ``DIGEST_CATCH_UP_HOURS``
     before that which were never planned; returns the number of pages.
 
-    ``enqueue(digest_id, subscriber_ids)`` is called after each page's commit. Running it twice
+    ``enqueue(digest_id, subscriber_ids)`` is called after each page's commit; with ``hand_out``
+    each page goes to ``hand_out(digest_id, page)`` instead, for the workers to plan. Running it twice
     in the same tick plans nothing new (the ledger has one row per subscriber and edition).
     """
     factory = runtime.session_factory
@@ -251,9 +277,11 @@ def dispatch_due(
             page_size=runtime.settings.batch_size,
             stale_after=stale_after,
             message_domain=runtime.message_domain,
-            composer=composer_of(runtime, digest_id, composers),
+            # Planners load the composer themselves; handing out needs none here.
+            composer=None if hand_out else composer_of(runtime, digest_id, composers),
             enqueue=lambda ids, d=digest_id: enqueue(d, ids),  # type: ignore[misc]
             extra_filter=condition,
             not_after=not_after,
+            hand_out=None if hand_out is None else lambda page, d=digest_id: hand_out(d, page),  # type: ignore[misc]
         )
     return pages

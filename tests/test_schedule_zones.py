@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
+from zoneinfo import ZoneInfo
 
 import time_machine
+from sqlalchemy import select
 
 from digest import schedule
 from digest.db import transaction
+from digest.models import Digest, DigestKind, Frequency
 from digest.runtime import Runtime
 from tests.test_ranking import add_subscriber
 from tests.test_schedule import add_papers, utc
@@ -117,3 +120,55 @@ def test_every_zone_gets_its_digest_within_ten_minutes_of_its_own_hour(runtime: 
                 assert due <= sent < due + PROMISE, (zone, hour, due, sent)
             missed_an_hour |= bool(missed.intersection(expected))
     assert missed_an_hour  # some hour's own tick never ran, and the next one still found it
+
+
+def test_monthly_readers_get_the_best_of_the_month_once_on_the_first_at_their_hour(runtime: Runtime) -> None:
+    # Papers of March's last day, of April and of May's first day: only April's are April's best.
+    for day in (dt.date(2026, 3, 31), dt.date(2026, 4, 3), dt.date(2026, 4, 20), dt.date(2026, 4, 30)):
+        add_papers(runtime, day, count=2)
+    add_papers(runtime, dt.date(2026, 5, 1), count=1)
+    readers = (("Asia/Kolkata", 8), ("UTC", 9), ("America/New_York", 7))
+    with transaction(runtime.session_factory) as session:
+        ids = {}
+        for zone, hour in readers:
+            subscriber = add_subscriber(
+                session,
+                f"monthly.{zone.replace('/', '.')}@example.org",
+                timezone=zone,
+                hour=hour,
+                frequency=Frequency.MONTHLY,
+            )
+            subscriber.confirmed_at = subscriber.updated_at = utc(2026, 1, 1)
+            ids[subscriber.id] = (zone, hour)
+        daily = add_subscriber(session, "daily@example.org", hour=9)
+        daily.confirmed_at = daily.updated_at = utc(2026, 1, 1)
+        daily_id = daily.id
+
+    planned: dict[int, list[tuple[dt.datetime, int]]] = defaultdict(list)
+    start, end = utc(2026, 4, 29, 20), utc(2026, 5, 1, 14)
+    for n in range(int((end - start) / schedule.TICK) + 1):
+        now = start + n * schedule.TICK
+
+        def record(digest_id: int, page: list[int], now: dt.datetime = now) -> None:
+            for sid in page:
+                planned[sid].append((now, digest_id))
+
+        with time_machine.travel(now, tick=False):
+            schedule.dispatch_due(runtime, now, record)
+
+    editions = {digest_id for got in planned.values() for _, digest_id in got}
+    with transaction(runtime.session_factory) as session:
+        kinds = {d.id: d for d in session.scalars(select(Digest).where(Digest.id.in_(editions)))}
+        monthly = [d for d in kinds.values() if d.kind is DigestKind.MONTHLY]
+        assert len(monthly) == 1 and monthly[0].date == dt.date(2026, 4, 30)
+        months = {item.paper.daily_date.month for item in monthly[0].items}
+        assert months == {4} and len(monthly[0].items) == 6, "the best of April, and only April"
+        monthly_id = monthly[0].id
+    for sid, (zone, hour) in ids.items():
+        got = planned[sid]
+        assert len(got) == 1, (zone, got)  # once, on the 1st, not on the 30th
+        when, digest_id = got[0]
+        due = hour_starts(zone, hour, utc(2026, 5, 1) - 14 * schedule.HOUR, end)
+        due = [d for d in due if d.astimezone(ZoneInfo(zone)).day == 1]
+        assert digest_id == monthly_id and due[0] <= when < due[0] + PROMISE, (zone, when)
+    assert all(kinds[d].kind is DigestKind.DAILY for _, d in planned[daily_id])  # daily readers get dailies

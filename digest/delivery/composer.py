@@ -26,7 +26,16 @@ from digest.dkim import DkimSigner
 from digest.embedding import Embedder, paper_vectors, topic_vectors
 from digest.links import Links
 from digest.models import Delivery, DeliveryStatus, Digest, DigestItem, DigestKind, Paper, Subscriber, utcnow
-from digest.ranking import Profile, Ranker, Reader, TrendingWeights, candidate_of, parse_terms, trending_order
+from digest.ranking import (
+    Profile,
+    Ranker,
+    Reader,
+    TrendingWeights,
+    candidate_of,
+    parse_terms,
+    trending_order,
+    trending_score,
+)
 from digest.rendering import DigestContext, EmailRenderer, Envelope, PaperView, date_label, message_bytes
 from digest.retention import NO_REPEAT_LOOKBACK
 
@@ -46,7 +55,7 @@ def build_digest(
     Every collection refreshes the candidates and their order (votes keep coming in, late papers
     join); each delivery keeps the papers it chose, so nobody's message changes under them.
     """
-    first = day - dt.timedelta(days=6) if kind is DigestKind.WEEKLY else day
+    first = edition_start(day, kind)
     papers = list(session.scalars(select(Paper).where(Paper.daily_date.between(first, day))))
     digest = session.scalar(select(Digest).where(Digest.kind == kind, Digest.date == day))
     if not papers:
@@ -58,10 +67,41 @@ def build_digest(
     as_of = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
     digest.items.clear()
     session.flush()
-    for position, (paper, score) in enumerate(trending_order(papers, as_of, weights)[:max_items]):
+    if kind is DigestKind.MONTHLY:
+        # The best of the month: each paper as it trended on its own day, so one from the 1st
+        # is not buried under the age penalty that a single as-of date at the month's end gives.
+        order = sorted(
+            ((p, trending_score(p, _day_after(p.daily_date), weights)) for p in papers),
+            key=lambda ps: (-ps[1], ps[0].id),
+        )
+    else:
+        order = trending_order(papers, as_of, weights)
+    for position, (paper, score) in enumerate(order[:max_items]):
         digest.items.append(DigestItem(paper_id=paper.id, position=position, score=score))
     session.flush()
     return digest
+
+
+def edition_start(day: dt.date, kind: DigestKind) -> dt.date:
+    """The first day an edition of ``kind`` ending on ``day`` draws its papers from."""
+    if kind is DigestKind.WEEKLY:
+        return day - dt.timedelta(days=6)
+    if kind is DigestKind.MONTHLY:
+        return day.replace(day=1)
+    return day
+
+
+def edition_label(kind: DigestKind, day: dt.date) -> str:
+    """How the email names the edition: its day, its week or its month."""
+    if kind is DigestKind.WEEKLY:
+        return f"Week to {date_label(day)}"
+    if kind is DigestKind.MONTHLY:
+        return f"Best of {day:%B %Y}"
+    return date_label(day)
+
+
+def _day_after(day: dt.date) -> dt.datetime:
+    return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
 
 
 def latest_digest(session: Session, kind: DigestKind = DigestKind.DAILY) -> Digest | None:
@@ -222,7 +262,7 @@ class DigestComposer:
         views = [self._view(pid, tuple(reasons.get(pid, ()))) for pid in shown]
         unsubscribe_url = self.links.unsubscribe(subscriber)
         context = DigestContext(
-            date_label=date_label(self.day) if self.kind is DigestKind.DAILY else f"Week to {date_label(self.day)}",
+            date_label=edition_label(self.kind, self.day),
             papers=views,
             recipient=subscriber.email,
             frequency=subscriber.frequency.value,

@@ -62,7 +62,8 @@ NO_LONGER_ACTIVE = "subscriber no longer active"
 
 
 def frequency_of(kind: DigestKind) -> Frequency:
-    return Frequency.WEEKLY if kind is DigestKind.WEEKLY else Frequency.DAILY
+    """Who an edition of ``kind`` is for: the subscribers of the same name's frequency."""
+    return Frequency(kind.value)
 
 
 def is_closed(session: Session, digest_id: int) -> bool:
@@ -82,27 +83,75 @@ def closed_edition(session: Session, day: dt.date, kind: DigestKind = DigestKind
     return digest_id if digest_id is not None and is_closed(session, digest_id) else None
 
 
+def _due(digest: Digest, after_id: int, upto_id: int | None, extra_filter: object | None) -> list[object]:
+    """The conditions of "due for this edition": active, of its frequency, in the id range."""
+    conditions: list[object] = [
+        Subscriber.status == SubscriberStatus.ACTIVE,
+        Subscriber.frequency == frequency_of(digest.kind),
+        Subscriber.id > after_id,
+    ]
+    if upto_id is not None:
+        conditions.append(Subscriber.id <= upto_id)
+    if extra_filter is not None:
+        conditions.append(extra_filter)
+    return conditions
+
+
 def due_subscriber_page(
     session: Session,
     digest: Digest,
     after_id: int,
-    limit: int,
+    limit: int | None,
     extra_filter: object | None = None,
+    *,
+    upto_id: int | None = None,
 ) -> list[int]:
-    """Ids of active subscribers of this edition's frequency, after ``after_id``, in id order."""
-    query = (
-        select(Subscriber.id)
-        .where(
-            Subscriber.status == SubscriberStatus.ACTIVE,
-            Subscriber.frequency == frequency_of(digest.kind),
-            Subscriber.id > after_id,
-        )
-        .order_by(Subscriber.id)
-        .limit(limit)
-    )
-    if extra_filter is not None:
-        query = query.where(extra_filter)  # type: ignore[arg-type]
+    """Ids of active subscribers of this edition's frequency, after ``after_id`` (up to
+    ``upto_id``), in id order."""
+    query = select(Subscriber.id).where(*_due(digest, after_id, upto_id, extra_filter)).order_by(Subscriber.id)  # type: ignore[arg-type]
+    if limit is not None:
+        query = query.limit(limit)
     return list(session.scalars(query))
+
+
+def page_bounds(
+    session: Session, digest: Digest, after_id: int, page_size: int, extra_filter: object | None = None
+) -> list[int]:
+    """The last id of each page of ``page_size`` due subscribers after ``after_id``: every
+    ``page_size``-th due id and the very last, so page k is (bounds[k-1], bounds[k]].
+
+    One query that reads ids only (the subscribers' primary key), so a dispatcher can hand out
+    a big edition's pages to many planners long before one planner could have walked it.
+    """
+    numbered = (
+        select(
+            Subscriber.id.label("id"),
+            func.row_number().over(order_by=Subscriber.id).label("n"),
+            func.count().over().label("total"),
+        )
+        .where(*_due(digest, after_id, None, extra_filter))  # type: ignore[arg-type]
+        .subquery()
+    )
+    last_of_page = or_(numbered.c.n % page_size == 0, numbered.c.n == numbered.c.total)
+    return list(session.scalars(select(numbered.c.id).where(last_of_page).order_by(numbered.c.id)))
+
+
+def planned_among(session: Session, digest_id: int, subscriber_ids: Sequence[int]) -> set[int]:
+    """Which of these subscribers already have their row of this edition (a page planned again)."""
+    if not subscriber_ids:
+        return set()
+    query = select(Delivery.subscriber_id).where(
+        Delivery.digest_id == digest_id, Delivery.subscriber_id.in_(subscriber_ids)
+    )
+    return set(session.scalars(query))
+
+
+def unplanned_due(session: Session, digest: Digest) -> bool:
+    """True while some subscriber due for this edition has no row of it yet (planning goes on)."""
+    query = select(Subscriber.id).where(
+        *_due(digest, 0, None, not_planned_for(digest.id, Subscriber.id))  # type: ignore[arg-type]
+    )
+    return session.scalar(query.limit(1)) is not None
 
 
 def plan_deliveries(

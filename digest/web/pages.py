@@ -239,7 +239,7 @@ def _parse_preferences(values: dict[str, list[str]], subscriber: Subscriber) -> 
     try:
         frequency = Frequency(text("frequency", subscriber.frequency.value))
     except ValueError as exc:
-        raise DigestError("Choose daily, weekly or paused.") from exc
+        raise DigestError("Choose daily, weekly, monthly or paused.") from exc
     return subscriptions.PreferencesUpdate(
         frequency=frequency,
         digest_size=_form_int(values, "digest_size", subscriber.digest_size or 10),
