@@ -1,12 +1,14 @@
 """The daily job's steps, shared by the Celery tasks and the in-process runner.
 
-collect(day) -> papers and the day's edition; dispatch(edition) -> ledger rows, one keyset page
-at a time, each page handed to ``enqueue`` after its commit; send_batch(page) -> mail;
+collect(day) -> papers and the day's edition; dispatch(edition) -> keyset pages of its due
+subscribers, each planned by plan_page (ledger rows) here or by any worker, then handed to
+``enqueue`` after its commit; send_batch(page) -> mail;
 sweep(edition) -> re-hands pages whose retries are due or whose worker died.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -28,12 +30,14 @@ from digest.delivery.ledger import (
     failure_reasons,
     is_closed,
     open_count,
+    page_bounds,
     plan_deliveries,
+    planned_among,
     refresh_statistics_if_blind,
     unfinished_subscribers,
 )
 from digest.errors import DigestError, SendingPaused, UpstreamError
-from digest.models import Digest, DigestKind, utcnow
+from digest.models import Digest, DigestKind, Subscriber, utcnow
 from digest.outages import Outages, log_notify
 from digest.papers import PapersClient, load_sample, papers_of_day, parse_items, store_papers
 from digest.reputation import check_sending
@@ -95,6 +99,56 @@ def ensure_digest(
     return digest if digest is not None and digest.items else None
 
 
+@dataclass(frozen=True)
+class Page:
+    """One planning page of an edition: the due subscribers with ``after_id < id <= upto_id``,
+    only ``subscriber_ids`` among them when given (a dispatcher's SQL filter, beat's slots,
+    cannot travel in a task's JSON; the ids it selected can). Planned rows stay pending until
+    ``not_after``; at ``statistics_at`` planned rows the ledger's statistics are checked."""
+
+    after_id: int
+    upto_id: int
+    now: dt.datetime
+    not_after: dt.datetime
+    subscriber_ids: list[int] | None = None
+    statistics_at: int | None = None
+
+
+def plan_page(
+    session: Session, digest_id: int, page: Page, *, composer: DigestComposer, message_domain: str
+) -> list[int]:
+    """Plan one page of an edition (papers chosen by ``composer``); returns its subscribers'
+    ids, to be sent once the caller has committed.
+
+    Planning a page again (a redelivered task, a worker lost mid-page, two dispatchers) plans
+    nobody twice: only subscribers without their row are chosen for, and the (subscriber,
+    edition) key stops any race. All of the page's ids are returned, planned now or before, so
+    a page whose send was lost with its worker is sent (a batch claims only what is open).
+    """
+    if is_closed(session, digest_id):
+        # Its rows are gone (compacted): planning would find everyone unserved.
+        log.info("edition %d is closed (compacted): nothing planned", digest_id)
+        return []
+    digest = session.get(Digest, digest_id)
+    if digest is None:
+        raise DigestError(f"digest {digest_id} does not exist")
+    only = None if page.subscriber_ids is None else Subscriber.id.in_(page.subscriber_ids)
+    ids = due_subscriber_page(session, digest, page.after_id, None, only, upto_id=page.upto_id)
+    planned = planned_among(session, digest_id, ids)
+    plan_deliveries(
+        session,
+        digest,
+        [i for i in ids if i not in planned],
+        composer=composer,
+        now=page.now,
+        not_after=page.not_after,
+        message_domain=message_domain,
+    )
+    if page.statistics_at is not None:
+        refresh_statistics_if_blind(session, page.statistics_at)
+    return ids
+
+
 def dispatch(
     factory: sessionmaker[Session],
     digest_id: int,
@@ -103,19 +157,23 @@ def dispatch(
     page_size: int,
     stale_after: dt.timedelta,
     message_domain: str,
-    composer: DigestComposer,
+    composer: DigestComposer | None,
     enqueue: Callable[[list[int]], None],
     extra_filter: object | None = None,
     not_after: dt.datetime | None = None,
     after_id: int = 0,
     check_statistics_at: int = STATISTICS_CHECK_FIRST,
+    hand_out: Callable[[Page], None] | None = None,
 ) -> int:
-    """Walk due subscribers by keyset, planning each page (papers chosen by ``composer``) and
-    enqueueing it after its commit. Rows are stale after ``not_after`` (default: ``now`` +
+    """Split the edition's due subscribers into keyset pages of ``page_size`` and plan them;
+    returns the number of pages.
+
+    With ``hand_out`` (the workers) each page goes to it, for any planner to take; without it
+    (``digest run`` in process) each page is planned here with ``composer`` and handed to
+    ``enqueue`` after its commit. Rows are stale after ``not_after`` (default: ``now`` +
     ``stale_after``). ``after_id`` resumes a walk that was interrupted after that subscriber.
     At ``check_statistics_at`` planned rows, then at each factor of four, the ledger's planner
     statistics are refreshed if they know of fewer rows (see ``refresh_statistics_if_blind``)."""
-    pages = planned = 0
     not_after = not_after or now + stale_after
     with transaction(factory) as session:
         if is_closed(session, digest_id):
@@ -123,32 +181,34 @@ def dispatch(
             # find everyone unserved and send a second copy.
             log.info("edition %d is closed (compacted): nothing planned", digest_id)
             return 0
-    while True:
-        with transaction(factory) as session:
-            digest = session.get(Digest, digest_id)
-            if digest is None:
-                raise DigestError(f"digest {digest_id} does not exist")
-            ids = due_subscriber_page(session, digest, after_id, page_size, extra_filter)
-            if ids:
-                plan_deliveries(
-                    session,
-                    digest,
-                    ids,
-                    composer=composer,
-                    now=now,
-                    not_after=not_after,
-                    message_domain=message_domain,
-                )
-        if not ids:
-            return pages
-        planned += len(ids)
+        digest = session.get(Digest, digest_id)
+        if digest is None:
+            raise DigestError(f"digest {digest_id} does not exist")
+        bounds = page_bounds(session, digest, after_id, page_size, extra_filter)
+    planned = 0
+    for upto_id in bounds:
+        planned += page_size
+        statistics_at = None
         if planned >= check_statistics_at:
+            statistics_at, check_statistics_at = planned, check_statistics_at * 4
+        page = Page(after_id, upto_id, now, not_after, statistics_at=statistics_at)
+        if extra_filter is not None:
             with transaction(factory) as session:
-                refresh_statistics_if_blind(session, planned)
-            check_statistics_at *= 4
-        enqueue(ids)
-        pages += 1
-        after_id = ids[-1]
+                digest = session.get(Digest, digest_id)
+                assert digest is not None  # read above; editions are never deleted
+                selected = due_subscriber_page(session, digest, after_id, None, extra_filter, upto_id=upto_id)
+            page = dataclasses.replace(page, subscriber_ids=selected)
+        if hand_out is not None:
+            hand_out(page)
+        else:
+            if composer is None:
+                raise DigestError("planning in process needs the edition's composer")
+            with transaction(factory) as session:
+                ids = plan_page(session, digest_id, page, composer=composer, message_domain=message_domain)
+            if ids:
+                enqueue(ids)
+        after_id = upto_id
+    return len(bounds)
 
 
 def sweep(
