@@ -418,11 +418,13 @@ def _agreement(pos: np.ndarray, pos_real: np.ndarray, neg: np.ndarray, neg_real:
     """Per reader (row): how often a score puts a liked paper above an unwanted one, ties half
     (an AUC); 0.5, "no better than chance", without pairs to compare. ``neg_real`` None: every
     unwanted score is real (today's candidates)."""
-    diff = pos[:, :, None] - neg[:, None, :]
     pairs = pos_real[:, :, None] if neg_real is None else pos_real[:, :, None] & neg_real[:, None, :]
-    wins = ((diff > 0) + 0.5 * (diff == 0)) * pairs
+    # Counted on booleans (cheaper than a float per pair, and the same sums exactly).
+    above = (pos[:, :, None] > neg[:, None, :]) & pairs
+    tied = (pos[:, :, None] == neg[:, None, :]) & pairs
+    wins = above.sum(axis=(1, 2)) + 0.5 * tied.sum(axis=(1, 2))
     count = pairs.sum(axis=(1, 2)) * (neg.shape[1] if neg_real is None else 1)
-    return np.where(count > 0, wins.sum(axis=(1, 2)) / np.maximum(count, 1), 0.5)
+    return np.where(count > 0, wins / np.maximum(count, 1), 0.5)
 
 
 def _mark_lead(readers: Sequence[Reader], bases: Sequence[_Base], marks: _Marks) -> np.ndarray:
@@ -456,13 +458,16 @@ def _mark_lead(readers: Sequence[Reader], bases: Sequence[_Base], marks: _Marks)
     position = np.arange(len(owner)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     is_liked = position < liked_n[owner]
     topic_owner = np.repeat(np.arange(count), topic_n)
-    padded = np.zeros((count, most_topics + sizes.max(), parts[0].shape[1]), dtype=np.float32)
-    padded[topic_owner, np.arange(len(topic_owner)) - np.repeat(np.cumsum(topic_n) - topic_n, topic_n)] = [
-        sense.vector for some in senses for sense in some
-    ]
-    padded[owner, most_topics + position] = np.concatenate(parts)
+    width = most_topics + sizes.max()
+    padded = np.zeros((count, width, parts[0].shape[1]), dtype=np.float32)
+    # Filled through a flat view: one index per row costs less than a pair.
+    flat = padded.reshape(count * width, -1)
+    topic_position = np.arange(len(topic_owner)) - np.repeat(np.cumsum(topic_n) - topic_n, topic_n)
+    flat[topic_owner * width + topic_position] = [sense.vector for some in senses for sense in some]
+    flat[owner * width + most_topics + position] = np.concatenate(parts)
     with _blas().limit(limits=1, user_api="blas"):
-        found = (padded @ padded[:, : most_topics + most_liked].transpose(0, 2, 1))[owner, most_topics + position]
+        products = padded[:, most_topics:] @ padded[:, : most_topics + most_liked].transpose(0, 2, 1)
+    found = products[owner, position]
     # Topic score of a marked paper: cosine with the nearest of its reader's topics, as for a
     # candidate.
     by_topic = np.where(np.arange(most_topics) < topic_n[owner][:, None], found[:, :most_topics], _BELOW).max(axis=1)
@@ -484,20 +489,27 @@ def _mark_lead(readers: Sequence[Reader], bases: Sequence[_Base], marks: _Marks)
     disliked_topics[disliked_at], disliked_marks[disliked_at] = by_topic[~is_liked], by_mark[~is_liked]
     # A single liked paper has no other one to be near: its marks tell nothing yet.
     trusted = liked_real & (liked_n > 1)[:, None]
+    # Topics' and marks' AUCs in one call per kind of comparison (what is compared is only
+    # ever the sign of a difference, exact in any precision).
     by_topics, by_marks = np.empty(count), np.empty(count)
-    against = np.flatnonzero(disliked_n > 0)
-    if len(against):
-        by_topics[against] = _agreement(
-            liked_topics[against], liked_real[against], disliked_topics[against], disliked_real[against]
+    if len(against := np.flatnonzero(disliked_n > 0)):
+        both = _agreement(
+            np.concatenate([liked_topics[against], liked_marks[against]]),
+            np.concatenate([liked_real[against], trusted[against]]),
+            np.concatenate([disliked_topics[against], disliked_marks[against]]),
+            np.tile(disliked_real[against], (2, 1)),
         )
-        by_marks[against] = _agreement(
-            liked_marks[against], trusted[against], disliked_marks[against], disliked_real[against]
-        )
+        by_topics[against], by_marks[against] = both[: len(against)], both[len(against) :]
     # Without "less" marks, the liked papers are compared with today's candidates instead.
     if len(alone := np.flatnonzero(disliked_n == 0)):
         candidates_topic = np.stack([bases[todo[j]].closeness for j in alone.tolist()])
-        by_topics[alone] = _agreement(liked_topics[alone], liked_real[alone], candidates_topic, None)
-        by_marks[alone] = _agreement(liked_marks[alone], trusted[alone], marks.liked[np.array(todo)[alone]], None)
+        both = _agreement(
+            np.concatenate([liked_topics[alone], liked_marks[alone]]),
+            np.concatenate([liked_real[alone], trusted[alone]]),
+            np.concatenate([candidates_topic, marks.liked[np.array(todo)[alone]]]),
+            None,
+        )
+        by_topics[alone], by_marks[alone] = both[: len(alone)], both[len(alone) :]
     given = sizes.astype(np.float64)
     ranked = given / (given + MARK_PRIOR) * np.clip((by_marks - by_topics) / LEAD_MARGIN, 0.0, 1.0)
     # Liked papers the topics call unrelated (no nearer to them than DENSE_FLOOR) say so plainly,
@@ -828,8 +840,8 @@ class Ranker:
         # Where the marks explain what the reader marked better than the topics do, the order
         # moves toward the one their marks alone give (a reader without topics), topics' word
         # matches included, as far as they lead (``_mark_lead``).
-        # Only the readers it moves (most taught readers' topics explain their marks).
         lead = _mark_lead(readers, bases, marks)
+        # Only the readers it moves (most taught readers' topics explain their marks).
         if len(moved := np.flatnonzero(lead[:, 0])):
             led = lead[moved]
             alone = np.where(marks.liking[moved], scaled[moved], 0.0) - penalty[moved]
