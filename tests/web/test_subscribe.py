@@ -228,9 +228,9 @@ def test_development_without_a_mail_server_writes_to_the_outbox(runtime: Runtime
     from digest.settings import Settings
 
     assert runtime.outbox is None  # an SMTP host is set: SMTP
-    development = Settings(_env_file=None, environment="development")  # type: ignore[call-arg]
+    development = Settings(_env_file=None, environment="development")
     assert development_outbox(development) == Path("outbox").resolve()
     assert Runtime(development).mail_destination.startswith(f"mail is written to {Path('outbox').resolve()}/")
-    relay = Settings(_env_file=None, environment="development", smtp_host="mail.example.org")  # type: ignore[call-arg]
+    relay = Settings(_env_file=None, environment="development", smtp_host="mail.example.org")
     assert development_outbox(relay) is None
     assert Runtime(relay).mail_destination == "mail goes to the SMTP server at mail.example.org:1025"
