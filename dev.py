@@ -3,7 +3,7 @@
 
     python3 dev.py demo    # the main job on embedded defaults; digests land in ./outbox/
     python3 dev.py test    # the whole test suite (starts embedded PostgreSQL/Redis if needed)
-    python3 dev.py lint    # the import contracts of pyproject.toml (import-linter), in a second
+    python3 dev.py lint    # ruff, mypy and the import contracts (import-linter) of pyproject.toml
 
 Creates ./.venv and installs the project into it on first use (and again whenever
 pyproject.toml changes); extra arguments go to `digest demo` or `pytest`.
@@ -51,7 +51,14 @@ def main() -> int:
         return subprocess.call([str(BIN / "digest"), "demo", *rest], cwd=ROOT)
     ensure_env("test")
     if command == "lint":
-        return subprocess.call([str(BIN / "lint-imports"), *rest], cwd=ROOT)
+        checks = [
+            [str(BIN / "ruff"), "check", "."],
+            [str(BIN / "ruff"), "format", "--check", "."],
+            [str(BIN / "lint-imports")],
+            [str(BIN / "mypy")],
+        ]
+        # Every check runs, so one report names every problem; the exit code is the worst.
+        return max(subprocess.call(check, cwd=ROOT) for check in checks)
     return subprocess.call([str(BIN / "python"), "-m", "pytest", *rest], cwd=ROOT)
 
 
