@@ -516,7 +516,12 @@ def _mark_lead(readers: Sequence[Reader], bases: Sequence[_Base], marks: _Marks)
     # however the "less" marks fall: their share, as far as there are liked papers to trust.
     outside = np.bincount(owner, weights=is_liked & (by_topic <= DENSE_FLOOR), minlength=count) / liked_n
     liked_given = liked_n.astype(np.float64)
-    lead[todo, 0] = np.maximum(ranked, liked_given / (liked_given + MARK_PRIOR) * outside)
+    # "Less" papers the topics put above every liked one: the topics prefer what the reader
+    # rejects, which a reader with one or two "More" marks shows no other way.
+    best_liked = np.where(liked_real, liked_topics, _BELOW).max(axis=1)
+    preferred = ((disliked_topics > best_liked[:, None]) & disliked_real).sum(axis=1) / np.maximum(disliked_n, 1)
+    rejected = given / (given + MARK_PRIOR) * preferred
+    lead[todo, 0] = np.maximum(np.maximum(ranked, liked_given / (liked_given + MARK_PRIOR) * outside), rejected)
     return lead
 
 
