@@ -567,6 +567,7 @@ def schema_problem(runtime: Runtime) -> str | None:
     A missing SQLite file is reported without opening it: connecting would create it empty.
     """
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError
 
     from digest.db import current_revisions, schema_heads
 
@@ -575,7 +576,13 @@ def schema_problem(runtime: Runtime) -> str | None:
     on_disk = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
     if on_disk and not Path(str(url.database)).exists():
         return f"{shown} does not exist: run `digest db upgrade` (or `digest demo`, then `digest serve --demo`)"
-    current = current_revisions(runtime.engine)
+    try:
+        current = current_revisions(runtime.engine)
+    except DBAPIError:
+        # Away, not unmigrated: a web process must still start (a PaaS restarts one that will
+        # not), answer /healthz and say in /readyz when the database is back.
+        say("warning: the database does not answer yet; serving anyway (see /readyz)", err=True)
+        return None
     if current == schema_heads():
         return None
     state = "has no schema" if not current else "has an older schema"
