@@ -42,9 +42,9 @@ from digest.ranking import (
     Reader,
     TrendingWeights,
     candidate_text,
-    parse_terms,
     trending_order,
 )
+from digest.text import parse_terms
 
 EDITION_SIZE = 100
 PAGE = 500  # DIGEST_BATCH_SIZE's default: the dispatcher plans (and learns readers) a page at a time

@@ -59,11 +59,11 @@ from digest.ranking import (
     Reader,
     TrendingWeights,
     candidate_of,
-    parse_terms,
     trending_order,
 )
 from digest.runtime import Runtime
 from digest.settings import Settings
+from digest.text import parse_terms
 
 LABELS = Path(__file__).with_name("relevance_labels.json")
 # Bench-only recorded days (not shipped in the wheel), see bench/data/README.md.

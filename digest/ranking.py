@@ -94,6 +94,7 @@ from bm25s.stopwords import STOPWORDS_EN
 from threadpoolctl import ThreadpoolController
 
 from digest.models import Paper
+from digest.text import parse_terms
 
 # bm25s sets its own logger to DEBUG on import, which prints index building on every run.
 logging.getLogger("bm25s").setLevel(logging.WARNING)
@@ -126,19 +127,6 @@ def trending_order(papers: Iterable[Paper], as_of: dt.datetime, weights: Trendin
     # Ties broken by id so the order is stable across runs and databases.
     scored.sort(key=lambda ps: (-ps[1], ps[0].id))
     return scored
-
-
-_SPLIT = re.compile(r"[,;\n]+")
-
-
-def parse_terms(text: str) -> tuple[str, ...]:
-    """Free text "diffusion, reinforcement learning" to normalised, de-duplicated terms."""
-    seen: dict[str, None] = {}
-    for part in _SPLIT.split(text or ""):
-        term = " ".join(part.lower().split())[:80]
-        if term:
-            seen.setdefault(term, None)
-    return tuple(seen)[:20]
 
 
 @dataclass(frozen=True, eq=False)

@@ -32,8 +32,7 @@ from digest.models import (
     SubscriberStatus,
     Suppression,
 )
-from digest.ranking import parse_terms
-from digest.text import has_unsafe
+from digest.text import has_unsafe, parse_terms
 from digest.tokens import Purpose, Tokens
 
 MIN_DIGEST_SIZE = 5

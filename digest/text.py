@@ -8,6 +8,7 @@ import re
 # lone surrogates (PostgreSQL and UTF-8 refuse them) and the two non-characters XML forbids.
 UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
 _TERMINAL_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+_TERMS_SPLIT = re.compile(r"[,;\n]+")
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -39,3 +40,17 @@ def one_line(value: str) -> str:
 def csv_cell(value: str) -> str:
     """A cell a spreadsheet shows as text, never runs as a formula (OWASP CSV injection rule)."""
     return "'" + value if value.startswith(FORMULA_START) else value
+
+
+def parse_terms(text: str) -> tuple[str, ...]:
+    """Free text "diffusion, reinforcement learning" to normalised, de-duplicated terms.
+
+    Here, not in ranking, because storing a reader's topics needs it and must not load the
+    ranking models (every CLI command saves the numpy/BM25 import this way).
+    """
+    seen: dict[str, None] = {}
+    for part in _TERMS_SPLIT.split(text or ""):
+        term = " ".join(part.lower().split())[:80]
+        if term:
+            seen.setdefault(term, None)
+    return tuple(seen)[:20]

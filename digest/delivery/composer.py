@@ -32,12 +32,12 @@ from digest.ranking import (
     Reader,
     TrendingWeights,
     candidate_of,
-    parse_terms,
     trending_order,
     trending_score,
 )
 from digest.rendering import DigestContext, EmailRenderer, Envelope, PaperView, date_label, message_bytes
 from digest.retention import NO_REPEAT_LOOKBACK
+from digest.text import parse_terms
 
 # Papers in these deliveries count as received (failed and skipped ones never arrived).
 REPEAT_STATUSES = frozenset({DeliveryStatus.SENT, DeliveryStatus.SENDING, DeliveryStatus.PENDING})

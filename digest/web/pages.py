@@ -22,8 +22,8 @@ from digest.embedding import topic_vectors
 from digest.errors import DigestError, NotFound
 from digest.links import subscriber_stamp
 from digest.models import Frequency, Paper, ReaderProfile, Subscriber, SubscriberStatus, utcnow
-from digest.ranking import parse_terms
 from digest.runtime import Runtime
+from digest.text import parse_terms
 from digest.tokens import Purpose
 from digest.web import archive
 from digest.web.api import SubscribeRequest, subscribe_json

@@ -75,7 +75,7 @@ def test_bad_values_are_explained_and_nothing_changes(client: TestClient, runtim
         "digest_size": ("4", "Papers per email must be between 5 and 30."),
         "send_hour": ("24", "The delivery hour must be between 0 and 23."),
         "timezone": ("Mars/Olympus", "Unknown time zone"),
-        "frequency": ("hourly", "Choose daily, weekly or paused."),
+        "frequency": ("hourly", "Choose daily, weekly, monthly or paused."),
         "weekday": ("x", "Weekday must be a whole number."),
         "topics": ("t" * 501, "Topics are limited to 500 characters."),
     }
