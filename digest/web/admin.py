@@ -485,12 +485,16 @@ def subscriber_action(
     email: Annotated[str, Form(max_length=320)],
     action: Annotated[str, Form(max_length=20)],
     csrf: Annotated[str, Form(max_length=100)] = "",
+    confirm: Annotated[str, Form(max_length=20)] = "",
 ) -> Response:
     now = utcnow()
     with transaction(runtime.session_factory) as session:
         operator = current_operator(request, session, runtime, now)
         if operator is None or not _csrf_ok(operator, csrf):
             return _refused(request)
+        if action == Action.ERASE.value and confirm != "erase":
+            # Erasure cannot be undone: one stray click must not do it (the form's box says so).
+            raise NotAllowed("Erasing cannot be undone: tick the box that confirms it, then erase.")
         address = normalise_address(email)
         subscriber, state = subscriptions.state_of(session, runtime.tokens, address)
         wanted = Action(action) if action in {a.value for a in OPERATOR_ACTIONS} else None

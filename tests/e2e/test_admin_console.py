@@ -182,6 +182,21 @@ def test_operator_console(live: tuple[Runtime, str], smtp: SMTPSink) -> None:
             expect(page.get_by_role("button", name="Unsubscribe")).to_have_count(0)
             expect(page.get_by_role("button", name="Erase their data")).to_be_visible()
 
+            # Erasure cannot be undone, so one click does not do it: the box must be ticked
+            # (the browser holds the form back), and a post without it is refused.
+            page.get_by_role("button", name="Erase their data").click()
+            expect(page.locator('[data-state="unsubscribed"]')).to_be_visible()
+            csrf = page.locator('form:has(input[value="erase"]) input[name="csrf"]').input_value()
+            unticked = page.request.post(
+                base + "/admin/subscribers", form={"csrf": csrf, "email": READERS[0], "action": "erase"}
+            )
+            assert unticked.status == 400 and "cannot be undone" in unticked.text()
+            assert subscriber(runtime, READERS[0]) is not None
+            page.get_by_label(f"Yes, erase {READERS[0]} for good").check()
+            page.get_by_role("button", name="Erase their data").click()
+            expect(page.locator('[data-state="erased"]')).to_be_visible()
+            assert subscriber(runtime, READERS[0]) is None
+
             # A paused send: a form without the session's token is refused, the real one resumes.
             with transaction(runtime.session_factory) as session:
                 reputation.pause(session, utcnow(), "looking into complaints")
