@@ -244,7 +244,7 @@ def test_counts_agree_with_their_number_and_zero_counts_are_left_out() -> None:
         assert not re.search(r"(?<![\d,])1 (comments|upvotes)\b", part)
 
 
-def test_the_text_part_gives_the_teaching_links_after_the_paper_not_before_its_authors() -> None:
+def test_the_text_part_ends_each_paper_with_its_teaching_links() -> None:
     papers = sample_papers(10)
     text = text_of(parse(digest_bytes(10)))
     items = re.split(r"\n(?=\d+\. )", text.split("\n--\n")[0])[1:]
@@ -253,4 +253,7 @@ def test_the_text_part_gives_the_teaching_links_after_the_paper_not_before_its_a
         authors = item.index(paper.authors[0])
         more, less = item.index("More like this: "), item.index("Less like this: ")
         summary = item.index(" ".join(PaperView.from_paper(paper).summary.split()[:3]))
-        assert authors < summary < more < less < item.index("Paper:   https://huggingface.co/papers/")
+        # The two long teaching URLs end the item, after every link of the paper itself.
+        assert (
+            authors < summary < item.index("Paper:   https://huggingface.co/papers/") < item.index("PDF:") < more < less
+        )

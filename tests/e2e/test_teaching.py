@@ -54,14 +54,16 @@ def html_part(message: EmailMessage) -> str:
 
 
 def papers_of(message: EmailMessage) -> list[tuple[str, str, str, str]]:
-    """(paper id, More link, Less link, reasons block) per paper, in the text part's order."""
-    blocks = re.split(r"Paper:\s+https://huggingface\.co/papers/(\S+)", text_part(message))
+    """(paper id, More link, Less link, the item's text) per paper, in the text part's order."""
+    body = text_part(message).split("\n--\n")[0]
+    items = re.split(r"\n(?=\d+\. )", body)[1:]  # each item starts with its number and title
     found = []
-    for block, paper_id in zip(blocks[0::2], blocks[1::2], strict=False):
-        more = re.search(r"More like this: (\S+)", block)
-        less = re.search(r"Less like this: (\S+)", block)
-        assert more and less, block
-        found.append((paper_id, more.group(1), less.group(1), " ".join(block.split())))
+    for item in items:
+        paper = re.search(r"Paper:\s+https://huggingface\.co/papers/(\S+)", item)
+        more = re.search(r"More like this: (\S+)", item)
+        less = re.search(r"Less like this: (\S+)", item)
+        assert paper and more and less, item
+        found.append((paper.group(1), more.group(1), less.group(1), " ".join(item.split())))
     return found
 
 
