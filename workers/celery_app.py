@@ -27,6 +27,11 @@ app.conf.update(
     # A task says when a worker takes it (state STARTED): `digest run` waits for a long step
     # (planning a big list) as long as a worker has it, not a fixed time.
     task_track_started=True,
+    # An edition's pages to plan wait on the lowest priority step (Redis pops the steps in
+    # order): a worker takes a planned page's send, and beat's own tasks, before the next page
+    # to plan, so sending starts with the first planned page and thousands of queued pages hold
+    # nothing else up.
+    task_routes={"digest.plan_page": {"priority": 9}},
     broker_transport_options={"visibility_timeout": settings.task_visibility_timeout},
     result_backend_transport_options={"visibility_timeout": settings.task_visibility_timeout},
     broker_connection_retry_on_startup=True,

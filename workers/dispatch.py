@@ -1,4 +1,5 @@
-"""``digest run`` through the Celery workers: collect, dispatch, then watch the ledger.
+"""``digest run`` through the Celery workers: collect, dispatch (the workers plan its pages), then
+watch the ledger.
 
 It lives with the workers, not in ``digest``: it sends their tasks, and the domain knows no
 Celery (the import-linter contract in pyproject.toml holds it to that).
@@ -26,9 +27,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from digest import pipeline
-from digest.delivery.ledger import counts_by_status, failure_reasons, open_count
+from digest.delivery.ledger import counts_by_status, failure_reasons, open_count, unplanned_due
 from digest.errors import DigestError
-from digest.models import utcnow
+from digest.models import Digest, utcnow
 from digest.outages import Outages
 from digest.pipeline import RunSummary
 from digest.runtime import Runtime
@@ -154,6 +155,10 @@ def run_via_workers(
     def in_db(step: Callable[[Any], Any]) -> Any:
         return outages.transaction(factory, step, limit=wait)
 
+    def still_planning(session: Any) -> bool:
+        digest = session.get(Digest, digest_id)
+        return digest is not None and unplanned_due(session, digest)
+
     def sweep() -> None:
         def once() -> None:
             pipeline.check_not_paused(runtime, utcnow())
@@ -181,13 +186,16 @@ def run_via_workers(
         bar = progress.add_task("sending", total=None)
         last_open, last_change = -1, time.monotonic()
         epoch, epoch_checked = outages.redis(lambda: redis_epoch(url), limit=wait), time.monotonic()
-        total = in_db(lambda session: sum(counts_by_status(session, digest_id).values()))
+        planning = True  # the workers plan the edition's pages; the ledger says when all are
         while True:
-            # One cheap count per poll; the poll slows down while much is left, so watching a
-            # million-row ledger costs the database little.
+            # One cheap count per poll (two while the workers still plan); the poll slows down
+            # while much is left, so watching a million-row ledger costs the database little.
+            if planning:
+                planning = in_db(still_planning)
+                total = in_db(lambda session: sum(counts_by_status(session, digest_id).values()))
             remaining = in_db(lambda session: open_count(session, digest_id))
             progress.update(bar, total=total, completed=total - remaining)
-            if remaining == 0:
+            if remaining == 0 and not planning:
                 break
             restarted = False
             if time.monotonic() - epoch_checked > EPOCH_CHECK_SECONDS:
@@ -198,8 +206,12 @@ def run_via_workers(
             if remaining != last_open and not restarted:
                 last_open, last_change = remaining, time.monotonic()
             elif restarted or time.monotonic() - last_change > stall_after:
-                # Stalled, or Redis came back without its queue: hand out again what is claimable.
+                # Stalled, or Redis came back without its queue: hand out again what is claimable
+                # and, while someone due is still without a row, the pages (planned ones plan
+                # nobody again).
                 sweep()
+                if planning:
+                    outages.redis(lambda: tasks.dispatch.delay(digest_id), limit=wait)
                 last_change = time.monotonic()
             time.sleep(poll if remaining < 4 * runtime.settings.batch_size else 4 * poll)
         say[0] = notify

@@ -10,7 +10,6 @@ import dataclasses
 import datetime as dt
 import functools
 import logging
-import time
 from typing import Any
 
 from celery import Task
@@ -76,28 +75,29 @@ def collect_latest() -> None:
         collect.delay(day.isoformat())
 
 
-# How often a long task tells its result backend how far it got (a Redis write each time).
-PROGRESS_EVERY_SECONDS = 1.0
+def enqueue_plan(digest_id: int, page: pipeline.Page) -> None:
+    """Queue one page of an edition for whichever worker is free (called by a dispatcher)."""
+    plan_page.delay(
+        digest_id,
+        page.after_id,
+        page.upto_id,
+        page.now.isoformat(),
+        page.not_after.isoformat(),
+        page.subscriber_ids,
+        page.statistics_at,
+    )
 
 
-@app.task(name="digest.dispatch", bind=True, autoretry_for=(OperationalError,), retry_backoff=5, max_retries=5)
-def dispatch(self: Task[Any, Any], digest_id: int) -> int:
-    """Plan one edition for every due subscriber, one keyset page per send_batch task.
+@app.task(name="digest.dispatch", autoretry_for=(OperationalError,), retry_backoff=5, max_retries=5)
+def dispatch(digest_id: int) -> int:
+    """Split one edition's due subscribers into keyset pages, one ``digest.plan_page`` task
+    each, so that every worker process plans; returns the number of pages.
 
-    Planning a million subscribers takes minutes: the task reports its pages as it goes
-    (state ``PROGRESS``), so whoever waits for it (``digest run``) can tell a worker that is
-    busy with it from no worker at all.
+    Finding the pages reads ids only (seconds for a million); the planning itself, which took
+    one task minutes per million, is shared by the workers, and sending starts with the first
+    planned page.
     """
     rt = runtime()
-    pages, reported = [0], [-PROGRESS_EVERY_SECONDS]  # the first page reports at once
-
-    def enqueue(ids: list[int]) -> None:
-        enqueue_batch(digest_id, ids)
-        pages[0] += 1
-        if time.monotonic() - reported[0] >= PROGRESS_EVERY_SECONDS and self.request.id is not None:
-            self.update_state(state="PROGRESS", meta={"pages": pages[0]})
-            reported[0] = time.monotonic()
-
     return pipeline.dispatch(
         rt.session_factory,
         digest_id,
@@ -105,17 +105,53 @@ def dispatch(self: Task[Any, Any], digest_id: int) -> int:
         page_size=rt.settings.batch_size,
         stale_after=rt.policy.stale_after,
         message_domain=rt.message_domain,
-        composer=pipeline.composer_of(rt, digest_id, _composers),
-        enqueue=enqueue,
+        composer=None,
+        enqueue=functools.partial(enqueue_batch, digest_id),
+        hand_out=functools.partial(enqueue_plan, digest_id),
     )
+
+
+@app.task(
+    name="digest.plan_page",
+    # A worker killed mid-page: its page is delivered again, and the ledger plans only who is
+    # still missing a row.
+    acks_late=True,
+    autoretry_for=(OperationalError,),
+    retry_backoff=5,
+    max_retries=10,
+)
+def plan_page(
+    digest_id: int,
+    after_id: int,
+    upto_id: int,
+    now: str,
+    not_after: str,
+    subscriber_ids: list[int] | None = None,
+    statistics_at: int | None = None,
+) -> int:
+    """Plan one page of an edition, then queue its send: ledger rows first, mail after commit.
+
+    The composer (the edition's candidates, its ranking and the model's vectors) comes from
+    this process's cache, so a worker planning many pages of one edition loads it once.
+    """
+    rt = runtime()
+    at, until = dt.datetime.fromisoformat(now), dt.datetime.fromisoformat(not_after)
+    page = pipeline.Page(after_id, upto_id, at, until, subscriber_ids, statistics_at)
+    composer = pipeline.composer_of(rt, digest_id, _composers)
+    with log_context(digest_id=digest_id), transaction(rt.session_factory) as session:
+        ids = pipeline.plan_page(session, digest_id, page, composer=composer, message_domain=rt.message_domain)
+    if ids:
+        enqueue_batch(digest_id, ids)
+    return len(ids)
 
 
 @app.task(name="digest.dispatch_due")
 def dispatch_due() -> int:
-    """Beat, every five minutes: plan the editions of subscribers whose local delivery hour has just begun."""
+    """Beat, every five minutes: hand out the pages of the editions of subscribers whose local
+    delivery hour has just begun, for the workers to plan."""
     from digest.schedule import dispatch_due as plan_due
 
-    return plan_due(runtime(), utcnow(), enqueue_batch, _composers)
+    return plan_due(runtime(), utcnow(), enqueue_batch, _composers, hand_out=enqueue_plan)
 
 
 @app.task(

@@ -1,0 +1,230 @@
+"""Planning benchmark (run by hand, not in CI): subscribers planned per second by 1, 2 and 4
+planner processes, against the single-task planning of before, in the same run.
+
+N active subscribers with varied topics in PostgreSQL (a database of its own) and the recorded
+2026-04-16 edition. Each configuration starts from an empty ledger:
+
+* ``before``: the single-task planning as it was before sharding (``digest.pipeline.dispatch``
+  at commit f9d5888, loaded from git), one process walking and planning every page;
+* ``P processes``: this process hands the pages out (``digest.pipeline.dispatch`` with
+  ``hand_out``) to P spawned processes, each calling ``digest.pipeline.plan_page`` in its own
+  transaction with its own cached composer, as a ``digest.plan_page`` task does.
+
+No Celery and no SMTP: the figure is planning alone (a Celery task adds one Redis round trip
+per page of 500), and sending does not compete for the cores. CPU is the planners' own (user +
+system, from ``getrusage``), and PostgreSQL's (its processes' CPU over the run).
+
+    .venv/bin/python bench/planning.py                 # 100 000 subscribers
+    .venv/bin/python bench/planning.py --n 20000 --processes 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import multiprocessing as mp
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import text  # noqa: E402
+
+from bench.delivery import DAY, insert_subscribers  # noqa: E402
+from digest import db  # noqa: E402
+from tests.support.processes import BIN, digest_env  # noqa: E402
+from tests.support.servers import PapersAPI, Postgres  # noqa: E402
+
+# The last commit with one task planning a whole edition.
+BEFORE = "f9d5888"
+PAGE_SIZE = 500
+
+
+def old_pipeline() -> ModuleType:
+    """``digest/pipeline.py`` as it was at ``BEFORE`` (the ledger functions it calls are kept)."""
+    source = subprocess.run(
+        ["git", "show", f"{BEFORE}:digest/pipeline.py"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
+    spec = importlib.util.spec_from_loader("bench_old_pipeline", loader=None)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    exec(compile(source, "old digest/pipeline.py", "exec"), module.__dict__)
+    return module
+
+
+def postgres_cpu() -> float:
+    """CPU of PostgreSQL's processes so far, backends that have exited included (the server
+    process counts its reaped children's time): the planners' connections end with them."""
+    total = 0.0
+    for process in psutil.process_iter(["name", "cpu_times"]):
+        if process.info["name"] in ("postgres", "postmaster") and process.info["cpu_times"] is not None:
+            times = process.info["cpu_times"]
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def planner(digest_id: int, pages: Any, results: Any) -> None:
+    """One planner process: pages from the queue until ``None``, each its own transaction."""
+    from digest import pipeline
+    from digest.db import transaction
+    from digest.runtime import Runtime
+    from digest.settings import get_settings
+
+    runtime = Runtime(get_settings())
+    composers: dict[int, Any] = {}
+    # Started and warm before the clock starts, as a Celery worker is when an hour begins.
+    pipeline.composer_of(runtime, digest_id, composers)
+    results.put("ready")
+    planned = 0
+    start = own_cpu()
+    while (page := pages.get()) is not None:
+        composer = pipeline.composer_of(runtime, digest_id, composers)
+        with transaction(runtime.session_factory) as session:
+            planned += len(
+                pipeline.plan_page(session, digest_id, page, composer=composer, message_domain=runtime.message_domain)
+            )
+    results.put((planned, own_cpu() - start))
+
+
+def empty_ledger(url: str) -> None:
+    engine = db.make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE deliveries, subscriber_events"))
+        conn.execute(text("ANALYZE deliveries"))
+    engine.dispose()
+
+
+def run_before(runtime: Any, digest_id: int, now: dt.datetime) -> tuple[float, float]:
+    old = old_pipeline()
+    composer = old.composer_of(runtime, digest_id, {})
+    start, clock = own_cpu(), time.perf_counter()
+    old.dispatch(
+        runtime.session_factory,
+        digest_id,
+        now=now,
+        page_size=PAGE_SIZE,
+        stale_after=runtime.policy.stale_after,
+        message_domain=runtime.message_domain,
+        composer=composer,
+        enqueue=lambda ids: None,
+    )
+    return time.perf_counter() - clock, own_cpu() - start
+
+
+def run_sharded(runtime: Any, digest_id: int, now: dt.datetime, processes: int) -> tuple[float, float]:
+    """Seconds from the first page handed out to the last planned, and the planners' CPU."""
+    from digest import pipeline
+
+    context = mp.get_context("spawn")  # fresh processes, as Celery's pool children are
+    pages, results = context.Queue(), context.Queue()
+    children = [context.Process(target=planner, args=(digest_id, pages, results)) for _ in range(processes)]
+    for child in children:
+        child.start()
+    for _ in children:
+        assert results.get() == "ready"
+    start = time.perf_counter()
+    pipeline.dispatch(
+        runtime.session_factory,
+        digest_id,
+        now=now,
+        page_size=PAGE_SIZE,
+        stale_after=runtime.policy.stale_after,
+        message_domain=runtime.message_domain,
+        composer=None,
+        enqueue=lambda ids: None,
+        hand_out=pages.put,
+    )
+    for _ in children:
+        pages.put(None)
+    outcome = [results.get() for _ in children]
+    for child in children:
+        child.join()
+    return time.perf_counter() - start, sum(cpu for _, cpu in outcome)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100_000, help="active subscribers")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--no-before", action="store_true", help="skip the single-task reference")
+    args = parser.parse_args()
+
+    postgres, api = Postgres(), PapersAPI().start()
+    name = f"digest_bench_planning_{os.getpid()}"
+    url = postgres.create_database(name)
+    try:
+        db.upgrade(url)
+        insert_subscribers(url, args.n)
+        env = digest_env(
+            environment="test",
+            database_url=url,
+            papers_api_url=api.url,
+            secret_key="bench-secret-key-0123456789abcdef0123",
+            base_url="https://papers.example.org",
+            mail_from="Daily Papers <papers@example.org>",
+            inbound_address="papers@example.org",
+            batch_size=PAGE_SIZE,
+        )
+        subprocess.run([str(BIN / "digest"), "collect", "--date", DAY], env=env, check=True, capture_output=True)
+        os.environ.clear()
+        os.environ.update(env)  # the spawned planners read the same settings
+
+        from digest.models import Digest, utcnow
+        from digest.runtime import Runtime
+        from digest.settings import get_settings
+
+        runtime = Runtime(get_settings())
+        with runtime.session_factory() as session:
+            digest_id = session.query(Digest.id).filter(Digest.date == dt.date.fromisoformat(DAY)).scalar()
+        configurations: list[tuple[str, int]] = [] if args.no_before else [("before", 1)]
+        configurations += [(f"{p} processes", p) for p in args.processes]
+        figures: dict[str, dict[str, float]] = {}
+        for label, processes in configurations:
+            empty_ledger(url)
+            now = utcnow()
+            pg_before = postgres_cpu()
+            if label == "before":
+                wall, cpu = run_before(runtime, digest_id, now)
+            else:
+                wall, cpu = run_sharded(runtime, digest_id, now, processes)
+            pg = postgres_cpu() - pg_before  # includes the planners' start-up: a little high
+            with runtime.session_factory() as session:
+                rows = session.scalar(text("SELECT count(*) FROM deliveries"))
+            assert rows == args.n, f"{label}: {rows} rows for {args.n} subscribers"
+            figures[label] = {
+                "processes": processes,
+                "seconds": round(wall, 2),
+                "per_second": round(args.n / wall),
+                "planner_cpu_ms_per_subscriber": round(1000 * cpu / args.n, 3),
+                "postgres_cpu_ms_per_subscriber": round(1000 * pg / args.n, 3),
+            }
+            print(json.dumps({"n": args.n, "configuration": label, **figures[label]}), flush=True)
+        one = figures.get("1 processes")
+        if one is not None:
+            ratios = {label: round(f["per_second"] / one["per_second"], 2) for label, f in figures.items()}
+            print(json.dumps({"n": args.n, "ratio_to_one_process": ratios}), flush=True)
+        runtime.dispose()
+    finally:
+        api.stop()
+        postgres.drop_database(name)
+
+
+if __name__ == "__main__":
+    main()
