@@ -80,7 +80,7 @@ def test_bad_rows_by_line_and_a_non_utf8_line(any_session: Session) -> None:
         b"ok@example.org,daily,UTC,9,\n"  # 2
         b"not-an-address,daily,UTC,9,\n"  # 3
         b"caf\xe9@example.org,daily,UTC,9,\n"  # 4: Latin-1, not UTF-8
-        b"f@example.org,monthly,UTC,9,\n"  # 5
+        b"f@example.org,hourly,UTC,9,\n"  # 5
         b"z@example.org,daily,Mars/Olympus,9,\n"  # 6
         b"h@example.org,daily,UTC,24,\n"  # 7
         b"\n"
@@ -93,7 +93,7 @@ def test_bad_rows_by_line_and_a_non_utf8_line(any_session: Session) -> None:
     by_line = {r.line: r.reason for r in result.refused}
     assert sorted(by_line) == [3, 4, 5, 6, 7, 9, 10, 11], by_line
     assert "not UTF-8" in by_line[4] and "0xe9" in by_line[4]
-    assert "monthly" in by_line[5] and "Mars/Olympus" in by_line[6] and "hour" in by_line[7]
+    assert "hourly" in by_line[5] and "Mars/Olympus" in by_line[6] and "hour" in by_line[7]
     assert "line 2" in by_line[9]
     assert [r[0] for r in rows(any_session)] == ["last@example.org", "ok@example.org"]
     assert result.imported == 2
