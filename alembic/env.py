@@ -6,8 +6,8 @@ import os
 
 from alembic import context
 
-from digest.db import make_engine
-from digest.models import Base
+from digest.core.db import make_engine
+from digest.core.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -4,7 +4,7 @@ Both remove one day's ledger rows (N subscribers) from a ledger holding D days, 
 writer keeps updating rows of the newest day the way sending does (claims and records, 100
 rows a statement); the writer's latency shows whether removing old rows gets in sending's way.
 
-* **batched deletes**: ``digest.compaction.compact`` on the real ``deliveries`` table (5 000
+* **batched deletes**: ``digest.delivery.compaction.compact`` on the real ``deliveries`` table (5 000
   rows a transaction, counted into ``delivery_counts``), then its VACUUM.
 * **partitions**: the same rows in a copy of the table partitioned by day (``PARTITION BY
   RANGE``, one partition a day, the same indexes); the day's counts read with one GROUP BY,
@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import Engine, text  # noqa: E402
 
 from bench.year import FIRST_DAY, add_subscribers, weekdays, write_day  # noqa: E402
-from digest import db  # noqa: E402
-from digest.compaction import compact  # noqa: E402
+from digest.core import db  # noqa: E402
+from digest.delivery.compaction import compact  # noqa: E402
 from tests.support.servers import Postgres  # noqa: E402
 
 

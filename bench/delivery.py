@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import text  # noqa: E402
 
-from digest import db  # noqa: E402
+from digest.core import db  # noqa: E402
 from tests.support.processes import BIN, Process, digest_env, procfile_command  # noqa: E402
 from tests.support.servers import PapersAPI, Postgres, free_port, port_open  # noqa: E402
 
@@ -106,8 +106,8 @@ def insert_readers(url: str, n: int, fraction: float) -> int:
     import numpy as np
     import psycopg
 
-    from digest.embedding import load_embedder, to_blob
-    from digest.papers import SAMPLE_DATES, load_sample
+    from digest.papers.embedding import load_embedder, to_blob
+    from digest.papers.source import SAMPLE_DATES, load_sample
 
     titles = [item["paper"]["title"] for day in SAMPLE_DATES for item in load_sample(day) or []]
     embedder = load_embedder()

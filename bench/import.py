@@ -1,4 +1,4 @@
-"""Rows per second of ``digest subscribers import`` (digest.importing) against PostgreSQL, with
+"""Rows per second of ``digest subscribers import`` (digest.subscribers.importing) against PostgreSQL, with
 the reference measured in the same run: a plain ``COPY … FROM STDIN (FORMAT csv)`` of the same
 file into a bare table of the same columns (no validation, no index, no merge: the floor).
 
@@ -26,9 +26,10 @@ sys.path.insert(0, str(ROOT))
 
 import psycopg  # noqa: E402
 
-from digest import db, importing  # noqa: E402
-from digest.models import utcnow  # noqa: E402
-from digest.tokens import Tokens  # noqa: E402
+from digest.core import db  # noqa: E402
+from digest.core.models import utcnow  # noqa: E402
+from digest.rendering.tokens import Tokens  # noqa: E402
+from digest.subscribers import importing  # noqa: E402
 from tests.support.servers import Postgres  # noqa: E402
 
 ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Asia/Tokyo"]

@@ -27,10 +27,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from digest import db  # noqa: E402
-from digest.metrics import ledger_figures  # noqa: E402
-from digest.reputation import PauseRules  # noqa: E402
-from digest.runtime import Runtime  # noqa: E402
+from digest.core import db  # noqa: E402
+from digest.delivery.reputation import PauseRules  # noqa: E402
+from digest.operations.metrics import ledger_figures  # noqa: E402
+from digest.orchestration.runtime import Runtime  # noqa: E402
 from digest.web.app import create_app  # noqa: E402
 from tests.conftest import TEST_SECRET  # noqa: E402
 from tests.support.servers import Postgres, Redis, free_port  # noqa: E402
@@ -123,8 +123,8 @@ def timed(call: object, repeat: int) -> tuple[float, float]:
 
 
 def run(ledger: int, days: int, repeat: int, postgres: Postgres, redis_url: str) -> dict[str, object]:
-    from digest.models import utcnow
-    from digest.settings import Settings
+    from digest.core.models import utcnow
+    from digest.core.settings import Settings
 
     name = f"digest_bench_metrics_{ledger}"
     url = postgres.create_database(name)

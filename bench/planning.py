@@ -4,10 +4,10 @@ planner processes, against the single-task planning of before, in the same run.
 N active subscribers with varied topics in PostgreSQL (a database of its own) and the recorded
 2026-04-16 edition. Each configuration starts from an empty ledger:
 
-* ``before``: the single-task planning as it was before sharding (``digest.pipeline.dispatch``
+* ``before``: the single-task planning as it was before sharding (``digest.orchestration.pipeline.dispatch``
   at commit f9d5888, loaded from git), one process walking and planning every page;
-* ``P processes``: this process hands the pages out (``digest.pipeline.dispatch`` with
-  ``hand_out``) to P spawned processes, each calling ``digest.pipeline.plan_page`` in its own
+* ``P processes``: this process hands the pages out (``digest.orchestration.pipeline.dispatch`` with
+  ``hand_out``) to P spawned processes, each calling ``digest.orchestration.pipeline.plan_page`` in its own
   transaction with its own cached composer, as a ``digest.plan_page`` task does.
 
 No Celery and no SMTP: the figure is planning alone (a Celery task adds one Redis round trip
@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import text  # noqa: E402
 
 from bench.delivery import DAY, insert_subscribers  # noqa: E402
-from digest import db  # noqa: E402
+from digest.core import db  # noqa: E402
 from tests.support.processes import BIN, digest_env  # noqa: E402
 from tests.support.servers import PapersAPI, Postgres  # noqa: E402
 
@@ -54,13 +54,17 @@ PAGE_SIZE = 500
 def old_pipeline() -> ModuleType:
     """``digest/pipeline.py`` as it was at ``BEFORE`` (the ledger functions it calls are kept)."""
     source = subprocess.run(
-        ["git", "show", f"{BEFORE}:digest/pipeline.py"], cwd=ROOT, check=True, capture_output=True, text=True
+        ["git", "show", f"{BEFORE}:digest/pipeline.py"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     spec = importlib.util.spec_from_loader("bench_old_pipeline", loader=None)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
-    exec(compile(source, "old digest/pipeline.py", "exec"), module.__dict__)
+    exec(compile(source, "old digest/orchestration/pipeline.py", "exec"), module.__dict__)
     return module
 
 
@@ -82,10 +86,10 @@ def own_cpu() -> float:
 
 def planner(digest_id: int, pages: Any, results: Any) -> None:
     """One planner process: pages from the queue until ``None``, each its own transaction."""
-    from digest import pipeline
-    from digest.db import transaction
-    from digest.runtime import Runtime
-    from digest.settings import get_settings
+    from digest.core.db import transaction
+    from digest.core.settings import get_settings
+    from digest.orchestration import pipeline
+    from digest.orchestration.runtime import Runtime
 
     runtime = Runtime(get_settings())
     composers: dict[int, Any] = {}
@@ -130,7 +134,7 @@ def run_before(runtime: Any, digest_id: int, now: dt.datetime) -> tuple[float, f
 
 def run_sharded(runtime: Any, digest_id: int, now: dt.datetime, processes: int) -> tuple[float, float]:
     """Seconds from the first page handed out to the last planned, and the planners' CPU."""
-    from digest import pipeline
+    from digest.orchestration import pipeline
 
     context = mp.get_context("spawn")  # fresh processes, as Celery's pool children are
     pages, results = context.Queue(), context.Queue()
@@ -186,9 +190,9 @@ def main() -> None:
         os.environ.clear()
         os.environ.update(env)  # the spawned planners read the same settings
 
-        from digest.models import Digest, utcnow
-        from digest.runtime import Runtime
-        from digest.settings import get_settings
+        from digest.core.models import Digest, utcnow
+        from digest.core.settings import get_settings
+        from digest.orchestration.runtime import Runtime
 
         runtime = Runtime(get_settings())
         with runtime.session_factory() as session:

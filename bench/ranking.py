@@ -32,10 +32,11 @@ import time
 
 import numpy as np
 
-from digest.embedding import load_embedder
-from digest.models import Paper
-from digest.papers import SAMPLE_DATES, load_sample, parse_items
-from digest.ranking import (
+from digest.core.models import Paper
+from digest.core.text import parse_terms
+from digest.papers.embedding import load_embedder
+from digest.papers.source import SAMPLE_DATES, load_sample, parse_items
+from digest.ranking.ranker import (
     Candidate,
     Profile,
     Ranker,
@@ -44,7 +45,6 @@ from digest.ranking import (
     candidate_text,
     trending_order,
 )
-from digest.text import parse_terms
 
 EDITION_SIZE = 100
 PAGE = 500  # DIGEST_BATCH_SIZE's default: the dispatcher plans (and learns readers) a page at a time

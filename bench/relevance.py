@@ -49,10 +49,13 @@ from typing import Any
 
 import numpy as np
 
-from digest.embedding import Embedder, load_embedder, paper_text
-from digest.models import Paper
-from digest.papers import SAMPLE_DATES, load_sample, parse_items
-from digest.ranking import (
+from digest.core.models import Paper
+from digest.core.settings import Settings
+from digest.core.text import parse_terms
+from digest.orchestration.runtime import Runtime
+from digest.papers.embedding import Embedder, load_embedder, paper_text
+from digest.papers.source import SAMPLE_DATES, load_sample, parse_items
+from digest.ranking.ranker import (
     Candidate,
     Profile,
     Ranker,
@@ -61,9 +64,6 @@ from digest.ranking import (
     candidate_of,
     trending_order,
 )
-from digest.runtime import Runtime
-from digest.settings import Settings
-from digest.text import parse_terms
 
 LABELS = Path(__file__).with_name("relevance_labels.json")
 # Bench-only recorded days (not shipped in the wheel), see bench/data/README.md.

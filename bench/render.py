@@ -1,7 +1,7 @@
 """Per-message cost of rendering and building a 15-paper digest, against the straightforward way.
 
 The straightforward reference renders the templates with Jinja, inlines the stylesheet with
-css-inline and serialises an ``EmailMessage`` for every message (what digest.rendering did
+css-inline and serialises an ``EmailMessage`` for every message (what digest.rendering.emails did
 before). Our path renders and inlines once per shared rendering and fills in personal links.
 
     .venv/bin/python bench/render.py [--messages 2000]
@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import asdict
 from email.message import EmailMessage
 
-from digest.models import Paper
-from digest.papers import load_sample, parse_items
-from digest.rendering import (
+from digest.core.models import Paper
+from digest.papers.source import load_sample, parse_items
+from digest.rendering.emails import (
     TEMPLATE_OF,
     DigestContext,
     EmailRenderer,

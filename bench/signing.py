@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 import dkim  # noqa: E402
 
-from digest.dkim import SIGNED_HEADERS, DkimSigner  # noqa: E402
-from digest.rendering import EmailRenderer  # noqa: E402
+from digest.rendering.emails import EmailRenderer  # noqa: E402
+from digest.transport.dkim import SIGNED_HEADERS, DkimSigner  # noqa: E402
 from tests.support.emails import digest_bytes  # noqa: E402
 
 

@@ -3,7 +3,7 @@
 N daily subscribers x D weekdays. Each simulated weekday writes one edition's ledger rows the
 way sending does (planned as pending with ten paper ids, a topic reason for a third of readers
 and the Message-ID; claimed; recorded as sent with the server's reply), then runs the daily compaction exactly as beat
-does (``digest.compaction.compact`` with its VACUUM) with ``--retention`` days. Every
+does (``digest.delivery.compaction.compact`` with its VACUUM) with ``--retention`` days. Every
 ``--every`` days it prints the ledger's size on disk (deliveries with their indexes, plus the
 counts table) per subscriber. The reference, measured in the same run: the size per
 subscriber just before compaction first removed anything, extrapolated linearly to D days,
@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import text  # noqa: E402
 
-from digest import db  # noqa: E402
-from digest.compaction import compact  # noqa: E402
+from digest.core import db  # noqa: E402
+from digest.delivery.compaction import compact  # noqa: E402
 from tests.support.servers import Postgres  # noqa: E402
 
 FIRST_DAY = dt.date(2026, 1, 5)  # a Monday

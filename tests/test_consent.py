@@ -16,8 +16,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.orm import Session
 
-from digest import subscriptions
-from digest.consent import (
+from digest.core.db import transaction
+from digest.core.errors import DigestError, InvalidToken
+from digest.core.models import Delivery, Digest, DigestKind, SubscriberStatus, utcnow
+from digest.orchestration.runtime import Runtime
+from digest.rendering.tokens import Purpose
+from digest.subscribers import subscriptions
+from digest.subscribers.consent import (
     ERASED,
     EVERY_STATE,
     OPTED_OUT_STATES,
@@ -29,11 +34,6 @@ from digest.consent import (
     Suppressed,
     next_status,
 )
-from digest.db import transaction
-from digest.errors import DigestError, InvalidToken
-from digest.models import Delivery, Digest, DigestKind, SubscriberStatus, utcnow
-from digest.runtime import Runtime
-from digest.tokens import Purpose
 
 NOT_THE_PERSONS_OPT_IN = [(action, actor) for action in Action for actor in Actor if actor is not Actor.OPT_IN]
 

@@ -10,9 +10,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
 
-from digest import db
-from digest.models import Base
-from digest.runtime import Runtime
+from digest.core import db
+from digest.core.models import Base
+from digest.orchestration.runtime import Runtime
 from tests.support.postgres_url import fresh_database
 from tests.support.processes import digest_env, run_cli
 from tests.support.servers import Postgres

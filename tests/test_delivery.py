@@ -12,12 +12,12 @@ import pytest
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from digest.db import transaction
+from digest.core.db import transaction
+from digest.core.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
 from digest.delivery.ledger import claim
-from digest.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
-from digest.pipeline import collect_day, composer_of, dispatch, run_inprocess, send_batch, sweep
-from digest.runtime import Runtime
-from digest.subscriptions import add_confirmed, unsubscribe
+from digest.orchestration.pipeline import collect_day, composer_of, dispatch, run_inprocess, send_batch, sweep
+from digest.orchestration.runtime import Runtime
+from digest.subscribers.subscriptions import add_confirmed, unsubscribe
 from tests.support.servers import SMTPSink
 
 DAY = dt.date(2024, 10, 25)
@@ -178,8 +178,8 @@ def test_a_latched_pause_stops_the_run_until_an_operator_resumes_it(
 ) -> None:
     import pytest
 
-    from digest import reputation
-    from digest.errors import SendingPaused
+    from digest.core.errors import SendingPaused
+    from digest.delivery import reputation
 
     emails = people(runtime, 3)
     with transaction(runtime.session_factory) as s:
@@ -243,7 +243,7 @@ def test_a_slow_batch_keeps_its_leases_so_no_one_else_sends_it(runtime: Runtime,
 
 
 def test_erasing_someone_with_a_queued_digest_lets_the_run_finish(runtime: Runtime, smtp: SMTPSink) -> None:
-    from digest.subscriptions import erase, get_by_email
+    from digest.subscribers.subscriptions import erase, get_by_email
 
     emails = people(runtime, 2)
     digest_id = prepare(runtime, emails)
@@ -256,8 +256,8 @@ def test_erasing_someone_with_a_queued_digest_lets_the_run_finish(runtime: Runti
 
 
 def test_two_dispatchers_planning_the_same_page_both_succeed_once(runtime: Runtime, smtp: SMTPSink) -> None:
+    from digest.core.models import Digest
     from digest.delivery.ledger import plan_deliveries
-    from digest.models import Digest
 
     emails = people(runtime, 3)
     digest_id = prepare(runtime, emails)  # plans everyone once
@@ -289,7 +289,7 @@ def test_the_sweep_closes_stale_rows_even_while_sending_is_paused(
 def test_papers_are_chosen_at_planning_and_survive_a_rebuilt_edition(
     runtime: Runtime, smtp: SMTPSink, session: Session
 ) -> None:
-    from digest.models import DigestItem, Paper
+    from digest.core.models import DigestItem, Paper
 
     (email,) = people(runtime, 1)
     digest_id = prepare(runtime, [email])
@@ -312,7 +312,7 @@ def test_papers_are_chosen_at_planning_and_survive_a_rebuilt_edition(
 def test_someone_with_nothing_new_gets_a_skipped_row_and_no_mail(
     runtime: Runtime, smtp: SMTPSink, session: Session
 ) -> None:
-    from digest.models import Digest, DigestItem, DigestKind
+    from digest.core.models import Digest, DigestItem, DigestKind
 
     emails = people(runtime, 2)
     with runtime.papers_client() as client, transaction(runtime.session_factory) as s:

@@ -14,13 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from digest.db import transaction
-from digest.dkim import DkimConfigError, DkimSigner, relaxed_body
-from digest.models import utcnow
-from digest.pipeline import run_inprocess
-from digest.rendering import EmailRenderer
-from digest.runtime import Runtime
-from digest.subscriptions import add_confirmed
+from digest.core.db import transaction
+from digest.core.models import utcnow
+from digest.orchestration.pipeline import run_inprocess
+from digest.orchestration.runtime import Runtime
+from digest.rendering.emails import EmailRenderer
+from digest.subscribers.subscriptions import add_confirmed
+from digest.transport.dkim import DkimConfigError, DkimSigner, relaxed_body
 from tests.conftest import make_settings
 from tests.support.emails import digest_bytes, html_of, parse, strip_style_blocks
 from tests.support.servers import PapersAPI, SMTPSink

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from digest import feedback
-from digest.db import transaction
-from digest.embedding import from_blob, load_embedder
-from digest.models import Paper, PaperEmbedding, PaperMark, ReaderProfile, Subscriber, utcnow
-from digest.pipeline import run_inprocess
-from digest.ranking import Candidate, Profile, Ranker
-from digest.runtime import Runtime
-from digest.subscriptions import add_confirmed
+from digest.core.db import transaction
+from digest.core.models import Paper, PaperEmbedding, PaperMark, ReaderProfile, Subscriber, utcnow
+from digest.orchestration.pipeline import run_inprocess
+from digest.orchestration.runtime import Runtime
+from digest.papers.embedding import from_blob, load_embedder
+from digest.ranking.ranker import Candidate, Profile, Ranker
+from digest.subscribers import feedback
+from digest.subscribers.subscriptions import add_confirmed
 from digest.web.app import create_app
 from tests.conftest import make_settings
 from tests.e2e.test_teaching import papers_of, text_part
@@ -182,7 +182,7 @@ def test_preferences_list_undo_examples_follows_and_reset(site: tuple[Runtime, s
 def test_papers_stored_before_vectors_existed_get_them_when_an_edition_is_loaded(
     site: tuple[Runtime, str], smtp: SMTPSink
 ) -> None:
-    from digest.papers import load_sample, parse_items, store_papers
+    from digest.papers.source import load_sample, parse_items, store_papers
 
     runtime, _ = site
     with transaction(runtime.session_factory) as session:
@@ -202,7 +202,7 @@ def test_papers_stored_before_vectors_existed_get_them_when_an_edition_is_loaded
 
 
 def test_less_like_this_alone_pushes_similar_papers_down() -> None:
-    from digest.ranking import Reader
+    from digest.ranking.ranker import Reader
 
     texts = [
         "Video diffusion models that generate long clips",
@@ -224,7 +224,7 @@ def test_less_like_this_alone_pushes_similar_papers_down() -> None:
 def test_a_readers_digest_is_the_same_whoever_shares_their_page() -> None:
     """Planning ranks a page's taught readers together (one product, one sort for all): each
     must get exactly the papers and reasons they get when ranked alone."""
-    from digest.ranking import Reader
+    from digest.ranking.ranker import Reader
 
     rng = np.random.default_rng(11)
     texts = [f"paper {i} about {word}" for i, word in enumerate(["diffusion", "agents", "speech", "robots"] * 8)]

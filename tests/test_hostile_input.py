@@ -14,13 +14,13 @@ from itsdangerous import URLSafeSerializer
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from digest import subscriptions
-from digest.db import transaction
-from digest.mailin import Kind, classify, config_from
-from digest.models import Delivery, Paper, utcnow
-from digest.pipeline import run_inprocess
-from digest.runtime import Runtime
-from digest.tokens import Purpose
+from digest.core.db import transaction
+from digest.core.models import Delivery, Paper, utcnow
+from digest.mailin.classify import Kind, classify, config_from
+from digest.orchestration.pipeline import run_inprocess
+from digest.orchestration.runtime import Runtime
+from digest.rendering.tokens import Purpose
+from digest.subscribers import subscriptions
 from digest.web.app import create_app
 from tests.support.servers import PapersAPI, SMTPSink
 

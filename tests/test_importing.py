@@ -13,12 +13,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from digest import importing, subscriptions
-from digest.db import make_engine, make_session_factory, transaction
-from digest.models import Frequency, Subscriber, SubscriberStatus, utcnow
-from digest.runtime import Runtime
-from digest.settings import Settings
-from digest.tokens import Tokens
+from digest.core.db import make_engine, make_session_factory, transaction
+from digest.core.models import Frequency, Subscriber, SubscriberStatus, utcnow
+from digest.core.settings import Settings
+from digest.orchestration.runtime import Runtime
+from digest.rendering.tokens import Tokens
+from digest.subscribers import importing, subscriptions
 from tests.conftest import TEST_SECRET
 from tests.web.conftest import snapshot, subscriber
 from tests.web.test_cli_subscribers import digest
@@ -209,8 +209,8 @@ ADDRESSES = [
 
 @pytest.mark.parametrize("raw", ADDRESSES)
 def test_the_import_normalises_addresses_exactly_as_the_web_does(raw: str) -> None:
-    from digest.addresses import normalise_address
-    from digest.errors import InvalidAddress
+    from digest.core.addresses import normalise_address
+    from digest.core.errors import InvalidAddress
 
     try:
         expected: str | type[Exception] = normalise_address(raw)

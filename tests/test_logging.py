@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from digest.logging_setup import configure_logging, log_context
-from digest.settings import Settings
+from digest.core.logging_setup import configure_logging, log_context
+from digest.core.settings import Settings
 from tests.support.processes import run_cli, settings_env
 from tests.support.servers import PapersAPI
 
@@ -54,5 +54,5 @@ def test_the_cli_logs_json_lines(settings: Settings, papers_api: PapersAPI) -> N
     result = run_cli(["-v", "collect", "--date", "2024-10-25"], env)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stderr.splitlines()]
-    retry = [r for r in records if r["logger"] == "digest.papers"]
+    retry = [r for r in records if r["logger"] == "digest.papers.source"]
     assert retry and "503" in retry[0]["message"] and retry[0]["level"] == "INFO"

@@ -8,7 +8,7 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from digest.mailer import SMTPConfig, SMTPConnection, data_payload
+from digest.transport.mailer import SMTPConfig, SMTPConnection, data_payload
 from tests.support.servers import SMTPSink
 
 

@@ -9,12 +9,12 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from digest.db import transaction
-from digest.errors import UpstreamError
-from digest.models import Digest, Paper
-from digest.papers import PapersClient, parse_items
-from digest.pipeline import collect_day, run_inprocess
-from digest.runtime import Runtime
+from digest.core.db import transaction
+from digest.core.errors import UpstreamError
+from digest.core.models import Digest, Paper
+from digest.orchestration.pipeline import collect_day, run_inprocess
+from digest.orchestration.runtime import Runtime
+from digest.papers.source import PapersClient, parse_items
 from tests.support.servers import PapersAPI, SMTPSink, load_recorded
 
 OLD_DAY = dt.date(2024, 10, 25)
@@ -171,8 +171,8 @@ def test_links_with_control_characters_or_other_schemes_are_dropped() -> None:
 
 
 def test_an_empty_day_sends_no_digest_and_says_so(runtime: Runtime, smtp: SMTPSink, session: Session) -> None:
-    from digest.models import utcnow
-    from digest.subscriptions import add_confirmed
+    from digest.core.models import utcnow
+    from digest.subscribers.subscriptions import add_confirmed
 
     with transaction(runtime.session_factory) as s:
         add_confirmed(s, runtime.tokens, "reader@example.com", now=utcnow())

@@ -13,14 +13,14 @@ import time_machine
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from digest import pipeline, schedule
-from digest.db import transaction
-from digest.models import Digest, DigestKind, Frequency, Subscriber, SubscriberStatus, utcnow
-from digest.ranking import Candidate, Profile, Ranker, analyse
-from digest.runtime import Runtime
+from digest.core.db import transaction
+from digest.core.models import Digest, DigestKind, Frequency, Subscriber, SubscriberStatus, utcnow
+from digest.orchestration import pipeline, schedule
+from digest.orchestration.runtime import Runtime
+from digest.ranking.ranker import Candidate, Profile, Ranker, analyse
 from tests.support.servers import SMTPSink
 
-SAMPLES = Path(__file__).resolve().parents[1] / "digest" / "sample_data"
+SAMPLES = Path(__file__).resolve().parents[1] / "digest" / "papers" / "sample_data"
 THURSDAY = dt.date(2026, 4, 16)
 OLD_DAY = dt.date(2024, 10, 25)
 
@@ -286,7 +286,7 @@ def test_marks_of_another_field_lead_topics_that_do_not_explain_them() -> None:
     like the marked ones come ahead of the 3D papers the twin (same topics, no marks) gets first."""
     import numpy as np
 
-    from digest.ranking import Reader
+    from digest.ranking.ranker import Reader
 
     def unit(*weights: float) -> np.ndarray:
         vector = np.array([*weights, 0.0, 0.0, 0.0, 0.0][:6], dtype=np.float32)

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import time_machine
 
+from digest.core.models import Delivery, DigestKind, Frequency, Subscriber
 from digest.delivery.composer import DigestComposer
-from digest.links import Links
-from digest.models import Delivery, DigestKind, Frequency, Subscriber
-from digest.ranking import Candidate, Ranker
-from digest.rendering import (
+from digest.ranking.ranker import Candidate, Ranker
+from digest.rendering.emails import (
     ConfirmContext,
     EmailRenderer,
     PaperView,
@@ -25,7 +24,8 @@ from digest.rendering import (
     build_message,
     message_bytes,
 )
-from digest.tokens import Tokens
+from digest.rendering.links import Links
+from digest.rendering.tokens import Tokens
 from tests.conftest import TEST_SECRET
 from tests.support.emails import (
     BASE,
@@ -220,7 +220,7 @@ def test_golden_digest_message() -> None:
 
 
 def test_an_internationalised_address_stays_an_address_in_to() -> None:
-    from digest.rendering import Envelope, RenderedEmail, message_bytes
+    from digest.rendering.emails import Envelope, RenderedEmail, message_bytes
 
     envelope = Envelope(
         mail_from="Daily Papers <papers@example.org>",

@@ -8,11 +8,11 @@ from collections import defaultdict
 
 from sqlalchemy import select
 
-from digest import schedule
-from digest.db import transaction
+from digest.core.db import transaction
+from digest.core.models import Delivery, Digest, DigestKind, Frequency, Paper, Subscriber
 from digest.delivery.composer import build_digest
-from digest.models import Delivery, Digest, DigestKind, Frequency, Paper, Subscriber
-from digest.runtime import Runtime
+from digest.orchestration import schedule
+from digest.orchestration.runtime import Runtime
 from tests.support.servers import SMTPSink
 from tests.test_ranking import THURSDAY, add_subscriber, collect, deliver_due, papers_in_text
 

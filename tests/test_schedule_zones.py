@@ -11,10 +11,10 @@ from zoneinfo import ZoneInfo
 import time_machine
 from sqlalchemy import select
 
-from digest import schedule
-from digest.db import transaction
-from digest.models import Digest, DigestKind, Frequency
-from digest.runtime import Runtime
+from digest.core.db import transaction
+from digest.core.models import Digest, DigestKind, Frequency
+from digest.orchestration import schedule
+from digest.orchestration.runtime import Runtime
 from tests.test_ranking import add_subscriber
 from tests.test_schedule import add_papers, utc
 

@@ -11,11 +11,11 @@ from email.message import EmailMessage
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from digest.db import transaction
-from digest.models import Delivery, DeliveryStatus, Digest, DigestItem, Subscriber, utcnow
-from digest.pipeline import run_inprocess
-from digest.runtime import Runtime
-from digest.subscriptions import add_confirmed
+from digest.core.db import transaction
+from digest.core.models import Delivery, DeliveryStatus, Digest, DigestItem, Subscriber, utcnow
+from digest.orchestration.pipeline import run_inprocess
+from digest.orchestration.runtime import Runtime
+from digest.subscribers.subscriptions import add_confirmed
 from tests.support.servers import SMTPSink
 
 DAY = dt.date(2024, 10, 25)

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from digest import heartbeat, reputation
-from digest.db import transaction
-from digest.models import utcnow
-from digest.pipeline import collect_if_needed, composer_of, dispatch, run_inprocess
-from digest.runtime import Runtime
-from digest.settings import Settings
-from digest.subscriptions import add_confirmed
+from digest.core.db import transaction
+from digest.core.models import utcnow
+from digest.core.settings import Settings
+from digest.delivery import reputation
+from digest.operations import heartbeat
+from digest.orchestration.pipeline import collect_if_needed, composer_of, dispatch, run_inprocess
+from digest.orchestration.runtime import Runtime
+from digest.subscribers.subscriptions import add_confirmed
 from tests.support.processes import Process, procfile_command, run_cli, settings_env, start_worker
 from tests.support.servers import PapersAPI, load_recorded, wait_until
 

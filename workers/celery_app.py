@@ -6,7 +6,7 @@ from celery import Celery
 from celery.schedules import crontab
 from celery.signals import after_setup_logger, after_setup_task_logger
 
-from digest.settings import get_settings
+from digest.core.settings import get_settings
 
 settings = get_settings()
 broker = settings.redis_url or "memory://"
@@ -45,7 +45,7 @@ app.conf.update(
         # The API fills a day during that day (UTC); collect a few times so late papers count.
         "collect-latest": {"task": "digest.collect_latest", "schedule": crontab(minute=15, hour="*/3")},
         # Local hours start on the quarter hour somewhere (+5:30, +5:45, +12:45): every five
-        # minutes (digest.schedule.TICK), each run planning what became due since the last and
+        # minutes (digest.orchestration.schedule.TICK), each run planning what became due since the last and
         # what a late or missed run left, so H:00 local is kept to within 10 minutes everywhere.
         "dispatch-due": {"task": "digest.dispatch_due", "schedule": crontab(minute="*/5")},
         "sweep": {"task": "digest.sweep", "schedule": 60.0},
@@ -59,7 +59,7 @@ app.conf.update(
 if settings.log_format == "json":
     from typing import Any
 
-    from digest.logging_setup import reformat
+    from digest.core.logging_setup import reformat
 
     # Keep Celery's handlers and levels; only the lines become JSON objects.
     @after_setup_logger.connect

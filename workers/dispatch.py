@@ -26,13 +26,13 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from digest import pipeline
+from digest.core.errors import DigestError
+from digest.core.models import Digest, utcnow
+from digest.core.outages import Outages
 from digest.delivery.ledger import counts_by_status, failure_reasons, open_count, unplanned_due
-from digest.errors import DigestError
-from digest.models import Digest, utcnow
-from digest.outages import Outages
-from digest.pipeline import RunSummary
-from digest.runtime import Runtime
+from digest.orchestration import pipeline
+from digest.orchestration.pipeline import RunSummary
+from digest.orchestration.runtime import Runtime
 from workers import tasks
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from typing import Any
 import redis
 from celery.beat import PersistentScheduler
 
-from digest import heartbeat
-from digest.settings import get_settings
+from digest.core.settings import get_settings
+from digest.operations import heartbeat
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,15 @@ from typing import Any
 from celery import Task
 from sqlalchemy.exc import OperationalError
 
-from digest import pipeline
-from digest.db import transaction
+from digest.core.db import transaction
+from digest.core.errors import UpstreamError
+from digest.core.logging_setup import log_context
+from digest.core.models import utcnow
+from digest.core.settings import get_settings
 from digest.delivery.composer import DigestComposer
 from digest.delivery.ledger import editions_with_open_rows
-from digest.errors import UpstreamError
-from digest.logging_setup import log_context
-from digest.models import utcnow
-from digest.runtime import Runtime
-from digest.settings import get_settings
+from digest.orchestration import pipeline
+from digest.orchestration.runtime import Runtime
 from workers.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def plan_page(
 def dispatch_due() -> int:
     """Beat, every five minutes: hand out the pages of the editions of subscribers whose local
     delivery hour has just begun, for the workers to plan."""
-    from digest.schedule import dispatch_due as plan_due
+    from digest.orchestration.schedule import dispatch_due as plan_due
 
     return plan_due(runtime(), utcnow(), enqueue_batch, _composers, hand_out=enqueue_plan)
 
@@ -197,15 +197,15 @@ def poll_imap() -> dict[str, int] | None:
     rt = runtime()
     if not rt.settings.imap_host:
         return None
-    from digest.imap import poll_imap as poll
+    from digest.mailin.imap import poll_imap as poll
 
     return dataclasses.asdict(poll(rt))
 
 
 @app.task(name="digest.compact_ledger", autoretry_for=(OperationalError,), retry_backoff=60, max_retries=3)
 def compact_ledger() -> dict[str, int]:
-    """Beat, daily: reduce old editions' delivery rows to counts (``digest.compaction``)."""
-    from digest.compaction import compact
+    """Beat, daily: reduce old editions' delivery rows to counts (``digest.delivery.compaction``)."""
+    from digest.delivery.compaction import compact
 
     rt = runtime()
     # Bounded well under the visibility timeout; tomorrow's run goes on where this one stopped.

@@ -9,7 +9,9 @@ The parts, each in its own module:
   ``NO_REPEAT_LOOKBACK``) and their rendered message with its fixed ``Message-ID``;
 * ``batch``: the batch sender — claim, render and send one page over one SMTP pool;
 * ``policy``: ``DeliveryPolicy`` and what a failed attempt leads to (retry after backoff, fail,
-  bounce). What a bounce does to the subscriber is ``digest.subscriptions``' to decide.
+  bounce). What a bounce does to the subscriber is ``digest.subscribers.subscriptions``' to decide;
+* ``compaction``: old editions' rows reduced to what the rules still read, the edition closed;
+* ``reputation``: the complaint rate and the self-imposed sending pause above a threshold.
 
 The ledger is the ``deliveries`` table. A delivery is
 

@@ -20,7 +20,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from digest.db import transaction
+from digest.core.db import transaction
+from digest.core.models import Delivery, Subscriber, SubscriberStatus, utcnow
+from digest.core.outages import Outages, log_notify
 from digest.delivery.composer import DigestComposer, recently_sent
 from digest.delivery.ledger import (
     NO_LONGER_ACTIVE,
@@ -34,10 +36,8 @@ from digest.delivery.ledger import (
     withdraw,
 )
 from digest.delivery.policy import DeliveryPolicy
-from digest.limiter import RateLimiter
-from digest.mailer import Mailer, SendError
-from digest.models import Delivery, Subscriber, SubscriberStatus, utcnow
-from digest.outages import Outages, log_notify
+from digest.transport.limiter import RateLimiter
+from digest.transport.mailer import Mailer, SendError
 
 log = logging.getLogger(__name__)
 

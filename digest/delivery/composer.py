@@ -20,13 +20,12 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from digest import feedback
+from digest.core.models import Delivery, DeliveryStatus, Digest, DigestItem, DigestKind, Paper, Subscriber, utcnow
+from digest.core.retention import NO_REPEAT_LOOKBACK
+from digest.core.text import parse_terms
 from digest.delivery.policy import DeliveryPolicy
-from digest.dkim import DkimSigner
-from digest.embedding import Embedder, paper_vectors, topic_vectors
-from digest.links import Links
-from digest.models import Delivery, DeliveryStatus, Digest, DigestItem, DigestKind, Paper, Subscriber, utcnow
-from digest.ranking import (
+from digest.papers.embedding import Embedder, paper_vectors, topic_vectors
+from digest.ranking.ranker import (
     Profile,
     Ranker,
     Reader,
@@ -35,9 +34,10 @@ from digest.ranking import (
     trending_order,
     trending_score,
 )
-from digest.rendering import DigestContext, EmailRenderer, Envelope, PaperView, date_label, message_bytes
-from digest.retention import NO_REPEAT_LOOKBACK
-from digest.text import parse_terms
+from digest.rendering.emails import DigestContext, EmailRenderer, Envelope, PaperView, date_label, message_bytes
+from digest.rendering.links import Links
+from digest.subscribers import feedback
+from digest.transport.dkim import DkimSigner
 
 # Papers in these deliveries count as received (failed and skipped ones never arrived).
 REPEAT_STATUSES = frozenset({DeliveryStatus.SENT, DeliveryStatus.SENDING, DeliveryStatus.PENDING})

@@ -35,10 +35,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from digest.consent import Actor
-from digest.delivery.policy import DeliveryPolicy, is_bounce
-from digest.mailer import SendError
-from digest.models import (
+from digest.core.models import (
     Delivery,
     DeliveryCount,
     DeliveryStatus,
@@ -48,7 +45,10 @@ from digest.models import (
     Subscriber,
     SubscriberStatus,
 )
-from digest.subscriptions import record_bounce
+from digest.delivery.policy import DeliveryPolicy, is_bounce
+from digest.subscribers.consent import Actor
+from digest.subscribers.subscriptions import record_bounce
+from digest.transport.mailer import SendError
 
 if TYPE_CHECKING:
     # Only planning needs the composer (ranking, rendering): imported there, so the many
@@ -568,7 +568,7 @@ def not_planned_for(digest_id: int, subscriber_id: SQLColumnExpression[int]) -> 
     return ~exists().where(Delivery.subscriber_id == subscriber_id, Delivery.digest_id == digest_id)
 
 
-# Compaction (digest.compaction decides when; the rows and their counts are the ledger's).
+# Compaction (digest.delivery.compaction decides when; the rows and their counts are the ledger's).
 
 # An open row that old can never be sent (it is far past its stale limit): it counts as skipped.
 OPEN = (DeliveryStatus.PENDING, DeliveryStatus.SENDING)

@@ -1,11 +1,11 @@
 """The retry and bounce policy: what a failed attempt leads to, and when it is tried again.
 
-The mailer says what happened (``digest.mailer.SendError``): ``permanent`` for an SMTP 5xx,
+The mailer says what happened (``digest.transport.mailer.SendError``): ``permanent`` for an SMTP 5xx,
 temporary for a 4xx or a connection problem, and at which stage, so that only a refusal at
 ``RCPT`` is about the recipient. This module decides what follows from that: a temporary
 failure is retried after an exponential backoff with jitter until ``max_attempts``; a permanent
 one, or the last attempt, fails the delivery. A failure about the recipient is a bounce (hard
-when permanent); what a bounce does to the subscriber is decided in ``digest.subscriptions``.
+when permanent); what a bounce does to the subscriber is decided in ``digest.subscribers.subscriptions``.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import datetime as dt
 import random
 from dataclasses import dataclass
 
-from digest.mailer import SendError
+from digest.transport.mailer import SendError
 
 
 @dataclass(frozen=True)
 class DeliveryPolicy:
     """Picks per digest and their weighing, leases, retries, and the soft-bounce rule that
-    ``digest.subscriptions.record_bounce`` applies (its ``BounceRules``)."""
+    ``digest.subscribers.subscriptions.record_bounce`` applies (its ``BounceRules``)."""
 
     digest_size: int = 10
     max_attempts: int = 6

@@ -11,8 +11,8 @@ link opens a page with one button (scanners fetch links); its POST uses the link
 SameSite=Strict, Secure outside development, good until ``expires_at`` or sign-out. Every form
 POST carries the session's CSRF token.
 
-Everything that changes a subscriber goes through ``digest.subscriptions`` (which asks
-``digest.consent``) and the pause through ``digest.reputation``: the console decides nothing.
+Everything that changes a subscriber goes through ``digest.subscribers.subscriptions`` (which asks
+``digest.subscribers.consent``) and the pause through ``digest.delivery.reputation``: the console decides nothing.
 """
 
 from __future__ import annotations
@@ -33,14 +33,10 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 from starlette.concurrency import run_in_threadpool
 
-from digest import notifications, reputation, subscriptions
-from digest.addresses import normalise_address
-from digest.confirmation_limits import retry_after, source_network
-from digest.consent import ERASED, Action, Actor, NotAllowed, State, next_status
-from digest.db import transaction
-from digest.delivery.ledger import counts_by_status
-from digest.errors import DigestError, InvalidToken
-from digest.models import (
+from digest.core.addresses import normalise_address
+from digest.core.db import transaction
+from digest.core.errors import DigestError, InvalidToken
+from digest.core.models import (
     AdminSignIn,
     Delivery,
     DeliveryStatus,
@@ -50,9 +46,14 @@ from digest.models import (
     SubscriberStatus,
     utcnow,
 )
-from digest.rendering import LinkContext
-from digest.runtime import Runtime
-from digest.tokens import Purpose
+from digest.delivery import reputation
+from digest.delivery.ledger import counts_by_status
+from digest.orchestration.runtime import Runtime
+from digest.rendering.emails import LinkContext
+from digest.rendering.tokens import Purpose
+from digest.subscribers import notifications, subscriptions
+from digest.subscribers.confirmation_limits import retry_after, source_network
+from digest.subscribers.consent import ERASED, Action, Actor, NotAllowed, State, next_status
 from digest.web.deps import ClientIP, LimitsDep, RuntimeDep
 from digest.web.templating import templates
 
@@ -412,7 +413,7 @@ def resume_sending(request: Request, runtime: RuntimeDep, csrf: Annotated[str, F
 
 
 def allowed_actions(state: State, has_row: bool) -> list[Action]:
-    """The moves an operator may make from ``state`` that change something (digest.consent)."""
+    """The moves an operator may make from ``state`` that change something (digest.subscribers.consent)."""
     allowed = []
     for action in OPERATOR_ACTIONS:
         try:

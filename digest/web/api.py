@@ -9,10 +9,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from digest.addresses import MAX_ADDRESS_LENGTH
-from digest.errors import DigestError
-from digest.runtime import Runtime
-from digest.subscriptions import MAX_TOPICS_CHARS
+from digest.core.addresses import MAX_ADDRESS_LENGTH
+from digest.core.errors import DigestError
+from digest.orchestration.runtime import Runtime
+from digest.subscribers.subscriptions import MAX_TOPICS_CHARS
 from digest.web.deps import ClientIP, LimitsDep, RuntimeDep
 from digest.web.frontpage import front_page
 from digest.web.ratelimit import RateLimited

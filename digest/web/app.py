@@ -9,8 +9,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
-from digest.errors import DigestError, InvalidToken, NotFound
-from digest.runtime import Runtime
+from digest.core.errors import DigestError, InvalidToken, NotFound
+from digest.orchestration.runtime import Runtime
 from digest.web import admin, api, archive, health, pages
 from digest.web.ratelimit import RateLimited, WebLimits
 from digest.web.security import BodyLimit, SecurityHeaders

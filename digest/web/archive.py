@@ -21,11 +21,11 @@ from markupsafe import escape
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from digest.db import transaction
+from digest.core.db import transaction
+from digest.core.errors import NotFound
+from digest.core.models import Digest, DigestItem, DigestKind, Subscriber, SubscriberStatus
 from digest.delivery.composer import Delivered, delivered_papers
-from digest.errors import NotFound
-from digest.models import Digest, DigestItem, DigestKind, Subscriber, SubscriberStatus
-from digest.rendering import PaperView, date_label
+from digest.rendering.emails import PaperView, date_label
 from digest.web.deps import RuntimeDep
 from digest.web.templating import templates
 

@@ -8,11 +8,11 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from digest import subscriptions
-from digest.errors import InvalidToken, NotFound
-from digest.models import Subscriber
-from digest.runtime import Runtime
-from digest.tokens import Purpose
+from digest.core.errors import InvalidToken, NotFound
+from digest.core.models import Subscriber
+from digest.orchestration.runtime import Runtime
+from digest.rendering.tokens import Purpose
+from digest.subscribers import subscriptions
 from digest.web.ratelimit import WebLimits
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from digest.db import transaction
+from digest.core.db import transaction
 from digest.delivery.composer import latest_digest
-from digest.runtime import Runtime
+from digest.orchestration.runtime import Runtime
 
 SUMMARY_CHARS = 420
 

@@ -26,10 +26,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from digest import db, heartbeat
-from digest.metrics import DigestCollector
-from digest.runtime import Runtime
-from digest.settings import Settings
+from digest.core import db
+from digest.core.settings import Settings
+from digest.operations import heartbeat
+from digest.operations.metrics import DigestCollector
+from digest.orchestration.runtime import Runtime
 from digest.web.deps import RuntimeDep
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """HTML pages: the front page with the latest digest, confirm, unsubscribe, preferences.
 
 Links in mail are opened by scanners too, so every GET only shows a page; changes happen on
-POST (one button). Handlers are thin: the domain functions in ``digest.subscriptions`` work.
+POST (one button). Handlers are thin: the domain functions in ``digest.subscribers.subscriptions`` work.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from fastapi.responses import HTMLResponse, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from digest import feedback, notifications, subscriptions
-from digest.confirmation_limits import source_network
-from digest.db import transaction
-from digest.embedding import topic_vectors
-from digest.errors import DigestError, NotFound
-from digest.links import subscriber_stamp
-from digest.models import Frequency, Paper, ReaderProfile, Subscriber, SubscriberStatus, utcnow
-from digest.runtime import Runtime
-from digest.text import parse_terms
-from digest.tokens import Purpose
+from digest.core.db import transaction
+from digest.core.errors import DigestError, NotFound
+from digest.core.models import Frequency, Paper, ReaderProfile, Subscriber, SubscriberStatus, utcnow
+from digest.core.text import parse_terms
+from digest.orchestration.runtime import Runtime
+from digest.papers.embedding import topic_vectors
+from digest.rendering.links import subscriber_stamp
+from digest.rendering.tokens import Purpose
+from digest.subscribers import feedback, notifications, subscriptions
+from digest.subscribers.confirmation_limits import source_network
 from digest.web import archive
 from digest.web.api import SubscribeRequest, subscribe_json
 from digest.web.deps import ClientIP, LimitsDep, RuntimeDep, UnknownLink, link_limit, load_subscriber

@@ -12,7 +12,7 @@ from limits import RateLimitItem, parse
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
-from digest.errors import DigestError
+from digest.core.errors import DigestError
 
 
 class RateLimited(DigestError):
@@ -59,7 +59,7 @@ class WebLimits:
         self.per_token = {action: (parse(token), parse(client)) for action, (token, client) in TOKEN_LIMITS.items()}
 
     def hit(self, action: str, kind: str, key: str) -> None:
-        """Requests per client; what a request may make us mail is ``digest.confirmation_limits``."""
+        """Requests per client; what a request may make us mail is ``digest.subscribers.confirmation_limits``."""
         limit = self.per_ip
         if action in self.per_token:
             token_limit, client_limit = self.per_token[action]

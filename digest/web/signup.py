@@ -16,15 +16,15 @@ import logging
 from starlette.background import BackgroundTasks
 from starlette.concurrency import run_in_threadpool
 
-from digest import notifications, subscriptions
-from digest.addresses import normalise_address
-from digest.confirmation_limits import source_network
-from digest.db import transaction
-from digest.errors import InvalidToken
-from digest.mailer import SendError
-from digest.models import Subscriber, SubscriberStatus, utcnow
-from digest.runtime import Runtime
-from digest.tokens import Purpose
+from digest.core.addresses import normalise_address
+from digest.core.db import transaction
+from digest.core.errors import InvalidToken
+from digest.core.models import Subscriber, SubscriberStatus, utcnow
+from digest.orchestration.runtime import Runtime
+from digest.rendering.tokens import Purpose
+from digest.subscribers import notifications, subscriptions
+from digest.subscribers.confirmation_limits import source_network
+from digest.transport.mailer import SendError
 from digest.web.ratelimit import WebLimits
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The Jinja2 environment for web pages (e-mail templates live elsewhere, see ``digest.rendering``).
+"""The Jinja2 environment for web pages (e-mail templates live elsewhere, see ``digest.rendering.emails``).
 
 Other routers (e.g. the archive) render through this same object so their pages can extend
 ``base.html``.

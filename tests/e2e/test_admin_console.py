@@ -16,11 +16,12 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import func, select
 
-from digest import reputation, subscriptions
-from digest.db import transaction
-from digest.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
-from digest.pipeline import collect_if_needed, run_inprocess
-from digest.runtime import Runtime
+from digest.core.db import transaction
+from digest.core.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
+from digest.delivery import reputation
+from digest.orchestration.pipeline import collect_if_needed, run_inprocess
+from digest.orchestration.runtime import Runtime
+from digest.subscribers import subscriptions
 from digest.web.app import create_app
 from tests.conftest import make_settings
 from tests.support.browser import CHROMIUM_ARGS, SHOTS, require_chromium
@@ -230,8 +231,8 @@ def test_in_development_on_sqlite(sqlite_url: str, smtp: SMTPSink, papers_api: P
     Secure there, so it works over plain http://localhost."""
     from fastapi.testclient import TestClient
 
-    from digest.models import AdminSignIn
-    from digest.tokens import Purpose
+    from digest.core.models import AdminSignIn
+    from digest.rendering.tokens import Purpose
 
     settings = make_settings(sqlite_url, smtp, papers_api, environment="development", admin_emails=OPERATOR)
     runtime = Runtime(settings)

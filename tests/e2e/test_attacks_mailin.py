@@ -24,14 +24,15 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from digest import reputation, subscriptions
-from digest.confirmation_limits import mailbox_of
-from digest.db import transaction
-from digest.models import SubscriberStatus, utcnow
-from digest.pipeline import run_inprocess
-from digest.runtime import Runtime
-from digest.settings import Settings
-from digest.tokens import Purpose
+from digest.core.db import transaction
+from digest.core.models import SubscriberStatus, utcnow
+from digest.core.settings import Settings
+from digest.delivery import reputation
+from digest.orchestration.pipeline import run_inprocess
+from digest.orchestration.runtime import Runtime
+from digest.rendering.tokens import Purpose
+from digest.subscribers import subscriptions
+from digest.subscribers.confirmation_limits import mailbox_of
 from tests.conftest import make_settings
 from tests.mailin import conftest as mailin_fixtures
 from tests.mailin import messages

@@ -15,9 +15,9 @@ from typing import TypeVar
 
 import pytest
 
-from digest.models import SubscriberStatus
-from digest.pipeline import collect_if_needed, run_inprocess
-from digest.runtime import Runtime
+from digest.core.models import SubscriberStatus
+from digest.orchestration.pipeline import collect_if_needed, run_inprocess
+from digest.orchestration.runtime import Runtime
 from digest.web.app import create_app
 from tests.conftest import make_settings
 from tests.support.browser import CHROMIUM_ARGS, SHOTS, require_chromium

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from digest.db import transaction
-from digest.models import Delivery, DeliveryStatus, DigestItem, Paper, Subscriber, utcnow
-from digest.pipeline import run_inprocess
-from digest.runtime import Runtime
-from digest.subscriptions import add_confirmed, subscribe, unsubscribe
+from digest.core.db import transaction
+from digest.core.models import Delivery, DeliveryStatus, DigestItem, Paper, Subscriber, utcnow
+from digest.orchestration.pipeline import run_inprocess
+from digest.orchestration.runtime import Runtime
+from digest.subscribers.subscriptions import add_confirmed, subscribe, unsubscribe
 from tests.conftest import TEST_SECRET, make_settings
 from tests.support.processes import Process, digest_env, run_cli, start_worker
 from tests.support.servers import PapersAPI, SMTPSink
@@ -142,7 +142,7 @@ def test_digest_run_through_a_real_worker_sends_one_digest_per_active_subscriber
                 papers_api_url=runtime.settings.papers_api_url,
             )
         )
-        from digest import db
+        from digest.core import db
 
         db.upgrade(sqlite_runtime.settings.database_url)
         add_people(sqlite_runtime)
@@ -188,7 +188,7 @@ def test_a_dispatch_longer_than_the_wait_is_waited_for_while_it_makes_progress(
     DIGEST_TASK_WAIT_SECONDS and `digest run` said "no Celery worker answered" while the worker
     was busy planning. Here the wait is two seconds and planning takes several times that.
     """
-    from digest.pipeline import collect_if_needed
+    from digest.orchestration.pipeline import collect_if_needed
     from tests.e2e.test_infra_restarts import add_subscribers
 
     collect_if_needed(runtime, DAY, allow_sample=False)  # the collect step answers at once

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert, select
 
-from digest.db import transaction
+from digest.core.db import transaction
+from digest.core.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
 from digest.delivery.batch import SENT_GROUP_SIZE
-from digest.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
-from digest.runtime import Runtime
+from digest.orchestration.runtime import Runtime
 from tests.conftest import TEST_SECRET
 from tests.support.processes import BIN, ROOT, Process, digest_env, start_worker
 from tests.support.servers import Redis, SMTPSink, wait_until

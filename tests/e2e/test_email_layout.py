@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import pytest
 from playwright.sync_api import Browser, Page, Route, sync_playwright
 
-from digest.papers import load_sample
-from digest.runtime import Runtime
+from digest.orchestration.runtime import Runtime
+from digest.papers.source import load_sample
 from digest.web.app import create_app
 from tests.support.browser import CHROMIUM_ARGS, SHOTS, require_chromium
 from tests.support.emails import digest_bytes, html_of, parse, strip_style_blocks

@@ -31,9 +31,9 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import select
 
-from digest import db
-from digest.models import Delivery, DeliveryStatus, Subscriber
-from digest.runtime import Runtime
+from digest.core import db
+from digest.core.models import Delivery, DeliveryStatus, Subscriber
+from digest.orchestration.runtime import Runtime
 from tests.conftest import make_settings
 from tests.e2e.infra_servers import PrivatePostgres, PrivateRedis, free_port_on
 from tests.e2e.test_infra_restarts import DAY, add_subscribers

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert, select
 
-from digest import db
-from digest.db import transaction
-from digest.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
-from digest.runtime import Runtime
+from digest.core import db
+from digest.core.db import transaction
+from digest.core.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
+from digest.orchestration.runtime import Runtime
 from tests.conftest import make_settings
 from tests.e2e.infra_servers import PrivatePostgres, PrivateRedis
 from tests.support.processes import BIN, ROOT, Process, settings_env, start_worker

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, insert, select, text
 
+from digest.core.models import Delivery, DeliveryStatus, Subscriber, utcnow
 from digest.delivery.batch import SENT_GROUP_SIZE
-from digest.models import Delivery, DeliveryStatus, Subscriber, utcnow
-from digest.pipeline import collect_if_needed
-from digest.runtime import Runtime
+from digest.orchestration.pipeline import collect_if_needed
+from digest.orchestration.runtime import Runtime
 from tests.e2e.test_delivery_faults import DAY, add_subscribers, env_for, finish, start_run
 from tests.support.processes import Process, start_worker
 from tests.support.servers import SMTPSink, wait_until

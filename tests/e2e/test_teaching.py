@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from digest.db import transaction
-from digest.embedding import from_blob
-from digest.models import PaperEmbedding, PaperMark, Subscriber, utcnow
-from digest.pipeline import run_inprocess
-from digest.runtime import Runtime
-from digest.subscriptions import add_confirmed
+from digest.core.db import transaction
+from digest.core.models import PaperEmbedding, PaperMark, Subscriber, utcnow
+from digest.orchestration.pipeline import run_inprocess
+from digest.orchestration.runtime import Runtime
+from digest.papers.embedding import from_blob
+from digest.subscribers.subscriptions import add_confirmed
 from digest.web.app import create_app
 from tests.conftest import make_settings
 from tests.support.servers import PapersAPI, SMTPSink, free_port

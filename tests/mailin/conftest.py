@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from digest import subscriptions
-from digest.db import transaction
-from digest.models import Subscriber
-from digest.pipeline import run_inprocess
-from digest.runtime import Runtime
-from digest.settings import Settings
+from digest.core.db import transaction
+from digest.core.models import Subscriber
+from digest.core.settings import Settings
+from digest.orchestration.pipeline import run_inprocess
+from digest.orchestration.runtime import Runtime
+from digest.subscribers import subscriptions
 from tests.support.processes import BIN, Process, settings_env
 from tests.support.servers import Received, SMTPSink, free_port, port_open, wait_until
 

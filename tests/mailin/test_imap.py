@@ -1,4 +1,4 @@
-"""IMAP polling (digest.imap.poll_imap) against a real Dovecot from Debian's packages."""
+"""IMAP polling (digest.mailin.imap.poll_imap) against a real Dovecot from Debian's packages."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from digest.imap import poll_imap
-from digest.models import SubscriberStatus
-from digest.runtime import Runtime
-from digest.settings import Settings
+from digest.core.models import SubscriberStatus
+from digest.core.settings import Settings
+from digest.mailin.imap import poll_imap
+from digest.orchestration.runtime import Runtime
 from tests.conftest import make_settings
 from tests.mailin import messages
 from tests.mailin.conftest import INBOUND, Dovecot, events, running_dovecot, send_digest, snapshot, subscriber

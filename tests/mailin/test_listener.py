@@ -9,12 +9,13 @@ from email.utils import parseaddr
 
 import pytest
 
-from digest import reputation, subscriptions
-from digest.db import transaction
-from digest.models import SubscriberStatus, utcnow
-from digest.pipeline import run_inprocess
-from digest.runtime import Runtime
-from digest.tokens import Purpose
+from digest.core.db import transaction
+from digest.core.models import SubscriberStatus, utcnow
+from digest.delivery import reputation
+from digest.orchestration.pipeline import run_inprocess
+from digest.orchestration.runtime import Runtime
+from digest.rendering.tokens import Purpose
+from digest.subscribers import subscriptions
 from tests.mailin import messages
 from tests.mailin.conftest import (
     INBOUND,

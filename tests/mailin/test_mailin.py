@@ -1,4 +1,4 @@
-"""Reading and handling inbound mail (digest.mailin) against the real database and SMTP server."""
+"""Reading and handling inbound mail (digest.mailin.classify) against the real database and SMTP server."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from digest.db import transaction
-from digest.links import subscriber_stamp
-from digest.mailin import Kind, MailinConfig, classify, config_from, handle, process, send_replies
-from digest.models import Subscriber, SubscriberStatus
-from digest.runtime import Runtime
-from digest.tokens import Purpose, Tokens
+from digest.core.db import transaction
+from digest.core.models import Subscriber, SubscriberStatus
+from digest.mailin.classify import Kind, MailinConfig, classify, config_from, handle, process, send_replies
+from digest.orchestration.runtime import Runtime
+from digest.rendering.links import subscriber_stamp
+from digest.rendering.tokens import Purpose, Tokens
 from tests.mailin import messages
 from tests.mailin.conftest import DAY, INBOUND, add_active, digests_to, events, send_digest, snapshot, subscriber
 from tests.support.servers import PapersAPI, Received, SMTPSink
@@ -249,8 +249,8 @@ def test_a_successful_delivery_report_changes_nothing(runtime: Runtime, smtp: SM
 
 
 def test_reporting_the_same_digest_again_adds_no_complaint(runtime: Runtime, smtp: SMTPSink) -> None:
-    from digest import reputation
-    from digest.models import utcnow
+    from digest.core.models import utcnow
+    from digest.delivery import reputation
 
     digest = send_digest(runtime, smtp, "alice@example.net")["alice@example.net"]
     for n in range(5):
@@ -285,9 +285,9 @@ def test_reports_about_compacted_deliveries_still_end_the_subscription(runtime: 
     """A month on, compaction has removed the ledger rows; the signed tokens still prove whom a
     report is about. Complaints and hard bounces stop the mail, once; nothing counts toward the
     sending pause; a soft bounce that old and tampered tokens change nothing."""
-    from digest import reputation
-    from digest.compaction import compact
-    from digest.models import utcnow
+    from digest.core.models import utcnow
+    from digest.delivery import reputation
+    from digest.delivery.compaction import compact
 
     people = ["alice@example.net", "bob@example.net", "carol@example.net", "dave@example.net"]
     digests = send_digest(runtime, smtp, *people)
@@ -342,10 +342,10 @@ def test_an_erased_subscribers_old_reports_never_reach_whoever_gets_their_id(
     erased person's compacted delivery (signed by us, so forgery is not the question) must
     not end the new person's subscription; a token made before the bound form proves only an
     id, so it is not enough once the row is gone either."""
-    from digest.compaction import compact
-    from digest.models import utcnow
-    from digest.pipeline import run_inprocess
-    from digest.subscriptions import erase
+    from digest.core.models import utcnow
+    from digest.delivery.compaction import compact
+    from digest.orchestration.pipeline import run_inprocess
+    from digest.subscribers.subscriptions import erase
     from tests.conftest import make_settings
 
     runtime = Runtime(make_settings(sqlite_url, smtp, papers_api))

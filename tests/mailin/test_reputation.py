@@ -1,4 +1,4 @@
-"""Complaint rate and the self-imposed pause (digest.reputation), on real ledger rows.
+"""Complaint rate and the self-imposed pause (digest.delivery.reputation), on real ledger rows.
 
 A pause stops everyone's mail, so these tests are about who can cause one: only complaints
 from subscribers confirmed a week or more before they complained count, at least ten of them,
@@ -13,8 +13,16 @@ import itertools
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from digest import reputation
-from digest.models import Delivery, DeliveryStatus, Digest, DigestKind, Subscriber, SubscriberEvent, SubscriberStatus
+from digest.core.models import (
+    Delivery,
+    DeliveryStatus,
+    Digest,
+    DigestKind,
+    Subscriber,
+    SubscriberEvent,
+    SubscriberStatus,
+)
+from digest.delivery import reputation
 
 NOW = dt.datetime(2026, 4, 20, 12, tzinfo=dt.UTC)
 RULES = reputation.PauseRules()

@@ -16,10 +16,10 @@ from dataclasses import replace
 import pytest
 from aiosmtpd.controller import Controller
 
-from digest.imap import poll_imap
-from digest.mailin import classify, config_from
-from digest.mailin_server import MailinHandler
-from digest.runtime import Runtime
+from digest.mailin.classify import classify, config_from
+from digest.mailin.imap import poll_imap
+from digest.mailin.listener import MailinHandler
+from digest.orchestration.runtime import Runtime
 from tests.mailin import messages, test_imap
 from tests.mailin.conftest import INBOUND, Listener
 from tests.mailin.test_imap import drop, mailbox

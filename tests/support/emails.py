@@ -7,9 +7,9 @@ import re
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 
-from digest.models import Paper
-from digest.papers import SAMPLE_DATES, load_sample, parse_items
-from digest.rendering import DigestContext, EmailRenderer, Envelope, PaperView, date_label, message_bytes
+from digest.core.models import Paper
+from digest.papers.source import SAMPLE_DATES, load_sample, parse_items
+from digest.rendering.emails import DigestContext, EmailRenderer, Envelope, PaperView, date_label, message_bytes
 
 DAY = dt.date(2026, 4, 16)
 BASE = "https://papers.example.org"
@@ -35,7 +35,7 @@ def digest_context(papers: list[Paper], recipient: str = "ada@example.com", toke
         preferences_url=f"{BASE}/preferences/{token}",
         view_url=f"{BASE}/digests/{DAY.isoformat()}",
         postal_address=POSTAL,
-        # As long as the real signed links (digest.links.Links.feedback).
+        # As long as the real signed links (digest.rendering.links.Links.feedback).
         feedback=[
             (
                 f"{BASE}/feedback/1f.6620a1b0.{p.id}.0123456789abcdef0123/more",

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from digest.settings import Settings
+from digest.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlparse
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-SAMPLE_DIR = Path(__file__).resolve().parents[2] / "digest" / "sample_data"
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "digest" / "papers" / "sample_data"
 
 
 # DIGEST_TEST_EMBEDDED=1: ignore the machine's PostgreSQL and Redis, as on a laptop without them.

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from digest.models import Subscriber, SubscriberEvent
-from digest.runtime import Runtime
+from digest.core.models import Subscriber, SubscriberEvent
+from digest.orchestration.runtime import Runtime
 from digest.web.app import create_app
 from tests.support.servers import SMTPSink
 

@@ -12,7 +12,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from digest.settings import Settings
+from digest.core.settings import Settings
 from tests.support.processes import BIN, Process, settings_env
 from tests.support.servers import free_port, port_open
 

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
-from digest.runtime import Runtime
-from digest.settings import Settings
+from digest.core.settings import Settings
+from digest.orchestration.runtime import Runtime
 from digest.web.app import create_app
 from tests.support.servers import SMTPSink
 from tests.web.conftest import snapshot

@@ -9,12 +9,12 @@ from xml.etree import ElementTree
 import feedparser
 from fastapi.testclient import TestClient
 
-from digest.db import transaction
+from digest.core.db import transaction
+from digest.core.models import utcnow
 from digest.delivery.composer import build_digest
-from digest.models import utcnow
-from digest.papers import SAMPLE_DATES, load_sample, parse_items, store_papers
-from digest.runtime import Runtime
-from digest.subscriptions import add_confirmed
+from digest.orchestration.runtime import Runtime
+from digest.papers.source import SAMPLE_DATES, load_sample, parse_items, store_papers
+from digest.subscribers.subscriptions import add_confirmed
 
 OLD, NEW = sorted(SAMPLE_DATES)
 

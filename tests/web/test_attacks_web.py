@@ -17,11 +17,11 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from digest import subscriptions
-from digest.db import transaction
-from digest.models import SubscriberStatus, utcnow
-from digest.runtime import Runtime
-from digest.settings import Settings
+from digest.core.db import transaction
+from digest.core.models import SubscriberStatus, utcnow
+from digest.core.settings import Settings
+from digest.orchestration.runtime import Runtime
+from digest.subscribers import subscriptions
 from tests.support.processes import BIN, Process, settings_env
 from tests.support.servers import SMTPSink, free_port, port_open, wait_until
 from tests.web.conftest import link_in, path_of, subscriber

@@ -26,11 +26,11 @@ import pytest
 import time_machine
 from fastapi.testclient import TestClient
 
-from digest import subscriptions
-from digest.db import transaction
-from digest.models import utcnow
-from digest.runtime import Runtime
-from digest.settings import Settings
+from digest.core.db import transaction
+from digest.core.models import utcnow
+from digest.core.settings import Settings
+from digest.orchestration.runtime import Runtime
+from digest.subscribers import subscriptions
 from digest.web.app import create_app
 from tests.conftest import make_settings
 from tests.mailin import messages

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from digest import subscriptions
-from digest.db import transaction
-from digest.models import SubscriberStatus, utcnow
-from digest.runtime import Runtime
-from digest.settings import Settings
+from digest.core.db import transaction
+from digest.core.models import SubscriberStatus, utcnow
+from digest.core.settings import Settings
+from digest.orchestration.runtime import Runtime
+from digest.subscribers import subscriptions
 from tests.web.conftest import subscriber
 from tests.web.test_cli_subscribers import digest
 
@@ -100,7 +100,7 @@ def test_only_a_hard_bounce_can_be_unsuppressed_by_the_operator(
 def test_erasure_keeps_only_a_keyed_hash(runtime: Runtime, opted_out: None) -> None:
     from sqlalchemy import select
 
-    from digest.models import Suppression
+    from digest.core.models import Suppression
 
     with runtime.session_factory() as session:
         kept = session.scalars(select(Suppression)).all()

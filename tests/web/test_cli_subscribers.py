@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from digest.importing import EXPORT_COLUMNS
-from digest.models import SubscriberStatus
-from digest.runtime import Runtime
-from digest.settings import Settings
+from digest.core.models import SubscriberStatus
+from digest.core.settings import Settings
+from digest.orchestration.runtime import Runtime
+from digest.subscribers.importing import EXPORT_COLUMNS
 from tests.support.processes import settings_env
 from tests.web.conftest import subscriber
 

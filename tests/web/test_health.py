@@ -11,13 +11,13 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from digest import db
-from digest.db import transaction
-from digest.models import utcnow
-from digest.pipeline import run_inprocess
-from digest.runtime import Runtime
-from digest.settings import Settings
-from digest.subscriptions import add_confirmed, subscribe
+from digest.core import db
+from digest.core.db import transaction
+from digest.core.models import utcnow
+from digest.core.settings import Settings
+from digest.orchestration.pipeline import run_inprocess
+from digest.orchestration.runtime import Runtime
+from digest.subscribers.subscriptions import add_confirmed, subscribe
 from digest.web.app import create_app
 from tests.conftest import make_settings
 from tests.support.servers import PapersAPI, SMTPSink, free_port, load_recorded
@@ -162,7 +162,7 @@ def test_metrics_say_the_database_is_down_instead_of_failing(smtp: SMTPSink) -> 
 def test_metrics_show_queued_tasks_and_beats_heartbeat(settings: Settings, redis_url: str) -> None:
     from celery import Celery
 
-    from digest import heartbeat
+    from digest.operations import heartbeat
 
     # Two tasks enqueued as Celery enqueues them, with no worker to take them.
     producer = Celery("digest", broker=redis_url)

@@ -11,11 +11,11 @@ from xml.etree import ElementTree as etree
 import feedparser
 from fastapi.testclient import TestClient
 
-from digest import subscriptions
-from digest.db import transaction
-from digest.models import utcnow
-from digest.pipeline import run_inprocess
-from digest.runtime import Runtime
+from digest.core.db import transaction
+from digest.core.models import utcnow
+from digest.orchestration.pipeline import run_inprocess
+from digest.orchestration.runtime import Runtime
+from digest.subscribers import subscriptions
 from tests.support.servers import SMTPSink
 
 DAY = dt.date(2024, 10, 25)

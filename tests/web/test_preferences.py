@@ -8,10 +8,10 @@ import re
 
 from fastapi.testclient import TestClient
 
-from digest import subscriptions
-from digest.db import transaction
-from digest.models import Frequency, utcnow
-from digest.runtime import Runtime
+from digest.core.db import transaction
+from digest.core.models import Frequency, utcnow
+from digest.orchestration.runtime import Runtime
+from digest.subscribers import subscriptions
 from tests.support.servers import SMTPSink
 from tests.web.conftest import snapshot, subscriber
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import httpx
 
-from digest.settings import Settings
+from digest.core.settings import Settings
 from tests.support.servers import SMTPSink
 from tests.web.conftest import snapshot
 from tests.web.live import serve_process
@@ -15,7 +15,7 @@ from tests.web.live import serve_process
 def test_rate_limit_is_shared_by_two_processes(
     settings: Settings, redis_url: str, smtp: SMTPSink, tmp_path: Path
 ) -> None:
-    from digest.runtime import Runtime
+    from digest.orchestration.runtime import Runtime
 
     shared = settings.model_copy(
         update={

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from digest.settings import Settings
+from digest.core.settings import Settings
 from tests.support.processes import ROOT, Process, settings_env
 from tests.support.servers import free_port, port_open, wait_until
 

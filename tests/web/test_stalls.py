@@ -20,11 +20,11 @@ from fastapi.testclient import TestClient
 from httpx2 import Response  # what TestClient answers with
 from sqlalchemy import func, select
 
-from digest import subscriptions
-from digest.db import transaction
-from digest.models import PaperMark, ReaderProfile, Subscriber, utcnow
-from digest.papers import load_sample, parse_items, store_papers
-from digest.runtime import Runtime
+from digest.core.db import transaction
+from digest.core.models import PaperMark, ReaderProfile, Subscriber, utcnow
+from digest.orchestration.runtime import Runtime
+from digest.papers.source import load_sample, parse_items, store_papers
+from digest.subscribers import subscriptions
 from digest.web.app import create_app
 from digest.web.ratelimit import TOKEN_LIMITS
 from tests.conftest import make_settings

@@ -7,16 +7,16 @@ import datetime as dt
 import time_machine
 from fastapi.testclient import TestClient
 
-from digest import subscriptions
-from digest.db import transaction
-from digest.models import SubscriberStatus, utcnow
-from digest.runtime import Runtime
+from digest.core.db import transaction
+from digest.core.models import SubscriberStatus, utcnow
+from digest.orchestration.runtime import Runtime
+from digest.subscribers import subscriptions
 from tests.support.servers import SMTPSink
 from tests.web.conftest import link_in, only_mail_to, path_of, snapshot, subscriber
 
 
 def test_front_page_shows_form_and_latest_papers(client: TestClient, runtime: Runtime, papers_api: object) -> None:
-    from digest.pipeline import collect_if_needed
+    from digest.orchestration.pipeline import collect_if_needed
 
     collect_if_needed(runtime, dt.date(2024, 10, 25), allow_sample=False)
     page = client.get("/")
@@ -224,8 +224,8 @@ def test_favicon_is_linked_and_served(client: TestClient) -> None:
 def test_development_without_a_mail_server_writes_to_the_outbox(runtime: Runtime) -> None:
     from pathlib import Path
 
-    from digest.runtime import development_outbox
-    from digest.settings import Settings
+    from digest.core.settings import Settings
+    from digest.orchestration.runtime import development_outbox
 
     assert runtime.outbox is None  # an SMTP host is set: SMTP
     development = Settings(_env_file=None, environment="development")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from digest import subscriptions
-from digest.db import transaction
-from digest.models import SubscriberStatus, utcnow
-from digest.runtime import Runtime
+from digest.core.db import transaction
+from digest.core.models import SubscriberStatus, utcnow
+from digest.orchestration.runtime import Runtime
+from digest.subscribers import subscriptions
 from tests.web.conftest import snapshot, subscriber
 
 

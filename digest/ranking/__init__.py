@@ -1,0 +1,4 @@
+"""Ranking: trending score, text and dense relevance, reader profiles and the reasons shown.
+
+Values in, picks out: it knows no database and no ORM class.
+"""
