@@ -15,7 +15,15 @@ from sqlalchemy.orm import Session
 from digest.core.db import transaction
 from digest.core.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
 from digest.delivery.ledger import claim
-from digest.orchestration.pipeline import collect_day, composer_of, dispatch, run_inprocess, send_batch, sweep
+from digest.orchestration.pipeline import (
+    InProcess,
+    collect_day,
+    composer_of,
+    dispatch_edition,
+    run_inprocess,
+    send_batch,
+    sweep,
+)
 from digest.orchestration.runtime import Runtime
 from digest.subscribers.subscriptions import add_confirmed, unsubscribe
 from tests.support.servers import SMTPSink
@@ -101,16 +109,7 @@ def prepare(runtime: Runtime, emails: list[str]) -> int:
     with runtime.papers_client() as client, transaction(runtime.session_factory) as session:
         digest_id = collect_day(session, client, DAY, runtime).digest_id
     assert digest_id is not None
-    dispatch(
-        runtime.session_factory,
-        digest_id,
-        now=utcnow(),
-        page_size=100,
-        stale_after=runtime.policy.stale_after,
-        message_domain="digest.example.org",
-        composer=composer_of(runtime, digest_id),
-        enqueue=lambda ids: None,
-    )
+    dispatch_edition(runtime, digest_id, InProcess(runtime, lambda digest_id, ids: None), now=utcnow())
     return digest_id
 
 
@@ -231,7 +230,7 @@ def test_a_slow_batch_keeps_its_leases_so_no_one_else_sends_it(runtime: Runtime,
     def sweeper() -> None:
         for _ in range(5):
             time.sleep(0.6)
-            sweep(runtime.session_factory, digest_id, now=utcnow(), page_size=100, enqueue=swept.extend)
+            sweep(runtime, digest_id, InProcess(runtime, lambda _, ids: swept.extend(ids)), now=utcnow())
 
     thread = threading.Thread(target=sweeper)
     thread.start()
@@ -279,7 +278,7 @@ def test_the_sweep_closes_stale_rows_even_while_sending_is_paused(
     with transaction(runtime.session_factory) as s:
         s.execute(update(Delivery).values(not_after=utcnow() - dt.timedelta(minutes=1)))
     enqueued: list[int] = []
-    sweep(runtime.session_factory, digest_id, now=utcnow(), page_size=100, enqueue=enqueued.extend)
+    sweep(runtime, digest_id, InProcess(runtime, lambda _, ids: enqueued.extend(ids)), now=utcnow())
     assert enqueued == [] and smtp.messages == []
     rows = deliveries(session)
     assert {d.status for d in rows.values()} == {DeliveryStatus.SKIPPED}
@@ -424,17 +423,8 @@ def test_a_dispatch_onto_a_fresh_ledger_gives_the_planner_statistics(runtime: Ru
     assert digest_id is not None and known_rows() <= 0
 
     def plan(check_at: int) -> None:
-        dispatch(
-            runtime.session_factory,
-            digest_id,
-            now=utcnow(),
-            page_size=50,
-            stale_after=runtime.policy.stale_after,
-            message_domain="digest.example.org",
-            composer=composer_of(runtime, digest_id),
-            enqueue=lambda ids: None,
-            check_statistics_at=check_at,
-        )
+        plan_only = InProcess(runtime, lambda digest_id, ids: None)
+        dispatch_edition(runtime, digest_id, plan_only, now=utcnow(), page_size=50, check_statistics_at=check_at)
 
     plan(check_at=10_000)  # an edition smaller than the first check: left to autovacuum
     assert known_rows() <= 0
