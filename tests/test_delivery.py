@@ -16,6 +16,7 @@ from digest.core.db import transaction
 from digest.core.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
 from digest.delivery.ledger import claim
 from digest.orchestration.pipeline import (
+    SWEEP_REACH,
     InProcess,
     collect_day,
     composer_of,
@@ -23,6 +24,7 @@ from digest.orchestration.pipeline import (
     run_inprocess,
     send_batch,
     sweep,
+    sweep_open,
 )
 from digest.orchestration.runtime import Runtime
 from digest.subscribers.subscriptions import add_confirmed, unsubscribe
@@ -283,6 +285,26 @@ def test_the_sweep_closes_stale_rows_even_while_sending_is_paused(
     rows = deliveries(session)
     assert {d.status for d in rows.values()} == {DeliveryStatus.SKIPPED}
     assert {d.last_error for d in rows.values()} == {"stale: not sent in time"}
+
+
+def test_beats_sweep_hands_out_every_open_edition_within_its_reach(
+    runtime: Runtime, smtp: SMTPSink, session: Session
+) -> None:
+    emails = people(runtime, 3)
+    digest_id = prepare(runtime, emails)  # planned, never sent (no worker took the batches)
+    with transaction(runtime.session_factory) as s:
+        stale = s.scalar(select(Subscriber.id).where(Subscriber.email == emails[0]))
+        others = sorted(s.scalars(select(Subscriber.id).where(Subscriber.email.in_(emails[1:]))))
+        s.execute(update(Delivery).where(Delivery.subscriber_id == stale).values(not_after=utcnow()))
+    handed: list[tuple[int, list[int]]] = []
+    handout = InProcess(runtime, lambda digest_id, ids: handed.append((digest_id, ids)))
+    assert sweep_open(runtime, handout, now=utcnow()) == 2
+    assert [(d, sorted(ids)) for d, ids in handed] == [(digest_id, others)]
+    assert deliveries(session)[emails[0]].status is DeliveryStatus.SKIPPED and smtp.messages == []
+    # An edition whose rows were all planned longer ago than the sweep reaches is left alone.
+    with transaction(runtime.session_factory) as s:
+        s.execute(update(Delivery).values(created_at=utcnow() - SWEEP_REACH - dt.timedelta(hours=1)))
+    assert sweep_open(runtime, handout, now=utcnow()) == 0 and len(handed) == 1
 
 
 def test_papers_are_chosen_at_planning_and_survive_a_rebuilt_edition(
