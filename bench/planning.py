@@ -6,9 +6,10 @@ N active subscribers with varied topics in PostgreSQL (a database of its own) an
 
 * ``before``: the single-task planning as it was before sharding (``digest.orchestration.pipeline.dispatch``
   at commit f9d5888, loaded from git), one process walking and planning every page;
-* ``P processes``: this process hands the pages out (``digest.orchestration.pipeline.dispatch`` with
-  ``hand_out``) to P spawned processes, each calling ``digest.orchestration.pipeline.plan_page`` in its own
-  transaction with its own cached composer, as a ``digest.plan_page`` task does.
+* ``P processes``: this process hands the pages out (``digest.orchestration.pipeline.dispatch_edition``
+  with a ``Handout`` that queues them) to P spawned processes, each calling
+  ``digest.orchestration.pipeline.plan_page`` in its own transaction with its own cached
+  composer, as a ``digest.plan_page`` task does.
 
 No Celery and no SMTP: the figure is planning alone (a Celery task adds one Redis round trip
 per page of 500), and sending does not compete for the cores. CPU is the planners' own (user +
@@ -143,18 +144,18 @@ def run_sharded(runtime: Any, digest_id: int, now: dt.datetime, processes: int) 
         child.start()
     for _ in children:
         assert results.get() == "ready"
+
+    class ToPlanners(pipeline.Handout):
+        """Each page into the planners' queue; sending is not measured."""
+
+        def plan(self, digest_id: int, page: pipeline.Page) -> None:
+            pages.put(page)
+
+        def send(self, digest_id: int, subscriber_ids: list[int]) -> None:
+            pass
+
     start = time.perf_counter()
-    pipeline.dispatch(
-        runtime.session_factory,
-        digest_id,
-        now=now,
-        page_size=PAGE_SIZE,
-        stale_after=runtime.policy.stale_after,
-        message_domain=runtime.message_domain,
-        composer=None,
-        enqueue=lambda ids: None,
-        hand_out=pages.put,
-    )
+    pipeline.dispatch_edition(runtime, digest_id, ToPlanners(), now=now, page_size=PAGE_SIZE)
     for _ in children:
         pages.put(None)
     outcome = [results.get() for _ in children]

@@ -81,7 +81,7 @@ def send_edition(runtime: Runtime, day: dt.date, kind: DigestKind, now: dt.datet
     with transaction(runtime.session_factory) as session:
         composer = pipeline.composer_for(runtime, session, digest_id)
 
-    def send(ids: list[int]) -> None:
+    def send(digest_id: int, ids: list[int]) -> None:
         run_batch(
             runtime.session_factory,
             composer,
@@ -92,16 +92,7 @@ def send_edition(runtime: Runtime, day: dt.date, kind: DigestKind, now: dt.datet
             clock=lambda: now,
         )
 
-    pipeline.dispatch(
-        runtime.session_factory,
-        digest_id,
-        now=now,
-        page_size=50,
-        stale_after=runtime.policy.stale_after,
-        message_domain=runtime.message_domain,
-        composer=composer,
-        enqueue=send,
-    )
+    pipeline.dispatch_edition(runtime, digest_id, pipeline.InProcess(runtime, send), now=now, page_size=50)
 
 
 def test_forty_days_with_retention_twenty(runtime: Runtime, smtp: SMTPSink) -> None:

@@ -15,7 +15,17 @@ from sqlalchemy.orm import Session
 from digest.core.db import transaction
 from digest.core.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
 from digest.delivery.ledger import claim
-from digest.orchestration.pipeline import collect_day, composer_of, dispatch, run_inprocess, send_batch, sweep
+from digest.orchestration.pipeline import (
+    SWEEP_REACH,
+    InProcess,
+    collect_day,
+    composer_of,
+    dispatch_edition,
+    run_inprocess,
+    send_batch,
+    sweep,
+    sweep_open,
+)
 from digest.orchestration.runtime import Runtime
 from digest.subscribers.subscriptions import add_confirmed, unsubscribe
 from tests.support.servers import SMTPSink
@@ -101,16 +111,7 @@ def prepare(runtime: Runtime, emails: list[str]) -> int:
     with runtime.papers_client() as client, transaction(runtime.session_factory) as session:
         digest_id = collect_day(session, client, DAY, runtime).digest_id
     assert digest_id is not None
-    dispatch(
-        runtime.session_factory,
-        digest_id,
-        now=utcnow(),
-        page_size=100,
-        stale_after=runtime.policy.stale_after,
-        message_domain="digest.example.org",
-        composer=composer_of(runtime, digest_id),
-        enqueue=lambda ids: None,
-    )
+    dispatch_edition(runtime, digest_id, InProcess(runtime, lambda digest_id, ids: None), now=utcnow())
     return digest_id
 
 
@@ -231,7 +232,7 @@ def test_a_slow_batch_keeps_its_leases_so_no_one_else_sends_it(runtime: Runtime,
     def sweeper() -> None:
         for _ in range(5):
             time.sleep(0.6)
-            sweep(runtime.session_factory, digest_id, now=utcnow(), page_size=100, enqueue=swept.extend)
+            sweep(runtime, digest_id, InProcess(runtime, lambda _, ids: swept.extend(ids)), now=utcnow())
 
     thread = threading.Thread(target=sweeper)
     thread.start()
@@ -279,11 +280,31 @@ def test_the_sweep_closes_stale_rows_even_while_sending_is_paused(
     with transaction(runtime.session_factory) as s:
         s.execute(update(Delivery).values(not_after=utcnow() - dt.timedelta(minutes=1)))
     enqueued: list[int] = []
-    sweep(runtime.session_factory, digest_id, now=utcnow(), page_size=100, enqueue=enqueued.extend)
+    sweep(runtime, digest_id, InProcess(runtime, lambda _, ids: enqueued.extend(ids)), now=utcnow())
     assert enqueued == [] and smtp.messages == []
     rows = deliveries(session)
     assert {d.status for d in rows.values()} == {DeliveryStatus.SKIPPED}
     assert {d.last_error for d in rows.values()} == {"stale: not sent in time"}
+
+
+def test_beats_sweep_hands_out_every_open_edition_within_its_reach(
+    runtime: Runtime, smtp: SMTPSink, session: Session
+) -> None:
+    emails = people(runtime, 3)
+    digest_id = prepare(runtime, emails)  # planned, never sent (no worker took the batches)
+    with transaction(runtime.session_factory) as s:
+        stale = s.scalar(select(Subscriber.id).where(Subscriber.email == emails[0]))
+        others = sorted(s.scalars(select(Subscriber.id).where(Subscriber.email.in_(emails[1:]))))
+        s.execute(update(Delivery).where(Delivery.subscriber_id == stale).values(not_after=utcnow()))
+    handed: list[tuple[int, list[int]]] = []
+    handout = InProcess(runtime, lambda digest_id, ids: handed.append((digest_id, ids)))
+    assert sweep_open(runtime, handout, now=utcnow()) == 2
+    assert [(d, sorted(ids)) for d, ids in handed] == [(digest_id, others)]
+    assert deliveries(session)[emails[0]].status is DeliveryStatus.SKIPPED and smtp.messages == []
+    # An edition whose rows were all planned longer ago than the sweep reaches is left alone.
+    with transaction(runtime.session_factory) as s:
+        s.execute(update(Delivery).values(created_at=utcnow() - SWEEP_REACH - dt.timedelta(hours=1)))
+    assert sweep_open(runtime, handout, now=utcnow()) == 0 and len(handed) == 1
 
 
 def test_papers_are_chosen_at_planning_and_survive_a_rebuilt_edition(
@@ -424,17 +445,8 @@ def test_a_dispatch_onto_a_fresh_ledger_gives_the_planner_statistics(runtime: Ru
     assert digest_id is not None and known_rows() <= 0
 
     def plan(check_at: int) -> None:
-        dispatch(
-            runtime.session_factory,
-            digest_id,
-            now=utcnow(),
-            page_size=50,
-            stale_after=runtime.policy.stale_after,
-            message_domain="digest.example.org",
-            composer=composer_of(runtime, digest_id),
-            enqueue=lambda ids: None,
-            check_statistics_at=check_at,
-        )
+        plan_only = InProcess(runtime, lambda digest_id, ids: None)
+        dispatch_edition(runtime, digest_id, plan_only, now=utcnow(), page_size=50, check_statistics_at=check_at)
 
     plan(check_at=10_000)  # an edition smaller than the first check: left to autovacuum
     assert known_rows() <= 0

@@ -68,12 +68,8 @@ def add_subscriber(
 
 def deliver_due(runtime: Runtime, now: dt.datetime) -> int:
     """The hourly beat task, run in this process at ``now`` with delivery right away."""
-
-    def enqueue(digest_id: int, ids: list[int]) -> None:
-        pipeline.send_batch(runtime, digest_id, ids)
-
     with time_machine.travel(now, tick=False):
-        return schedule.dispatch_due(runtime, now, enqueue=enqueue)
+        return schedule.dispatch_due(runtime, now, pipeline.InProcess(runtime))
 
 
 def text_part(message: EmailMessage) -> str:

@@ -12,6 +12,7 @@ from digest.core.db import transaction
 from digest.core.models import Delivery, Digest, DigestKind, Frequency, Paper, Subscriber
 from digest.delivery.composer import build_digest
 from digest.orchestration import schedule
+from digest.orchestration.pipeline import InProcess
 from digest.orchestration.runtime import Runtime
 from tests.support.servers import SMTPSink
 from tests.test_ranking import THURSDAY, add_subscriber, collect, deliver_due, papers_in_text
@@ -78,7 +79,7 @@ def test_each_zone_is_dispatched_in_its_hour_across_dst_changes(runtime: Runtime
                 for sid in page:
                     dispatched[sid].append(hour)
 
-            schedule.dispatch_due(runtime, now + dt.timedelta(minutes=4), record)
+            schedule.dispatch_due(runtime, now + dt.timedelta(minutes=4), InProcess(runtime, record))
         for zone, sid in ids.items():
             expected = set()
             for day in (change + dt.timedelta(days=d) for d in range(-1, 3)):

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from digest.core.db import transaction
 from digest.core.models import Digest, DigestKind, Frequency
 from digest.orchestration import schedule
+from digest.orchestration.pipeline import InProcess
 from digest.orchestration.runtime import Runtime
 from tests.test_ranking import add_subscriber
 from tests.test_schedule import add_papers, utc
@@ -110,7 +111,7 @@ def test_every_zone_gets_its_digest_within_ten_minutes_of_its_own_hour(runtime: 
                     planned[sid].append(now)
 
             with time_machine.travel(now, tick=False):
-                schedule.dispatch_due(runtime, now, record)
+                schedule.dispatch_due(runtime, now, InProcess(runtime, record))
         for (zone, hour), sid in ids.items():
             got = sorted(t for t in planned[sid] if start <= t <= end)
             # Hours that start in the last minutes of the span may go out after it.
@@ -154,7 +155,7 @@ def test_monthly_readers_get_the_best_of_the_month_once_on_the_first_at_their_ho
                 planned[sid].append((now, digest_id))
 
         with time_machine.travel(now, tick=False):
-            schedule.dispatch_due(runtime, now, record)
+            schedule.dispatch_due(runtime, now, InProcess(runtime, record))
 
     editions = {digest_id for got in planned.values() for _, digest_id in got}
     with transaction(runtime.session_factory) as session:

@@ -16,7 +16,7 @@ from digest.core.models import utcnow
 from digest.core.settings import Settings
 from digest.delivery import reputation
 from digest.operations import heartbeat
-from digest.orchestration.pipeline import collect_if_needed, composer_of, dispatch, run_inprocess
+from digest.orchestration.pipeline import InProcess, collect_if_needed, dispatch_edition, run_inprocess
 from digest.orchestration.runtime import Runtime
 from digest.subscribers.subscriptions import add_confirmed
 from tests.support.processes import Process, procfile_command, run_cli, settings_env, start_worker
@@ -42,16 +42,7 @@ def todays_edition(runtime: Runtime, papers_api: PapersAPI) -> int:
 
 def plan_without_sending(runtime: Runtime, digest_id: int, planned_at: dt.datetime) -> None:
     """What beat's dispatch leaves when no worker ever takes the batches."""
-    dispatch(
-        runtime.session_factory,
-        digest_id,
-        now=planned_at,
-        page_size=100,
-        stale_after=runtime.policy.stale_after,
-        message_domain=runtime.message_domain,
-        composer=composer_of(runtime, digest_id),
-        enqueue=lambda ids: None,
-    )
+    dispatch_edition(runtime, digest_id, InProcess(runtime, lambda digest_id, ids: None), now=planned_at)
 
 
 def assert_fails_with(result: subprocess.CompletedProcess[str], *reasons: str) -> None:

@@ -1,5 +1,6 @@
 """``digest run`` through the Celery workers: collect, dispatch (the workers plan its pages), then
-watch the ledger.
+watch the ledger (``digest.orchestration.pipeline.wait_for_edition``, handing out through
+``WatchedQueues``).
 
 It lives with the workers, not in ``digest``: it sends their tasks, and the domain knows no
 Celery (the import-linter contract in pyproject.toml holds it to that).
@@ -27,9 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from digest.core.errors import DigestError
-from digest.core.models import Digest, utcnow
 from digest.core.outages import Outages
-from digest.delivery.ledger import counts_by_status, failure_reasons, open_count, unplanned_due
 from digest.orchestration import pipeline
 from digest.orchestration.pipeline import RunSummary
 from digest.orchestration.runtime import Runtime
@@ -120,12 +119,42 @@ def await_task(outages: Outages, url: str, what: str, send: Callable[[], Any], w
             raise DigestError("no Celery worker answered; is `celery -A workers worker` running?")
 
 
+class WatchedQueues(tasks.Queues):
+    """The workers' queues as ``digest run`` hands pages out while it watches: each hand-out
+    waits Redis out, and ``lost()`` says when Redis restarted (its queue gone with it)."""
+
+    def __init__(self, runtime: Runtime, outages: Outages) -> None:
+        super().__init__(runtime)
+        self.outages = outages
+        self.url = str(runtime.settings.redis_url)
+        self.wait = runtime.settings.task_wait_seconds
+        self.epoch = self._epoch()
+        self.epoch_checked = time.monotonic()
+
+    def _epoch(self) -> str:
+        return self.outages.redis(lambda: redis_epoch(self.url), limit=self.wait)
+
+    def plan(self, digest_id: int, page: pipeline.Page) -> None:
+        self.outages.redis(lambda: super(WatchedQueues, self).plan(digest_id, page), limit=self.wait)
+
+    def send(self, digest_id: int, subscriber_ids: list[int]) -> None:
+        self.outages.redis(lambda: super(WatchedQueues, self).send(digest_id, subscriber_ids), limit=self.wait)
+
+    def lost(self) -> bool:
+        if time.monotonic() - self.epoch_checked <= EPOCH_CHECK_SECONDS:
+            return False
+        epoch, self.epoch_checked = self._epoch(), time.monotonic()
+        restarted, self.epoch = epoch != self.epoch, epoch
+        if restarted:
+            self.outages.notify("Redis restarted and lost its queue: handing out the open deliveries again")
+        return restarted
+
+
 def run_via_workers(
     runtime: Runtime,
     day: dt.date,
     *,
     allow_sample: bool = False,
-    poll: float = 0.25,
     notify: Callable[[str], None] = stderr_line,
 ) -> RunSummary:
     url = str(runtime.settings.redis_url)
@@ -142,38 +171,12 @@ def run_via_workers(
     collected = await_task(
         outages, url, "the collect step", lambda: tasks.collect.delay(day.isoformat(), allow_sample), wait
     )
-    summary = RunSummary(day, collected["digest_id"])
-    if collected.get("note"):
-        summary.notes.append(collected["note"])
-    summary.notes.append(f"Collected {collected['stored']} papers for {day} ({collected['source']}).")
-    if summary.digest_id is None:
-        return summary
-    digest_id = summary.digest_id
+    notes = [collected["note"]] if collected.get("note") else []
+    notes.append(f"Collected {collected['stored']} papers for {day} ({collected['source']}).")
+    digest_id: int | None = collected["digest_id"]
+    if digest_id is None:
+        return RunSummary(day, None, notes=notes)
     await_task(outages, url, "the dispatch step", lambda: tasks.dispatch.delay(digest_id), wait)
-    factory = runtime.session_factory
-
-    def in_db(step: Callable[[Any], Any]) -> Any:
-        return outages.transaction(factory, step, limit=wait)
-
-    def still_planning(session: Any) -> bool:
-        digest = session.get(Digest, digest_id)
-        return digest is not None and unplanned_due(session, digest)
-
-    def sweep() -> None:
-        def once() -> None:
-            pipeline.check_not_paused(runtime, utcnow())
-            pipeline.sweep(
-                factory,
-                digest_id,
-                now=utcnow(),
-                page_size=runtime.settings.batch_size,
-                enqueue=lambda ids: tasks.enqueue_batch(digest_id, ids),
-            )
-
-        # Inner: Redis away while enqueueing; outer: the database away while reading the ledger.
-        outages.database(lambda: outages.redis(once, limit=wait), limit=wait)
-
-    stall_after = max(5.0, runtime.policy.lease_seconds + 2.0)
     with Progress(
         TextColumn("sending"),
         BarColumn(),
@@ -184,41 +187,12 @@ def run_via_workers(
     ) as progress:
         say[0] = lambda message: progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
         bar = progress.add_task("sending", total=None)
-        last_open, last_change = -1, time.monotonic()
-        epoch, epoch_checked = outages.redis(lambda: redis_epoch(url), limit=wait), time.monotonic()
-        planning = True  # the workers plan the edition's pages; the ledger says when all are
-        while True:
-            # One cheap count per poll (two while the workers still plan); the poll slows down
-            # while much is left, so watching a million-row ledger costs the database little.
-            if planning:
-                planning = in_db(still_planning)
-                total = in_db(lambda session: sum(counts_by_status(session, digest_id).values()))
-            remaining = in_db(lambda session: open_count(session, digest_id))
-            progress.update(bar, total=total, completed=total - remaining)
-            if remaining == 0 and not planning:
-                break
-            restarted = False
-            if time.monotonic() - epoch_checked > EPOCH_CHECK_SECONDS:
-                now_epoch = outages.redis(lambda: redis_epoch(url), limit=wait)
-                restarted, epoch, epoch_checked = now_epoch != epoch, now_epoch, time.monotonic()
-            if restarted:
-                outages.notify("Redis restarted and lost its queue: handing out the open deliveries again")
-            if remaining != last_open and not restarted:
-                last_open, last_change = remaining, time.monotonic()
-            elif restarted or time.monotonic() - last_change > stall_after:
-                # Stalled, or Redis came back without its queue: hand out again what is claimable
-                # and, while someone due is still without a row, the pages (planned ones plan
-                # nobody again).
-                sweep()
-                if planning:
-                    outages.redis(lambda: tasks.dispatch.delay(digest_id), limit=wait)
-                last_change = time.monotonic()
-            time.sleep(poll if remaining < 4 * runtime.settings.batch_size else 4 * poll)
+        pipeline.wait_for_edition(
+            runtime,
+            digest_id,
+            WatchedQueues(runtime, outages),
+            outages,
+            progress=lambda done, total: progress.update(bar, total=total, completed=done),
+        )
         say[0] = notify
-
-    def final(session: Any) -> None:
-        summary.counts = counts_by_status(session, digest_id)
-        summary.failures = failure_reasons(session, digest_id)
-
-    in_db(final)
-    return summary
+    return pipeline.summarise_edition(runtime, day, digest_id, outages, notes)

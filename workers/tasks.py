@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import functools
 import logging
 from typing import Any
 
@@ -21,7 +20,6 @@ from digest.core.logging_setup import log_context
 from digest.core.models import utcnow
 from digest.core.settings import get_settings
 from digest.delivery.composer import DigestComposer
-from digest.delivery.ledger import editions_with_open_rows
 from digest.orchestration import pipeline
 from digest.orchestration.runtime import Runtime
 from workers.celery_app import app
@@ -88,6 +86,23 @@ def enqueue_plan(digest_id: int, page: pipeline.Page) -> None:
     )
 
 
+class Queues(pipeline.Handout):
+    """Pages handed to the workers: ``digest.plan_page`` for any planner, ``digest.send_batch``
+    for any sender. A worker can die or Redis lose its queue, so a watcher hands out again only
+    when the ledger has not moved for longer than a lease (a live sender renews its leases)."""
+
+    poll_seconds = 0.25
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.stall_seconds = max(5.0, runtime.policy.lease_seconds + 2.0)
+
+    def plan(self, digest_id: int, page: pipeline.Page) -> None:
+        enqueue_plan(digest_id, page)
+
+    def send(self, digest_id: int, subscriber_ids: list[int]) -> None:
+        enqueue_batch(digest_id, subscriber_ids)
+
+
 @app.task(name="digest.dispatch", autoretry_for=(OperationalError,), retry_backoff=5, max_retries=5)
 def dispatch(digest_id: int) -> int:
     """Split one edition's due subscribers into keyset pages, one ``digest.plan_page`` task
@@ -98,17 +113,7 @@ def dispatch(digest_id: int) -> int:
     planned page.
     """
     rt = runtime()
-    return pipeline.dispatch(
-        rt.session_factory,
-        digest_id,
-        now=utcnow(),
-        page_size=rt.settings.batch_size,
-        stale_after=rt.policy.stale_after,
-        message_domain=rt.message_domain,
-        composer=None,
-        enqueue=functools.partial(enqueue_batch, digest_id),
-        hand_out=functools.partial(enqueue_plan, digest_id),
-    )
+    return pipeline.dispatch_edition(rt, digest_id, Queues(rt), now=utcnow())
 
 
 @app.task(
@@ -137,12 +142,8 @@ def plan_page(
     rt = runtime()
     at, until = dt.datetime.fromisoformat(now), dt.datetime.fromisoformat(not_after)
     page = pipeline.Page(after_id, upto_id, at, until, subscriber_ids, statistics_at)
-    composer = pipeline.composer_of(rt, digest_id, _composers)
-    with log_context(digest_id=digest_id), transaction(rt.session_factory) as session:
-        ids = pipeline.plan_page(session, digest_id, page, composer=composer, message_domain=rt.message_domain)
-    if ids:
-        enqueue_batch(digest_id, ids)
-    return len(ids)
+    with log_context(digest_id=digest_id):
+        return pipeline.InProcess(rt, enqueue_batch, _composers).plan_and_send(digest_id, page)
 
 
 @app.task(name="digest.dispatch_due")
@@ -151,7 +152,8 @@ def dispatch_due() -> int:
     delivery hour has just begun, for the workers to plan."""
     from digest.orchestration.schedule import dispatch_due as plan_due
 
-    return plan_due(runtime(), utcnow(), enqueue_batch, _composers, hand_out=enqueue_plan)
+    rt = runtime()
+    return plan_due(rt, utcnow(), Queues(rt))
 
 
 @app.task(
@@ -175,20 +177,7 @@ def send_batch(digest_id: int, subscriber_ids: list[int]) -> dict[str, int]:
 def sweep() -> int:
     """Beat: re-enqueue deliveries whose worker died (lease expired) or whose retry is due."""
     rt = runtime()
-    # Reaches past the stale limit, so editions stuck while sending was paused get closed.
-    since = utcnow() - dt.timedelta(days=7)
-    with transaction(rt.session_factory) as session:
-        digest_ids = editions_with_open_rows(session, since)
-    total = 0
-    for digest_id in digest_ids:
-        total += pipeline.sweep(
-            rt.session_factory,
-            digest_id,
-            now=utcnow(),
-            page_size=rt.settings.batch_size,
-            enqueue=functools.partial(enqueue_batch, digest_id),
-        )
-    return total
+    return pipeline.sweep_open(rt, Queues(rt), now=utcnow())
 
 
 @app.task(name="digest.poll_imap")

@@ -1,13 +1,17 @@
-"""The daily job's steps, shared by the Celery tasks and the in-process runner.
+"""The daily job's steps, one orchestration shared by beat's tasks, ``digest run`` (through
+the workers or in process) and the demo.
 
-collect(day) -> papers and the day's edition; dispatch(edition) -> keyset pages of its due
-subscribers, each planned by plan_page (ledger rows) here or by any worker, then handed to
-``enqueue`` after its commit; send_batch(page) -> mail;
-sweep(edition) -> re-hands pages whose retries are due or whose worker died.
+collect(day) -> papers and the day's edition; dispatch_edition(edition, handout) -> keyset pages
+of its due subscribers, each planned by plan_page (ledger rows), here or by any worker, then
+sent after its commit; send_batch(page) -> mail; sweep(edition) -> re-hands pages whose retries
+are due or whose worker died; wait_for_edition -> until the ledger has everyone done;
+summarise_edition -> the RunSummary. A ``Handout`` says how pages travel: ``InProcess`` here,
+``workers.tasks.Queues`` through Celery (the domain knows no Celery).
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import datetime as dt
 import logging
@@ -16,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from digest.core.db import transaction
 from digest.core.errors import DigestError, SendingPaused, UpstreamError
@@ -29,6 +33,7 @@ from digest.delivery.ledger import (
     closed_edition,
     counts_by_status,
     due_subscriber_page,
+    editions_with_open_rows,
     expire_stale,
     failure_reasons,
     is_closed,
@@ -38,6 +43,7 @@ from digest.delivery.ledger import (
     planned_among,
     refresh_statistics_if_blind,
     unfinished_subscribers,
+    unplanned_due,
 )
 from digest.delivery.reputation import check_sending
 from digest.orchestration.runtime import Runtime
@@ -49,6 +55,9 @@ T = TypeVar("T")
 
 # An edition's candidates are refreshed by each collection; workers reload them this often.
 COMPOSER_MAX_AGE_SECONDS = 300.0
+# How far back beat's sweep looks for open rows: past the stale limit, so that editions stuck
+# while sending was paused get closed.
+SWEEP_REACH = dt.timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -149,32 +158,94 @@ def plan_page(
     return ids
 
 
-def dispatch(
-    factory: sessionmaker[Session],
+class Handout(abc.ABC):
+    """How an edition's pages are handed out: planned and sent in this process (``InProcess``)
+    or queued for whichever worker is free (``workers.tasks.Queues``).
+
+    ``dispatch_edition``, ``sweep`` and ``wait_for_edition`` take one, so beat, ``digest run``
+    (with Redis or without) and the demo share one orchestration. The waiting knobs: the ledger
+    is read every ``poll_seconds``; when it has not moved for ``stall_seconds``, or ``lost()``
+    says the queue went, what can be claimed is handed out again.
+    """
+
+    poll_seconds = 0.5
+    # In process nobody else moves the ledger: whatever is open is waiting for this process.
+    stall_seconds = 0.0
+
+    @abc.abstractmethod
+    def plan(self, digest_id: int, page: Page) -> None:
+        """Plan ``page`` (ledger rows), then hand its subscribers to ``send`` after the commit."""
+
+    @abc.abstractmethod
+    def send(self, digest_id: int, subscriber_ids: list[int]) -> None:
+        """Send these subscribers' digests of the edition (a batch claims only open rows)."""
+
+    def lost(self) -> bool:
+        """True when what was handed out since the last call may be gone (a broker restart)."""
+        return False
+
+
+class InProcess(Handout):
+    """Each page planned in this process, in its own transaction, and handed to ``sender`` after
+    its commit: ``digest run`` without Redis, the demo, a ``digest.plan_page`` task (whose sender
+    queues the send). The default sender sends the batch at once, here. ``composers``: the
+    editions' composers, kept while fresh (one cache per process)."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        sender: Callable[[int, list[int]], None] | None = None,
+        composers: dict[int, DigestComposer] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.composers: dict[int, DigestComposer] = {} if composers is None else composers
+        self.sender = sender or (lambda digest_id, ids: send_batch(runtime, digest_id, ids, self.composers))
+        # Per edition, the last subscriber id of the last page planned and sent: a dispatch
+        # interrupted by an outage resumes after it.
+        self.planned_through: dict[int, int] = {}
+
+    def plan(self, digest_id: int, page: Page) -> None:
+        self.plan_and_send(digest_id, page)
+
+    def plan_and_send(self, digest_id: int, page: Page) -> int:
+        """``plan``, returning the number of the page's subscribers handed to the sender."""
+        rt = self.runtime
+        composer = composer_of(rt, digest_id, self.composers)
+        with transaction(rt.session_factory) as session:
+            ids = plan_page(session, digest_id, page, composer=composer, message_domain=rt.message_domain)
+        if ids:
+            self.send(digest_id, ids)
+        self.planned_through[digest_id] = page.upto_id
+        return len(ids)
+
+    def send(self, digest_id: int, subscriber_ids: list[int]) -> None:
+        self.sender(digest_id, subscriber_ids)
+
+
+def dispatch_edition(
+    runtime: Runtime,
     digest_id: int,
+    handout: Handout,
     *,
     now: dt.datetime,
-    page_size: int,
-    stale_after: dt.timedelta,
-    message_domain: str,
-    composer: DigestComposer | None,
-    enqueue: Callable[[list[int]], None],
     extra_filter: object | None = None,
     not_after: dt.datetime | None = None,
     after_id: int = 0,
+    page_size: int | None = None,
     check_statistics_at: int = STATISTICS_CHECK_FIRST,
-    hand_out: Callable[[Page], None] | None = None,
 ) -> int:
-    """Split the edition's due subscribers into keyset pages of ``page_size`` and plan them;
-    returns the number of pages.
+    """Plan and dispatch an edition: split its due subscribers into keyset pages of
+    ``page_size`` (default ``DIGEST_BATCH_SIZE``) and hand each to ``handout.plan``; returns the
+    number of pages.
 
-    With ``hand_out`` (the workers) each page goes to it, for any planner to take; without it
-    (``digest run`` in process) each page is planned here with ``composer`` and handed to
-    ``enqueue`` after its commit. Rows are stale after ``not_after`` (default: ``now`` +
-    ``stale_after``). ``after_id`` resumes a walk that was interrupted after that subscriber.
-    At ``check_statistics_at`` planned rows, then at each factor of four, the ledger's planner
-    statistics are refreshed if they know of fewer rows (see ``refresh_statistics_if_blind``)."""
-    not_after = not_after or now + stale_after
+    Rows are stale after ``not_after`` (default: ``now`` + the policy's ``stale_after``).
+    ``extra_filter`` narrows the due subscribers (beat's slots); ``after_id`` resumes a walk
+    that was interrupted after that subscriber. At ``check_statistics_at`` planned rows, then at
+    each factor of four, the ledger's planner statistics are refreshed if they know of fewer
+    rows (see ``refresh_statistics_if_blind``)."""
+    factory = runtime.session_factory
+    page_size = page_size or runtime.settings.batch_size
+    not_after = not_after or now + runtime.policy.stale_after
     with transaction(factory) as session:
         if is_closed(session, digest_id):
             # Whoever asks (beat, a worker, `digest run`): its rows are gone, planning would
@@ -198,39 +269,32 @@ def dispatch(
                 assert digest is not None  # read above; editions are never deleted
                 selected = due_subscriber_page(session, digest, after_id, None, extra_filter, upto_id=upto_id)
             page = dataclasses.replace(page, subscriber_ids=selected)
-        if hand_out is not None:
-            hand_out(page)
-        else:
-            if composer is None:
-                raise DigestError("planning in process needs the edition's composer")
-            with transaction(factory) as session:
-                ids = plan_page(session, digest_id, page, composer=composer, message_domain=message_domain)
-            if ids:
-                enqueue(ids)
+        handout.plan(digest_id, page)
         after_id = upto_id
     return len(bounds)
 
 
-def sweep(
-    factory: sessionmaker[Session],
-    digest_id: int,
-    *,
-    now: dt.datetime,
-    page_size: int,
-    enqueue: Callable[[list[int]], None],
-) -> int:
-    """Close deliveries past their stale limit, then re-enqueue what is claimable now: due
-    retries and leases of dead workers.
+def sweep(runtime: Runtime, digest_id: int, handout: Handout, *, now: dt.datetime) -> int:
+    """Close the edition's deliveries past their stale limit, then hand to ``handout.send`` what
+    is claimable now: due retries and leases of dead workers; returns how many subscribers.
 
     Closing here, not only when a batch claims a row, matters while sending is paused: rows
     nobody claims would otherwise stay open for good.
     """
-    with transaction(factory) as session:
+    page_size = runtime.settings.batch_size
+    with transaction(runtime.session_factory) as session:
         expire_stale(session, digest_id, now)
         ids = unfinished_subscribers(session, digest_id, now, limit=100 * page_size)
     for start in range(0, len(ids), page_size):
-        enqueue(ids[start : start + page_size])
+        handout.send(digest_id, ids[start : start + page_size])
     return len(ids)
+
+
+def sweep_open(runtime: Runtime, handout: Handout, *, now: dt.datetime) -> int:
+    """``sweep`` every edition with open deliveries (beat's sweep); returns how many subscribers."""
+    with transaction(runtime.session_factory) as session:
+        digest_ids = editions_with_open_rows(session, now - SWEEP_REACH)
+    return sum(sweep(runtime, digest_id, handout, now=now) for digest_id in digest_ids)
 
 
 def composer_for(runtime: Runtime, session: Session, digest_id: int) -> DigestComposer:
@@ -347,6 +411,79 @@ def collect_if_needed(runtime: Runtime, day: dt.date, *, allow_sample: bool) -> 
     return result.digest_id, notes
 
 
+def wait_for_edition(
+    runtime: Runtime,
+    digest_id: int,
+    handout: Handout,
+    outages: Outages,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Return once everyone due for the edition has a row and no row is open (each is sent,
+    failed or skipped); ``progress(done, total)`` after each look at the ledger.
+
+    Whenever the ledger stands still for ``handout.stall_seconds`` (in process: at once; with
+    workers: a lease and a bit, a worker died) or ``handout.lost()`` (Redis lost its queue), what
+    can be claimed is handed out again and, while someone due is still without a row, the pages;
+    the ledger turns that into exactly the missing messages. PostgreSQL going away is waited
+    out: every step here is idempotent.
+    """
+    wait = runtime.settings.task_wait_seconds
+    factory = runtime.session_factory
+
+    def in_db(step: Callable[[Session], T]) -> T:
+        return outages.transaction(factory, step, limit=wait)
+
+    def still_planning(session: Session) -> bool:
+        digest = session.get(Digest, digest_id)
+        return digest is not None and unplanned_due(session, digest)
+
+    def hand_out_again(planning: bool) -> int:
+        now = utcnow()
+        check_not_paused(runtime, now)
+        handed = sweep(runtime, digest_id, handout, now=now)
+        if planning:  # pages planned before plan nobody again
+            handed += dispatch_edition(runtime, digest_id, handout, now=now)
+        return handed
+
+    planning, total = True, 0
+    last_open, last_change = -1, time.monotonic()
+    while True:
+        # One cheap count per poll (two while the edition is still being planned); the poll
+        # slows down while much is left, so watching a million-row ledger costs the database little.
+        if planning:
+            planning = in_db(still_planning)
+            total = in_db(lambda session: sum(counts_by_status(session, digest_id).values()))
+        remaining = in_db(lambda session: open_count(session, digest_id))
+        if progress is not None:
+            progress(total - remaining, total)
+        if remaining == 0 and not planning:
+            return
+        lost = handout.lost()
+        if remaining != last_open:
+            last_open, last_change = remaining, time.monotonic()
+        handed = 0
+        if lost or time.monotonic() - last_change >= handout.stall_seconds:
+            handed = outages.database(lambda: hand_out_again(planning), limit=wait)  # noqa: B023 - called at once
+            last_change = time.monotonic()
+        if not handed:  # waiting for a retry's backoff, a lease to run out, or the workers
+            poll = handout.poll_seconds
+            sleep(poll if remaining < 4 * runtime.settings.batch_size else 4 * poll)
+
+
+def summarise_edition(
+    runtime: Runtime, day: dt.date, digest_id: int, outages: Outages, notes: Sequence[str] = ()
+) -> RunSummary:
+    """What the ledger says of the edition now: its counts and its failures' reasons."""
+
+    def read(session: Session) -> RunSummary:
+        counts, failures = counts_by_status(session, digest_id), failure_reasons(session, digest_id)
+        return RunSummary(day, digest_id, counts, list(notes), failures)
+
+    return outages.transaction(runtime.session_factory, read, limit=runtime.settings.task_wait_seconds)
+
+
 def run_inprocess(
     runtime: Runtime,
     day: dt.date,
@@ -356,7 +493,8 @@ def run_inprocess(
     sleep: Callable[[float], None] = time.sleep,
     notify: Callable[[str], None] = log_notify,
 ) -> RunSummary:
-    """``digest run`` without Redis: every step in this process, retries waited for here.
+    """``digest run`` without Redis: every step in this process, retries waited for here;
+    ``progress(handled)`` after each batch.
 
     A PostgreSQL restart is waited out (one line when it goes, one when it is back) and the
     step it interrupted is done again: collecting and planning are idempotent (upserts, ``ON
@@ -365,61 +503,28 @@ def run_inprocess(
     """
     outages = Outages(notify)
     wait = runtime.settings.task_wait_seconds
-    factory = runtime.session_factory
-
-    def in_db(step: Callable[[Session], T]) -> T:
-        return outages.transaction(factory, step, limit=wait)
-
     closed = outages.database(lambda: closed_run(runtime, day), limit=wait)
     if closed is not None:
         return closed
     digest_id, notes = outages.database(lambda: collect_if_needed(runtime, day, allow_sample=allow_sample), limit=wait)
-    summary = RunSummary(day, digest_id, notes=notes)
     if digest_id is None:
-        return summary
-    composers: dict[int, DigestComposer] = {}
+        return RunSummary(day, None, notes=notes)
     total = BatchResult()
-    planned_through = [0]  # the last subscriber id of the last page handed on
 
-    def send(ids: list[int]) -> None:
-        total.merge(outages.database(lambda: send_batch(runtime, digest_id, ids, composers, notify), limit=wait))
+    def deliver(digest_id: int, ids: list[int]) -> None:
+        total.merge(
+            outages.database(lambda: send_batch(runtime, digest_id, ids, handout.composers, notify), limit=wait)
+        )
         if progress:
             progress(total.sent + total.failed + total.skipped)
 
-    def enqueue(ids: list[int]) -> None:
-        send(ids)
-        planned_through[0] = ids[-1]
-
-    s = runtime.settings
+    handout = InProcess(runtime, deliver)
     now = utcnow()
-
-    def plan() -> int:
-        return dispatch(
-            factory,
-            digest_id,
-            now=now,
-            page_size=s.batch_size,
-            stale_after=runtime.policy.stale_after,
-            message_domain=runtime.message_domain,
-            composer=composer_of(runtime, digest_id, composers),
-            enqueue=enqueue,
-            after_id=planned_through[0],
-        )
-
-    outages.database(plan, limit=wait)
-    while True:
-        remaining = in_db(lambda session: open_count(session, digest_id))
-        if remaining == 0:
-            break
-        swept = outages.database(
-            lambda: sweep(factory, digest_id, now=utcnow(), page_size=s.batch_size, enqueue=send), limit=wait
-        )
-        if not swept:
-            sleep(0.5)  # waiting for a retry's backoff or a lease to run out
-
-    def final(session: Session) -> None:
-        summary.counts = counts_by_status(session, digest_id)
-        summary.failures = failure_reasons(session, digest_id)
-
-    in_db(final)
-    return summary
+    outages.database(
+        lambda: dispatch_edition(
+            runtime, digest_id, handout, now=now, after_id=handout.planned_through.get(digest_id, 0)
+        ),
+        limit=wait,
+    )
+    wait_for_edition(runtime, digest_id, handout, outages, sleep=sleep)
+    return summarise_edition(runtime, day, digest_id, outages, notes)

@@ -4,9 +4,9 @@ Beat calls ``dispatch_due`` every five minutes (``TICK``): local hours start on 
 somewhere (+5:30 in India, +5:45 in Nepal, +12:45 on the Chatham Islands), so an hourly run on
 UTC hours would send those subscribers' digests 30 or 45 minutes late. A run works out which
 (time zone, hour) pairs reached their local hour since the previous tick, picks the edition each
-of them is due, and hands the matching subscribers to ``digest.orchestration.pipeline.dispatch`` (keyset
-pages, a commit per page, then ``enqueue``). Nothing here loads subscribers: the due set is an
-SQL filter.
+of them is due, and hands the matching subscribers to ``digest.orchestration.pipeline.dispatch_edition``
+(keyset pages, each planned and sent as the given ``Handout`` does it). Nothing here loads
+subscribers: the due set is an SQL filter.
 
 A run also looks back over the hour before it, for subscribers still without their row in the
 ledger (and unchanged since their hour began): a tick that came late or never ran (beat
@@ -40,7 +40,7 @@ import datetime as dt
 import math
 import zoneinfo
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, and_, exists, or_, select
@@ -48,9 +48,9 @@ from sqlalchemy.orm import Session
 
 from digest.core.db import transaction
 from digest.core.models import Digest, DigestItem, DigestKind, Frequency, Subscriber, SubscriberStatus
-from digest.delivery.composer import DigestComposer, build_digest
+from digest.delivery.composer import build_digest
 from digest.delivery.ledger import not_planned_for
-from digest.orchestration.pipeline import Page, composer_of, dispatch
+from digest.orchestration.pipeline import Handout, dispatch_edition
 from digest.orchestration.runtime import Runtime
 from digest.ranking.ranker import TrendingWeights
 
@@ -214,20 +214,14 @@ def _periodic_edition(
     return edition.id if edition is not None and edition.items else None
 
 
-def dispatch_due(
-    runtime: Runtime,
-    now: dt.datetime,
-    enqueue: Callable[[int, list[int]], None],
-    composers: dict[int, DigestComposer] | None = None,
-    hand_out: Callable[[int, Page], None] | None = None,
-) -> int:
+def dispatch_due(runtime: Runtime, now: dt.datetime, handout: Handout) -> int:
     """Plan and hand out every digest due since the previous tick, those of the hour before it
     that are still unplanned (a late or missed tick), and those of the ``DIGEST_CATCH_UP_HOURS``
     before that which were never planned; returns the number of pages.
 
-    ``enqueue(digest_id, subscriber_ids)`` is called after each page's commit; with ``hand_out``
-    each page goes to ``hand_out(digest_id, page)`` instead, for the workers to plan. Running it twice
-    in the same tick plans nothing new (the ledger has one row per subscriber and edition).
+    Each edition goes to ``dispatch_edition`` with ``handout`` (beat: the workers' queues).
+    Running it twice in the same tick plans nothing new (the ledger has one row per subscriber
+    and edition).
     """
     factory = runtime.session_factory
     tick = tick_of(now)
@@ -268,20 +262,7 @@ def dispatch_due(
             for digest_id, condition in due_editions(session, earlier, runtime.weights, refresh_weekly=False):
                 missed = and_(condition, Subscriber.updated_at <= missed_since, unplanned(digest_id))
                 plans.append((digest_id, missed, missed_since + stale_after))
-    pages = 0
-    for digest_id, condition, not_after in plans:
-        pages += dispatch(
-            factory,
-            digest_id,
-            now=now,
-            page_size=runtime.settings.batch_size,
-            stale_after=stale_after,
-            message_domain=runtime.message_domain,
-            # Planners load the composer themselves; handing out needs none here.
-            composer=None if hand_out else composer_of(runtime, digest_id, composers),
-            enqueue=lambda ids, d=digest_id: enqueue(d, ids),  # type: ignore[misc]
-            extra_filter=condition,
-            not_after=not_after,
-            hand_out=None if hand_out is None else lambda page, d=digest_id: hand_out(d, page),  # type: ignore[misc]
-        )
-    return pages
+    return sum(
+        dispatch_edition(runtime, digest_id, handout, now=now, extra_filter=condition, not_after=not_after)
+        for digest_id, condition, not_after in plans
+    )

@@ -87,10 +87,18 @@ def postgres_bin() -> Path:
 class PrivatePostgres:
     """A PostgreSQL cluster of this test's own, listening on ``host:port`` (trust auth)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None, allow: str | None = None) -> None:
-        """``allow``: a network (CIDR) whose clients may connect too, without a password."""
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        allow: str | None = None,
+        options: dict[str, str] | None = None,
+    ) -> None:
+        """``allow``: a network (CIDR) whose clients may connect too, without a password;
+        ``options``: server settings (``-c name=value``) on top of this class's own."""
         self.host = host
         self.port = port or free_port_on(host)
+        self.options = "".join(f" -c {name}={value}" for name, value in (options or {}).items())
         self.bin = postgres_bin()
         self.root = Path(tempfile.mkdtemp(prefix="digest-infra-pg-"))
         self.data = self.root / "data"
@@ -118,7 +126,7 @@ class PrivatePostgres:
         subprocess.run(argv, check=True, capture_output=True, timeout=60)
 
     def start(self) -> PrivatePostgres:
-        options = f"-h {self.host} -p {self.port} -k {self.root} -c fsync=off -c max_connections=100"
+        options = f"-h {self.host} -p {self.port} -k {self.root} -c fsync=off -c max_connections=100{self.options}"
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "30", "-o", options, "start")
         return self
 
