@@ -17,7 +17,9 @@ from digest.core.db import transaction
 from digest.core.models import Digest, DigestKind, Frequency, Subscriber, SubscriberStatus, utcnow
 from digest.orchestration import pipeline, schedule
 from digest.orchestration.runtime import Runtime
-from digest.ranking.ranker import Candidate, Profile, Ranker, analyse
+from digest.ranking.profile import Profile
+from digest.ranking.ranker import Candidate, Ranker
+from digest.ranking.words import analyse
 from tests.support.servers import SMTPSink
 
 SAMPLES = Path(__file__).resolve().parents[1] / "digest" / "papers" / "sample_data"
@@ -286,7 +288,7 @@ def test_marks_of_another_field_lead_topics_that_do_not_explain_them() -> None:
     like the marked ones come ahead of the 3D papers the twin (same topics, no marks) gets first."""
     import numpy as np
 
-    from digest.ranking.ranker import Reader
+    from digest.ranking.profile import Reader
 
     def unit(*weights: float) -> np.ndarray:
         vector = np.array([*weights, 0.0, 0.0, 0.0, 0.0][:6], dtype=np.float32)
