@@ -34,17 +34,12 @@ import numpy as np
 
 from digest.core.models import Paper
 from digest.core.text import parse_terms
+from digest.delivery.composer import votes_of
 from digest.papers.embedding import load_embedder
 from digest.papers.source import SAMPLE_DATES, load_sample, parse_items
-from digest.ranking.ranker import (
-    Candidate,
-    Profile,
-    Ranker,
-    Reader,
-    TrendingWeights,
-    candidate_text,
-    trending_order,
-)
+from digest.ranking.profile import Profile, Reader
+from digest.ranking.ranker import Candidate, Ranker, candidate_text
+from digest.ranking.trending import TrendingWeights, trending_order
 
 EDITION_SIZE = 100
 PAGE = 500  # DIGEST_BATCH_SIZE's default: the dispatcher plans (and learns readers) a page at a time
@@ -66,9 +61,12 @@ def edition() -> list[Candidate]:
     pool: list[Candidate] = []
     for day in SAMPLE_DATES:
         items = load_sample(day) or []
-        papers = [Paper(**dataclasses.asdict(r)) for r in parse_items(items, day)]
+        papers = {r.id: Paper(**dataclasses.asdict(r)) for r in parse_items(items, day)}
         as_of = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
-        pool += [Candidate(p.id, s, candidate_text(p)) for p, s in trending_order(papers, as_of, weights)]
+        for votes, score in trending_order(map(votes_of, papers.values()), as_of, weights):
+            p = papers[votes.paper_id]
+            # Text only, as this bench has always ranked: its readers' follows find no names.
+            pool.append(Candidate(p.id, score, candidate_text(p.title, p.abstract, p.ai_summary, p.ai_keywords)))
     copies = [dataclasses.replace(c, paper_id=f"{c.paper_id}-b", trending=c.trending / 2) for c in pool]
     return sorted(pool + copies, key=lambda c: -c.trending)[:EDITION_SIZE]
 
@@ -171,8 +169,8 @@ def main() -> None:
     for topics, excluded, sent in sample:
         # One index per edition, but every subscriber scored from scratch (no caches).
         shared._cache.clear()
-        shared._terms.clear()
-        shared._excluded.clear()
+        shared._text._terms.clear()
+        shared._text._excluded.clear()
         shared.pick(Profile.from_text(topics, excluded), 10, sent)
     uncached = (time.perf_counter() - started) * count / len(sample)
 

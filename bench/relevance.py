@@ -52,18 +52,13 @@ import numpy as np
 from digest.core.models import Paper
 from digest.core.settings import Settings
 from digest.core.text import parse_terms
+from digest.delivery.composer import candidate_of, votes_of
 from digest.orchestration.runtime import Runtime
 from digest.papers.embedding import Embedder, load_embedder, paper_text
 from digest.papers.source import SAMPLE_DATES, load_sample, parse_items
-from digest.ranking.ranker import (
-    Candidate,
-    Profile,
-    Ranker,
-    Reader,
-    TrendingWeights,
-    candidate_of,
-    trending_order,
-)
+from digest.ranking.profile import Profile, Reader
+from digest.ranking.ranker import Candidate, Ranker
+from digest.ranking.trending import TrendingWeights, trending_order
 
 LABELS = Path(__file__).with_name("relevance_labels.json")
 # Bench-only recorded days (not shipped in the wheel), see bench/data/README.md.
@@ -99,9 +94,10 @@ def candidates(
     for day in days:
         as_of = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
         top = None
-        for paper, score in trending_order(day_papers(day), as_of, weights):
+        by_id = {paper.id: paper for paper in day_papers(day)}
+        for votes, score in trending_order(map(votes_of, by_id.values()), as_of, weights):
             top = top or score
-            papers[paper.id] = paper
+            paper = papers[votes.paper_id] = by_id[votes.paper_id]
             # Each day's scores relative to its leader, so the two days mix fairly.
             pool.append(candidate_of(paper, score / top))
     pool.sort(key=lambda c: (-c.trending, c.paper_id))

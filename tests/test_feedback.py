@@ -17,7 +17,8 @@ from digest.core.models import Paper, PaperEmbedding, PaperMark, ReaderProfile, 
 from digest.orchestration.pipeline import run_inprocess
 from digest.orchestration.runtime import Runtime
 from digest.papers.embedding import from_blob, load_embedder
-from digest.ranking.ranker import Candidate, Profile, Ranker
+from digest.ranking.profile import Profile
+from digest.ranking.ranker import Candidate, Ranker
 from digest.subscribers import feedback
 from digest.subscribers.subscriptions import add_confirmed
 from digest.web.app import create_app
@@ -202,7 +203,7 @@ def test_papers_stored_before_vectors_existed_get_them_when_an_edition_is_loaded
 
 
 def test_less_like_this_alone_pushes_similar_papers_down() -> None:
-    from digest.ranking.ranker import Reader
+    from digest.ranking.profile import Reader
 
     texts = [
         "Video diffusion models that generate long clips",
@@ -224,7 +225,7 @@ def test_less_like_this_alone_pushes_similar_papers_down() -> None:
 def test_a_readers_digest_is_the_same_whoever_shares_their_page() -> None:
     """Planning ranks a page's taught readers together (one product, one sort for all): each
     must get exactly the papers and reasons they get when ranked alone."""
-    from digest.ranking.ranker import Reader
+    from digest.ranking.profile import Reader
 
     rng = np.random.default_rng(11)
     texts = [f"paper {i} about {word}" for i, word in enumerate(["diffusion", "agents", "speech", "robots"] * 8)]

@@ -17,7 +17,10 @@ from digest.core.db import transaction
 from digest.core.models import Digest, DigestKind, Frequency, Subscriber, SubscriberStatus, utcnow
 from digest.orchestration import pipeline, schedule
 from digest.orchestration.runtime import Runtime
-from digest.ranking.ranker import Candidate, Profile, Ranker, analyse
+from digest.ranking.profile import Profile
+from digest.ranking.ranker import Candidate, Ranker
+from digest.ranking.trending import TrendingWeights, Votes, trending_order, trending_score
+from digest.ranking.words import analyse
 from tests.support.servers import SMTPSink
 
 SAMPLES = Path(__file__).resolve().parents[1] / "digest" / "papers" / "sample_data"
@@ -140,6 +143,24 @@ def test_trending_order_follows_the_documented_formula(runtime: Runtime) -> None
         assert [pid for _, pid in stored] == [pid for _, pid in expected]
         for (got, _), (want, _) in zip(stored, expected, strict=True):
             assert math.isclose(got, want, rel_tol=1e-9)
+
+
+def test_trending_reads_plain_values_reached_at_midnight_when_unknown_ties_by_id() -> None:
+    day, weights = THURSDAY, TrendingWeights()
+    as_of = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
+    unknown = Votes("2604.00002", upvotes=3, comments=1, github_stars=None, submitted_at=None, daily_date=day)
+    midnight = dt.datetime.combine(day, dt.time(), dt.UTC)
+    known = Votes("2604.00001", upvotes=3, comments=1, github_stars=0, submitted_at=midnight, daily_date=day)
+    late = dt.datetime.combine(day, dt.time(22), dt.UTC)
+    fresh = Votes("2604.00003", upvotes=0, comments=0, github_stars=None, submitted_at=late, daily_date=day)
+    # (3 upvotes + 2 x 1 comment + 1) over (24 h + 2) ^ 1.5; the fresh one: 1 over (2 h + 2) ^ 1.5.
+    assert math.isclose(trending_score(unknown, as_of, weights), 6 / 26**1.5, rel_tol=1e-12)
+    order = trending_order([unknown, fresh, known], as_of, weights)
+    assert [(votes.paper_id, round(score, 6)) for votes, score in order] == [
+        ("2604.00003", 0.125),
+        ("2604.00001", round(6 / 26**1.5, 6)),
+        ("2604.00002", round(6 / 26**1.5, 6)),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +303,7 @@ def test_marks_of_another_field_lead_topics_that_do_not_explain_them() -> None:
     like the marked ones come ahead of the 3D papers the twin (same topics, no marks) gets first."""
     import numpy as np
 
-    from digest.ranking.ranker import Reader
+    from digest.ranking.profile import Reader
 
     def unit(*weights: float) -> np.ndarray:
         vector = np.array([*weights, 0.0, 0.0, 0.0, 0.0][:6], dtype=np.float32)

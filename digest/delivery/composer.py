@@ -25,15 +25,9 @@ from digest.core.retention import NO_REPEAT_LOOKBACK
 from digest.core.text import parse_terms
 from digest.delivery.policy import DeliveryPolicy
 from digest.papers.embedding import Embedder, paper_vectors, topic_vectors
-from digest.ranking.ranker import (
-    Profile,
-    Ranker,
-    Reader,
-    TrendingWeights,
-    candidate_of,
-    trending_order,
-    trending_score,
-)
+from digest.ranking.profile import Profile, Reader
+from digest.ranking.ranker import Candidate, Ranker, candidate_text
+from digest.ranking.trending import TrendingWeights, Votes, trending_order, trending_score
 from digest.rendering.emails import DigestContext, EmailRenderer, Envelope, PaperView, date_label, message_bytes
 from digest.rendering.links import Links
 from digest.subscribers import feedback
@@ -41,6 +35,22 @@ from digest.transport.dkim import DkimSigner
 
 # Papers in these deliveries count as received (failed and skipped ones never arrived).
 REPEAT_STATUSES = frozenset({DeliveryStatus.SENT, DeliveryStatus.SENDING, DeliveryStatus.PENDING})
+
+
+def votes_of(paper: Paper) -> Votes:
+    """What the trending score reads of a paper, as values (ranking knows no ORM)."""
+    return Votes(paper.id, paper.upvotes, paper.num_comments, paper.github_stars, paper.submitted_at, paper.daily_date)
+
+
+def candidate_of(paper: Paper, trending: float) -> Candidate:
+    """What the ranker reads of an edition's paper, as values (ranking knows no ORM)."""
+    return Candidate(
+        paper.id,
+        trending,
+        candidate_text(paper.title, paper.abstract, paper.ai_summary, paper.ai_keywords),
+        tuple(name.lower() for name in paper.authors or []),
+        paper.organization,
+    )
 
 
 def build_digest(
@@ -71,13 +81,13 @@ def build_digest(
         # The best of the month: each paper as it trended on its own day, so one from the 1st
         # is not buried under the age penalty that a single as-of date at the month's end gives.
         order = sorted(
-            ((p, trending_score(p, _day_after(p.daily_date), weights)) for p in papers),
-            key=lambda ps: (-ps[1], ps[0].id),
+            ((v, trending_score(v, _day_after(v.daily_date), weights)) for v in map(votes_of, papers)),
+            key=lambda vs: (-vs[1], vs[0].paper_id),
         )
     else:
-        order = trending_order(papers, as_of, weights)
-    for position, (paper, score) in enumerate(order[:max_items]):
-        digest.items.append(DigestItem(paper_id=paper.id, position=position, score=score))
+        order = trending_order(map(votes_of, papers), as_of, weights)
+    for position, (votes, score) in enumerate(order[:max_items]):
+        digest.items.append(DigestItem(paper_id=votes.paper_id, position=position, score=score))
     session.flush()
     return digest
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from digest.delivery.policy import DeliveryPolicy
     from digest.papers.embedding import Embedder
     from digest.papers.source import PapersClient
-    from digest.ranking.ranker import TrendingWeights
+    from digest.ranking.trending import TrendingWeights
     from digest.rendering.emails import EmailRenderer
     from digest.rendering.links import Links
     from digest.rendering.tokens import Tokens
@@ -121,7 +121,7 @@ class Runtime:
 
     @cached_property
     def weights(self) -> TrendingWeights:
-        from digest.ranking.ranker import TrendingWeights
+        from digest.ranking.trending import TrendingWeights
 
         s = self.settings
         return TrendingWeights(

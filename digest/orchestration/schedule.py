@@ -52,7 +52,7 @@ from digest.delivery.composer import build_digest
 from digest.delivery.ledger import not_planned_for
 from digest.orchestration.pipeline import Handout, dispatch_edition
 from digest.orchestration.runtime import Runtime
-from digest.ranking.ranker import TrendingWeights
+from digest.ranking.trending import TrendingWeights
 
 HOUR = dt.timedelta(hours=1)
 # Beat's cadence for ``digest.dispatch_due`` (workers/celery_app.py): the contract is a digest

@@ -1,4 +1,4 @@
-"""Ranking: trending score, text and dense relevance, reader profiles and the reasons shown.
+"""Ranking: trending score, text and dense relevance, reader profiles and marks, the reasons shown.
 
 Values in, picks out: it knows no database and no ORM class.
 """

@@ -26,7 +26,7 @@ from digest.core.errors import DigestError
 from digest.core.models import MarkSource, Paper, PaperMark, ReaderProfile
 from digest.core.text import has_unsafe
 from digest.papers.embedding import Embedder, from_blob, normalise, paper_vectors, to_blob
-from digest.ranking.ranker import Reader
+from digest.ranking.profile import Reader
 
 MORE, LESS = 1, -1
 MAX_ROWS = 16  # individual liked (and disliked) vectors kept per reader (each costs ranking time)
