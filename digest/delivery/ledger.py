@@ -1,8 +1,12 @@
 """The ledger: the ``deliveries`` table, one row per (subscriber, edition).
 
-Rows are planned a keyset page at a time, claimed with a lease before their message goes out,
-and recorded as sent, failed (or put back for a retry, as ``policy`` says) or skipped. The
-look-ups here say what is still open: due retries, expired leases, counts per status.
+Rows are planned a keyset page at a time (their papers chosen by ``digest.delivery.planning``),
+claimed with a lease before their message goes out, and recorded as sent, failed (or put back
+for a retry, as ``policy`` says) or skipped. The look-ups here say what is still open: due
+retries, expired leases, counts per status.
+
+No other module reads or writes the table (``tests/test_table_owners.py``): they call the
+functions here, which answer with plain values (``Entry`` and the like), never rows.
 
 An edition whose rows were compacted is *closed*: its counts row in ``delivery_counts`` is the
 only record left of who had it, so it is never planned or sent again (``is_closed``).
