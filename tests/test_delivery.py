@@ -9,7 +9,7 @@ import time
 from collections import Counter
 
 import pytest
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, null, select, update
 from sqlalchemy.orm import Session
 
 from digest.core.db import transaction
@@ -258,7 +258,7 @@ def test_erasing_someone_with_a_queued_digest_lets_the_run_finish(runtime: Runti
 
 def test_two_dispatchers_planning_the_same_page_both_succeed_once(runtime: Runtime, smtp: SMTPSink) -> None:
     from digest.core.models import Digest
-    from digest.delivery.ledger import plan_deliveries
+    from digest.delivery.planning import plan_deliveries
 
     emails = people(runtime, 3)
     digest_id = prepare(runtime, emails)  # plans everyone once
@@ -362,20 +362,59 @@ def test_someone_with_nothing_new_gets_a_skipped_row_and_no_mail(
     assert skipped.last_error == "no new papers for this subscriber"
 
 
-def test_a_row_planned_without_papers_gets_them_chosen_once_at_send_time(
-    runtime: Runtime, smtp: SMTPSink, session: Session
+@pytest.mark.parametrize("no_papers", [None, null()], ids=["json-null", "sql-null"])
+def test_a_row_planned_without_papers_waits_for_planning_and_is_then_sent_once(
+    runtime: Runtime, smtp: SMTPSink, session: Session, no_papers: object
 ) -> None:
+    """Rows an older release planned without papers (it chose them at send time): a sender
+    chooses nothing (it builds no ranker), so the row stays open, unclaimed, until its page is
+    planned again, which chooses its papers and keeps its Message-ID."""
     (email,) = people(runtime, 1)
     digest_id = prepare(runtime, [email])
     with transaction(runtime.session_factory) as s:
-        # As an older release planned rows: no papers, no recipient.
-        s.execute(update(Delivery).values(paper_ids=None, reasons=None, recipient=None))
+        s.execute(update(Delivery).values(paper_ids=no_papers, reasons=None, recipient=None))
         ids = list(s.scalars(select(Subscriber.id)))
-    assert send_batch(runtime, digest_id, ids).sent == 1
+    planned_id = deliveries(session)[email].message_id
+    assert send_batch(runtime, digest_id, ids).sent == 0
+    waiting = deliveries(session)[email]
+    assert waiting.status is DeliveryStatus.PENDING and waiting.attempts == 0 and smtp.messages == []
+    assert run_inprocess(runtime, DAY).counts["sent"] == 1
     delivery = deliveries(session)[email]
     assert delivery.paper_ids and len(delivery.paper_ids) == runtime.settings.digest_size
-    assert delivery.recipient == email
-    assert len(smtp.to(email)) == 1
+    assert delivery.recipient == email and delivery.message_id == planned_id
+    [message] = smtp.to(email)
+    assert message["Message-ID"] == planned_id
+
+
+def test_the_send_task_builds_no_ranker_and_loads_no_model(
+    runtime: Runtime, smtp: SMTPSink, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Papers are chosen at planning: the send task (``digest.send_batch``) only renders them,
+    so a worker that sends never ranks, reads vectors or loads the embedding model."""
+    from digest.papers.embedding import Embedder
+    from digest.ranking.ranker import Ranker
+    from workers import tasks
+
+    emails = people(runtime, 3)
+    digest_id = prepare(runtime, emails)
+    with transaction(runtime.session_factory) as s:
+        ids = list(s.scalars(select(Subscriber.id).order_by(Subscriber.id)))
+    built: list[str] = []
+
+    def refuse(what: str) -> object:
+        def init(*args: object, **kwargs: object) -> None:
+            built.append(what)
+            raise AssertionError(f"the send path built a {what}")
+
+        return init
+
+    monkeypatch.setattr(Ranker, "__init__", refuse("Ranker"))
+    monkeypatch.setattr(Embedder, "__init__", refuse("Embedder"))
+    monkeypatch.setattr(tasks, "_runtime", runtime)
+    monkeypatch.setattr(tasks, "_composers", {})  # a fresh worker process: nothing cached
+    assert tasks.send_batch.run(digest_id, ids) == {"sent": 3, "failed": 0, "skipped": 0}
+    assert built == []
+    assert received_counts(smtp) == Counter(emails)
 
 
 def test_unsubscribing_while_the_batch_is_sending_stops_the_waiting_message(

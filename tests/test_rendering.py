@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import time_machine
 
-from digest.core.models import Delivery, DigestKind, Frequency, Subscriber
+from digest.core.models import DigestKind, Frequency, Subscriber
 from digest.delivery.composer import DigestComposer
-from digest.ranking.ranker import Candidate, Ranker
+from digest.delivery.ledger import Entry
 from digest.rendering.emails import (
     ConfirmContext,
     EmailRenderer,
@@ -183,7 +183,6 @@ def compose_one() -> bytes:
         kind=DigestKind.DAILY,
         day=DAY,
         papers={p.id: p for p in papers},
-        ranker=Ranker([Candidate(p.id, 1.0, p.title) for p in papers]),
         renderer=EmailRenderer(),
         links=links,
         mail_from="Daily Papers <papers@example.org>",
@@ -196,10 +195,11 @@ def compose_one() -> bytes:
         frequency=Frequency.DAILY,
         created_at=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
     )
-    delivery = Delivery(
+    delivery = Entry(
         id=42,
         digest_id=1,
         subscriber_id=7,
+        recipient="zoe.reader@example.org",
         message_id="<2026-04-16.daily.7.0123456789ab@example.org>",
         created_at=dt.datetime(2026, 4, 16, 6, 0, tzinfo=dt.UTC),
         paper_ids=[p.id for p in papers[:10]],

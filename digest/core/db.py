@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Date, Engine, cast, create_engine, event, func, select
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.elements import ColumnElement
 
 # Shipped inside the package, so an installed wheel migrates from any folder.
 # Installed, the migrations ship inside the package; in a checkout they are alembic/ at its top.
@@ -69,6 +71,20 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def count_per_day(session: Session, column: Any, *conditions: Any, since: dt.datetime) -> dict[str, int]:
+    """Rows per UTC calendar day of the timestamp ``column`` since ``since`` ("YYYY-MM-DD": count),
+    grouped by the database."""
+    day = _utc_day(column, session.get_bind().dialect.name)
+    rows = session.execute(select(day, func.count()).where(column >= since, *conditions).group_by(day))
+    return {str(d)[:10]: int(n) for d, n in rows}
+
+
+def _utc_day(column: Any, dialect: str) -> ColumnElement[Any]:
+    if dialect == "postgresql":
+        return cast(func.timezone("UTC", column), Date)
+    return func.date(column)
 
 
 def alembic_config(url: str) -> Any:

@@ -30,7 +30,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from digest.core.db import transaction
-from digest.delivery.ledger import compact_rows, editions_with_rows_before, rows_by_status
+from digest.delivery.ledger import compact_rows, editions_with_rows_before, rows_by_status, vacuum_table
 
 BATCH_ROWS = 5000
 
@@ -131,5 +131,5 @@ def vacuum_ledger(engine: Engine) -> None:
     if engine.dialect.name != "postgresql":
         return
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text("VACUUM (ANALYZE) deliveries"))
+        vacuum_table(conn)
         conn.execute(text("VACUUM (ANALYZE) subscriber_events"))

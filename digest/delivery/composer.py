@@ -20,9 +20,9 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from digest.core.models import Delivery, DeliveryStatus, Digest, DigestItem, DigestKind, Paper, Subscriber, utcnow
-from digest.core.retention import NO_REPEAT_LOOKBACK
+from digest.core.models import Digest, DigestItem, DigestKind, Paper, Subscriber, utcnow
 from digest.core.text import parse_terms
+from digest.delivery.ledger import Entry, received
 from digest.delivery.policy import DeliveryPolicy
 from digest.papers.embedding import Embedder, paper_vectors, topic_vectors
 from digest.ranking.profile import Profile, Reader
@@ -32,9 +32,6 @@ from digest.rendering.emails import DigestContext, EmailRenderer, Envelope, Pape
 from digest.rendering.links import Links
 from digest.subscribers import feedback
 from digest.transport.dkim import DkimSigner
-
-# Papers in these deliveries count as received (failed and skipped ones never arrived).
-REPEAT_STATUSES = frozenset({DeliveryStatus.SENT, DeliveryStatus.SENDING, DeliveryStatus.PENDING})
 
 
 def votes_of(paper: Paper) -> Votes:
@@ -133,7 +130,6 @@ class DigestComposer:
     kind: DigestKind
     day: dt.date
     papers: dict[str, Paper]
-    ranker: Ranker
     renderer: EmailRenderer
     links: Links
     mail_from: str
@@ -148,6 +144,9 @@ class DigestComposer:
     dimensions: int = 0
     _topic_vectors: dict[str, np.ndarray] = field(default_factory=dict)
     trending_rank: dict[str, int] = field(default_factory=dict)  # paper id: place in the edition
+    candidates: list[Candidate] = field(default_factory=list)  # the edition, as the ranker reads it
+    relevance_weight: float = 0.0
+    ranker: Ranker | None = None  # built for the first page planned (``ranked``)
 
     @classmethod
     def load(
@@ -168,34 +167,47 @@ class DigestComposer:
             raise LookupError(f"digest {digest_id} does not exist")
         papers = {item.paper_id: item.paper for item in digest.items}
         candidates = [candidate_of(i.paper, i.score) for i in digest.items]
-        vectors = paper_vectors(session, list(papers.values()), embedding_model, embedder) if embedding_model else {}
         for paper in papers.values():
             session.expunge(paper)
-        matrix, dimensions = None, 0
-        if vectors:
-            dimensions = len(next(iter(vectors.values())))
-            zero = np.zeros(dimensions, dtype=np.float32)  # a paper without a vector is about nothing
-            matrix = np.vstack([vectors.get(c.paper_id, zero) for c in candidates])
-        topic_cache: dict[str, np.ndarray] = {}
         return cls(
             digest_id=digest.id,
             kind=digest.kind,
             day=digest.date,
             papers=papers,
-            ranker=Ranker(
-                candidates, relevance_weight=policy.relevance_weight, vectors=matrix, topic_vector=topic_cache.get
-            ),
             renderer=renderer,
             links=links,
             mail_from=mail_from,
             postal_address=postal_address,
             default_size=policy.digest_size,
-            embedding_model=embedding_model if matrix is not None else None,
+            embedding_model=embedding_model,
             embedder=embedder,
-            dimensions=dimensions,
-            _topic_vectors=topic_cache,
             trending_rank={item.paper_id: item.position for item in digest.items},
+            candidates=candidates,
+            relevance_weight=policy.relevance_weight,
         )
+
+    def ranked(self, session: Session) -> Ranker:
+        """The edition's ranker, built for the first page planned. Only planning chooses papers:
+        a process that only sends never reads the papers' vectors, loads the model or ranks."""
+        if self.ranker is not None:
+            return self.ranker
+        model = self.embedding_model
+        papers = [self.papers[c.paper_id] for c in self.candidates]
+        vectors = paper_vectors(session, papers, model, self.embedder) if model else {}
+        matrix = None
+        if vectors:
+            self.dimensions = len(next(iter(vectors.values())))
+            zero = np.zeros(self.dimensions, dtype=np.float32)  # a paper without a vector is about nothing
+            matrix = np.vstack([vectors.get(c.paper_id, zero) for c in self.candidates])
+        else:
+            self.embedding_model = None  # no vectors to compare: relevance by text alone
+        self.ranker = Ranker(
+            self.candidates,
+            relevance_weight=self.relevance_weight,
+            vectors=matrix,
+            topic_vector=self._topic_vectors.get,
+        )
+        return self.ranker
 
     @cached_property
     def sender_domain(self) -> str:
@@ -204,13 +216,14 @@ class DigestComposer:
     def prepare(self, session: Session, subscribers: Sequence[Subscriber]) -> dict[int, Reader]:
         """Before choosing for a page: the vectors of its topics (computed once per topic, ever)
         and what its readers taught (one row each), compared with the edition all at once."""
+        ranker = self.ranked(session)
         if self.embedding_model is None:
             return {}
         topics = {t for s in subscribers for t in parse_terms(s.topics)} - self._topic_vectors.keys()
         if topics:
             self._topic_vectors.update(topic_vectors(session, sorted(topics), self.embedding_model, self.embedder))
         readers = feedback.readers(session, [s.id for s in subscribers], self.embedding_model, self.dimensions)
-        self.ranker.learn(
+        ranker.learn(
             Profile.from_text(s.topics, s.excluded, reader) for s in subscribers if (reader := readers.get(s.id))
         )
         return readers
@@ -219,6 +232,7 @@ class DigestComposer:
         self, subscriber: Subscriber, already_sent: set[str], reader: Reader | None = None
     ) -> tuple[list[str], dict[str, list[str]]]:
         """Papers and, per paper, the reasons shown ("Matches: ...", "Like: ...", "From: ...")."""
+        assert self.ranker is not None, "prepare() builds the ranker: a page is prepared before choosing"
         profile = Profile.from_text(subscriber.topics, subscriber.excluded, reader)
         picks = self.ranker.pick(profile, subscriber.digest_size or self.default_size, already_sent)
         reasons = {p.paper_id: list(p.lines) for p in picks if p.reasons or p.why}
@@ -246,7 +260,7 @@ class DigestComposer:
             view = self._views[key] = PaperView.from_paper(self.papers[paper_id], reasons)
         return view
 
-    def sections(self, delivery: Delivery, subscriber: Subscriber) -> tuple[list[str], list[str]] | None:
+    def sections(self, delivery: Entry, subscriber: Subscriber) -> tuple[list[str], list[str]] | None:
         """(For you, Also trending) paper ids of a delivery, or None for one trending list.
 
         The bar is the ranker's own: a pick it can give a reason for ("Matches: ...", "About:
@@ -263,7 +277,7 @@ class DigestComposer:
         rest = sorted((pid for pid in shown if not reasons.get(pid)), key=lambda p: self.trending_rank.get(p, unranked))
         return for_you, rest
 
-    def compose(self, delivery: Delivery, subscriber: Subscriber) -> bytes:
+    def compose(self, delivery: Entry, subscriber: Subscriber) -> bytes:
         reasons = delivery.reasons or {}
         sections = self.sections(delivery, subscriber)
         shown = (
@@ -302,23 +316,6 @@ class DigestComposer:
         return self.dkim.sign(data) if self.dkim else data
 
 
-def recently_sent(session: Session, subscriber_ids: Sequence[int], now: dt.datetime) -> dict[int, set[str]]:
-    """Papers each subscriber already got (or is about to get) within the no-repeat reach."""
-    sent: dict[int, set[str]] = {sid: set() for sid in subscriber_ids}
-    rows = session.execute(
-        select(Delivery.subscriber_id, Delivery.paper_ids, Delivery.status).where(
-            Delivery.subscriber_id.in_(subscriber_ids),
-            Delivery.created_at > now - NO_REPEAT_LOOKBACK,
-            Delivery.paper_ids.is_not(None),
-        )
-    )
-    # Status is checked here, not in SQL, so the query stays on the (subscriber, created) index.
-    for sid, paper_ids, status in rows:
-        if sid is not None and status in REPEAT_STATUSES:
-            sent[sid].update(paper_ids or [])
-    return sent
-
-
 @dataclass(frozen=True)
 class Delivered:
     """One paper as a reader got it: which edition, when, and the reasons it carried."""
@@ -336,19 +333,15 @@ def delivered_papers(session: Session, subscriber_id: int, limit: int) -> list[D
     Read from their ledger rows (on the (subscriber, created) index), so their feed shows what
     their digests showed, reasons included; papers no longer stored are left out.
     """
-    rows = session.execute(
-        select(Delivery.paper_ids, Delivery.reasons, Delivery.sent_at, Digest.date, Digest.kind)
-        .join(Digest, Digest.id == Delivery.digest_id)
-        .where(Delivery.subscriber_id == subscriber_id, Delivery.status == DeliveryStatus.SENT)
-        .order_by(Delivery.created_at.desc())
-        .limit(limit)
-    ).all()
-    wanted = {pid for row in rows for pid in row.paper_ids or ()}
+    rows = received(session, subscriber_id, limit)
+    wanted = {pid for row in rows for pid in row.paper_ids}
     papers = {p.id: p for p in session.scalars(select(Paper).where(Paper.id.in_(wanted)))} if wanted else {}
     found: list[Delivered] = []
-    for paper_ids, reasons, sent_at, day, kind in rows:
-        for pid in paper_ids or ():
+    for row in rows:
+        for pid in row.paper_ids:
             if pid in papers and len(found) < limit:
-                when = sent_at or dt.datetime.combine(day, dt.time(), dt.UTC)  # rows sent before sent_at existed
-                found.append(Delivered(papers[pid], day, kind, when, tuple((reasons or {}).get(pid, ()))))
+                when = row.sent_at or dt.datetime.combine(
+                    row.day, dt.time(), dt.UTC
+                )  # rows sent before sent_at existed
+                found.append(Delivered(papers[pid], row.day, row.kind, when, tuple(row.reasons.get(pid, ()))))
     return found

@@ -1,8 +1,12 @@
 """The ledger: the ``deliveries`` table, one row per (subscriber, edition).
 
-Rows are planned a keyset page at a time, claimed with a lease before their message goes out,
-and recorded as sent, failed (or put back for a retry, as ``policy`` says) or skipped. The
-look-ups here say what is still open: due retries, expired leases, counts per status.
+Rows are planned a keyset page at a time (their papers chosen by ``digest.delivery.planning``),
+claimed with a lease before their message goes out, and recorded as sent, failed (or put back
+for a retry, as ``policy`` says) or skipped. The look-ups here say what is still open: due
+retries, expired leases, counts per status.
+
+No other module reads or writes the table (``tests/test_table_owners.py``): they call the
+functions here, which answer with plain values (``Entry`` and the like), never rows.
 
 An edition whose rows were compacted is *closed*: its counts row in ``delivery_counts`` is the
 only record left of who had it, so it is never planned or sent again (``is_closed``).
@@ -14,14 +18,18 @@ import datetime as dt
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     SQLColumnExpression,
     Table,
+    Text,
     and_,
     bindparam,
+    cast,
     delete,
     exists,
     func,
@@ -35,6 +43,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from digest.core.db import count_per_day
 from digest.core.models import (
     Delivery,
     DeliveryCount,
@@ -45,15 +54,9 @@ from digest.core.models import (
     Subscriber,
     SubscriberStatus,
 )
-from digest.delivery.policy import DeliveryPolicy, is_bounce
-from digest.subscribers.consent import Actor
-from digest.subscribers.subscriptions import record_bounce
+from digest.core.retention import NO_REPEAT_LOOKBACK
+from digest.delivery.policy import DeliveryPolicy
 from digest.transport.mailer import SendError
-
-if TYPE_CHECKING:
-    # Only planning needs the composer (ranking, rendering): imported there, so the many
-    # readers of the ledger (status, metrics, reputation) do not load the delivery code.
-    from digest.delivery.composer import DigestComposer
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +139,55 @@ def page_bounds(
     return list(session.scalars(select(numbered.c.id).where(last_of_page).order_by(numbered.c.id)))
 
 
+# Papers in these deliveries count as received (failed and skipped ones never arrived).
+REPEAT_STATUSES = frozenset({DeliveryStatus.SENT, DeliveryStatus.SENDING, DeliveryStatus.PENDING})
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One delivery as plain values: what composing, sending and the read-outs need of a row."""
+
+    id: int
+    digest_id: int
+    subscriber_id: int | None
+    recipient: str | None
+    message_id: str
+    paper_ids: list[str] | None
+    reasons: dict[str, list[str]] | None
+    created_at: dt.datetime
+    not_after: dt.datetime | None = None
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A subscriber's row of an edition as planning chose it (no papers: nothing new for them)."""
+
+    subscriber_id: int
+    recipient: str
+    message_id: str
+    paper_ids: list[str]
+    reasons: dict[str, list[str]]
+
+
+def _without_papers() -> ColumnElement[bool]:
+    """A row planned without papers (by an older release that chose at send time). A JSON
+    column stores Python's None as JSON ``null``, so both that and SQL NULL are looked for."""
+    return or_(Delivery.paper_ids.is_(None), cast(Delivery.paper_ids, Text) == "null")
+
+
 def planned_among(session: Session, digest_id: int, subscriber_ids: Sequence[int]) -> set[int]:
-    """Which of these subscribers already have their row of this edition (a page planned again)."""
+    """Which of these subscribers already have their row of this edition (a page planned again).
+
+    An open row without papers does not count: only planning chooses papers, so such a row
+    waits for its page to be planned again (``add_planned`` fills it in).
+    """
     if not subscriber_ids:
         return set()
     query = select(Delivery.subscriber_id).where(
-        Delivery.digest_id == digest_id, Delivery.subscriber_id.in_(subscriber_ids)
+        Delivery.digest_id == digest_id,
+        Delivery.subscriber_id.in_(subscriber_ids),
+        ~and_(Delivery.status == DeliveryStatus.PENDING, _without_papers()),
     )
     return set(session.scalars(query))
 
@@ -154,59 +200,66 @@ def unplanned_due(session: Session, digest: Digest) -> bool:
     return session.scalar(query.limit(1)) is not None
 
 
-def plan_deliveries(
-    session: Session,
-    digest: Digest,
-    subscriber_ids: Sequence[int],
-    *,
-    composer: DigestComposer,
-    now: dt.datetime,
-    not_after: dt.datetime,
-    message_domain: str,
+def add_planned(
+    session: Session, digest_id: int, plans: Sequence[Plan], *, now: dt.datetime, not_after: dt.datetime
 ) -> None:
-    """Create the missing ledger rows for these subscribers, each with its papers already chosen.
+    """Write planned rows: pending with their papers, or skipped when there is nothing new.
 
-    Choosing here, not at send time, fixes every delivery's content before anything is sent (a
-    retry is the same message even if the edition is refreshed meanwhile) and spares each row
-    an update on the way out. Someone with nothing new to read gets a ``skipped`` row.
-
-    ``ON CONFLICT DO NOTHING`` on the (subscriber, edition) key: two dispatchers planning the
-    same page at once (beat's hour and an operator's ``digest run``) both succeed, once.
+    On the (subscriber, edition) key a row already there is left as it is (two dispatchers
+    planning the same page at once both succeed, once), unless it is still open without papers:
+    then it gets these papers and keeps its ``Message-ID``.
     """
-    from digest.delivery.composer import message_id, recently_sent
-
-    if not subscriber_ids:
+    if not plans:
         return
-    subscribers = list(
-        session.scalars(select(Subscriber).where(Subscriber.id.in_(subscriber_ids)).order_by(Subscriber.id))
-    )
-    already = recently_sent(session, subscriber_ids, now)
-    readers = composer.prepare(session, subscribers)
-    rows = []
-    for subscriber in subscribers:
-        paper_ids, reasons = composer.choose(subscriber, already.get(subscriber.id, set()), readers.get(subscriber.id))
-        rows.append(
-            {
-                "digest_id": digest.id,
-                "subscriber_id": subscriber.id,
-                "recipient": subscriber.email,
-                "status": DeliveryStatus.PENDING if paper_ids else DeliveryStatus.SKIPPED,
-                "last_error": None if paper_ids else NOTHING_NEW,
-                "paper_ids": paper_ids,
-                "reasons": reasons,
-                "attempts": 0,
-                "message_id": message_id(digest, subscriber.id, message_domain),
-                "not_after": not_after,
-                "created_at": now,
-                "updated_at": now,
-            }
-        )
-    if not rows:
-        return
+    rows = [
+        {
+            "digest_id": digest_id,
+            "subscriber_id": plan.subscriber_id,
+            "recipient": plan.recipient,
+            "status": DeliveryStatus.PENDING if plan.paper_ids else DeliveryStatus.SKIPPED,
+            "last_error": None if plan.paper_ids else NOTHING_NEW,
+            "paper_ids": plan.paper_ids,
+            "reasons": plan.reasons,
+            "attempts": 0,
+            "message_id": plan.message_id,
+            "not_after": not_after,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for plan in plans
+    ]
     dialect_insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    statement = dialect_insert(Delivery).on_conflict_do_nothing(index_elements=["subscriber_id", "digest_id"])
-    session.execute(statement, rows)
+    statement = dialect_insert(Delivery)
+    chosen = ("recipient", "status", "last_error", "paper_ids", "reasons", "updated_at")
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["subscriber_id", "digest_id"],
+            set_={
+                **{name: statement.excluded[name] for name in chosen},
+                "not_after": func.coalesce(Delivery.not_after, statement.excluded.not_after),
+            },
+            where=and_(Delivery.status == DeliveryStatus.PENDING, _without_papers()),
+        ),
+        rows,
+    )
     session.flush()
+
+
+def recently_sent(session: Session, subscriber_ids: Sequence[int], now: dt.datetime) -> dict[int, set[str]]:
+    """Papers each subscriber already got (or is about to get) within the no-repeat reach."""
+    sent: dict[int, set[str]] = {sid: set() for sid in subscriber_ids}
+    rows = session.execute(
+        select(Delivery.subscriber_id, Delivery.paper_ids, Delivery.status).where(
+            Delivery.subscriber_id.in_(subscriber_ids),
+            Delivery.created_at > now - NO_REPEAT_LOOKBACK,
+            Delivery.paper_ids.is_not(None),
+        )
+    )
+    # Status is checked here, not in SQL, so the query stays on the (subscriber, created) index.
+    for sid, paper_ids, status in rows:
+        if sid is not None and status in REPEAT_STATUSES:
+            sent[sid].update(paper_ids or [])
+    return sent
 
 
 # A dispatch checks the ledger's planner statistics when it has planned this many rows, then at
@@ -233,13 +286,20 @@ def refresh_statistics_if_blind(session: Session, planned: int) -> bool:
 
 
 def _claimable(now: dt.datetime) -> ColumnElement[bool]:
-    """Sendable at ``now``: pending and due, or sending with an expired lease (its worker died)."""
-    return or_(
-        and_(
-            Delivery.status == DeliveryStatus.PENDING,
-            or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+    """Sendable at ``now``: pending and due, or sending with an expired lease (its worker died).
+
+    A row without papers is not: senders choose none (that takes the ranker), it waits for its
+    page to be planned again (``planned_among``).
+    """
+    return and_(
+        or_(
+            and_(
+                Delivery.status == DeliveryStatus.PENDING,
+                or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+            ),
+            and_(Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until < now),
         ),
-        and_(Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until < now),
+        ~_without_papers(),
     )
 
 
@@ -357,25 +417,29 @@ def withdraw(session: Session, delivery_id: int, attempts: int, now: dt.datetime
 
 def record_failure(
     session: Session,
-    delivery: Delivery,
+    entry: Entry,
     error: SendError,
     policy: DeliveryPolicy,
     now: dt.datetime,
 ) -> dt.datetime | None:
-    """Retry later (returns when) or fail for good; hard and repeated soft bounces stop the subscriber."""
+    """Retry later (returns when) or fail for good (returns None).
+
+    What a bounce does to the subscriber is the state machine's to decide; the caller asks it
+    in the same transaction (``digest.delivery.batch``).
+    """
     reason = error.reason[:500]
     # One line per failed attempt, tagged so a JSON log can be searched by delivery or reader.
     log.info(
         "delivery attempt %d failed: %s",
-        delivery.attempts,
+        entry.attempts,
         reason,
-        extra={"delivery_id": delivery.id, "subscriber_id": delivery.subscriber_id},
+        extra={"delivery_id": entry.id, "subscriber_id": entry.subscriber_id},
     )
-    when = policy.retry_at(error, delivery.attempts, now)
+    when = policy.retry_at(error, entry.attempts, now)
     if when is not None:
         session.execute(
             update(Delivery)
-            .where(Delivery.id == delivery.id)
+            .where(Delivery.id == entry.id)
             .values(
                 status=DeliveryStatus.PENDING,
                 next_attempt_at=when,
@@ -387,20 +451,9 @@ def record_failure(
         return when
     session.execute(
         update(Delivery)
-        .where(Delivery.id == delivery.id)
+        .where(Delivery.id == entry.id)
         .values(status=DeliveryStatus.FAILED, lease_until=None, last_error=reason, updated_at=now)
     )
-    if delivery.subscriber_id is not None and is_bounce(error):
-        record_bounce(
-            session,
-            delivery.subscriber_id,
-            delivery.id,
-            hard=error.permanent,
-            detail=reason,
-            now=now,
-            policy=policy,
-            actor=Actor.SENDER,
-        )
     return None
 
 
@@ -563,9 +616,193 @@ def recipients(session: Session, delivery_ids: Sequence[int]) -> dict[int, str |
     return {delivery_id: recipient for delivery_id, recipient in rows}
 
 
+def entries(session: Session, delivery_ids: Sequence[int]) -> list[Entry]:
+    """These deliveries (absent ids have no row), in id order."""
+    if not delivery_ids:
+        return []
+    rows = session.scalars(select(Delivery).where(Delivery.id.in_(delivery_ids)).order_by(Delivery.id))
+    return [_entry(row) for row in rows]
+
+
+def _entry(row: Delivery) -> Entry:
+    return Entry(
+        id=row.id,
+        digest_id=row.digest_id,
+        subscriber_id=row.subscriber_id,
+        recipient=row.recipient,
+        message_id=row.message_id,
+        paper_ids=row.paper_ids,
+        reasons=row.reasons,
+        created_at=row.created_at,
+        not_after=row.not_after,
+        attempts=row.attempts,
+    )
+
+
+def set_recipients(session: Session, addresses: dict[int, str]) -> None:
+    """Record the address each of these deliveries goes to (a subscriber may change it after planning)."""
+    for delivery_id, address in addresses.items():
+        session.execute(update(Delivery).where(Delivery.id == delivery_id).values(recipient=address))
+
+
+def with_message_id(session: Session, message_id: str, subscriber_id: int) -> int | None:
+    """The id of this subscriber's delivery that carried ``message_id``, while its row is kept."""
+    return session.scalar(
+        select(Delivery.id).where(Delivery.message_id == message_id, Delivery.subscriber_id == subscriber_id)
+    )
+
+
+def sent_on(session: Session, subscriber_id: int, day: dt.date) -> Entry | None:
+    """The sent delivery of ``day``'s edition to a subscriber, if the ledger still holds it."""
+    query = (
+        select(Delivery)
+        .join(Digest, Digest.id == Delivery.digest_id)
+        .where(
+            Delivery.subscriber_id == subscriber_id,
+            Digest.date == day,
+            Delivery.status == DeliveryStatus.SENT,
+            Delivery.paper_ids.is_not(None),
+        )
+        .order_by(Digest.kind)
+        .limit(1)
+    )
+    row = session.scalars(query).first()
+    return None if row is None else _entry(row)
+
+
+@dataclass(frozen=True)
+class Received:
+    """A sent digest as its reader got it: its papers and their reasons, which edition, when."""
+
+    paper_ids: list[str]
+    reasons: dict[str, list[str]]
+    sent_at: dt.datetime | None  # None for rows sent before sent_at existed
+    day: dt.date
+    kind: DigestKind
+
+
+def received(session: Session, subscriber_id: int, limit: int) -> list[Received]:
+    """A subscriber's sent digests, newest first (on the (subscriber, created) index)."""
+    rows = session.execute(
+        select(Delivery.paper_ids, Delivery.reasons, Delivery.sent_at, Digest.date, Digest.kind)
+        .join(Digest, Digest.id == Delivery.digest_id)
+        .where(Delivery.subscriber_id == subscriber_id, Delivery.status == DeliveryStatus.SENT)
+        .order_by(Delivery.created_at.desc())
+        .limit(limit)
+    )
+    return [
+        Received(paper_ids or [], reasons or {}, sent_at, day, kind) for paper_ids, reasons, sent_at, day, kind in rows
+    ]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One delivery as the operator console lists it."""
+
+    date: dt.date
+    kind: DigestKind
+    recipient: str | None
+    status: DeliveryStatus
+    attempts: int
+    sent_at: dt.datetime | None
+    last_error: str | None
+    updated_at: dt.datetime
+
+
+def of_subscriber(session: Session, subscriber_id: int, limit: int) -> list[Attempt]:
+    """A subscriber's deliveries, newest first."""
+    return _listed(session, Delivery.subscriber_id == subscriber_id, Delivery.id.desc(), limit)
+
+
+def recent_failures(session: Session, limit: int) -> list[Attempt]:
+    """The latest failed deliveries of any edition, newest first."""
+    return _listed(session, Delivery.status == DeliveryStatus.FAILED, Delivery.updated_at.desc(), limit)
+
+
+def _listed(session: Session, where: ColumnElement[bool], order: ColumnElement[Any], limit: int) -> list[Attempt]:
+    rows = session.execute(
+        select(
+            Digest.date,
+            Digest.kind,
+            Delivery.recipient,
+            Delivery.status,
+            Delivery.attempts,
+            Delivery.sent_at,
+            Delivery.last_error,
+            Delivery.updated_at,
+        )
+        .join(Digest, Digest.id == Delivery.digest_id)
+        .where(where)
+        .order_by(order)
+        .limit(limit)
+    )
+    return [Attempt(*row) for row in rows]
+
+
+def sent_per_day(session: Session, since: dt.datetime) -> dict[str, int]:
+    """Digests sent per UTC day since ``since`` ("YYYY-MM-DD": count)."""
+    return count_per_day(session, Delivery.sent_at, Delivery.status == DeliveryStatus.SENT, since=since)
+
+
+# For the state machine (digest.subscribers.subscriptions): what a subscriber's move does to
+# their rows, in the same transaction as the move.
+
+
+def stop_open(session: Session, subscriber_id: int, reason: str, now: dt.datetime) -> None:
+    """Skip deliveries not yet handed to a worker, so a digest queued right now is not sent
+    after an opt-out (batches re-check the rest before sending)."""
+    session.execute(
+        update(Delivery)
+        .where(Delivery.subscriber_id == subscriber_id, Delivery.status == DeliveryStatus.PENDING)
+        .values(status=DeliveryStatus.SKIPPED, last_error=reason, updated_at=now)
+    )
+
+
+def forget(session: Session, subscriber_id: int) -> None:
+    """Erasure: close the subscriber's open rows, then remove what in them was personal.
+
+    Open rows are closed first: once the subscriber row is gone nothing could ever send or
+    finish them, and a run waiting for its edition to complete would wait forever. The rows
+    themselves stay (without subscriber, address or papers), so counts stay true.
+    """
+    session.execute(
+        update(Delivery)
+        .where(Delivery.subscriber_id == subscriber_id, Delivery.status.in_(OPEN))
+        .values(status=DeliveryStatus.SKIPPED, last_error="erased", lease_until=None)
+    )
+    session.execute(
+        update(Delivery)
+        .where(Delivery.subscriber_id == subscriber_id)
+        .values(subscriber_id=None, recipient=None, paper_ids=None, reasons=None, last_error=None)
+    )
+
+
+def exported(session: Session, subscriber_id: int) -> list[dict[str, object]]:
+    """A subscriber's deliveries for their data export: edition, status, when sent, papers."""
+    rows = session.execute(
+        select(Delivery.digest_id, Delivery.status, Delivery.sent_at, Delivery.paper_ids)
+        .where(Delivery.subscriber_id == subscriber_id)
+        .order_by(Delivery.id)
+    )
+    return [
+        {
+            "digest_id": digest_id,
+            "status": DeliveryStatus(status).value,
+            "sent_at": sent_at.isoformat() if sent_at else None,
+            "papers": paper_ids or [],
+        }
+        for digest_id, status, sent_at, paper_ids in rows
+    ]
+
+
 def not_planned_for(digest_id: int, subscriber_id: SQLColumnExpression[int]) -> ColumnElement[bool]:
-    """A filter: the subscriber (a column of the enclosing query) has no row of this edition."""
-    return ~exists().where(Delivery.subscriber_id == subscriber_id, Delivery.digest_id == digest_id)
+    """A filter: the subscriber (a column of the enclosing query) has no planned row of this
+    edition (an open row without papers is not one, as in ``planned_among``)."""
+    return ~exists().where(
+        Delivery.subscriber_id == subscriber_id,
+        Delivery.digest_id == digest_id,
+        ~and_(Delivery.status == DeliveryStatus.PENDING, _without_papers()),
+    )
 
 
 # Compaction (digest.delivery.compaction decides when; the rows and their counts are the ledger's).
@@ -639,3 +876,8 @@ def compacted_counts(session: Session, digest_id: int) -> dict[str, int]:
         .group_by(DeliveryCount.status)
     )
     return {DeliveryStatus(status).value: int(n or 0) for status, n in rows}
+
+
+def vacuum_table(connection: Connection) -> None:
+    """PostgreSQL: VACUUM (ANALYZE) the ledger; ``connection`` in autocommit (``digest.delivery.compaction``)."""
+    connection.execute(text("VACUUM (ANALYZE) deliveries"))

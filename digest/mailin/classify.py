@@ -60,14 +60,14 @@ from email.message import Message
 from email.policy import EmailPolicy
 from email.utils import getaddresses, parseaddr
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from digest.core.addresses import normalise_address
 from digest.core.db import transaction
 from digest.core.errors import DigestError, InvalidToken
-from digest.core.models import Delivery, ProcessedMessage, Subscriber, SubscriberStatus, utcnow
+from digest.core.models import ProcessedMessage, Subscriber, SubscriberStatus, utcnow
 from digest.core.text import for_terminal
+from digest.delivery import ledger
 from digest.delivery.policy import DeliveryPolicy
 from digest.orchestration.runtime import Runtime
 from digest.rendering.links import subscriber_stamp
@@ -699,11 +699,12 @@ def delivery_from_bounce_token(session: Session, tokens: Tokens, token: str) -> 
         return None if subscriber is None else subscriber_stamp(subscriber)
 
     delivery_id, subscriber_id, bound = tokens.read_bound(Purpose.BOUNCE, token, created)
-    delivery = session.get(Delivery, delivery_id)
-    if delivery is None:
+    found = ledger.entries(session, [delivery_id])
+    if not found:
         if not bound:
             raise InvalidToken("This bounce address is not valid.")
         return SignedDelivery(subscriber_id, None)
+    (delivery,) = found
     if delivery.subscriber_id is None or delivery.subscriber_id != subscriber_id:
         raise InvalidToken("This bounce address is not valid.")
     return SignedDelivery(subscriber_id, delivery.id)
@@ -766,11 +767,7 @@ def _reported_delivery(
         except InvalidToken:
             continue
         if inbound.original_message_id:
-            delivery_id = session.scalar(
-                select(Delivery.id).where(
-                    Delivery.message_id == inbound.original_message_id, Delivery.subscriber_id == subscriber.id
-                )
-            )
+            delivery_id = ledger.with_message_id(session, inbound.original_message_id, subscriber.id)
             if delivery_id is not None:
                 return SignedDelivery(subscriber.id, delivery_id)
     return None

@@ -39,12 +39,12 @@ from digest.delivery.ledger import (
     is_closed,
     open_count,
     page_bounds,
-    plan_deliveries,
     planned_among,
     refresh_statistics_if_blind,
     unfinished_subscribers,
     unplanned_due,
 )
+from digest.delivery.planning import plan_deliveries
 from digest.delivery.reputation import check_sending
 from digest.orchestration.runtime import Runtime
 from digest.papers.source import PapersClient, load_sample, papers_of_day, parse_items, store_papers

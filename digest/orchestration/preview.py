@@ -11,12 +11,12 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from digest.core.errors import DigestError
-from digest.core.models import Delivery, DeliveryStatus, Digest, utcnow
-from digest.delivery.composer import message_id, recently_sent
+from digest.core.models import utcnow
+from digest.delivery.composer import message_id
+from digest.delivery.ledger import Entry, recently_sent, sent_on
 from digest.orchestration.pipeline import composer_for, ensure_digest
 from digest.orchestration.runtime import Runtime
 from digest.subscribers.subscriptions import get_by_email
@@ -29,26 +29,9 @@ class Preview:
     delivered: bool  # True: the digest the person was sent that day
 
 
-def delivered_on(session: Session, subscriber_id: int, day: dt.date) -> Delivery | None:
-    """The sent delivery of ``day``'s edition to a subscriber, if the ledger still holds it."""
-    query = (
-        select(Delivery)
-        .join(Digest, Digest.id == Delivery.digest_id)
-        .where(
-            Delivery.subscriber_id == subscriber_id,
-            Digest.date == day,
-            Delivery.status == DeliveryStatus.SENT,
-            Delivery.paper_ids.is_not(None),
-        )
-        .order_by(Digest.kind)
-        .limit(1)
-    )
-    return session.scalars(query).first()
-
-
 def render_preview(session: Session, runtime: Runtime, email: str, day: dt.date) -> Preview:
     subscriber = get_by_email(session, email)
-    sent = delivered_on(session, subscriber.id, day)
+    sent = sent_on(session, subscriber.id, day)
     if sent is not None:
         composer = composer_for(runtime, session, sent.digest_id)
         return Preview(subscriber.email, composer.compose(sent, subscriber), delivered=True)
@@ -62,12 +45,12 @@ def render_preview(session: Session, runtime: Runtime, email: str, day: dt.date)
     paper_ids, reasons = composer.choose(subscriber, already, reader)
     if not paper_ids:
         raise DigestError(f"{subscriber.email} has already received every paper of {day}")
-    # A transient ledger row: never added to the session, so nothing is recorded.
-    delivery = Delivery(
+    # A delivery that is never written: nothing is recorded.
+    delivery = Entry(
         id=0,
         digest_id=digest.id,
         subscriber_id=subscriber.id,
-        status=DeliveryStatus.PENDING,
+        recipient=subscriber.email,
         message_id=message_id(digest, subscriber.id, runtime.message_domain),
         paper_ids=paper_ids,
         reasons=reasons,

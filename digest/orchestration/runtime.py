@@ -19,7 +19,7 @@ from digest.delivery.reputation import PauseRules
 # `digest status` must not pay for the embedding model, Jinja, SMTP and HTTP clients
 # (bench/cli_startup.py).
 if TYPE_CHECKING:
-    from digest.core.models import Delivery, Paper, Subscriber
+    from digest.core.models import Paper, Subscriber
     from digest.core.settings import Settings
     from digest.delivery.policy import DeliveryPolicy
     from digest.papers.embedding import Embedder
@@ -204,8 +204,9 @@ class Runtime:
         config, size = self.smtp_config(), self.settings.smtp_pool_size
         return lambda: SMTPPool(config, size)
 
-    def bounce_sender(self) -> Callable[[Delivery, Subscriber], str]:
-        return lambda delivery, subscriber: self.links.bounce_address(delivery.id, subscriber)
+    def bounce_sender(self) -> Callable[[int, Subscriber], str]:
+        """The VERP envelope sender of a delivery (by its id) to a subscriber."""
+        return lambda delivery_id, subscriber: self.links.bounce_address(delivery_id, subscriber)
 
     def rate_limiter(self) -> RateLimiter:
         from digest.transport.limiter import RateLimiter

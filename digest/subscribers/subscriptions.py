@@ -20,8 +20,6 @@ from sqlalchemy.orm import Session
 from digest.core.addresses import normalise_address
 from digest.core.errors import DigestError, InvalidToken, NotFound
 from digest.core.models import (
-    Delivery,
-    DeliveryStatus,
     Frequency,
     PaperMark,
     ReaderProfile,
@@ -31,6 +29,7 @@ from digest.core.models import (
     Suppression,
 )
 from digest.core.text import has_unsafe, parse_terms
+from digest.delivery import ledger
 from digest.rendering.links import subscriber_stamp
 from digest.rendering.tokens import Purpose, Tokens
 from digest.subscribers.consent import ERASED, NEW, Action, Actor, State, next_status
@@ -101,16 +100,6 @@ def _suppress(session: Session, tokens: Tokens, address: str, reason: str, now: 
     key = tokens.address_fingerprint(address)
     if session.get(Suppression, key) is None:
         session.add(Suppression(address_hash=key, reason=reason, created_at=now))
-
-
-def _stop_open_deliveries(session: Session, subscriber_id: int, reason: str, now: dt.datetime) -> None:
-    """Skip deliveries not yet handed to a worker, in the same transaction as the opt-out, so a
-    digest queued right now is not sent after it (batches re-check the rest before sending)."""
-    session.execute(
-        update(Delivery)
-        .where(Delivery.subscriber_id == subscriber_id, Delivery.status == DeliveryStatus.PENDING)
-        .values(status=DeliveryStatus.SKIPPED, last_error=reason, updated_at=now)
-    )
 
 
 def _move(subscriber: Subscriber, action: Action, actor: Actor, now: dt.datetime) -> bool:
@@ -266,7 +255,7 @@ def unsubscribe(session: Session, subscriber: Subscriber, *, now: dt.datetime, a
     """Stop all mail to a subscriber at once; idempotent. True when this call changed something."""
     changed = _move(subscriber, Action.UNSUBSCRIBE, actor, now)
     if changed:
-        _stop_open_deliveries(session, subscriber.id, "unsubscribed", now)
+        ledger.stop_open(session, subscriber.id, "unsubscribed", now)
     session.flush()
     return changed
 
@@ -317,7 +306,7 @@ def record_bounce(
             session.flush()
             return False
     _move(subscriber, Action.BOUNCE, actor, now)
-    _stop_open_deliveries(session, subscriber.id, "bounced", now)
+    ledger.stop_open(session, subscriber.id, "bounced", now)
     session.flush()
     return True
 
@@ -359,7 +348,7 @@ def record_complaint(
         )
     )
     if _move(subscriber, Action.COMPLAIN, Actor.REPORT, now):
-        _stop_open_deliveries(session, subscriber.id, "complained", now)
+        ledger.stop_open(session, subscriber.id, "complained", now)
     _suppress(session, tokens, subscriber.email, "complained", now)
     session.flush()
     return True
@@ -421,12 +410,6 @@ def update_preferences(session: Session, subscriber: Subscriber, values: Prefere
 
 def export_data(session: Session, subscriber: Subscriber) -> dict[str, Any]:
     """Everything we hold about a person, as JSON-ready data (GDPR access)."""
-    deliveries = session.execute(
-        select(Delivery.digest_id, Delivery.status, Delivery.sent_at, Delivery.paper_ids)
-        .where(Delivery.subscriber_id == subscriber.id)
-        .order_by(Delivery.id)
-    ).all()
-
     profile = session.get(ReaderProfile, subscriber.id)
 
     def iso(value: dt.datetime | None) -> str | None:
@@ -445,10 +428,7 @@ def export_data(session: Session, subscriber: Subscriber) -> dict[str, Any]:
         "created_at": iso(subscriber.created_at),
         "confirmed_at": iso(subscriber.confirmed_at),
         "unsubscribed_at": iso(subscriber.unsubscribed_at),
-        "deliveries": [
-            {"digest_id": d.digest_id, "status": d.status.value, "sent_at": iso(d.sent_at), "papers": d.paper_ids or []}
-            for d in deliveries
-        ],
+        "deliveries": ledger.exported(session, subscriber.id),
         # What they taught the digest (digest.subscribers.feedback): marks and example papers, and follows.
         "marks": [
             {"paper": m.paper_id, "signal": "more" if m.signal > 0 else "less", "source": m.source.value}
@@ -470,18 +450,7 @@ def erase(
     """
     next_status(subscriber.status, Action.ERASE, actor)
     _suppress(session, tokens, subscriber.email, "erased", now)
-    # Open deliveries are closed first: once the row is gone nothing could ever send or
-    # finish them, and a run waiting for its edition to complete would wait forever.
-    session.execute(
-        update(Delivery)
-        .where(Delivery.subscriber_id == subscriber.id, Delivery.status.in_(["pending", "sending"]))
-        .values(status="skipped", last_error="erased", lease_until=None)
-    )
-    session.execute(
-        update(Delivery)
-        .where(Delivery.subscriber_id == subscriber.id)
-        .values(subscriber_id=None, recipient=None, paper_ids=None, reasons=None, last_error=None)
-    )
+    ledger.forget(session, subscriber.id)
     session.execute(
         update(SubscriberEvent)
         .where(SubscriberEvent.subscriber_id == subscriber.id)

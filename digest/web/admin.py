@@ -28,26 +28,22 @@ from urllib.parse import quote
 from fastapi import APIRouter, BackgroundTasks, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from limits import parse_many
-from sqlalchemy import Date, cast, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import ColumnElement
 from starlette.concurrency import run_in_threadpool
 
 from digest.core.addresses import normalise_address
-from digest.core.db import transaction
+from digest.core.db import count_per_day, transaction
 from digest.core.errors import DigestError, InvalidToken
 from digest.core.models import (
     AdminSignIn,
-    Delivery,
-    DeliveryStatus,
     Digest,
     Subscriber,
     SubscriberEvent,
     SubscriberStatus,
     utcnow,
 )
-from digest.delivery import reputation
-from digest.delivery.ledger import counts_by_status
+from digest.delivery import ledger, reputation
 from digest.orchestration.runtime import Runtime
 from digest.rendering.emails import LinkContext
 from digest.rendering.tokens import Purpose
@@ -279,20 +275,6 @@ def sign_out(request: Request, runtime: RuntimeDep, csrf: Annotated[str, Form(ma
 # ------------------------------------------------------------------------------ dashboard
 
 
-def _day(column: Any, dialect: str) -> ColumnElement[Any]:
-    """The UTC calendar day of a timestamp column, in SQL (grouped by the database)."""
-    if dialect == "postgresql":
-        return cast(func.timezone("UTC", column), Date)
-    return func.date(column)
-
-
-def per_day(session: Session, column: Any, *conditions: Any, since: dt.datetime) -> dict[str, int]:
-    dialect = session.get_bind().dialect.name
-    day = _day(column, dialect)
-    rows = session.execute(select(day, func.count()).where(column >= since, *conditions).group_by(day))
-    return {str(d)[:10]: int(n) for d, n in rows}
-
-
 @dataclass(frozen=True)
 class Bar:
     x: int
@@ -341,12 +323,14 @@ def dashboard_data(session: Session, runtime: Runtime, now: dt.datetime) -> dict
     for status, n in session.execute(select(Subscriber.status, func.count()).group_by(Subscriber.status)):
         by_status[SubscriberStatus(status).value] = int(n)
     since = dt.datetime.combine(now.date() - dt.timedelta(days=CHART_DAYS - 1), dt.time(), dt.UTC)
-    growth = per_day(session, Subscriber.confirmed_at, Subscriber.status == SubscriberStatus.ACTIVE, since=since)
-    sends = per_day(session, Delivery.sent_at, Delivery.status == DeliveryStatus.SENT, since=since)
+    growth = count_per_day(session, Subscriber.confirmed_at, Subscriber.status == SubscriberStatus.ACTIVE, since=since)
+    sends = ledger.sent_per_day(session, since)
     # The newest days that have an edition (not the calendar's: a quiet week still shows).
     days = select(Digest.date).distinct().order_by(Digest.date.desc()).limit(EDITION_DAYS).subquery()
     recent = select(Digest).where(Digest.date.in_(select(days.c.date))).order_by(Digest.date.desc(), Digest.kind)
-    editions = [EditionRow(d.kind.value, d.date, counts_by_status(session, d.id)) for d in session.scalars(recent)]
+    editions = [
+        EditionRow(d.kind.value, d.date, ledger.counts_by_status(session, d.id)) for d in session.scalars(recent)
+    ]
     sent = reputation.sent_in(session, now, rules.window)
     bounces = (
         session.scalar(
@@ -357,13 +341,7 @@ def dashboard_data(session: Session, runtime: Runtime, now: dt.datetime) -> dict
         or 0
     )
     counted, domains = reputation.counted_complaints(session, now, rules)
-    failures = session.execute(
-        select(Digest.date, Delivery.recipient, Delivery.last_error, Delivery.updated_at)
-        .join(Digest, Digest.id == Delivery.digest_id)
-        .where(Delivery.status == DeliveryStatus.FAILED)
-        .order_by(Delivery.updated_at.desc())
-        .limit(20)
-    ).all()
+    failures = ledger.recent_failures(session, 20)
     return {
         "by_status": by_status,
         "growth": chart("New active subscribers per day", growth, now.date()),
@@ -427,20 +405,10 @@ def allowed_actions(state: State, has_row: bool) -> list[Action]:
 
 def look_up(session: Session, runtime: Runtime, address: str) -> dict[str, Any]:
     subscriber, state = subscriptions.state_of(session, runtime.tokens, address)
-    deliveries: list[Any] = []
+    deliveries: list[ledger.Attempt] = []
     events: list[Any] = []
     if subscriber is not None:
-        deliveries = list(
-            session.execute(
-                select(
-                    Digest.date, Digest.kind, Delivery.status, Delivery.attempts, Delivery.sent_at, Delivery.last_error
-                )
-                .join(Digest, Digest.id == Delivery.digest_id)
-                .where(Delivery.subscriber_id == subscriber.id)
-                .order_by(Delivery.id.desc())
-                .limit(30)
-            )
-        )
+        deliveries = ledger.of_subscriber(session, subscriber.id, 30)
         events = list(
             session.scalars(
                 select(SubscriberEvent)

@@ -252,7 +252,9 @@ def test_in_development_on_sqlite(sqlite_url: str, smtp: SMTPSink, papers_api: P
             assert dashboard.status_code == 200 and dashboard.headers["cache-control"] == "no-store"
             assert f'data-edition="daily-{DAY}"' in dashboard.text
             assert "Digests sent per day: <strong>3</strong>" in dashboard.text
+            assert f"<strong>{REFUSED}</strong> ({DAY}): 550 5.1.1 no such mailbox here" in dashboard.text
             person = client.get("/admin/subscribers", params={"email": READERS[1]})
             assert person.status_code == 200 and 'data-state="active"' in person.text
+            assert f"<tr><td>{DAY}</td><td>daily</td><td>sent</td><td>1</td>" in person.text
     finally:
         runtime.dispose()
