@@ -96,6 +96,14 @@ class DigestKind(enum.StrEnum):
     MONTHLY = "monthly"
 
 
+class EventKind(enum.StrEnum):
+    """What a subscriber event records; the values are the stored ``subscriber_events.kind``."""
+
+    HARD_BOUNCE = "hard_bounce"
+    SOFT_BOUNCE = "soft_bounce"
+    COMPLAINT = "complaint"
+
+
 class DeliveryStatus(enum.StrEnum):
     PENDING = "pending"  # planned, or waiting for a retry at next_attempt_at
     SENDING = "sending"  # claimed by a worker until lease_until
@@ -256,7 +264,7 @@ class SubscriberEvent(Base):
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
     subscriber_id: Mapped[int | None] = mapped_column(ForeignKey("subscribers.id", ondelete="SET NULL"), index=True)
     delivery_id: Mapped[int | None] = mapped_column(ForeignKey("deliveries.id", ondelete="SET NULL"), default=None)
-    kind: Mapped[str] = mapped_column(String(32))  # hard_bounce, soft_bounce, complaint, ...
+    kind: Mapped[str] = mapped_column(String(32))  # an EventKind
     detail: Mapped[str] = mapped_column(String(500), default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from digest.core.models import SendPause, Subscriber, SubscriberEvent
+from digest.core.models import EventKind, SendPause, Subscriber, SubscriberEvent
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def complaints_in(session: Session, now: dt.datetime, window: dt.timedelta = DEF
     return (
         session.scalar(
             select(func.count(func.distinct(func.coalesce(SubscriberEvent.delivery_id, -SubscriberEvent.id)))).where(
-                SubscriberEvent.kind == "complaint", SubscriberEvent.created_at > now - window
+                SubscriberEvent.kind == EventKind.COMPLAINT, SubscriberEvent.created_at > now - window
             )
         )
         or 0
@@ -105,7 +105,7 @@ def counted_complaints(session: Session, now: dt.datetime, rules: PauseRules) ->
         select(SubscriberEvent.delivery_id, SubscriberEvent.created_at, Subscriber.confirmed_at)
         .join(Subscriber, Subscriber.id == SubscriberEvent.subscriber_id)
         .where(
-            SubscriberEvent.kind == "complaint",
+            SubscriberEvent.kind == EventKind.COMPLAINT,
             SubscriberEvent.created_at > start,
             SubscriberEvent.delivery_id.is_not(None),
         )

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from digest.core.models import Digest, Paper, Subscriber, SubscriberEvent, SubscriberStatus, utcnow
+from digest.core.models import Digest, EventKind, Paper, Subscriber, SubscriberEvent, SubscriberStatus, utcnow
 from digest.delivery.ledger import counts_of_editions, sent_since
 from digest.delivery.reputation import PauseRules
 from digest.operations import heartbeat
@@ -67,7 +67,7 @@ def ledger_figures(session: Session, now: dt.datetime, rule: PauseRules) -> Ledg
     for sub_status, count in session.execute(select(Subscriber.status, func.count()).group_by(Subscriber.status)):
         subscribers[SubscriberStatus(sub_status).value] = count
     sent_recently = sent_since(session, now - RATE_WINDOW)
-    events = dict.fromkeys(("hard_bounce", "soft_bounce", "complaint"), 0)
+    events = dict.fromkeys((k.value for k in EventKind), 0)
     for kind, count in session.execute(
         select(SubscriberEvent.kind, func.count())
         .where(SubscriberEvent.kind.in_(list(events)), SubscriberEvent.created_at > now - EVENT_WINDOW)

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from digest.core.addresses import normalise_address
 from digest.core.errors import DigestError, InvalidToken, NotFound
 from digest.core.models import (
+    EventKind,
     Frequency,
     PaperMark,
     ReaderProfile,
@@ -280,7 +281,7 @@ def record_bounce(
         SubscriberEvent(
             subscriber_id=subscriber_id,
             delivery_id=delivery_id,
-            kind="hard_bounce" if hard else "soft_bounce",
+            kind=EventKind.HARD_BOUNCE if hard else EventKind.SOFT_BOUNCE,
             detail=detail[:500],
             created_at=now,
         )
@@ -294,7 +295,7 @@ def record_bounce(
             session.scalar(
                 select(func.count(SubscriberEvent.id)).where(
                     SubscriberEvent.subscriber_id == subscriber_id,
-                    SubscriberEvent.kind == "soft_bounce",
+                    SubscriberEvent.kind == EventKind.SOFT_BOUNCE,
                     SubscriberEvent.created_at > now - policy.soft_bounce_window,
                 )
             )
@@ -335,7 +336,7 @@ def record_complaint(
     else:
         already = session.scalar(
             select(SubscriberEvent.id).where(
-                SubscriberEvent.kind == "complaint", SubscriberEvent.delivery_id == delivery_id
+                SubscriberEvent.kind == EventKind.COMPLAINT, SubscriberEvent.delivery_id == delivery_id
             )
         )
         if already is not None:
@@ -344,7 +345,11 @@ def record_complaint(
             return False
     session.add(
         SubscriberEvent(
-            subscriber_id=subscriber.id, delivery_id=delivery_id, kind="complaint", detail=detail[:500], created_at=now
+            subscriber_id=subscriber.id,
+            delivery_id=delivery_id,
+            kind=EventKind.COMPLAINT,
+            detail=detail[:500],
+            created_at=now,
         )
     )
     if _move(subscriber, Action.COMPLAIN, Actor.REPORT, now):

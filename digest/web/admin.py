@@ -38,6 +38,7 @@ from digest.core.errors import DigestError, InvalidToken
 from digest.core.models import (
     AdminSignIn,
     Digest,
+    EventKind,
     Subscriber,
     SubscriberEvent,
     SubscriberStatus,
@@ -335,7 +336,7 @@ def dashboard_data(session: Session, runtime: Runtime, now: dt.datetime) -> dict
     bounces = (
         session.scalar(
             select(func.count(SubscriberEvent.id)).where(
-                SubscriberEvent.kind == "hard_bounce", SubscriberEvent.created_at > now - rules.window
+                SubscriberEvent.kind == EventKind.HARD_BOUNCE, SubscriberEvent.created_at > now - rules.window
             )
         )
         or 0
