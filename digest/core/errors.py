@@ -5,6 +5,14 @@ class DigestError(Exception):
     """A failure the operator or user should read about, not a bug."""
 
 
+class RateLimited(DigestError):
+    """Too many requests: answered 429 with ``Retry-After`` (seconds) and the message."""
+
+    def __init__(self, retry_after: int, message: str = "Too many requests. Please try again later."):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class UpstreamError(DigestError):
     """The papers API could not be read (after retries)."""
 

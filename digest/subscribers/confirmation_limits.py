@@ -18,9 +18,14 @@ its per-mailbox number of stranger-triggered mails whatever mix of requests a st
 The per-source budget is shared too: it measures how much third-party mail one network may
 cause, which does not depend on the form it used (and per kind it would be five times larger).
 
-A request over a limit is answered exactly as one that sent mail (no oracle, and nothing to
-retry against), and only the mail is withheld. A confirmation already sent stays valid for
-its full lifetime, so filling a victim's limit never locks them out.
+What the answer says depends on whose budget is spent. The **source** budget is the
+requester's own (their network's), so it is counted while answering, for every request whatever
+the address (counting only requests that mail would tell the requester which addresses are
+pending): when it is spent the answer is a 429 that says no mail was sent and when to ask again
+(``RateLimited``). The mailbox, domain and overall budgets are about the person or everyone, so
+a request over one of them is answered exactly as one that sent mail (no oracle), only the mail
+is withheld; the answer pages state those limits instead. A confirmation already sent stays
+valid for its full lifetime, so filling a victim's limit never locks them out.
 
 **Console sign-in links** to a configured operator have a budget of their own, apart from the
 above (``allow_operator_link``): otherwise strangers asking for an operator's link, or signing
@@ -42,6 +47,8 @@ from dataclasses import dataclass
 from limits import RateLimitItem, parse_many
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
+
+from digest.core.errors import RateLimited
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +96,20 @@ def longest_window(limits: str) -> dt.timedelta:
     return dt.timedelta(seconds=max(item.get_expiry() for item in parse_many(limits)))
 
 
+def describe_limits(limits: str) -> str:
+    """``"2/hour;5/day"`` -> ``"2 an hour, 5 a day"``, as an answer page states a limit."""
+    parts = []
+    for item in parse_many(limits):
+        seconds = item.get_expiry()
+        if seconds == 3600:
+            parts.append(f"{item.amount} an hour")
+        elif seconds == 86400:
+            parts.append(f"{item.amount} a day")
+        else:
+            parts.append(f"{item.amount} per {seconds // 60} minutes")
+    return ", ".join(parts)
+
+
 def retry_after(now: dt.datetime, window: dt.timedelta) -> dt.datetime:
     """When a moving window of ``window`` has forgotten every request made up to ``now``.
 
@@ -101,8 +122,15 @@ def retry_after(now: dt.datetime, window: dt.timedelta) -> dt.datetime:
     return dt.datetime.fromtimestamp((math.floor(later) // 60 + 1) * 60, dt.UTC)
 
 
+NOT_SENT = "Not sent: too many emails were asked for from your network. Ask again after {at:%H:%M} UTC."
+
+
 class ConfirmationLimits:
-    """``allow(kind, source, address)``: may we send this requested mail now? Counts it if so."""
+    """May we send this requested mail now? Each check counts the request if so.
+
+    ``take_source`` (while answering) and then ``allow_address`` (after the answer) for the web;
+    ``allow`` for mail-in, which has nobody to answer and checks all four after the fact.
+    """
 
     def __init__(self, storage_url: str | None, rules: ConfirmationRules):
         self._limiter = MovingWindowRateLimiter(storage_from_string(storage_url or "memory://"))
@@ -122,20 +150,49 @@ class ConfirmationLimits:
 
     def allow(self, kind: str, source: str, address: str) -> bool:
         """Counts against the budgets every kind shares; ``kind`` only names it in the log."""
-        mailbox = mailbox_of(address)
-        keys = {
-            "source": _hashed(source),
-            "mailbox": _hashed(mailbox),
-            "domain": _hashed(mailbox.rpartition("@")[2]),
-            "overall": "all",
-        }
+        keys = {"source": _hashed(source), **self._address_keys(address)}
         return self._hit(NAMESPACE, self._rules, keys, kind)
 
-    def allow_operator_link(self, source: str, address: str) -> bool:
+    def take_source(self, source: str) -> None:
+        """Count a request against its network's budget, raising ``RateLimited`` if it is spent.
+
+        Called while answering, for every request a page could turn into mail, so the answer
+        (and its retry time, from the network's own requests) says nothing about the address.
+        """
+        self._take(NAMESPACE, self._rules[:1], {"source": _hashed(source)})
+
+    def allow_address(self, kind: str, address: str) -> bool:
+        """The budgets about the person and everyone, after ``take_source`` counted the network."""
+        return self._hit(NAMESPACE, self._rules[1:], self._address_keys(address), kind)
+
+    def take_operator_source(self, source: str, address: str) -> None:
+        """The sign-in link's (address, network) share, counted while answering for any address.
+
+        Counted whether or not ``address`` is an operator's, so a 429 here tells nobody who is.
+        """
+        keys = {"source": _hashed(f"{_hashed(mailbox_of(address))}|{source}")}
+        self._take(OPERATOR_NAMESPACE, self._operator_rules[:1], keys)
+
+    def allow_operator_address(self, address: str) -> bool:
         """A console sign-in link to ``address``, which the caller knows is an operator's."""
-        mailbox = _hashed(mailbox_of(address))
-        keys = {"source": _hashed(f"{mailbox}|{source}"), "address": mailbox}
-        return self._hit(OPERATOR_NAMESPACE, self._operator_rules, keys, "admin-sign-in")
+        keys = {"address": _hashed(mailbox_of(address))}
+        return self._hit(OPERATOR_NAMESPACE, self._operator_rules[1:], keys, "admin-sign-in")
+
+    @staticmethod
+    def _address_keys(address: str) -> dict[str, str]:
+        mailbox = mailbox_of(address)
+        return {"mailbox": _hashed(mailbox), "domain": _hashed(mailbox.rpartition("@")[2]), "overall": "all"}
+
+    def _take(self, namespace: str, rules: list[tuple[str, list[RateLimitItem]]], keys: dict[str, str]) -> None:
+        for name, items in rules:
+            for item in items:
+                if not self._limiter.hit(item, namespace, name, keys[name]):
+                    # The moving window frees a place when its oldest counted request expires.
+                    reset = self._limiter.get_window_stats(item, namespace, name, keys[name]).reset_time
+                    at = dt.datetime.fromtimestamp((math.floor(reset) // 60 + 1) * 60, dt.UTC)
+                    seconds = max(1, math.ceil(reset - dt.datetime.now(dt.UTC).timestamp()))
+                    log.warning("did not send a requested email: the per-%s limit (%s) is reached", name, item)
+                    raise RateLimited(seconds, NOT_SENT.format(at=at))
 
     def _hit(
         self, namespace: str, rules: list[tuple[str, list[RateLimitItem]]], keys: dict[str, str], kind: str

@@ -2,8 +2,9 @@
 one address's record with the actions the consent rules allow.
 
 Sign-in: an address listed in ``DIGEST_ADMIN_EMAILS`` gets a link, within a budget of its own
-(``ConfirmationLimits.allow_operator_link``: strangers can ask for an operator's link too, so
-it only has windows of at most an hour); every address gets the same answer, with the time
+(``ConfirmationLimits.take_operator_source`` while answering, ``allow_operator_address`` after:
+strangers can ask for an operator's link too, so it only has windows of at most an hour); every
+address gets the same answer, or the same 429 once one network asked too often for it, with the time
 after which asking again surely sends a link (from the clock alone), and the work happens
 after it, so neither the page nor its timing says who is an operator or was asked for. The
 link opens a page with one button (scanners fetch links); its POST uses the link up
@@ -27,7 +28,6 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, BackgroundTasks, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from limits import parse_many
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -49,7 +49,7 @@ from digest.orchestration.runtime import Runtime
 from digest.rendering.emails import LinkContext
 from digest.rendering.tokens import Purpose
 from digest.subscribers import notifications, subscriptions
-from digest.subscribers.confirmation_limits import retry_after, source_network
+from digest.subscribers.confirmation_limits import describe_limits, retry_after, source_network
 from digest.subscribers.consent import ERASED, Action, Actor, NotAllowed, State, next_status
 from digest.web.deps import ClientIP, LimitsDep, RuntimeDep
 from digest.web.templating import templates
@@ -146,17 +146,14 @@ async def sign_in_request(
 ) -> HTMLResponse:
     """The same answer for every address; only an operator's gets mail, after the answer."""
     await run_in_threadpool(limits.hit, "admin-sign-in", "ip", ip)
-    background.add_task(_mail_sign_in_link, runtime, source_network(ip), email)
+    source = source_network(ip)
+    try:
+        keyed = normalise_address(email)
+    except DigestError:
+        keyed = email  # nobody's link; counted all the same, so the answer is every address's
+    await run_in_threadpool(runtime.confirmation_limits.take_operator_source, source, keyed)
+    background.add_task(_mail_sign_in_link, runtime, source, email)
     return page(request, "admin/sign_in.html", {"sent": True, **sign_in_answer(runtime, utcnow())})
-
-
-def _per_window(limits: str) -> str:
-    """``"3/hour;5/10 minutes"`` -> ``"3 an hour, 5 per 10 minutes"``, for the answer page."""
-    parts = []
-    for item in parse_many(limits):
-        minutes = item.get_expiry() // 60
-        parts.append(f"{item.amount} an hour" if minutes == 60 else f"{item.amount} per {minutes} minutes")
-    return ", ".join(parts)
 
 
 def sign_in_answer(runtime: Runtime, now: dt.datetime) -> dict[str, str]:
@@ -167,8 +164,8 @@ def sign_in_answer(runtime: Runtime, now: dt.datetime) -> dict[str, str]:
     return {
         "message": SIGN_IN_SENT.format(minutes=s.admin_link_minutes),
         "retry": SIGN_IN_RETRY.format(
-            per_source=_per_window(s.admin_link_limit_per_source),
-            per_address=_per_window(s.admin_link_limit_per_address),
+            per_source=describe_limits(s.admin_link_limit_per_source),
+            per_address=describe_limits(s.admin_link_limit_per_address),
             at=retry_after(now, runtime.confirmation_limits.operator_window),
         ),
     }
@@ -181,7 +178,7 @@ def _new_sign_in(runtime: Runtime, email: str, source: str) -> tuple[str, bytes]
         return None
     if address not in runtime.settings.admin_addresses:
         return None
-    if not runtime.confirmation_limits.allow_operator_link(source, address):
+    if not runtime.confirmation_limits.allow_operator_address(address):
         return None
     with transaction(runtime.session_factory) as session:
         row = AdminSignIn(email=address, created_at=utcnow())

@@ -24,7 +24,7 @@ from digest.papers.embedding import topic_vectors
 from digest.rendering.links import subscriber_stamp
 from digest.rendering.tokens import Purpose
 from digest.subscribers import feedback, notifications, subscriptions
-from digest.subscribers.confirmation_limits import source_network
+from digest.subscribers.confirmation_limits import describe_limits, longest_window, retry_after, source_network
 from digest.web import archive
 from digest.web.api import SubscribeRequest, subscribe_json
 from digest.web.deps import ClientIP, LimitsDep, RuntimeDep, UnknownLink, link_limit, load_subscriber
@@ -68,6 +68,20 @@ CHECK_INBOX = (
     "If this address can subscribe, a confirmation email is on its way. "
     "Open the link in it to start receiving the digest.",
 )
+# Said on every "on its way" page, whatever happened: which of these budgets withheld a mail
+# is never said to a stranger (it would tell them about the address), so the limit is stated.
+MAILBOX_LIMIT = (
+    "We send at most {limits} of these emails to one address, however many are asked for; "
+    "if none arrives, check your spam folder, or ask again later."
+)
+DATA_LINK_WITHHELD = (
+    "Not sent: this address has had the most emails of this kind we send ({limits}). Ask again after {at:%H:%M} UTC."
+)
+
+
+def check_inbox_page(request: Request, runtime: Runtime, title: str, text: str) -> HTMLResponse:
+    limit = MAILBOX_LIMIT.format(limits=describe_limits(runtime.settings.confirmation_limit_per_mailbox))
+    return message_page(request, title, f"{text} {limit}")
 
 
 @router.post("/subscribe", response_model=None)
@@ -91,7 +105,7 @@ async def subscribe(
     form_topics = topics or None
     if website:
         # The hidden honeypot field is filled only by bots: pretend it worked, do nothing.
-        return message_page(request, *CHECK_INBOX)
+        return check_inbox_page(request, runtime, *CHECK_INBOX)
     try:
         await start_signup(runtime, limits, ip, email, form_topics, background)
     except RateLimited:
@@ -100,7 +114,7 @@ async def subscribe(
         error = str(exc)
         typed = {"email": email, "topics": topics}
         return await run_in_threadpool(lambda: render_front(request, runtime, error=error, status=400, typed=typed))
-    return message_page(request, *CHECK_INBOX)
+    return check_inbox_page(request, runtime, *CHECK_INBOX)
 
 
 # ----------------------------------------------------------------------------------- confirm
@@ -131,8 +145,8 @@ async def confirm_resend(
     background: BackgroundTasks,
 ) -> HTMLResponse:
     await resend_confirmation(runtime, limits, ip, token, background)
-    return message_page(
-        request, "Check your inbox", "If this address still needs confirming, a new link is on its way."
+    return check_inbox_page(
+        request, runtime, "Check your inbox", "If this address still needs confirming, a new link is on its way."
     )
 
 
@@ -310,6 +324,16 @@ async def data_link(
     """Mail the short-lived export/erase link to the subscriber's own address."""
     context = await run_in_threadpool(_data_link_context, runtime, token)
     subscriber_id = context["subscriber"].id
+    limits = runtime.confirmation_limits
+    await run_in_threadpool(limits.take_source, source_network(ip))
+    # The page belongs to the subscriber (it shows their address), so it may say when their
+    # mailbox's budget is spent, which a stranger's page never does.
+    if not await run_in_threadpool(limits.allow_address, "data-link", context["subscriber"].email):
+        at = retry_after(utcnow(), longest_window(runtime.settings.confirmation_limit_per_mailbox))
+        notice = DATA_LINK_WITHHELD.format(
+            limits=describe_limits(runtime.settings.confirmation_limit_per_mailbox), at=at
+        )
+        return templates.TemplateResponse(request, "preferences.html", {**context, "data_link_withheld": notice})
     background.add_task(
         notifications.send_requested,
         runtime,
@@ -317,6 +341,7 @@ async def data_link(
         source_network(ip),
         subscriber_id,
         notifications.data_access_message,
+        limited=False,  # counted just now
     )
     return templates.TemplateResponse(request, "preferences.html", {**context, "data_link_sent": True})
 

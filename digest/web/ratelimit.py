@@ -12,13 +12,9 @@ from limits import RateLimitItem, parse
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
-from digest.core.errors import DigestError
+from digest.core.errors import RateLimited
 
-
-class RateLimited(DigestError):
-    def __init__(self, retry_after: int):
-        super().__init__("Too many requests. Please try again later.")
-        self.retry_after = retry_after
+__all__ = ["RateLimited", "Rule", "WebLimits"]
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,11 @@ answer) the database step, the confirmation limits and the confirmation mail.
 
 The answer never depends on the address's state (no enumeration): callers show the same page
 whatever happens here, unless the input itself is wrong or the client floods the form (429).
-Everything that does depend on it (storing, the per-mailbox/domain/source limits, rendering,
-signing, sending) runs as a background task after the answer has gone out, so neither the
-answer nor the time to answer says anything.
+The requester's network's mail budget is counted while answering, for every address (a 429 that
+says no mail went out, ``ConfirmationLimits.take_source``). Everything that does depend on the
+address (storing, the per-mailbox/domain/overall limits, rendering, signing, sending) runs as a
+background task after the answer has gone out, so neither the answer nor the time to answer
+says anything.
 """
 
 from __future__ import annotations
@@ -39,17 +41,18 @@ async def start_signup(
     address = normalise_address(email)  # InvalidAddress: nothing stored or sent
     if topics is not None:
         subscriptions.clean_topics(topics)  # a bad value fails before anything is counted
-    background.add_task(_subscribe_and_confirm, runtime, source_network(ip), address, topics)
+    await run_in_threadpool(runtime.confirmation_limits.take_source, source_network(ip))
+    background.add_task(_subscribe_and_confirm, runtime, address, topics)
 
 
 async def _subscribe_and_confirm(
-    runtime: Runtime, source: str, address: str, topics: str | None, *, only_if_pending: bool = False
+    runtime: Runtime, address: str, topics: str | None, *, only_if_pending: bool = False
 ) -> None:
     try:
         message = await run_in_threadpool(_store_pending, runtime, address, topics, utcnow(), only_if_pending)
         if message is None:
             return
-        allowed = await run_in_threadpool(runtime.confirmation_limits.allow, "confirm", source, address)
+        allowed = await run_in_threadpool(runtime.confirmation_limits.allow_address, "confirm", address)
     except Exception:  # after the answer: nobody to tell but the log
         log.exception("storing a web subscription failed")
         return
@@ -82,6 +85,7 @@ async def resend_confirmation(
 ) -> None:
     """A fresh confirmation for the pending subscriber an (expired) confirmation link names."""
     await run_in_threadpool(limits.hit, "resend", "ip", ip)
+    await run_in_threadpool(runtime.confirmation_limits.take_source, source_network(ip))
     try:
         subscriber_id: int | None = runtime.tokens.read(Purpose.CONFIRM, token)[0]
     except InvalidToken as exc:
@@ -91,7 +95,7 @@ async def resend_confirmation(
     found = await run_in_threadpool(_pending_address, runtime, subscriber_id)
     if found is None:
         return  # already confirmed, unsubscribed or erased: same answer, nothing sent
-    background.add_task(_subscribe_and_confirm, runtime, source_network(ip), found, None, only_if_pending=True)
+    background.add_task(_subscribe_and_confirm, runtime, found, None, only_if_pending=True)
 
 
 async def _send_confirmation(runtime: Runtime, address: str, message: bytes) -> None:

@@ -114,10 +114,14 @@ def test_one_mailbox_gets_its_budget_across_every_kind_of_requested_mail(
         victim = subscriptions.add_confirmed(session, runtime.tokens, "victim+news@example.net", now=utcnow())
         preferences = path_of(runtime.links.preferences(victim))
     web = client_at(runtime, "192.0.2.10")
+    subscribe_pages, data_pages = [], []
     for n in range(2):
         answer = web.post("/subscribe", data={"email": f"Victim+round{n}@Example.net"})
         assert answer.status_code == 200
-        assert web.post(f"{preferences}/data-link").status_code == 200
+        subscribe_pages.append(answer.text)
+        data_page = web.post(f"{preferences}/data-link")
+        assert data_page.status_code == 200
+        data_pages.append(data_page.text)
         with smtplib.SMTP("127.0.0.1", mailin.port, timeout=30) as client:
             request = messages.plain("victim+news@example.net", INBOUND, "unsubscribe")
             client.sendmail("mallory@example.com", [INBOUND], request)
@@ -129,17 +133,24 @@ def test_one_mailbox_gets_its_budget_across_every_kind_of_requested_mail(
     got = to_mailbox(smtp, "victim@example.net")
     assert len(got) == PER_MAILBOX_AN_HOUR, got
     assert len(smtp.messages) == PER_MAILBOX_AN_HOUR  # nothing went anywhere else either
+    # A stranger's page is the same whether its mail went out or the mailbox's budget held it
+    # back, and states that budget; the subscriber's own data page says its link was not sent.
+    assert subscribe_pages[0] == subscribe_pages[1]
+    assert "We send at most 2 an hour, 5 a day of these emails to one address" in subscribe_pages[0]
+    assert "We sent a link to victim+news@example.net" in data_pages[0]
+    assert "Not sent: this address has had the most emails of this kind we send (2 an hour, 5 a day)" in data_pages[1]
+    assert "We sent a link" not in data_pages[1]
     # The budget is the person's, not the network's: another mailbox is still served.
     web.post("/subscribe", data={"email": "someone.else@example.org"})
     smtp.wait_for(PER_MAILBOX_AN_HOUR + 1)
     assert len(smtp.to("someone.else@example.org")) == 1
 
 
-def ask_for_link(runtime: Runtime, client_address: str, email: str) -> str:
-    """One sign-in request from ``client_address``; the answer page's text."""
+def ask_for_link(runtime: Runtime, client_address: str, email: str, status: int = 200) -> str:
+    """One sign-in request from ``client_address``, answered with ``status``; the page's text."""
     with client_at(runtime, client_address) as client:
         answer = client.post("/admin/sign-in", data={"email": email})
-    assert answer.status_code == 200
+    assert answer.status_code == status, answer.text
     return answer.text
 
 
@@ -168,16 +179,17 @@ def test_an_operator_gets_a_link_after_strangers_asked_for_theirs(runtime: Runti
         assert links_to_operator(smtp) == sent + 1, "the operator's own request sends a link at once"
         sign_in_with_the_newest_link(runtime, smtp)
 
-    # A stranger on the operator's own network spends that network's share: the operator waits,
-    # at most until the time the answer names, and then gets a link.
+    # A stranger on the operator's own network spends that network's share: the operator is
+    # told no link was sent and when to ask again, and then gets a link.
     later = START + dt.timedelta(hours=6)
     with time_machine.travel(later, tick=False):
-        for _ in range(5):
-            ask_for_link(runtime, "198.51.100.66", OPERATOR)
+        for n in range(5):
+            ask_for_link(runtime, "198.51.100.66", OPERATOR, status=200 if n < 3 else 429)
         sent = links_to_operator(smtp)
-        answer = ask_for_link(runtime, "198.51.100.8", OPERATOR)
+        answer = ask_for_link(runtime, "198.51.100.8", OPERATOR, status=429)
         assert links_to_operator(smtp) == sent, "this network's share is spent"
-    found = re.search(r"ask again after (\d\d):(\d\d) UTC", answer)
+        assert "Not sent" in answer
+    found = re.search(r"Ask again after (\d\d):(\d\d) UTC", answer)
     assert found, answer
     retry = later.replace(hour=int(found[1]), minute=int(found[2]))
     assert later < retry <= later + dt.timedelta(hours=1, minutes=1)
@@ -188,16 +200,25 @@ def test_an_operator_gets_a_link_after_strangers_asked_for_theirs(runtime: Runti
 
 
 def test_a_withheld_sign_in_answers_as_any_other_and_says_when_to_retry(runtime: Runtime, smtp: SMTPSink) -> None:
+    """One network's share of sign-in links to an address is counted for every address, so the
+    fourth request answers 429 for an operator's address and for anyone else's alike: neither
+    page says who is an operator."""
     with time_machine.travel(START, tick=False):
-        for _ in range(4):  # the operator's share from this network is spent after three
-            ask_for_link(runtime, "198.51.100.66", OPERATOR)
-        withheld = ask_for_link(runtime, "198.51.100.66", OPERATOR)
-        stranger = ask_for_link(runtime, "198.51.100.66", "nobody@example.org")
-        never_asked = ask_for_link(runtime, "198.51.100.66", "Ops+other@Example.org")
-    assert withheld == stranger == never_asked
-    assert "at most 3 an hour asked from one network, 10 an hour in all" in withheld
-    assert "ask again after 10:01 UTC" in withheld  # just over an hour on, from the clock alone
+        answers = {
+            email: [ask_for_link(runtime, "198.51.100.66", email, status=200 if n < 3 else 429) for n in range(4)]
+            for email in (OPERATOR, "nobody@example.org")
+        }
+        # The operator's mailbox with a tag is that mailbox: its share from here is spent too.
+        tagged = ask_for_link(runtime, "198.51.100.66", "Ops+other@Example.org", status=429)
+    operator, stranger = answers[OPERATOR], answers["nobody@example.org"]
+    assert operator == stranger
+    assert operator[0] == operator[1] == operator[2]
+    assert "at most 3 an hour asked from one network, 10 an hour in all" in operator[0]
+    assert "ask again after 10:01 UTC" in operator[0]  # just over an hour on, from the clock alone
+    assert operator[3] == tagged
+    assert "Not sent: too many emails were asked for from your network. Ask again after 10:01 UTC." in operator[3]
     assert smtp.to("nobody@example.org") == []
+    assert links_to_operator(smtp) == 3
 
 
 @contextmanager
