@@ -15,6 +15,7 @@ from digest.delivery.composer import build_digest
 from digest.orchestration.runtime import Runtime
 from digest.papers.source import SAMPLE_DATES, load_sample, parse_items, store_papers
 from digest.subscribers.subscriptions import add_confirmed
+from tests.support.atom import assert_valid_atom, atom_problems
 
 OLD, NEW = sorted(SAMPLE_DATES)
 
@@ -57,8 +58,9 @@ def test_unknown_or_malformed_dates_are_not_found(client: TestClient, runtime: R
 
 def test_empty_archive_and_feed_still_answer(client: TestClient) -> None:
     assert "No digests yet" in client.get("/digests").text
-    feed = feedparser.parse(client.get("/digests/feed.atom").content)
-    assert not feed.bozo and feed.entries == []
+    body = client.get("/digests/feed.atom").content
+    assert_valid_atom(body)
+    assert feedparser.parse(body).entries == []
 
 
 def test_feed_is_valid_atom_linking_each_digest(client: TestClient, runtime: Runtime) -> None:
@@ -66,6 +68,7 @@ def test_feed_is_valid_atom_linking_each_digest(client: TestClient, runtime: Run
     response = client.get("/digests/feed.atom")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/atom+xml")
+    assert_valid_atom(response.content)  # RFC 4287's grammar and rules
     feed = feedparser.parse(response.content)
     assert not feed.bozo, feed.bozo_exception
     assert feed.version == "atom10"
@@ -98,3 +101,24 @@ def test_the_feed_names_its_author_and_dates_each_entry_by_its_editions_day(
         day.isoformat(): dt.datetime.combine(day, dt.time(), dt.UTC) for day in (NEW, OLD)
     }
     assert root.findtext(f"{atom}updated", "").startswith(NEW.isoformat())
+
+
+def test_the_validator_refuses_what_rfc_4287_forbids(client: TestClient, runtime: Runtime) -> None:
+    """The feed tests' validator fails on the faults a feed could have: no author anywhere
+    (4.1.1), a date that is not RFC 3339 (3.3), an entry without its id (4.1.2), two alternate
+    links of one type (4.1.1). Each is made from the real feed, which itself passes."""
+    publish_sample_days(runtime)
+    body = client.get("/digests/feed.atom").content.decode()
+    assert atom_problems(body.encode()) == []
+    no_author = re.sub(r"<author>.*?</author>", "", body, count=1, flags=re.S)
+    assert "<author>" not in no_author
+    assert any("no author" in p for p in atom_problems(no_author.encode()))
+    bad_date = re.sub(r"<updated>[^<]*</updated>", "<updated>16 April 2026</updated>", body, count=1)
+    assert any("RELAX NG" in p for p in atom_problems(bad_date.encode()))
+    entry_start = body.index("<entry>")
+    no_id = body[:entry_start] + re.sub(r"<id>[^<]*</id>", "", body[entry_start:], count=1)
+    assert any("RELAX NG" in p for p in atom_problems(no_id.encode()))
+    link = re.search(r'<link href="[^"]*/digests/\d{4}-\d\d-\d\d"[^>]*/>', body[entry_start:])
+    assert link is not None
+    two_links = body.replace(link[0], link[0] * 2, 1)
+    assert any("two alternate links" in p for p in atom_problems(two_links.encode()))

@@ -16,6 +16,7 @@ from digest.core.models import utcnow
 from digest.orchestration.pipeline import run_inprocess
 from digest.orchestration.runtime import Runtime
 from digest.subscribers import subscriptions
+from tests.support.atom import assert_valid_atom
 from tests.support.servers import SMTPSink
 
 DAY = dt.date(2024, 10, 25)
@@ -37,7 +38,9 @@ def feed_link(client: TestClient, path: str) -> str:
 
 
 def assert_atom(body: bytes) -> etree.Element:
-    """RFC 4287 as feedparser reads it (no error) plus the elements it requires."""
+    """Valid under RFC 4287's grammar and rules, read without error by feedparser, as a feed
+    reader would, with a self link and an entry id per digest paper."""
+    assert_valid_atom(body)
     parsed = feedparser.parse(body)
     assert parsed.bozo == 0, parsed.get("bozo_exception")
     assert parsed.version == "atom10"
