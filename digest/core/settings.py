@@ -154,11 +154,12 @@ class Settings(BaseSettings):
     @field_validator("admin_emails")
     @classmethod
     def _admins_are_addresses(cls, value: str) -> str:
-        from digest.core.addresses import normalise_address
-        from digest.core.errors import InvalidAddress
-
         for part in value.split(","):
             if part.strip():
+                # Imported only when there is an address: email-validator costs every command.
+                from digest.core.addresses import normalise_address
+                from digest.core.errors import InvalidAddress
+
                 try:
                     normalise_address(part)
                 except InvalidAddress as exc:

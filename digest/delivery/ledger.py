@@ -19,7 +19,7 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     ColumnElement,
@@ -39,8 +39,6 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from digest.core.db import count_per_day
@@ -56,12 +54,26 @@ from digest.core.models import (
 )
 from digest.core.retention import NO_REPEAT_LOOKBACK
 from digest.delivery.policy import DeliveryPolicy
-from digest.transport.mailer import SendError
+
+if TYPE_CHECKING:  # only named: the mailer (aiosmtplib) would load for every `digest status`
+    from digest.transport.mailer import SendError
 
 log = logging.getLogger(__name__)
 
 NOTHING_NEW = "no new papers for this subscriber"
 NO_LONGER_ACTIVE = "subscriber no longer active"
+
+
+def _upsert_for(session: Session) -> Any:
+    """The dialect's INSERT with ON CONFLICT, imported when first used: loading the PostgreSQL
+    dialect costs every command that reads the ledger (``digest status``) ~20 ms."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert
 
 
 def frequency_of(kind: DigestKind) -> Frequency:
@@ -228,7 +240,7 @@ def add_planned(
         }
         for plan in plans
     ]
-    dialect_insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    dialect_insert = _upsert_for(session)
     statement = dialect_insert(Delivery)
     chosen = ("recipient", "status", "last_error", "paper_ids", "reasons", "updated_at")
     session.execute(
@@ -855,7 +867,7 @@ def compact_rows(session: Session, digest_id: int, limit: int) -> Counter[str]:
     if not statuses:
         return Counter()
     removed: Counter[str] = Counter(counted_as(status) for status in statuses)
-    dialect_insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    dialect_insert = _upsert_for(session)
     statement = dialect_insert(DeliveryCount).values(
         [{"digest_id": digest_id, "status": status, "count": n} for status, n in removed.items()]
     )

@@ -13,8 +13,10 @@ from __future__ import annotations
 import datetime as dt
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from digest.transport.mailer import SendError
+if TYPE_CHECKING:  # only named: importing the mailer (aiosmtplib) would slow `digest status`
+    from digest.transport.mailer import SendError
 
 
 @dataclass(frozen=True)
