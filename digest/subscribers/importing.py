@@ -195,7 +195,7 @@ def normalise(raw: str) -> str:
     Those checks are most of email-validator's time, and a list of a million people holds a few
     thousand domains. A plain local part needs no check beyond its length; every other address,
     and every address whose domain fails, is left to ``normalise_address`` whole (and gets its
-    message). ``tests/test_importing.py`` holds both to the same answers.
+    message). ``tests/subscribers/test_importing.py`` holds both to the same answers.
     """
     candidate = raw.strip()
     local, at, domain = candidate.rpartition("@")

@@ -8,7 +8,7 @@ is on the sending path of every message. dkimpy does the RSA step in pure Python
 message here, more than everything else about a message together); this module does the same
 signature with OpenSSL through ``cryptography`` (~0.5 ms) and keeps the rest small: relaxed
 canonicalisation of the signed headers and the body. dkimpy verifies what it produces in the
-tests (``tests/test_email_design.py``); ``bench/signing.py`` measures both.
+tests (``tests/rendering/test_email_design.py``); ``bench/signing.py`` measures both.
 """
 
 from __future__ import annotations

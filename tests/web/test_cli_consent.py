@@ -35,7 +35,7 @@ def opted_out(runtime: Runtime) -> None:
         left = subscriptions.get_by_email(session, "left@example.org")
         subscriptions.unsubscribe(session, left, now=now)
         reported = subscriptions.get_by_email(session, "reported@example.org")
-        from tests.test_consent import _delivery
+        from tests.subscribers.test_consent import _delivery
 
         subscriptions.record_complaint(
             session, runtime.tokens, reported, _delivery(session, reported.id), detail="abuse", now=now

@@ -23,13 +23,13 @@ from digest.ranking.trending import TrendingWeights, Votes, trending_order, tren
 from digest.ranking.words import analyse
 from tests.support.servers import SMTPSink
 
-SAMPLES = Path(__file__).resolve().parents[1] / "digest" / "papers" / "sample_data"
+SAMPLES = Path(__file__).resolve().parents[2] / "digest" / "papers" / "sample_data"
 THURSDAY = dt.date(2026, 4, 16)
 OLD_DAY = dt.date(2024, 10, 25)
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers shared with tests/test_schedule.py
+# Helpers shared with tests/orchestration/test_schedule.py
 
 
 def collect(runtime: Runtime, day: dt.date) -> int:

@@ -14,8 +14,8 @@ from digest.delivery.composer import build_digest
 from digest.orchestration import schedule
 from digest.orchestration.pipeline import InProcess
 from digest.orchestration.runtime import Runtime
+from tests.ranking.test_ranking import THURSDAY, add_subscriber, collect, deliver_due, papers_in_text
 from tests.support.servers import SMTPSink
-from tests.test_ranking import THURSDAY, add_subscriber, collect, deliver_due, papers_in_text
 
 HOUR = dt.timedelta(hours=1)
 
