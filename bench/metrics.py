@@ -32,8 +32,8 @@ from digest.delivery.reputation import PauseRules  # noqa: E402
 from digest.operations.metrics import ledger_figures  # noqa: E402
 from digest.orchestration.runtime import Runtime  # noqa: E402
 from digest.web.app import create_app  # noqa: E402
-from tests.conftest import TEST_SECRET  # noqa: E402
 from tests.support.servers import Postgres, Redis, free_port  # noqa: E402
+from tests.support.settings import TEST_SECRET  # noqa: E402
 from tests.web.live import server_thread  # noqa: E402
 
 RULE = PauseRules()

@@ -15,8 +15,7 @@ from digest.core.models import Base
 from digest.core.settings import Settings
 from digest.orchestration.runtime import Runtime
 from tests.support.servers import PapersAPI, Postgres, Redis, SMTPSink
-
-TEST_SECRET = "test-secret-key-0123456789abcdef0123456789"
+from tests.support.settings import make_settings
 
 
 @pytest.fixture(scope="session")
@@ -93,31 +92,11 @@ def papers_api() -> Iterator[PapersAPI]:
     api.stop()
 
 
-def make_settings(
-    database_url: str, smtp: SMTPSink, papers_api: PapersAPI | None = None, **overrides: object
-) -> Settings:
-    values: dict[str, object] = {
-        "environment": "test",
-        "database_url": database_url,
-        "redis_url": None,
-        "smtp_host": "127.0.0.1",
-        "smtp_port": smtp.port,
-        "secret_key": TEST_SECRET,
-        "base_url": "http://digest.test",
-        "mail_from": "Daily Papers <papers@digest.example.org>",
-        "inbound_address": "papers@digest.example.org",
-        "papers_api_url": papers_api.url if papers_api else "http://127.0.0.1:9",
-        "papers_api_backoff": 0.01,
-        "send_retry_base_seconds": 0.05,
-        "send_retry_max_seconds": 0.2,
-    }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[arg-type]
-
-
 @pytest.fixture
-def settings(database: str, smtp: SMTPSink, papers_api: PapersAPI) -> Settings:
-    return make_settings(database, smtp, papers_api)
+def settings(request: pytest.FixtureRequest, database: str, smtp: SMTPSink, papers_api: PapersAPI) -> Settings:
+    """Built per test; ``@pytest.mark.settings(name=value, ...)`` changes some for one test."""
+    marker = request.node.get_closest_marker("settings")
+    return make_settings(database, smtp, papers_api, **(marker.kwargs if marker else {}))
 
 
 @pytest.fixture

@@ -24,9 +24,10 @@ from digest.core.models import Frequency, Subscriber, SubscriberStatus, utcnow
 from digest.core.settings import Settings
 from digest.orchestration.runtime import Runtime
 from digest.subscribers import importing, subscriptions
+from tests.support.inbox import only_mail_to
 from tests.support.processes import digest_env, settings_env
+from tests.support.rows import snapshot, subscriber
 from tests.support.servers import SMTPSink, free_port
-from tests.web.conftest import only_mail_to, snapshot, subscriber
 from tests.web.test_cli_subscribers import digest
 
 PAPER_LINK = re.compile(r"huggingface\.co/papers/([0-9.]+)")

@@ -39,8 +39,8 @@ from digest.operations.status import status_for
 from digest.orchestration import pipeline
 from digest.orchestration.runtime import Runtime
 from digest.subscribers.subscriptions import add_confirmed, unsubscribe
-from tests.conftest import make_settings
 from tests.support.servers import SMTPSink
+from tests.support.settings import make_settings
 
 FIRST_DAY = dt.date(2026, 3, 2)
 DAYS = 40
@@ -236,7 +236,7 @@ def test_digest_compact_then_status_reports_the_old_day(runtime: Runtime) -> Non
 
 def test_digest_compact_dry_run_reports_and_writes_nothing(runtime: Runtime) -> None:
     from tests.support.processes import run_cli, settings_env
-    from tests.web.conftest import snapshot
+    from tests.support.rows import snapshot
 
     now = dt.datetime.now(dt.UTC)
     with transaction(runtime.session_factory) as session:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import threading
 import time
@@ -29,6 +28,7 @@ from digest.orchestration.pipeline import (
 from digest.orchestration.runtime import Runtime
 from digest.subscribers.subscriptions import add_confirmed, unsubscribe
 from tests.support.servers import SMTPSink
+from tests.support.settings import runtime_with
 
 DAY = dt.date(2024, 10, 25)
 
@@ -218,6 +218,7 @@ def test_rejected_content_fails_the_run_but_bounces_nobody(runtime: Runtime, smt
     assert statuses(session) == {SubscriberStatus.ACTIVE}
 
 
+@pytest.mark.settings(lease_seconds=1, smtp_pool_size=1)
 def test_a_slow_batch_keeps_its_leases_so_no_one_else_sends_it(runtime: Runtime, smtp: SMTPSink) -> None:
     """A batch slower than its lease (rate limits, a slow relay) must not be swept to a second worker."""
     emails = people(runtime, 6)
@@ -225,8 +226,6 @@ def test_a_slow_batch_keeps_its_leases_so_no_one_else_sends_it(runtime: Runtime,
     with transaction(runtime.session_factory) as s:
         ids = list(s.scalars(select(Subscriber.id)))
     smtp.behaviour.delay = 0.5  # 6 messages over one connection: ~3 s, the lease is 1 s
-    runtime.policy = dataclasses.replace(runtime.policy, lease_seconds=1)
-    runtime.settings.smtp_pool_size = 1
     swept: list[int] = []
 
     def sweeper() -> None:
@@ -417,6 +416,7 @@ def test_the_send_task_builds_no_ranker_and_loads_no_model(
     assert received_counts(smtp) == Counter(emails)
 
 
+@pytest.mark.settings(smtp_pool_size=1)  # one message at a time, in id order
 def test_unsubscribing_while_the_batch_is_sending_stops_the_waiting_message(
     runtime: Runtime, smtp: SMTPSink, session: Session
 ) -> None:
@@ -424,7 +424,6 @@ def test_unsubscribing_while_the_batch_is_sending_stops_the_waiting_message(
     digest_id = prepare(runtime, emails)
     with transaction(runtime.session_factory) as s:
         ids = list(s.scalars(select(Subscriber.id).order_by(Subscriber.id)))
-    runtime.settings.smtp_pool_size = 1  # one message at a time, in id order
     smtp.behaviour.hold = threading.Event()  # the relay sits on the first message
     batch = threading.Thread(target=send_batch, args=(runtime, digest_id, ids))
     batch.start()
@@ -448,17 +447,16 @@ def test_unsubscribing_while_the_message_waits_for_the_rate_limit_stops_it(
     digest_id = prepare(runtime, emails)
     with transaction(runtime.session_factory) as s:
         ids = list(s.scalars(select(Subscriber.id).order_by(Subscriber.id)))
-    runtime.settings.smtp_pool_size = 1
-    runtime.settings.redis_url = redis_url
-    runtime.settings.rate_limit_per_second = 0.5  # one message every 2 s, shared through Redis
-    batch = threading.Thread(target=send_batch, args=(runtime, digest_id, ids))
-    batch.start()
-    assert smtp.wait_for(1, timeout=10)  # the first went out; the second now waits its turn...
-    with transaction(runtime.session_factory) as s:
-        second = s.scalar(select(Subscriber).where(Subscriber.email == emails[1]))
-        assert second is not None
-        unsubscribe(s, second, now=utcnow())  # ...when its reader leaves
-    batch.join(timeout=30)
+    # One message every 2 s, shared through Redis: the sender's settings, this test's runtime.
+    with runtime_with(runtime.settings, smtp_pool_size=1, redis_url=redis_url, rate_limit_per_second=0.5) as sender:
+        batch = threading.Thread(target=send_batch, args=(sender, digest_id, ids))
+        batch.start()
+        assert smtp.wait_for(1, timeout=10)  # the first went out; the second now waits its turn...
+        with transaction(runtime.session_factory) as s:
+            second = s.scalar(select(Subscriber).where(Subscriber.email == emails[1]))
+            assert second is not None
+            unsubscribe(s, second, now=utcnow())  # ...when its reader leaves
+        batch.join(timeout=30)
     assert received_counts(smtp) == Counter(emails[:1])
     assert deliveries(session)[emails[1]].status is DeliveryStatus.SKIPPED
 
@@ -469,7 +467,7 @@ def test_a_dispatch_onto_a_fresh_ledger_gives_the_planner_statistics(runtime: Ru
     dispatcher refreshes them once it has planned more rows than they know of."""
     from sqlalchemy import text
 
-    from tests.e2e.test_infra_restarts import add_subscribers
+    from tests.support.factories import add_subscribers
 
     if runtime.engine.dialect.name != "postgresql":
         pytest.skip("PostgreSQL only")

@@ -23,10 +23,11 @@ from digest.orchestration.pipeline import collect_if_needed, run_inprocess
 from digest.orchestration.runtime import Runtime
 from digest.subscribers import subscriptions
 from digest.web.app import create_app
-from tests.conftest import make_settings
 from tests.support.browser import CHROMIUM_ARGS, SHOTS, require_chromium
+from tests.support.inbox import link_in
+from tests.support.rows import subscriber
 from tests.support.servers import PapersAPI, SMTPSink, free_port
-from tests.web.conftest import link_in, subscriber
+from tests.support.settings import make_settings
 from tests.web.live import server_thread
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]

@@ -33,21 +33,12 @@ from digest.orchestration.runtime import Runtime
 from digest.rendering.tokens import Purpose
 from digest.subscribers import subscriptions
 from digest.subscribers.confirmation_limits import mailbox_of
-from tests.conftest import make_settings
 from tests.mailin import conftest as mailin_fixtures
 from tests.mailin import messages
-from tests.mailin.conftest import (
-    INBOUND,
-    NEXT_DAY,
-    Listener,
-    add_active,
-    digests_to,
-    send_digest,
-    snapshot,
-    subscriber,
-)
+from tests.support.mailin import INBOUND, NEXT_DAY, Listener, add_active, digests_to, send_digest, snapshot, subscriber
 from tests.support.processes import run_cli, settings_env
 from tests.support.servers import PapersAPI, Received, SMTPSink, wait_until
+from tests.support.settings import make_settings
 from tests.web.live import serve_process
 
 pytestmark = pytest.mark.e2e

@@ -17,9 +17,9 @@ from digest.core.models import Delivery, DeliveryStatus, DigestItem, Paper, Subs
 from digest.orchestration.pipeline import run_inprocess
 from digest.orchestration.runtime import Runtime
 from digest.subscribers.subscriptions import add_confirmed, subscribe, unsubscribe
-from tests.conftest import TEST_SECRET, make_settings
 from tests.support.processes import Process, digest_env, run_cli, start_worker
 from tests.support.servers import PapersAPI, SMTPSink
+from tests.support.settings import TEST_SECRET, make_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -189,7 +189,7 @@ def test_a_dispatch_longer_than_the_wait_is_waited_for_while_it_makes_progress(
     was busy planning. Here the wait is two seconds and planning takes several times that.
     """
     from digest.orchestration.pipeline import collect_if_needed
-    from tests.e2e.test_infra_restarts import add_subscribers
+    from tests.support.factories import add_subscribers
 
     collect_if_needed(runtime, DAY, allow_sample=False)  # the collect step answers at once
     emails = add_subscribers(runtime, 2000)

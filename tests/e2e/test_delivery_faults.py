@@ -11,39 +11,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
-from digest.core.db import transaction
-from digest.core.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
+from digest.core.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus
 from digest.delivery.batch import SENT_GROUP_SIZE
 from digest.orchestration.runtime import Runtime
-from tests.conftest import TEST_SECRET
+from tests.support.factories import add_subscribers
 from tests.support.processes import BIN, ROOT, Process, digest_env, start_worker
 from tests.support.servers import Redis, SMTPSink, wait_until
+from tests.support.settings import TEST_SECRET
 
 pytestmark = pytest.mark.e2e
 
 DAY = dt.date(2024, 10, 25)
-
-
-def add_subscribers(runtime: Runtime, count: int) -> list[str]:
-    emails = [f"reader{n:04d}@example{n % 7}.org" for n in range(count)]
-    now = utcnow()
-    with transaction(runtime.session_factory) as session:
-        session.execute(
-            insert(Subscriber),
-            [
-                {
-                    "email": e,
-                    "status": SubscriberStatus.ACTIVE,
-                    "created_at": now,
-                    "updated_at": now,
-                    "confirmed_at": now,
-                }
-                for e in emails
-            ],
-        )
-    return emails
 
 
 def env_for(runtime: Runtime, redis_url: str, **extra: str | int | float) -> dict[str, str]:
@@ -131,7 +111,7 @@ def workers() -> Iterator[list[Process]]:
 def test_worker_killed_mid_run_then_restarted_delivers_everything_once(
     runtime: Runtime, redis_url: str, smtp: SMTPSink, tmp_path: Path, workers: list[Process]
 ) -> None:
-    emails = add_subscribers(runtime, 240)
+    emails = add_subscribers(runtime, 240, domains=7)
     smtp.behaviour.delay = 0.02  # slow enough to kill the worker mid-batch
     env = env_for(runtime, redis_url)
     workers.append(start_worker(env, tmp_path / "worker1.log"))
@@ -152,7 +132,7 @@ def test_worker_killed_mid_run_then_restarted_delivers_everything_once(
 def test_smtp_server_down_for_a_minute_loses_nothing_and_sends_nothing_twice(
     runtime: Runtime, redis_url: str, smtp: SMTPSink, tmp_path: Path, workers: list[Process]
 ) -> None:
-    emails = add_subscribers(runtime, 120)
+    emails = add_subscribers(runtime, 120, domains=7)
     smtp.behaviour.delay = 0.01
     env = env_for(runtime, redis_url)
     workers.append(start_worker(env, tmp_path / "worker.log"))
@@ -170,7 +150,7 @@ def test_smtp_server_down_for_a_minute_loses_nothing_and_sends_nothing_twice(
 def test_deferrals_are_retried_and_a_550_bounces_the_subscriber(
     runtime: Runtime, redis_url: str, smtp: SMTPSink, tmp_path: Path, workers: list[Process]
 ) -> None:
-    emails = add_subscribers(runtime, 30)
+    emails = add_subscribers(runtime, 30, domains=7)
     refused = emails[7]
     smtp.behaviour.refuse[refused] = "550 5.1.1 <x>: Recipient address rejected"
     smtp.behaviour.temp_fail_data = 20
@@ -195,7 +175,7 @@ def test_redis_restarted_mid_run_completes_without_loss_or_duplicate(
 ) -> None:
     redis = Redis(private=True)
     try:
-        emails = add_subscribers(runtime, 150)
+        emails = add_subscribers(runtime, 150, domains=7)
         smtp.behaviour.delay = 0.02
         env = env_for(runtime, redis.url)
         workers.append(start_worker(env, tmp_path / "worker.log"))
@@ -213,7 +193,7 @@ def test_redis_restarted_mid_run_completes_without_loss_or_duplicate(
 def test_rate_limit_is_shared_by_two_worker_processes(
     runtime: Runtime, redis_url: str, smtp: SMTPSink, tmp_path: Path, workers: list[Process]
 ) -> None:
-    emails = add_subscribers(runtime, 600)
+    emails = add_subscribers(runtime, 600, domains=7)
     env = env_for(runtime, redis_url, rate_limit_per_second=50, batch_size=20, smtp_pool_size=4)
     workers.append(start_worker(env, tmp_path / "worker1.log", ["-n", "one@%h"]))
     workers.append(start_worker(env, tmp_path / "worker2.log", ["-n", "two@%h"]))

@@ -43,11 +43,12 @@ from digest.core.models import Delivery, DeliveryStatus, Subscriber, utcnow
 from digest.core.settings import Settings
 from digest.orchestration.pipeline import collect_if_needed
 from digest.orchestration.runtime import Runtime
-from tests.conftest import make_settings
 from tests.e2e.infra_servers import PrivatePostgres, PrivateRedis, free_port_on
-from tests.e2e.test_infra_restarts import DAY, add_subscribers
+from tests.e2e.test_infra_restarts import DAY
+from tests.support.factories import add_subscribers
 from tests.support.processes import BIN, ROOT, Process, procfile_command, settings_env
 from tests.support.servers import SMTPSink, _Handler, wait_until
+from tests.support.settings import make_settings
 
 pytestmark = pytest.mark.e2e
 

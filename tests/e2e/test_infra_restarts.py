@@ -17,33 +17,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
 from digest.core import db
-from digest.core.db import transaction
-from digest.core.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
+from digest.core.models import Delivery, DeliveryStatus, Subscriber
 from digest.orchestration.runtime import Runtime
-from tests.conftest import make_settings
 from tests.e2e.infra_servers import PrivatePostgres, PrivateRedis
+from tests.support.factories import add_subscribers
 from tests.support.processes import BIN, ROOT, Process, settings_env, start_worker
 from tests.support.servers import PapersAPI, SMTPSink, wait_until
+from tests.support.settings import make_settings
 
 pytestmark = pytest.mark.e2e
 
 DAY = dt.date(2024, 10, 25)
 SUBSCRIBERS = 240
-
-
-def add_subscribers(runtime: Runtime, count: int) -> list[str]:
-    emails = [f"reader{n:04d}@example{n % 5}.org" for n in range(count)]
-    now = utcnow()
-    rows = [
-        {"email": e, "status": SubscriberStatus.ACTIVE, "created_at": now, "updated_at": now, "confirmed_at": now}
-        for e in emails
-    ]
-    with transaction(runtime.session_factory) as session:
-        session.execute(insert(Subscriber), rows)
-    return emails
 
 
 def env_for(runtime: Runtime, redis_url: str) -> dict[str, str]:

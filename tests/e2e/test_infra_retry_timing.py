@@ -18,7 +18,8 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from digest.orchestration.runtime import Runtime
-from tests.e2e.test_infra_restarts import DAY, add_subscribers, assert_served_exactly_once
+from tests.e2e.test_infra_restarts import DAY, assert_served_exactly_once
+from tests.support.factories import add_subscribers
 from tests.support.processes import BIN, ROOT, Process, settings_env, start_worker
 from tests.support.servers import SMTPSink, _Handler
 

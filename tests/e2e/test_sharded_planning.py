@@ -17,7 +17,8 @@ from digest.core.models import Delivery, DeliveryStatus, Subscriber, utcnow
 from digest.delivery.batch import SENT_GROUP_SIZE
 from digest.orchestration.pipeline import collect_if_needed
 from digest.orchestration.runtime import Runtime
-from tests.e2e.test_delivery_faults import DAY, add_subscribers, env_for, finish, start_run
+from tests.e2e.test_delivery_faults import DAY, env_for, finish, start_run
+from tests.support.factories import add_subscribers
 from tests.support.processes import Process, start_worker
 from tests.support.servers import SMTPSink, wait_until
 
@@ -61,7 +62,7 @@ def assert_each_once(runtime: Runtime, smtp: SMTPSink, emails: list[str], resent
 def test_an_edition_planned_by_several_workers_at_once_gives_everyone_one_delivery(
     runtime: Runtime, redis_url: str, smtp: SMTPSink, tmp_path: Path, workers: list[Process]
 ) -> None:
-    emails = add_subscribers(runtime, 600)
+    emails = add_subscribers(runtime, 600, domains=7)
     env = env_for(runtime, redis_url)  # 25 a page: 24 pages for four pool processes
     workers.extend(start_worker(env, tmp_path / f"worker{n}.log") for n in range(2))
     run = start_run(env, tmp_path / "run.log")
@@ -77,7 +78,7 @@ def test_a_worker_killed_mid_page_leaves_no_one_out_and_plans_no_one_twice(
     runtime: Runtime, redis_url: str, smtp: SMTPSink, tmp_path: Path, workers: list[Process]
 ) -> None:
     digest_id, _ = collect_if_needed(runtime, DAY, allow_sample=False)
-    emails = add_subscribers(runtime, 300)
+    emails = add_subscribers(runtime, 300, domains=7)
     with runtime.session_factory() as session:
         ids = list(session.scalars(select(Subscriber.id).order_by(Subscriber.id)))
     # Hold one subscriber's ledger key in an open transaction: the planner of that page stops

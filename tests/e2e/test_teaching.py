@@ -21,8 +21,8 @@ from digest.orchestration.runtime import Runtime
 from digest.papers.embedding import from_blob
 from digest.subscribers.subscriptions import add_confirmed
 from digest.web.app import create_app
-from tests.conftest import make_settings
 from tests.support.servers import PapersAPI, SMTPSink, free_port
+from tests.support.settings import make_settings
 from tests.web.live import server_thread
 
 pytestmark = pytest.mark.e2e

@@ -13,10 +13,10 @@ from digest.core.models import SubscriberStatus
 from digest.core.settings import Settings
 from digest.mailin.imap import poll_imap
 from digest.orchestration.runtime import Runtime
-from tests.conftest import make_settings
 from tests.mailin import messages
-from tests.mailin.conftest import INBOUND, Dovecot, events, running_dovecot, send_digest, snapshot, subscriber
+from tests.support.mailin import INBOUND, Dovecot, events, running_dovecot, send_digest, snapshot, subscriber
 from tests.support.servers import PapersAPI, SMTPSink
+from tests.support.settings import make_settings, runtime_with
 
 pytestmark = pytest.mark.imap
 _mailboxes = itertools.count()
@@ -150,8 +150,11 @@ def test_junk_in_the_mailbox_changes_nothing(imap_runtime: Runtime, smtp: SMTPSi
 
 
 def test_handled_mail_can_be_moved_out_of_the_inbox(imap_runtime: Runtime, smtp: SMTPSink) -> None:
-    runtime = imap_runtime
-    runtime.settings.imap_done_folder = "Digest handled"
+    with runtime_with(imap_runtime.settings, imap_done_folder="Digest handled") as runtime:
+        moves_handled_mail_out_of_the_inbox(runtime)
+
+
+def moves_handled_mail_out_of_the_inbox(runtime: Runtime) -> None:
     drop(
         runtime,
         messages.plain("carol@example.net", "papers+subscribe@digest.example.org", "join"),

@@ -17,16 +17,7 @@ from digest.orchestration.runtime import Runtime
 from digest.rendering.tokens import Purpose
 from digest.subscribers import subscriptions
 from tests.mailin import messages
-from tests.mailin.conftest import (
-    INBOUND,
-    NEXT_DAY,
-    Listener,
-    digests_to,
-    events,
-    send_digest,
-    snapshot,
-    subscriber,
-)
+from tests.support.mailin import INBOUND, NEXT_DAY, Listener, digests_to, events, send_digest, snapshot, subscriber
 from tests.support.servers import SMTPSink
 
 pytestmark = pytest.mark.e2e

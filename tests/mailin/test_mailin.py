@@ -17,7 +17,7 @@ from digest.orchestration.runtime import Runtime
 from digest.rendering.links import subscriber_stamp
 from digest.rendering.tokens import Purpose, Tokens
 from tests.mailin import messages
-from tests.mailin.conftest import DAY, INBOUND, add_active, digests_to, events, send_digest, snapshot, subscriber
+from tests.support.mailin import DAY, INBOUND, add_active, digests_to, events, send_digest, snapshot, subscriber
 from tests.support.servers import PapersAPI, Received, SMTPSink
 
 
@@ -346,7 +346,7 @@ def test_an_erased_subscribers_old_reports_never_reach_whoever_gets_their_id(
     from digest.delivery.compaction import compact
     from digest.orchestration.pipeline import run_inprocess
     from digest.subscribers.subscriptions import erase
-    from tests.conftest import make_settings
+    from tests.support.settings import make_settings
 
     runtime = Runtime(make_settings(sqlite_url, smtp, papers_api))
     try:

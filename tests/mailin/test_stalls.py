@@ -21,8 +21,8 @@ from digest.mailin.imap import poll_imap
 from digest.mailin.listener import MailinHandler
 from digest.orchestration.runtime import Runtime
 from tests.mailin import messages, test_imap
-from tests.mailin.conftest import INBOUND, Listener
 from tests.mailin.test_imap import drop, mailbox
+from tests.support.mailin import INBOUND, Listener
 from tests.support.servers import SMTPSink, free_port, wait_until
 
 pytestmark = pytest.mark.e2e

@@ -6,41 +6,21 @@ import dataclasses
 import datetime as dt
 from collections import defaultdict
 
+import pytest
 from sqlalchemy import select
 
 from digest.core.db import transaction
-from digest.core.models import Delivery, Digest, DigestKind, Frequency, Paper, Subscriber
-from digest.delivery.composer import build_digest
+from digest.core.models import Delivery, Digest, DigestKind, Frequency, Subscriber
 from digest.orchestration import schedule
 from digest.orchestration.pipeline import InProcess
 from digest.orchestration.runtime import Runtime
-from tests.ranking.test_ranking import THURSDAY, add_subscriber, collect, deliver_due, papers_in_text
+from tests.support.factories import THURSDAY, add_papers, add_subscriber, collect, utc
+from tests.support.inbox import papers_in_text
+from tests.support.runs import deliver_due
 from tests.support.servers import SMTPSink
+from tests.support.settings import runtime_with
 
 HOUR = dt.timedelta(hours=1)
-
-
-def utc(*args: int) -> dt.datetime:
-    return dt.datetime(*args, tzinfo=dt.UTC)  # type: ignore[arg-type,misc]
-
-
-def add_papers(runtime: Runtime, day: dt.date, count: int = 3) -> None:
-    """A quiet day's papers (factory data for dates the recording does not cover) and its edition."""
-    with transaction(runtime.session_factory) as session:
-        for i in range(count):
-            session.add(
-                Paper(
-                    id=f"{day:%y%m%d}.{i:05d}",
-                    title=f"Paper {i} of {day}",
-                    abstract="An abstract.",
-                    authors=["A. Author"],
-                    upvotes=10 - i,
-                    daily_date=day,
-                    submitted_at=dt.datetime.combine(day, dt.time(6), dt.UTC),
-                )
-            )
-        session.flush()
-        build_digest(session, day, runtime.weights, DigestKind.DAILY)
 
 
 # Offsets from UTC written down by hand (not from zoneinfo) for the 2026 changes.
@@ -222,10 +202,10 @@ def test_hours_missed_while_beat_was_down_are_caught_up_once(runtime: Runtime, s
             subscriber = add_subscriber(session, email, hour=hour)
             subscriber.confirmed_at = subscriber.updated_at = changed
     # Beat was down on Friday from 01:00 to 10:59 UTC and comes back at 11:04.
-    runtime.settings.catch_up_hours = 0
-    deliver_due(runtime, utc(2026, 4, 17, 11, 4))
+    with runtime_with(runtime.settings, catch_up_hours=0) as not_catching_up:
+        deliver_due(not_catching_up, utc(2026, 4, 17, 11, 4))
     assert smtp.messages == []  # without catching up, Friday's 08:00 digest is lost
-    runtime.settings.catch_up_hours = 6
+    assert runtime.settings.catch_up_hours == 6  # the default
     deliver_due(runtime, utc(2026, 4, 17, 11, 20))
     [caught_up] = smtp.to("eight@example.org")
     assert [pid for pid, _ in papers_in_text(caught_up)]  # Thursday's papers, as at 08:00
@@ -241,12 +221,12 @@ def test_hours_missed_while_beat_was_down_are_caught_up_once(runtime: Runtime, s
     assert [m.rcpt_tos for m in smtp.messages] == [["eight@example.org"]]
 
 
+@pytest.mark.settings(catch_up_hours=12)
 def test_catching_up_reaches_no_further_back_than_the_stale_limit(runtime: Runtime, smtp: SMTPSink) -> None:
     collect(runtime, THURSDAY)
     with transaction(runtime.session_factory) as session:
         subscriber = add_subscriber(session, "eight@example.org", hour=8)
         subscriber.confirmed_at = subscriber.updated_at = utc(2026, 4, 1)
-    runtime.settings.catch_up_hours = 12
     runtime.policy = dataclasses.replace(runtime.policy, stale_after=dt.timedelta(hours=4))
     # With a 4-hour stale limit catching up reaches 4 - 2 = 2 hours back: at 11:04 the 08:00
     # digest is out of reach, at 10:04 it is not.

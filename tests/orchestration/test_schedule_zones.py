@@ -16,8 +16,7 @@ from digest.core.models import Digest, DigestKind, Frequency
 from digest.orchestration import schedule
 from digest.orchestration.pipeline import InProcess
 from digest.orchestration.runtime import Runtime
-from tests.orchestration.test_schedule import add_papers, utc
-from tests.ranking.test_ranking import add_subscriber
+from tests.support.factories import add_papers, add_subscriber, utc
 
 MINUTE = dt.timedelta(minutes=1)
 PROMISE = 10 * MINUTE  # design.md, "Schedule": within 10 minutes after H:00 local

@@ -6,105 +6,28 @@ import datetime as dt
 import json
 import math
 import re
-from email.message import EmailMessage
 from pathlib import Path
 
-import time_machine
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from digest.core.db import transaction
-from digest.core.models import Digest, DigestKind, Frequency, Subscriber, SubscriberStatus, utcnow
-from digest.orchestration import pipeline, schedule
+from digest.core.models import Digest, DigestKind
 from digest.orchestration.runtime import Runtime
 from digest.ranking.profile import Profile
 from digest.ranking.ranker import Candidate, Ranker
 from digest.ranking.trending import TrendingWeights, Votes, trending_order, trending_score
 from digest.ranking.words import analyse
+from tests.support.factories import THURSDAY, add_subscriber, collect
+from tests.support.inbox import html_part, papers_in_html, papers_in_text, text_part
+from tests.support.runs import deliver_due
 from tests.support.servers import SMTPSink
 
 SAMPLES = Path(__file__).resolve().parents[2] / "digest" / "papers" / "sample_data"
-THURSDAY = dt.date(2026, 4, 16)
 OLD_DAY = dt.date(2024, 10, 25)
 
 
 # ---------------------------------------------------------------------------------------------
 # Helpers shared with tests/orchestration/test_schedule.py
-
-
-def collect(runtime: Runtime, day: dt.date) -> int:
-    """The recorded day, fetched from the local papers API like beat does; returns the edition id."""
-    with runtime.papers_client() as client, transaction(runtime.session_factory) as session:
-        result = pipeline.collect_day(session, client, day, runtime)
-    assert result.digest_id is not None
-    return result.digest_id
-
-
-def add_subscriber(
-    session: Session,
-    email: str,
-    *,
-    timezone: str = "UTC",
-    hour: int = 8,
-    frequency: Frequency = Frequency.DAILY,
-    weekday: int = 0,
-    topics: str = "",
-    excluded: str = "",
-    digest_size: int | None = None,
-) -> Subscriber:
-    subscriber = Subscriber(
-        email=email,
-        status=SubscriberStatus.ACTIVE,
-        timezone=timezone,
-        send_hour=hour,
-        frequency=frequency,
-        weekday=weekday,
-        topics=topics,
-        excluded=excluded,
-        digest_size=digest_size,
-        confirmed_at=utcnow(),
-    )
-    session.add(subscriber)
-    session.flush()
-    return subscriber
-
-
-def deliver_due(runtime: Runtime, now: dt.datetime) -> int:
-    """The hourly beat task, run in this process at ``now`` with delivery right away."""
-    with time_machine.travel(now, tick=False):
-        return schedule.dispatch_due(runtime, now, pipeline.InProcess(runtime))
-
-
-def text_part(message: EmailMessage) -> str:
-    part = message.get_body(("plain",))
-    assert part is not None
-    return str(part.get_content())
-
-
-def html_part(message: EmailMessage) -> str:
-    part = message.get_body(("html",))
-    assert part is not None
-    return str(part.get_content())
-
-
-def papers_in_text(message: EmailMessage) -> list[tuple[str, str]]:
-    """(paper id, "Matches: ..." line or "") in the order of the text part."""
-    pieces = re.split(r"Paper:\s+https://huggingface\.co/papers/(\S+)", text_part(message))
-    found = []
-    for block, paper_id in zip(pieces[0::2], pieces[1::2], strict=False):
-        match = re.search(r"Matches: ([^\n]+)", block)
-        found.append((paper_id, match.group(1).strip() if match else ""))
-    return found
-
-
-def papers_in_html(message: EmailMessage) -> list[tuple[str, str]]:
-    """(paper id, "Matches: ..." text or "") in the order of the HTML part."""
-    pieces = re.split(r'href="https://huggingface\.co/papers/([^"]+)"', html_part(message))
-    found = []
-    for paper_id, block in zip(pieces[1::2], pieces[2::2], strict=True):
-        match = re.search(r"Matches: ([^<]+)<", block)
-        found.append((paper_id, match.group(1).strip() if match else ""))
-    return found
 
 
 def recorded(day: dt.date) -> list[dict[str, object]]:

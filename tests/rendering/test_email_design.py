@@ -21,9 +21,9 @@ from digest.orchestration.runtime import Runtime
 from digest.rendering.emails import EmailRenderer
 from digest.subscribers.subscriptions import add_confirmed
 from digest.transport.dkim import DkimConfigError, DkimSigner, relaxed_body
-from tests.conftest import make_settings
 from tests.support.emails import digest_bytes, html_of, parse, strip_style_blocks
 from tests.support.servers import PapersAPI, SMTPSink
+from tests.support.settings import make_settings
 
 GMAIL_CLIP_BYTES = 102 * 1024
 

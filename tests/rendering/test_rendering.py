@@ -26,7 +26,6 @@ from digest.rendering.emails import (
 )
 from digest.rendering.links import Links
 from digest.rendering.tokens import Tokens
-from tests.conftest import TEST_SECRET
 from tests.support.emails import (
     BASE,
     DAY,
@@ -39,6 +38,7 @@ from tests.support.emails import (
     sample_papers,
     text_of,
 )
+from tests.support.settings import TEST_SECRET
 
 GOLDEN = Path(__file__).parent / "golden" / "digest-2026-04-16.eml"
 URL = re.compile(r"https?://\S+|mailto:\S+")

@@ -22,9 +22,9 @@ from digest.ranking.ranker import Candidate, Ranker
 from digest.subscribers import feedback
 from digest.subscribers.subscriptions import add_confirmed
 from digest.web.app import create_app
-from tests.conftest import make_settings
 from tests.e2e.test_teaching import papers_of, text_part
 from tests.support.servers import PapersAPI, SMTPSink, free_port
+from tests.support.settings import make_settings
 from tests.web.live import server_thread
 
 DAY1, DAY2 = dt.date(2024, 10, 25), dt.date(2026, 4, 16)

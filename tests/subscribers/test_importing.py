@@ -19,8 +19,8 @@ from digest.core.settings import Settings
 from digest.orchestration.runtime import Runtime
 from digest.rendering.tokens import Tokens
 from digest.subscribers import importing, subscriptions
-from tests.conftest import TEST_SECRET
-from tests.web.conftest import snapshot, subscriber
+from tests.support.rows import snapshot, subscriber
+from tests.support.settings import TEST_SECRET
 from tests.web.test_cli_subscribers import digest
 
 FULL = (

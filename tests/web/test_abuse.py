@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from digest.core.settings import Settings
 from digest.orchestration.runtime import Runtime
 from digest.web.app import create_app
+from tests.support.rows import snapshot
 from tests.support.servers import SMTPSink
-from tests.web.conftest import snapshot
 
 
 @pytest.mark.parametrize(
@@ -82,8 +82,8 @@ def test_oversized_body_streamed_without_length(client: TestClient, runtime: Run
     assert snapshot(runtime) == [] and smtp.messages == []
 
 
+@pytest.mark.settings(rate_limit_subscribe_per_ip="3/hour")
 def test_subscribe_rate_limit_per_ip(runtime: Runtime, smtp: SMTPSink) -> None:
-    runtime.settings.rate_limit_subscribe_per_ip = "3/hour"
     client = TestClient(create_app(runtime))
     codes = [client.post("/subscribe", data={"email": f"p{i}@example.org"}).status_code for i in range(3)]
     assert codes == [200, 200, 200]
@@ -99,11 +99,10 @@ def test_subscribe_rate_limit_per_ip(runtime: Runtime, smtp: SMTPSink) -> None:
     assert len(smtp.messages) == 3
 
 
+@pytest.mark.settings(rate_limit_subscribe_per_ip="1000/hour", confirmation_limit_per_source="1000/hour")
 def test_plus_address_variants_put_at_most_two_confirmations_in_one_mailbox(runtime: Runtime, smtp: SMTPSink) -> None:
     """50 sub-address variants of one mailbox, each new to us: the same answer every time, and
     the mailbox gets what the per-mailbox limit allows (2 an hour), not 50."""
-    runtime.settings.rate_limit_subscribe_per_ip = "1000/hour"
-    runtime.settings.confirmation_limit_per_source = "1000/hour"
     client = TestClient(create_app(runtime))
     answers = {client.post("/subscribe", data={"email": f"Inbox+{n}@Victim.example"}).text for n in range(50)}
     assert len(answers) == 1 and "Check your inbox" in answers.pop()

@@ -22,9 +22,10 @@ from digest.core.models import SubscriberStatus, utcnow
 from digest.core.settings import Settings
 from digest.orchestration.runtime import Runtime
 from digest.subscribers import subscriptions
+from tests.support.inbox import link_in, path_of
 from tests.support.processes import BIN, Process, settings_env
+from tests.support.rows import subscriber
 from tests.support.servers import SMTPSink, free_port, port_open, wait_until
-from tests.web.conftest import link_in, path_of, subscriber
 from tests.web.live import serve_process
 
 pytestmark = pytest.mark.e2e

@@ -32,12 +32,12 @@ from digest.core.settings import Settings
 from digest.orchestration.runtime import Runtime
 from digest.subscribers import subscriptions
 from digest.web.app import create_app
-from tests.conftest import make_settings
 from tests.mailin import messages
-from tests.mailin.conftest import INBOUND
+from tests.support.inbox import link_in, path_of
+from tests.support.mailin import INBOUND
 from tests.support.processes import BIN, Process, settings_env
 from tests.support.servers import PapersAPI, SMTPSink, free_port, port_open, wait_until
-from tests.web.conftest import link_in, path_of
+from tests.support.settings import make_settings
 from tests.web.test_health import TOKEN, live_app
 
 OPERATOR = "ops@example.org"

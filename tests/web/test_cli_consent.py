@@ -16,7 +16,7 @@ from digest.core.models import SubscriberStatus, utcnow
 from digest.core.settings import Settings
 from digest.orchestration.runtime import Runtime
 from digest.subscribers import subscriptions
-from tests.web.conftest import subscriber
+from tests.support.rows import subscriber
 from tests.web.test_cli_subscribers import digest
 
 OPTED_OUT = {

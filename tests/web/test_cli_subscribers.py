@@ -12,7 +12,7 @@ from digest.core.settings import Settings
 from digest.orchestration.runtime import Runtime
 from digest.subscribers.importing import EXPORT_COLUMNS
 from tests.support.processes import settings_env
-from tests.web.conftest import subscriber
+from tests.support.rows import subscriber
 
 
 def digest(settings: Settings, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -19,8 +19,8 @@ from digest.orchestration.pipeline import run_inprocess
 from digest.orchestration.runtime import Runtime
 from digest.subscribers.subscriptions import add_confirmed, subscribe
 from digest.web.app import create_app
-from tests.conftest import make_settings
 from tests.support.servers import PapersAPI, SMTPSink, free_port, load_recorded
+from tests.support.settings import make_settings
 from tests.web.live import server_thread
 
 TOKEN = "metrics-token-0123456789"

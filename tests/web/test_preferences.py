@@ -12,8 +12,8 @@ from digest.core.db import transaction
 from digest.core.models import Frequency, utcnow
 from digest.orchestration.runtime import Runtime
 from digest.subscribers import subscriptions
+from tests.support.rows import snapshot, subscriber
 from tests.support.servers import SMTPSink
-from tests.web.conftest import snapshot, subscriber
 
 
 def prefs_path(runtime: Runtime, email: str) -> str:

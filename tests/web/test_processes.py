@@ -7,8 +7,8 @@ from pathlib import Path
 import httpx
 
 from digest.core.settings import Settings
+from tests.support.rows import snapshot
 from tests.support.servers import SMTPSink
-from tests.web.conftest import snapshot
 from tests.web.live import serve_process
 
 

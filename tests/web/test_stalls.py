@@ -27,9 +27,9 @@ from digest.papers.source import load_sample, parse_items, store_papers
 from digest.subscribers import subscriptions
 from digest.web.app import create_app
 from digest.web.ratelimit import TOKEN_LIMITS
-from tests.conftest import make_settings
+from tests.support.rows import snapshot
 from tests.support.servers import PapersAPI, SMTPSink
-from tests.web.conftest import snapshot
+from tests.support.settings import make_settings
 from tests.web.live import serve_process
 
 SAMPLE_DAY = dt.date(2024, 10, 25)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
 import time_machine
 from fastapi.testclient import TestClient
 
@@ -11,8 +12,9 @@ from digest.core.db import transaction
 from digest.core.models import SubscriberStatus, utcnow
 from digest.orchestration.runtime import Runtime
 from digest.subscribers import subscriptions
+from tests.support.inbox import link_in, only_mail_to, path_of
+from tests.support.rows import snapshot, subscriber
 from tests.support.servers import SMTPSink
-from tests.web.conftest import link_in, only_mail_to, path_of, snapshot, subscriber
 
 
 def test_front_page_shows_form_and_latest_papers(client: TestClient, runtime: Runtime, papers_api: object) -> None:
@@ -148,10 +150,10 @@ def test_expired_link_offers_a_new_one(client: TestClient, runtime: Runtime, smt
     assert subscriber(runtime, "late@example.org").status is SubscriberStatus.ACTIVE  # type: ignore[union-attr]
 
 
+@pytest.mark.settings(rate_limit_subscribe_per_ip="2/hour")
 def test_resend_is_rate_limited(runtime: Runtime, smtp: SMTPSink) -> None:
     from digest.web.app import create_app
 
-    runtime.settings.rate_limit_subscribe_per_ip = "2/hour"
     client = TestClient(create_app(runtime))
     codes = [client.post("/confirm/resend", data={"token": "x.y.z"}).status_code for _ in range(3)]
     assert codes == [400, 400, 429]

@@ -8,7 +8,7 @@ from digest.core.db import transaction
 from digest.core.models import SubscriberStatus, utcnow
 from digest.orchestration.runtime import Runtime
 from digest.subscribers import subscriptions
-from tests.web.conftest import snapshot, subscriber
+from tests.support.rows import snapshot, subscriber
 
 
 def active(runtime: Runtime, email: str) -> str:
