@@ -227,6 +227,14 @@ class _FastDataProtocol(SMTPProtocol):
             self.transport.close()
 
 
+def _loop_calls_protocol_methods_late() -> bool:
+    """Whether the running loop looks ``data_received`` up on the protocol at each call, as
+    asyncio's own transports do. uvloop binds it when the connection is made, before
+    ``_connect`` swaps the class in: the pipelined replies then went to aiosmtplib's reader,
+    which drops all but one, and every send timed out (seen in bench/delivery.py)."""
+    return type(asyncio.get_running_loop()).__module__.startswith("asyncio.")
+
+
 class SendError(Exception):
     """A message was not accepted. ``permanent`` (5xx) must not be retried; the rest may.
 
@@ -366,6 +374,7 @@ class SMTPConnection:
             (sender + recipient).isascii()
             and isinstance(protocol, _FastDataProtocol)
             and client.supports_extension("pipelining")
+            and _loop_calls_protocol_methods_late()
         ):
             try:
                 return (await protocol.execute_pipelined(sender, recipient, data, at, client.timeout)).message
