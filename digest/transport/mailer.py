@@ -9,6 +9,7 @@ import contextlib
 import logging
 import re
 import ssl
+from collections import deque
 from dataclasses import dataclass
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -16,7 +17,13 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import aiosmtplib
-from aiosmtplib.protocol import SMTPProtocol, normalize_message_line_endings
+from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import (
+    COMMAND_INJECTION_REGEX,
+    MAX_RESPONSE_LENGTH,
+    SMTPProtocol,
+    normalize_message_line_endings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +58,30 @@ def data_payload(message: bytes) -> bytes:
     return message.replace(b"\r\n.", b"\r\n..") + b".\r\n"
 
 
+class _Stage:
+    """Which reply a transaction waits for: what a failure is about (``SendError.stage``) and
+    whether the message may be tried again on a fresh connection (only before DATA)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self) -> None:
+        self.name = "connect"
+
+
 class _FastDataProtocol(SMTPProtocol):
-    """aiosmtplib's protocol with ``data_payload`` in place of its per-message regexes."""
+    """aiosmtplib's protocol with ``data_payload`` in place of its per-message regexes, and a
+    pipelined MAIL/RCPT/DATA (RFC 2920) for servers that offer PIPELINING.
+
+    aiosmtplib reads one reply per command written: a reply arriving while the previous one
+    waits to be picked up is dropped, and a second reply in the same segment stays unparsed in
+    the buffer. So while a pipeline runs, ``data_received`` queues every complete reply here
+    instead. The class is assigned to an existing instance (``SMTPConnection._connect``), so
+    its state starts as class attributes.
+    """
+
+    _replies: deque[aiosmtplib.SMTPResponse] | None = None  # not None while a pipeline runs
+    _replies_ready: asyncio.Future[None] | None = None
+    _pipeline_error: BaseException | None = None
 
     async def execute_data_command(self, message: bytes, timeout: float | None = None) -> aiosmtplib.SMTPResponse:
         if self._command_lock is None:
@@ -71,6 +100,139 @@ class _FastDataProtocol(SMTPProtocol):
             if response.code != aiosmtplib.SMTPStatus.completed:
                 raise aiosmtplib.SMTPDataError(response.code, response.message)
         return response
+
+    def data_received(self, data: bytes) -> None:
+        replies = self._replies
+        if replies is None:
+            super().data_received(data)
+            return
+        self._buffer.extend(data)
+        try:
+            while (response := self._read_response_from_buffer()) is not None:
+                replies.append(response)
+        except aiosmtplib.SMTPResponseException as exc:  # a malformed line
+            self._wake(exc)
+            return
+        if len(self._buffer) > MAX_RESPONSE_LENGTH:
+            self._wake(aiosmtplib.SMTPResponseException(aiosmtplib.SMTPStatus.invalid_response, "Response too long"))
+        elif replies:
+            self._wake(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._replies is not None:
+            self._wake(aiosmtplib.SMTPServerDisconnected("Connection lost"))
+
+    def eof_received(self) -> bool:
+        if self._replies is not None:
+            self._wake(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return super().eof_received()
+
+    def _wake(self, error: BaseException | None) -> None:
+        if error is not None and self._pipeline_error is None:
+            self._pipeline_error = error
+        waiter = self._replies_ready
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _next_reply(self, timeout: float | None) -> aiosmtplib.SMTPResponse:
+        assert self._replies is not None
+        while not self._replies:
+            if self._pipeline_error is not None:
+                raise self._pipeline_error
+            self._replies_ready = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._replies_ready, timeout)
+            except TimeoutError as exc:
+                raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
+            finally:
+                self._replies_ready = None
+        return self._replies.popleft()
+
+    async def execute_pipelined(
+        self, sender: str, recipient: str, message: bytes, stage: _Stage, timeout: float | None = None
+    ) -> aiosmtplib.SMTPResponse:
+        """MAIL FROM, RCPT TO and DATA in one write, then their three replies, then the payload.
+
+        Raises what aiosmtplib's ``mail``, ``rcpt`` and ``data`` raise for the same replies,
+        judged in the order of the commands: the first refusal decides, as it would have in
+        the sequence. ``stage`` names the reply being waited for.
+        """
+        mail = b"MAIL FROM:" + quote_address(sender).encode("ascii")
+        rcpt = b"RCPT TO:" + quote_address(recipient).encode("ascii")
+        for command in (mail, rcpt):
+            if COMMAND_INJECTION_REGEX.search(command):
+                raise ValueError("Command arg contains a prohibited control character")
+        if self._command_lock is None:
+            raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+        payload = data_payload(message)
+        async with self._command_lock:
+            self._replies, self._pipeline_error = deque(), None
+            try:
+                stage.name = "mail"
+                self.write(mail + b"\r\n" + rcpt + b"\r\nDATA\r\n")
+                mail_reply = await self._next_reply(timeout)
+                refusal: aiosmtplib.SMTPResponseException | None = None
+                if mail_reply.code != aiosmtplib.SMTPStatus.completed:
+                    refusal = aiosmtplib.SMTPSenderRefused(mail_reply.code, mail_reply.message, sender)
+                    if mail_reply.code == aiosmtplib.SMTPStatus.domain_unavailable:
+                        raise refusal  # 421: the server closes; the other replies may never come
+                else:
+                    stage.name = "rcpt"
+                rcpt_reply = await self._later_reply(timeout, refusal)
+                if refusal is None:
+                    if rcpt_reply.code not in (aiosmtplib.SMTPStatus.completed, aiosmtplib.SMTPStatus.will_forward):
+                        refusal = aiosmtplib.SMTPRecipientRefused(rcpt_reply.code, rcpt_reply.message, recipient)
+                        if rcpt_reply.code == aiosmtplib.SMTPStatus.domain_unavailable:
+                            raise refusal
+                    else:
+                        stage.name = "data"
+                data_reply = await self._later_reply(timeout, refusal)
+                if refusal is None and data_reply.code != aiosmtplib.SMTPStatus.start_input:
+                    refusal = aiosmtplib.SMTPDataError(data_reply.code, data_reply.message)
+                if refusal is not None:
+                    if data_reply.code == aiosmtplib.SMTPStatus.start_input:
+                        # A server that answers DATA with 354 after refusing MAIL or RCPT now
+                        # waits for a message. Closing drops that transaction; the lone "."
+                        # RFC 2920 allows could deliver an empty message.
+                        self._close_transport()
+                    raise refusal
+                self.write(payload)
+                response = await self._next_reply(timeout)
+                if response.code != aiosmtplib.SMTPStatus.completed:
+                    raise aiosmtplib.SMTPDataError(response.code, response.message)
+                if self._replies or self._buffer:
+                    # More replies than commands: nothing later could be paired with its command.
+                    self._close_transport()
+                return response
+            finally:
+                self._replies = None
+                self._pipeline_error = None
+
+    async def _later_reply(
+        self, timeout: float | None, refusal: aiosmtplib.SMTPResponseException | None
+    ) -> aiosmtplib.SMTPResponse:
+        """The next reply; after an earlier refusal, a connection that fails now ends with that
+        refusal, as the sequence would have (it stopped there and never waited for this)."""
+        try:
+            return await self._next_reply(timeout)
+        except aiosmtplib.SMTPException:
+            if refusal is None:
+                raise
+            self._close_transport()
+            raise refusal from None
+
+    def _close_transport(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _loop_calls_protocol_methods_late() -> bool:
+    """Whether the running loop looks ``data_received`` up on the protocol at each call, as
+    asyncio's own transports do. uvloop binds it when the connection is made, before
+    ``_connect`` swaps the class in: the pipelined replies then went to aiosmtplib's reader,
+    which drops all but one, and every send timed out (seen in bench/delivery.py)."""
+    return type(asyncio.get_running_loop()).__module__.startswith("asyncio.")
 
 
 class SendError(Exception):
@@ -158,22 +320,13 @@ class SMTPConnection:
         # have the message, so a failure there goes back to the caller (the ledger's backoff)
         # rather than straight into a second copy.
         for fresh in (False, True):
-            stage = "connect"
+            at = _Stage()
             try:
                 client = self._client if (self._client and self._client.is_connected) else None
                 if client is None:
                     client = await self._connect()
                     fresh = True
-                # MAIL, RCPT and DATA directly: one recipient per message, and sendmail() would
-                # parse both addresses again for every message (addresses were validated at
-                # subscribe time).
-                options = [] if (sender + recipient).isascii() else ["SMTPUTF8"]
-                stage = "mail"
-                await client.mail(sender, options=options)
-                stage = "rcpt"
-                await client.rcpt(recipient)
-                stage = "data"
-                message = (await client.data(data)).message
+                message = await self._transaction(client, sender, recipient, data, at)
             except aiosmtplib.SMTPRecipientRefused as exc:
                 await self._reset()
                 raise SendError(
@@ -182,12 +335,12 @@ class SMTPConnection:
             except aiosmtplib.SMTPResponseException as exc:
                 if exc.code == 421 or isinstance(exc, aiosmtplib.SMTPServerDisconnected):
                     await self.close()
-                    if not fresh and stage == "mail":
+                    if not fresh and at.name == "mail":
                         continue
                 else:
                     await self._reset()
                 raise SendError(
-                    _reply(exc.code, exc.message), permanent=exc.code >= 500, code=exc.code, stage=stage
+                    _reply(exc.code, exc.message), permanent=exc.code >= 500, code=exc.code, stage=at.name
                 ) from exc
             except (
                 TimeoutError,
@@ -197,16 +350,47 @@ class SMTPConnection:
                 OSError,
             ) as exc:
                 await self.close()
-                if not fresh and stage == "mail":
+                if not fresh and at.name == "mail":
                     continue
                 raise SendError(
-                    f"connection problem: {type(exc).__name__}: {exc}", permanent=False, stage=stage
+                    f"connection problem: {type(exc).__name__}: {exc}", permanent=False, stage=at.name
                 ) from exc
             except aiosmtplib.SMTPException as exc:
                 await self.close()
-                raise SendError(f"SMTP error: {exc}", permanent=False, stage=stage) from exc
+                raise SendError(f"SMTP error: {exc}", permanent=False, stage=at.name) from exc
             return message or "250 OK"
         raise AssertionError("unreachable")
+
+    async def _transaction(self, client: aiosmtplib.SMTP, sender: str, recipient: str, data: bytes, at: _Stage) -> str:
+        """One message: MAIL, RCPT and DATA directly (one recipient per message, and sendmail()
+        would parse both addresses again for every message; they were validated at subscribe
+        time), pipelined when the server offers it: one write and one wait for the three
+        replies instead of three round trips."""
+        at.name = "mail"
+        # EHLO (HELO if refused) as mail() would do it, before choosing: the reply lists PIPELINING.
+        await client._ehlo_or_helo_if_needed()
+        protocol = client.protocol
+        if (
+            (sender + recipient).isascii()
+            and isinstance(protocol, _FastDataProtocol)
+            and client.supports_extension("pipelining")
+            and _loop_calls_protocol_methods_late()
+        ):
+            try:
+                return (await protocol.execute_pipelined(sender, recipient, data, at, client.timeout)).message
+            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+                client.close()  # as aiosmtplib does: a reply given up on would be mispaired
+                raise
+            except aiosmtplib.SMTPResponseException as exc:
+                if exc.code == aiosmtplib.SMTPStatus.domain_unavailable:
+                    client.close()
+                raise
+        options = [] if (sender + recipient).isascii() else ["SMTPUTF8"]
+        await client.mail(sender, options=options)
+        at.name = "rcpt"
+        await client.rcpt(recipient)
+        at.name = "data"
+        return (await client.data(data)).message
 
     async def _reset(self) -> None:
         if self._client is not None and self._client.is_connected:

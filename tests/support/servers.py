@@ -210,11 +210,23 @@ class SMTPBehaviour:
     delay: float = 0.0  # seconds to wait before accepting each message
     hold: threading.Event | None = None  # while set and not released, DATA waits for it
     holding: threading.Event = field(default_factory=threading.Event)  # set once DATA waits on hold
+    # Offer PIPELINING (RFC 2920) in the EHLO reply, as Postfix does; aiosmtpd reads pipelined
+    # commands correctly but does not list the extension itself.
+    pipelining: bool = True
 
 
 class _Handler:
     def __init__(self, sink: SMTPSink):
         self.sink = sink
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if not self.sink.behaviour.pipelining:
+            return responses
+        # The last line is the "250 " one; the extension goes before it.
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from digest.transport.mailer import SMTPConfig, SMTPConnection, data_payload
+from digest.transport.mailer import SendError, SMTPConfig, SMTPConnection, data_payload
 from tests.support.servers import SMTPSink
 
 
@@ -56,3 +57,96 @@ def test_lines_starting_with_a_period_arrive_intact(smtp: SMTPSink) -> None:
         "a lone period line follows",
         ".",
     ]
+
+
+class _Writes:
+    """Records what the client writes on an open connection (one entry per transport write)."""
+
+    def __init__(self, connection: SMTPConnection):
+        assert connection._client is not None and connection._client.protocol is not None
+        transport = connection._client.protocol.transport
+        assert isinstance(transport, asyncio.WriteTransport)
+        self.seen: list[bytes] = []
+        original = transport.write
+
+        def write(data: bytes | bytearray | memoryview) -> None:
+            self.seen.append(bytes(data))
+            original(data)
+
+        transport.write = write  # type: ignore[method-assign]
+
+    def commands(self) -> list[bytes]:
+        return [w for w in self.seen if not w.startswith(b"Subject")]
+
+
+BODY = b"Subject: hi\r\n\r\nhello\r\n"
+
+
+def _send_all(smtp: SMTPSink, recipients: list[str]) -> tuple[list[str | SendError], list[bytes]]:
+    """Send one message to each recipient over one connection, in order; the first opens it."""
+
+    async def go() -> tuple[list[str | SendError], list[bytes]]:
+        connection = SMTPConnection(SMTPConfig("127.0.0.1", smtp.port))
+        outcomes: list[str | SendError] = []
+        try:
+            outcomes.append(await connection.send("digest@example.org", "first@example.net", BODY))
+            writes = _Writes(connection)
+            for recipient in recipients:
+                try:
+                    outcomes.append(await connection.send("digest@example.org", recipient, BODY))
+                except SendError as exc:
+                    outcomes.append(exc)
+            return outcomes, writes.commands()
+        finally:
+            await connection.close()
+
+    return asyncio.run(go())
+
+
+def test_mail_rcpt_and_data_go_in_one_write_when_the_server_offers_pipelining(smtp: SMTPSink) -> None:
+    outcomes, writes = _send_all(smtp, ["second@example.net"])
+    assert all(isinstance(o, str) and "queued" in o for o in outcomes)
+    assert writes == [b"MAIL FROM:<digest@example.org>\r\nRCPT TO:<second@example.net>\r\nDATA\r\n"]
+    assert [m.rcpt_tos for m in smtp.wait_for(2)] == [["first@example.net"], ["second@example.net"]]
+
+
+def test_without_pipelining_the_commands_go_one_at_a_time(smtp: SMTPSink) -> None:
+    smtp.behaviour.pipelining = False
+    outcomes, writes = _send_all(smtp, ["second@example.net"])
+    assert all(isinstance(o, str) and "queued" in o for o in outcomes)
+    assert writes == [b"MAIL FROM:<digest@example.org>\r\n", b"RCPT TO:<second@example.net>\r\n", b"DATA\r\n"]
+    assert len(smtp.wait_for(2)) == 2
+
+
+def test_a_recipient_refused_mid_pipeline_is_a_bounce_and_the_session_stays_in_step(smtp: SMTPSink) -> None:
+    smtp.behaviour.refuse = {"gone@example.net": "550 5.1.1 no such user", "full@example.net": "452 4.2.2 full"}
+    outcomes, _ = _send_all(smtp, ["gone@example.net", "full@example.net", "after@example.net"])
+    _, gone, full, after = outcomes
+    assert isinstance(gone, SendError) and (gone.stage, gone.code, gone.permanent) == ("rcpt", 550, True)
+    assert gone.about_recipient and gone.reason == "550 5.1.1 no such user"
+    assert isinstance(full, SendError) and (full.stage, full.code, full.permanent) == ("rcpt", 452, False)
+    # The refused transactions' DATA replies were read: the next message pairs with its replies.
+    assert isinstance(after, str) and "queued" in after
+    assert [m.rcpt_tos for m in smtp.wait_for(2)] == [["first@example.net"], ["after@example.net"]]
+
+
+def test_a_refused_sender_and_a_refused_message_keep_their_stage(smtp: SMTPSink) -> None:
+    async def go() -> tuple[SendError, SendError, str]:
+        connection = SMTPConnection(SMTPConfig("127.0.0.1", smtp.port))
+        try:
+            smtp.behaviour.mail_reply = "530 5.7.0 authentication required"
+            with pytest.raises(SendError) as mail:
+                await connection.send("digest@example.org", "a@example.net", BODY)
+            smtp.behaviour.mail_reply = None
+            smtp.behaviour.temp_fail_data = 1
+            with pytest.raises(SendError) as data:
+                await connection.send("digest@example.org", "b@example.net", BODY)
+            return mail.value, data.value, await connection.send("digest@example.org", "c@example.net", BODY)
+        finally:
+            await connection.close()
+
+    mail, data, last = asyncio.run(go())
+    assert (mail.stage, mail.code, mail.permanent, mail.about_recipient) == ("mail", 530, True, False)
+    assert (data.stage, data.code, data.permanent) == ("data", 451, False)
+    assert "queued" in last
+    assert [m.rcpt_tos for m in smtp.wait_for(1)] == [["c@example.net"]]
