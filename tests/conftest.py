@@ -14,8 +14,10 @@ from digest.core import db
 from digest.core.models import Base
 from digest.core.settings import Settings
 from digest.orchestration.runtime import Runtime
-from tests.support.servers import PapersAPI, Postgres, Redis, SMTPSink
+from digest.web.app import create_app
+from tests.support.servers import PapersAPI, Postgres, Redis, SMTPSink, free_port
 from tests.support.settings import make_settings
+from tests.web.live import server_thread
 
 
 @pytest.fixture(scope="session")
@@ -110,3 +112,13 @@ def runtime(settings: Settings) -> Iterator[Runtime]:
 def session(runtime: Runtime) -> Iterator[Session]:
     with runtime.session_factory() as s:
         yield s
+
+
+@pytest.fixture
+def site(database: str, smtp: SMTPSink, papers_api: PapersAPI) -> Iterator[tuple[Runtime, str]]:
+    """The web app served on a real port, its links pointing there: (runtime, base URL)."""
+    port = free_port()
+    runtime = Runtime(make_settings(database, smtp, papers_api, base_url=f"http://127.0.0.1:{port}"))
+    with server_thread(create_app(runtime), port) as base:
+        yield runtime, base
+    runtime.dispose()

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterator
-from email.message import EmailMessage
 
 import httpx
 import numpy as np
@@ -20,51 +18,14 @@ from digest.orchestration.pipeline import run_inprocess
 from digest.orchestration.runtime import Runtime
 from digest.papers.embedding import from_blob
 from digest.subscribers.subscriptions import add_confirmed
-from digest.web.app import create_app
-from tests.support.servers import PapersAPI, SMTPSink, free_port
-from tests.support.settings import make_settings
-from tests.web.live import server_thread
+from tests.support.inbox import html_part, papers_of, text_part
+from tests.support.servers import SMTPSink
 
 pytestmark = pytest.mark.e2e
 
 DAY1, DAY2 = dt.date(2024, 10, 25), dt.date(2026, 4, 16)
 MARKED = "2410.18252"  # "Asynchronous RLHF: Faster and More Efficient Off-Policy RL for Language Models"
 TOPICS = "language models"
-
-
-@pytest.fixture
-def site(database: str, smtp: SMTPSink, papers_api: PapersAPI) -> Iterator[tuple[Runtime, str]]:
-    port = free_port()
-    runtime = Runtime(make_settings(database, smtp, papers_api, base_url=f"http://127.0.0.1:{port}"))
-    with server_thread(create_app(runtime), port) as base:
-        yield runtime, base
-    runtime.dispose()
-
-
-def text_part(message: EmailMessage) -> str:
-    part = message.get_body(("plain",))
-    assert part is not None
-    return str(part.get_content())
-
-
-def html_part(message: EmailMessage) -> str:
-    part = message.get_body(("html",))
-    assert part is not None
-    return str(part.get_content())
-
-
-def papers_of(message: EmailMessage) -> list[tuple[str, str, str, str]]:
-    """(paper id, More link, Less link, the item's text) per paper, in the text part's order."""
-    body = text_part(message).split("\n--\n")[0]
-    items = re.split(r"\n(?=\d+\. )", body)[1:]  # each item starts with its number and title
-    found = []
-    for item in items:
-        paper = re.search(r"Paper:\s+https://huggingface\.co/papers/(\S+)", item)
-        more = re.search(r"More like this: (\S+)", item)
-        less = re.search(r"Less like this: (\S+)", item)
-        assert paper and more and less, item
-        found.append((paper.group(1), more.group(1), less.group(1), " ".join(item.split())))
-    return found
 
 
 def marks(runtime: Runtime) -> int:

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterator
 
 import httpx
 import numpy as np
-import pytest
 from sqlalchemy import select
 
 from digest.core.db import transaction
@@ -21,11 +19,8 @@ from digest.ranking.profile import Profile
 from digest.ranking.ranker import Candidate, Ranker
 from digest.subscribers import feedback
 from digest.subscribers.subscriptions import add_confirmed
-from digest.web.app import create_app
-from tests.e2e.test_teaching import papers_of, text_part
-from tests.support.servers import PapersAPI, SMTPSink, free_port
-from tests.support.settings import make_settings
-from tests.web.live import server_thread
+from tests.support.inbox import papers_of, text_part
+from tests.support.servers import SMTPSink
 
 DAY1, DAY2 = dt.date(2024, 10, 25), dt.date(2026, 4, 16)
 
@@ -60,15 +55,6 @@ def test_paper_references_are_read_from_ids_and_links() -> None:
     )
     assert ids == ["2604.14148", "2410.18252", "2604.11626", "2410.18451", "cs/0112017"]
     assert bad == ["hello"]
-
-
-@pytest.fixture
-def site(database: str, smtp: SMTPSink, papers_api: PapersAPI) -> Iterator[tuple[Runtime, str]]:
-    port = free_port()
-    runtime = Runtime(make_settings(database, smtp, papers_api, base_url=f"http://127.0.0.1:{port}"))
-    with server_thread(create_app(runtime), port) as base:
-        yield runtime, base
-    runtime.dispose()
 
 
 def test_a_reader_without_topics_who_marked_three_papers_gets_a_matching_order(

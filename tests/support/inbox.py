@@ -63,3 +63,17 @@ def papers_in_html(message: EmailMessage) -> list[tuple[str, str]]:
         match = re.search(r"Matches: ([^<]+)<", block)
         found.append((paper_id, match.group(1).strip() if match else ""))
     return found
+
+
+def papers_of(message: EmailMessage) -> list[tuple[str, str, str, str]]:
+    """(paper id, More link, Less link, the item's text) per paper, in the text part's order."""
+    body = text_part(message).split("\n--\n")[0]
+    items = re.split(r"\n(?=\d+\. )", body)[1:]  # each item starts with its number and title
+    found = []
+    for item in items:
+        paper = re.search(r"Paper:\s+https://huggingface\.co/papers/(\S+)", item)
+        more = re.search(r"More like this: (\S+)", item)
+        less = re.search(r"Less like this: (\S+)", item)
+        assert paper and more and less, item
+        found.append((paper.group(1), more.group(1), less.group(1), " ".join(item.split())))
+    return found
