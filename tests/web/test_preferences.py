@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import re
 
+import pytest
 from fastapi.testclient import TestClient
 
 from digest.core.db import transaction
@@ -164,3 +165,24 @@ def test_time_zone_is_picked_from_a_list_with_the_readers_own_zone_selected(
     options = re.findall(r'<option value="([^"]+)"( selected)?>', select.group(1))
     assert {"Asia/Kolkata", "Asia/Kathmandu", "Pacific/Chatham", "UTC"} <= {value for value, _ in options}
     assert [value for value, selected in options if selected] == ["Asia/Kathmandu"]
+
+
+@pytest.mark.settings(confirmation_limit_per_source="2/hour")
+def test_the_data_link_says_when_the_networks_mail_budget_is_spent(
+    client: TestClient, runtime: Runtime, smtp: SMTPSink
+) -> None:
+    """Three readers behind one network ask for their data links: two are sent, the third
+    page says no mail went out and when to ask again, and nothing more arrives."""
+    pages = [prefs_path(runtime, f"reader{n}@example{n}.org") for n in range(3)]
+    for prefs in pages[:2]:
+        data_link(client, smtp, prefs)
+        smtp.messages.clear()
+    refused = client.post(f"{pages[2]}/data-link")
+    assert refused.status_code == 429
+    assert 0 < int(refused.headers["Retry-After"]) <= 3600
+    assert re.search(
+        r"Not sent: too many emails were asked for from your network\. Ask again after \d\d:\d\d UTC", refused.text
+    )
+    assert "We sent a link" not in refused.text
+    smtp.wait_for(1, timeout=1.5)  # the sends run after the answer: give a stray one time to show
+    assert smtp.messages == []
