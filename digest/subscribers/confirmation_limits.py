@@ -189,7 +189,7 @@ class ConfirmationLimits:
                 if not self._limiter.hit(item, namespace, name, keys[name]):
                     # The moving window frees a place when its oldest counted request expires.
                     reset = self._limiter.get_window_stats(item, namespace, name, keys[name]).reset_time
-                    at = dt.datetime.fromtimestamp((math.floor(reset) // 60 + 1) * 60, dt.UTC)
+                    at = retry_after(dt.datetime.fromtimestamp(reset, dt.UTC), dt.timedelta(0))
                     seconds = max(1, math.ceil(reset - dt.datetime.now(dt.UTC).timestamp()))
                     log.warning("did not send a requested email: the per-%s limit (%s) is reached", name, item)
                     raise RateLimited(seconds, NOT_SENT.format(at=at))
