@@ -3,24 +3,30 @@ and tokens that say nothing about how many people or deliveries there are."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
+import hmac
+import struct
 import time
 import unicodedata
 
 import feedparser
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from fastapi.testclient import TestClient
 from itsdangerous import URLSafeSerializer
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from digest.core.db import transaction
-from digest.core.models import Delivery, Paper, utcnow
+from digest.core.models import Delivery, Paper, PaperMark, utcnow
 from digest.mailin.classify import Kind, classify, config_from
 from digest.orchestration.pipeline import run_inprocess
 from digest.orchestration.runtime import Runtime
+from digest.papers.source import load_sample, parse_items, store_papers
 from digest.rendering.tokens import Purpose
-from digest.subscribers import subscriptions
+from digest.subscribers import feedback, subscriptions
 from digest.web.app import create_app
 from tests.support.servers import PapersAPI, SMTPSink
 
@@ -115,6 +121,52 @@ def test_tokens_and_addresses_carry_no_sequential_ids(runtime: Runtime, session:
     run_inprocess(runtime, DAY)
     for message_id, subscriber_id in session.execute(select(Delivery.message_id, Delivery.subscriber_id)).all():
         assert f".{subscriber_id}." not in message_id
+
+
+def old_feedback_token(secret: str, subscriber_id: int, stamp: int, paper_id: str) -> str:
+    """A More/Less token as digests sent before 2026-12-07 carry it: an HMAC per paper."""
+    block_key = hashlib.sha256(f"digest.id-block.{secret}".encode()).digest()[:16]
+    encryptor = Cipher(algorithms.AES(block_key), modes.ECB()).encryptor()
+    block = encryptor.update(struct.pack(">QQ", subscriber_id, stamp)) + encryptor.finalize()
+    key = hashlib.sha256(f"digest.feedback.{secret}".encode()).digest()
+    tag = hmac.digest(key, block + paper_id.encode(), "sha256")[:10]
+
+    def b32(data: bytes) -> str:
+        return base64.b32encode(data).decode().rstrip("=").lower()
+
+    return f"{b32(block)}.{paper_id}.{b32(tag)}"
+
+
+def test_more_like_this_links_of_digests_sent_before_still_mark_and_forged_ones_do_not(
+    runtime: Runtime, session: Session
+) -> None:
+    """Feedback tags are now keyed per reader (one HMAC a digest, not one a paper); a link in
+    an older digest must still teach, and no tag opens another reader's or paper's link."""
+    with transaction(runtime.session_factory) as s:
+        store_papers(s, parse_items(load_sample(DAY) or [], DAY))
+        reader = subscriptions.add_confirmed(s, runtime.tokens, "teacher@example.org", now=utcnow())
+        other = subscriptions.add_confirmed(s, runtime.tokens, "other@example.org", now=utcnow())
+        stamp, other_stamp = int(reader.created_at.timestamp()), int(other.created_at.timestamp())
+        first, second = s.scalars(select(Paper.id).order_by(Paper.id).limit(2)).all()
+        now_link = runtime.links.feedback(reader, second)[0]
+        reader_id, other_id = reader.id, other.id
+    old = old_feedback_token(runtime.settings.secret_key, reader_id, stamp, first)
+    assert old != now_link.rsplit("/", 2)[1]
+    client = TestClient(create_app(runtime))
+    assert client.post(f"/feedback/{old}/more").status_code == 200
+    assert client.post("/" + now_link.split("/", 3)[3]).status_code == 200
+    token = now_link.rsplit("/", 2)[1]
+    block, tag = token.split(".")[0], token.split(".")[-1]  # around the paper id
+    forged = [
+        f"{block}.{first}.{tag}",  # this reader's tag for the second paper, on the first
+        old_feedback_token("another-secret-key-0123456789abcdef01234", reader_id, stamp, first),
+        f"{old_feedback_token(runtime.settings.secret_key, other_id, other_stamp, first).split('.')[0]}.{second}.{tag}",
+    ]
+    for link in forged:
+        assert client.post(f"/feedback/{link}/less").status_code == 400, link
+    marks = session.execute(select(PaperMark.subscriber_id, PaperMark.paper_id, PaperMark.signal)).all()
+    assert sorted((sid, pid) for sid, pid, _ in marks) == [(reader_id, first), (reader_id, second)]
+    assert {signal for *_, signal in marks} == {feedback.MORE}
 
 
 def test_links_sent_before_the_ids_were_hidden_still_unsubscribe(runtime: Runtime) -> None:

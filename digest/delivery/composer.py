@@ -294,7 +294,7 @@ class DigestComposer:
             preferences_url=self.links.preferences(subscriber),
             view_url=self.links.digest_view(self.day),
             postal_address=self.postal_address,
-            feedback=tuple(self.links.feedback(subscriber, view.id) for view in views),
+            feedback=self.links.feedback_for(subscriber, [view.id for view in views]),
             sectioned=sections is not None,
             for_you=len(sections[0]) if sections else 0,
         )

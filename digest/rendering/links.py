@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 
 from digest.core.models import Subscriber
 from digest.rendering.tokens import Purpose, Tokens
@@ -43,8 +44,14 @@ class Links:
 
     def feedback(self, subscriber: Subscriber, paper_id: str) -> tuple[str, str]:
         """The paper's "More like this" and "Less like this" links for this reader."""
-        token = self.tokens.make_for(Purpose.FEEDBACK, subscriber.id, subscriber_stamp(subscriber), paper_id)
-        return f"{self.base_url}/feedback/{token}/more", f"{self.base_url}/feedback/{token}/less"
+        return self.feedback_for(subscriber, [paper_id])[0]
+
+    def feedback_for(self, subscriber: Subscriber, paper_ids: Iterable[str]) -> tuple[tuple[str, str], ...]:
+        """``feedback`` for each of a digest's papers, in their order."""
+        make, subscriber_id, stamp = self.tokens.make_for, subscriber.id, subscriber_stamp(subscriber)
+        prefix = self.base_url + "/feedback/"
+        tokens = [make(Purpose.FEEDBACK, subscriber_id, stamp, paper_id) for paper_id in paper_ids]
+        return tuple((f"{prefix}{token}/more", f"{prefix}{token}/less") for token in tokens)
 
     def digest_view(self, day: dt.date) -> str:
         return f"{self.base_url}/digests/{day.isoformat()}"
