@@ -124,7 +124,7 @@ def test_tokens_and_addresses_carry_no_sequential_ids(runtime: Runtime, session:
 
 
 def old_feedback_token(secret: str, subscriber_id: int, stamp: int, paper_id: str) -> str:
-    """A More/Less token as digests sent before 2026-12-07 carry it: an HMAC per paper."""
+    """A More/Less token as digests sent before the per-reader key carry it: an HMAC per paper."""
     block_key = hashlib.sha256(f"digest.id-block.{secret}".encode()).digest()[:16]
     encryptor = Cipher(algorithms.AES(block_key), modes.ECB()).encryptor()
     block = encryptor.update(struct.pack(">QQ", subscriber_id, stamp)) + encryptor.finalize()

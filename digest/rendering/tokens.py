@@ -246,7 +246,7 @@ class Tokens:
         object_id, stamp = self._open(block)
         if not hmac.compare_digest(tag, self._item_tag(purpose, object_id, stamp, item)) and not hmac.compare_digest(
             tag,
-            self._tag(purpose, block + item.encode()),  # the form sent before 2026-12-07
+            self._tag(purpose, block + item.encode()),  # the form digests carried before
         ):
             raise InvalidToken("This link is not valid.")
         return object_id, stamp, item
