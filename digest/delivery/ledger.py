@@ -39,7 +39,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from digest.core.db import count_per_day
 from digest.core.models import (
@@ -632,23 +632,29 @@ def entries(session: Session, delivery_ids: Sequence[int]) -> list[Entry]:
     """These deliveries (absent ids have no row), in id order."""
     if not delivery_ids:
         return []
-    rows = session.scalars(select(Delivery).where(Delivery.id.in_(delivery_ids)).order_by(Delivery.id))
-    return [_entry(row) for row in rows]
+    # The columns, not ORM objects: a page's 500 rows are read once and never changed through
+    # the session, and building mapped instances (identity map, state) cost more than the values.
+    rows = session.execute(select(*ENTRY_COLUMNS).where(Delivery.id.in_(delivery_ids)).order_by(Delivery.id))
+    return [Entry(*row) for row in rows]
+
+
+# In ``Entry``'s field order.
+ENTRY_COLUMNS: tuple[InstrumentedAttribute[Any], ...] = (
+    Delivery.id,
+    Delivery.digest_id,
+    Delivery.subscriber_id,
+    Delivery.recipient,
+    Delivery.message_id,
+    Delivery.paper_ids,
+    Delivery.reasons,
+    Delivery.created_at,
+    Delivery.not_after,
+    Delivery.attempts,
+)
 
 
 def _entry(row: Delivery) -> Entry:
-    return Entry(
-        id=row.id,
-        digest_id=row.digest_id,
-        subscriber_id=row.subscriber_id,
-        recipient=row.recipient,
-        message_id=row.message_id,
-        paper_ids=row.paper_ids,
-        reasons=row.reasons,
-        created_at=row.created_at,
-        not_after=row.not_after,
-        attempts=row.attempts,
-    )
+    return Entry(*(getattr(row, column.key) for column in ENTRY_COLUMNS))
 
 
 def set_recipients(session: Session, addresses: dict[int, str]) -> None:
