@@ -41,7 +41,7 @@ from digest.delivery.policy import DeliveryPolicy, is_bounce
 from digest.subscribers.consent import Actor
 from digest.subscribers.subscriptions import record_bounce
 from digest.transport.limiter import RateLimiter
-from digest.transport.mailer import Mailer, SendError
+from digest.transport.mailer import Mailer, SendError, run_sending
 
 log = logging.getLogger(__name__)
 
@@ -371,4 +371,4 @@ def run_batch(
                 total.note_retry(next_retry(session, composer.digest_id, subscriber_ids))
         return total
 
-    return asyncio.run(go())
+    return run_sending(go())

@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from digest.transport.mailer import SendError, SMTPConfig, SMTPConnection, data_payload
+from digest.transport.mailer import SendError, SMTPConfig, SMTPConnection, data_payload, run_sending
 from tests.support.servers import SMTPSink
+
+Run = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Run:
+    """Each behaviour on both event loops a batch may run on (``run_sending`` picks uvloop)."""
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop")
+        return run_sending
+    return asyncio.run
+
+
+def config(smtp: SMTPSink) -> SMTPConfig:
+    # A short timeout: a reply lost between the loop and the protocol fails the test in seconds.
+    return SMTPConfig("127.0.0.1", smtp.port, timeout=5)
 
 
 def aiosmtplib_payload(message: bytes) -> bytes:
@@ -23,7 +41,7 @@ def test_the_payload_is_byte_for_byte_what_aiosmtplib_would_send(parts: list[byt
     assert data_payload(message) == aiosmtplib_payload(message)
 
 
-def test_lines_starting_with_a_period_arrive_intact(smtp: SMTPSink) -> None:
+def test_lines_starting_with_a_period_arrive_intact(smtp: SMTPSink, run: Run) -> None:
     body = (
         b"Subject: dots\r\n\r\n"
         b".leading dot\r\n"
@@ -35,7 +53,7 @@ def test_lines_starting_with_a_period_arrive_intact(smtp: SMTPSink) -> None:
     )
 
     async def send() -> tuple[str, str]:
-        connection = SMTPConnection(SMTPConfig("127.0.0.1", smtp.port))
+        connection = SMTPConnection(config(smtp))
         try:
             reply = await connection.send("digest@example.org", "reader@example.net", body)
             assert connection._client is not None and connection._client.protocol is not None
@@ -43,8 +61,8 @@ def test_lines_starting_with_a_period_arrive_intact(smtp: SMTPSink) -> None:
         finally:
             await connection.close()
 
-    reply, protocol = asyncio.run(send())
-    # The fast path is in use with the installed aiosmtplib (it falls back silently otherwise).
+    reply, protocol = run(send())
+    # The fast (pipelined) path is in use with the installed aiosmtplib, on either loop.
     assert protocol == "_FastDataProtocol"
     assert "queued" in reply
     [received] = smtp.messages
@@ -82,25 +100,28 @@ class _Writes:
 BODY = b"Subject: hi\r\n\r\nhello\r\n"
 
 
-def _send_all(smtp: SMTPSink, recipients: list[str]) -> tuple[list[str | SendError], list[bytes]]:
-    """Send one message to each recipient over one connection, in order; the first opens it."""
+def _send_all(
+    smtp: SMTPSink, recipients: list[str], run: Run = asyncio.run
+) -> tuple[list[str | SendError], list[bytes]]:
+    """Send one message to each recipient over one connection, in order; the first opens it.
+    The writes are seen on asyncio's loop only (uvloop's transport methods are C)."""
 
     async def go() -> tuple[list[str | SendError], list[bytes]]:
-        connection = SMTPConnection(SMTPConfig("127.0.0.1", smtp.port))
+        connection = SMTPConnection(config(smtp))
         outcomes: list[str | SendError] = []
         try:
             outcomes.append(await connection.send("digest@example.org", "first@example.net", BODY))
-            writes = _Writes(connection)
+            writes = _Writes(connection) if run is asyncio.run else None
             for recipient in recipients:
                 try:
                     outcomes.append(await connection.send("digest@example.org", recipient, BODY))
                 except SendError as exc:
                     outcomes.append(exc)
-            return outcomes, writes.commands()
+            return outcomes, writes.commands() if writes else []
         finally:
             await connection.close()
 
-    return asyncio.run(go())
+    return run(go())
 
 
 def test_mail_rcpt_and_data_go_in_one_write_when_the_server_offers_pipelining(smtp: SMTPSink) -> None:
@@ -118,9 +139,9 @@ def test_without_pipelining_the_commands_go_one_at_a_time(smtp: SMTPSink) -> Non
     assert len(smtp.wait_for(2)) == 2
 
 
-def test_a_recipient_refused_mid_pipeline_is_a_bounce_and_the_session_stays_in_step(smtp: SMTPSink) -> None:
+def test_a_recipient_refused_mid_pipeline_is_a_bounce_and_the_session_stays_in_step(smtp: SMTPSink, run: Run) -> None:
     smtp.behaviour.refuse = {"gone@example.net": "550 5.1.1 no such user", "full@example.net": "452 4.2.2 full"}
-    outcomes, _ = _send_all(smtp, ["gone@example.net", "full@example.net", "after@example.net"])
+    outcomes, _ = _send_all(smtp, ["gone@example.net", "full@example.net", "after@example.net"], run)
     _, gone, full, after = outcomes
     assert isinstance(gone, SendError) and (gone.stage, gone.code, gone.permanent) == ("rcpt", 550, True)
     assert gone.about_recipient and gone.reason == "550 5.1.1 no such user"
@@ -130,9 +151,9 @@ def test_a_recipient_refused_mid_pipeline_is_a_bounce_and_the_session_stays_in_s
     assert [m.rcpt_tos for m in smtp.wait_for(2)] == [["first@example.net"], ["after@example.net"]]
 
 
-def test_a_refused_sender_and_a_refused_message_keep_their_stage(smtp: SMTPSink) -> None:
+def test_a_refused_sender_and_a_refused_message_keep_their_stage(smtp: SMTPSink, run: Run) -> None:
     async def go() -> tuple[SendError, SendError, str]:
-        connection = SMTPConnection(SMTPConfig("127.0.0.1", smtp.port))
+        connection = SMTPConnection(config(smtp))
         try:
             smtp.behaviour.mail_reply = "530 5.7.0 authentication required"
             with pytest.raises(SendError) as mail:
@@ -145,7 +166,7 @@ def test_a_refused_sender_and_a_refused_message_keep_their_stage(smtp: SMTPSink)
         finally:
             await connection.close()
 
-    mail, data, last = asyncio.run(go())
+    mail, data, last = run(go())
     assert (mail.stage, mail.code, mail.permanent, mail.about_recipient) == ("mail", 530, True, False)
     assert (data.stage, data.code, data.permanent) == ("data", 451, False)
     assert "queued" in last
