@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from digest import __version__
-from digest.core.text import for_terminal
+from digest.core.text import error_line, for_terminal
 
 if TYPE_CHECKING:
     from digest.operations.status import Probe
@@ -29,10 +29,6 @@ UPGRADE_HINT = "the database has no schema or an older one: run `digest db upgra
 # SQLSTATEs of PostgreSQL for a missing table or column: the schema is behind the code.
 UNMIGRATED_SQLSTATES = {"42P01", "42703"}
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-
-
-def one_line(exc: object) -> str:
-    return for_terminal(" ".join(str(exc).split())[:500])
 
 
 def say(line: str, *, err: bool = False) -> None:
@@ -60,9 +56,9 @@ def failure(exc: Exception) -> tuple[str, int]:
     from digest.core.errors import DigestError
 
     if isinstance(exc, DigestError):
-        return one_line(exc), 1
+        return error_line(exc), 1
     if _is(exc, "digest.transport.mailer", "SendError"):
-        return f"mail server: {one_line(exc)}", 1
+        return f"mail server: {error_line(exc)}", 1
     if _is(exc, "sqlalchemy.exc", "SQLAlchemyError"):
         reason = getattr(exc, "orig", None) or exc
         text = str(reason)
@@ -72,14 +68,14 @@ def failure(exc: Exception) -> tuple[str, int]:
             or "no such column" in text
         ):
             return UPGRADE_HINT, 1
-        return f"database: {one_line(reason)}", 1
+        return f"database: {error_line(exc)}", 1
     if _is(exc, "kombu.exceptions", "OperationalError") or _is(exc, "redis.exceptions", "RedisError"):
-        return f"Redis: {one_line(exc)}", 1
+        return f"Redis: {error_line(exc)}", 1
     if isinstance(exc, ValueError):  # settings validation and bad option values
-        return one_line(exc), 2
+        return error_line(exc), 2
     if isinstance(exc, OSError):  # SMTP, the papers API or the network
-        return f"{type(exc).__name__}: {one_line(exc)}", 1
-    return f"unexpected {type(exc).__name__}: {one_line(exc)} (`digest -v ...` logs the traceback)", 1
+        return f"{type(exc).__name__}: {error_line(exc)}", 1
+    return f"unexpected {type(exc).__name__}: {error_line(exc)} (`digest -v ...` logs the traceback)", 1
 
 
 class DigestGroup(click.Group):
@@ -330,7 +326,7 @@ def subscribers_add(
                 send_confirmation(runtime, subscriber, outcome.topics)
             except (SendError, OSError) as exc:
                 raise DigestError(
-                    f"{subscriber.email}: the confirmation could not be sent ({one_line(exc)}); nothing was"
+                    f"{subscriber.email}: the confirmation could not be sent ({error_line(exc)}); nothing was"
                     " stored: run the same command again once the mail server answers"
                     " (DIGEST_SMTP_HOST, DIGEST_SMTP_PORT)"
                 ) from exc
@@ -677,7 +673,7 @@ def probe_workers(redis_url: str | None, stale_after: float) -> Probe:
     try:
         age = heartbeat.heartbeat_age(client)
     except redis.RedisError as exc:
-        return Probe(redis_configured=True, redis_error=one_line(exc))
+        return Probe(redis_configured=True, redis_error=error_line(exc))
     finally:
         client.close()
     from workers.celery_app import app as celery_app

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from digest.core.db import transaction
 from digest.core.errors import DigestError
+from digest.core.text import error_line
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,6 @@ def broker_errors() -> tuple[type[BaseException], ...]:
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     return (RedisConnectionError, RedisTimeoutError, KombuOperationalError, ConnectionError, TimeoutError)
-
-
-def one_line(exc: BaseException) -> str:
-    reason = getattr(exc, "orig", None) or exc
-    return " ".join(str(reason).split())[:200] or type(exc).__name__
 
 
 class GaveUp(DigestError):
@@ -71,9 +67,9 @@ class Outages:
                     raise
                 if what not in self._waiting:
                     self._waiting.add(what)
-                    self.notify(f"waiting for {what}: {one_line(exc)}")
+                    self.notify(f"waiting for {what}: {error_line(exc, 200)}")
                 if self.clock() > deadline:
-                    raise GaveUp(f"{what} still unreachable after {limit:.0f} s: {one_line(exc)}") from exc
+                    raise GaveUp(f"{what} still unreachable after {limit:.0f} s: {error_line(exc, 200)}") from exc
                 time.sleep(self.interval)
                 continue
             if what in self._waiting:

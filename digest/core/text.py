@@ -37,6 +37,14 @@ def one_line(value: str) -> str:
     return " ".join(without_unsafe(value).split())
 
 
+def error_line(exc: BaseException, limit: int = 500) -> str:
+    """What went wrong, on one line for a log or a terminal: the driver's own error behind a
+    SQLAlchemy wrapper, whitespace runs as one space, at most ``limit`` characters, and the
+    exception's name when its message says nothing."""
+    reason = getattr(exc, "orig", None) or exc
+    return for_terminal(" ".join(str(reason).split())[:limit]) or type(exc).__name__
+
+
 def csv_cell(value: str) -> str:
     """A cell a spreadsheet shows as text, never runs as a formula (OWASP CSV injection rule)."""
     return "'" + value if value.startswith(FORMULA_START) else value
