@@ -15,7 +15,9 @@ from digest.core.models import Base
 from digest.core.settings import Settings
 from digest.orchestration.runtime import Runtime
 from digest.web.app import create_app
-from tests.support.servers import PapersAPI, Postgres, Redis, SMTPSink, free_port
+from tests.support.mailin import Listener
+from tests.support.processes import BIN, Process, settings_env
+from tests.support.servers import PapersAPI, Postgres, Redis, SMTPSink, free_port, port_open, wait_until
 from tests.support.settings import make_settings
 from tests.web.live import server_thread
 
@@ -122,3 +124,25 @@ def site(database: str, smtp: SMTPSink, papers_api: PapersAPI) -> Iterator[tuple
     with server_thread(create_app(runtime), port) as base:
         yield runtime, base
     runtime.dispose()
+
+
+@pytest.fixture
+def listener(settings: Settings, tmp_path: Path) -> Iterator[Listener]:
+    port = free_port()
+    env = settings_env(
+        settings,
+        DIGEST_MAILIN_HOST="127.0.0.1",
+        DIGEST_MAILIN_PORT=str(port),
+        DIGEST_MAILIN_MAX_BYTES=str(1024 * 1024),
+    )
+    # cwd: an empty folder, so no stray .env file is read.
+    process = Process([str(BIN / "digest"), "mailin"], env, tmp_path / "mailin.log", cwd=tmp_path).start()
+    listener = Listener(process, port)
+    try:
+        if not wait_until(lambda: port_open("127.0.0.1", port) or not process.running, timeout=30) or not (
+            process.running
+        ):
+            pytest.fail(f"digest mailin did not start:\n{listener.log()}")
+        yield listener
+    finally:
+        process.stop()

@@ -33,7 +33,6 @@ from digest.orchestration.runtime import Runtime
 from digest.rendering.tokens import Purpose
 from digest.subscribers import subscriptions
 from digest.subscribers.confirmation_limits import mailbox_of
-from tests.mailin import conftest as mailin_fixtures
 from tests.mailin import messages
 from tests.support.mailin import INBOUND, NEXT_DAY, Listener, add_active, digests_to, send_digest, snapshot, subscriber
 from tests.support.processes import run_cli, settings_env
@@ -43,7 +42,6 @@ from tests.web.live import serve_process
 
 pytestmark = pytest.mark.e2e
 
-listener = mailin_fixtures.listener  # the real `digest mailin` process, on this module's settings
 
 SUBSCRIBE = "papers+subscribe@digest.example.org"
 UNSUBSCRIBE = "papers+unsubscribe@digest.example.org"

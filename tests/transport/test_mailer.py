@@ -121,7 +121,8 @@ def _send_all(
         finally:
             await connection.close()
 
-    return run(go())
+    sent: tuple[list[str | SendError], list[bytes]] = run(go())
+    return sent
 
 
 def test_mail_rcpt_and_data_go_in_one_write_when_the_server_offers_pipelining(smtp: SMTPSink) -> None:
