@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from digest.ranking.explain import Explain, Likes, Order, Pick, SharedPicks
+from digest.ranking.explain import LIKE_REASON, Explain, Likes, Order, Pick, SharedPicks
 from digest.ranking.marks import Marks, taught_scores
 from digest.ranking.profile import Profile
 from digest.ranking.relevance import Meaning, TextIndex, TopicPart
@@ -168,10 +168,12 @@ class Ranker:
         ordered = by_id[np.argsort(np.where(allowed[:, by_id], -score[:, by_id], np.inf), axis=1, kind="stable")]
         kept = allowed.sum(axis=1).tolist()
         liking = marks.liking[:, 0].tolist()
-        cosines, nearest = marks.liked.tolist(), marks.nearest.tolist()
+        # Which liked paper each candidate's "Like: <title>" names, for the whole page at once
+        # (compared in float64, as the float32 cosines compare with LIKE_REASON in Python).
+        shown = np.where(marks.liked.astype(np.float64) >= LIKE_REASON, marks.nearest, -1).tolist()
         orders = []
         for k, (part, reader) in enumerate(zip(parts, readers, strict=True)):
-            likes = Likes(cosines[k], nearest[k], reader.liked_titles) if liking[k] else None
+            likes = Likes(shown[k], reader.liked_titles) if liking[k] else None
             explain = Explain(part.explain.terms, part.explain.senses, likes, follows[k])
             orders.append(Order(ordered[k, : kept[k]], self._ids, explain, self._picks))
         return orders
