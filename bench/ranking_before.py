@@ -63,9 +63,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         before = Path(tmp) / "before"
         before.mkdir()
-        archive = subprocess.run(
-            ["git", "archive", args.before, "digest", "bench"], cwd=ROOT, capture_output=True, check=True
-        )
+        # The package, its benches and, where the commit has them there, the migrations (the
+        # database module of later commits looks for them at import).
+        tree = subprocess.run(
+            ["git", "ls-tree", "--name-only", args.before], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
+        paths = ["digest", "bench", *(["alembic"] if "alembic" in tree else [])]
+        archive = subprocess.run(["git", "archive", args.before, *paths], cwd=ROOT, capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(before)], input=archive.stdout, check=True)
         results: dict[str, list[dict[str, float]]] = {"now": [], "before": []}
         for pair in range(1, args.pairs + 1):
