@@ -63,12 +63,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         before = Path(tmp) / "before"
         before.mkdir()
-        # The package, its benches and, where the commit has them there, the migrations (the
-        # database module of later commits looks for them at import).
+        # The package, its benches and, where the commit has them there, the migrations and the
+        # e-mail templates (later commits' database and rendering modules look for them at import).
         tree = subprocess.run(
             ["git", "ls-tree", "--name-only", args.before], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.split()
-        paths = ["digest", "bench", *(["alembic"] if "alembic" in tree else [])]
+        paths = ["digest", "bench", *(name for name in ("alembic", "email_templates") if name in tree)]
         archive = subprocess.run(["git", "archive", args.before, *paths], cwd=ROOT, capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(before)], input=archive.stdout, check=True)
         results: dict[str, list[dict[str, float]]] = {"now": [], "before": []}
