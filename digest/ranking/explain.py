@@ -39,11 +39,11 @@ SharedPicks = dict[tuple[int, tuple[str, ...], tuple[str, ...]], Pick]
 
 @dataclass(frozen=True)
 class Likes:
-    """Per candidate: its cosine with the nearest liked paper, which one, and their titles (as
-    Python lists: a pick's reasons look up single elements, which numpy makes slow)."""
+    """Per candidate: which liked paper "Like: <title>" names (the nearest, when its cosine is
+    LIKE_REASON or more; -1: none), and their titles (a Python list: a pick's reasons look up
+    single elements, which numpy makes slow)."""
 
-    cosine: list[float]
-    nearest: list[int]
+    shown: list[int]
     titles: tuple[str, ...]
 
 
@@ -66,8 +66,8 @@ class Explain:
         else:
             matches = tuple([topic for topic, found in terms if i in found]) if terms else ()
         why: tuple[str, ...] = ()
-        if self.likes is not None and self.likes.cosine[i] >= LIKE_REASON:
-            why = (f"Like: {self.likes.titles[self.likes.nearest[i]]}",)
+        if self.likes is not None and (liked := self.likes.shown[i]) >= 0:
+            why = (f"Like: {self.likes.titles[liked]}",)
         elif not matches and self.senses:
             topic, closest = "", -2.0  # the first of the closest topics, without a lambda per pick
             for sense, cosine in self.senses:

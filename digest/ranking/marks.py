@@ -60,24 +60,31 @@ class Marks:
         sizes = np.array([len(matrix) for matrix in rows])
         liked_counts = np.array([r.liked_count for r in readers]) * (sizes > 0)
         disliked_counts = sizes - liked_counts
-        # Each reader's liked and disliked papers as the rows of one array per side, padded with
-        # a cosine below any real one, so the nearest of each is one max (and argmax) for all.
-        padded = np.full(
-            (2, count, max(1, liked_counts.max(initial=0), disliked_counts.max(initial=0)), candidates),
-            _BELOW,
-            dtype=np.float32,
-        )
+        # The nearest liked and disliked paper of each reader: one max per run of rows (a
+        # reader's liked ones, then their disliked ones: contiguous in the product), "no paper"
+        # where a reader has none. Taken on the product itself: copying it into arrays padded
+        # to the most marks given cost more than the product (and max is exact either way).
+        closest = np.full((2, count, candidates), _BELOW, dtype=np.float32)
+        nearest = np.zeros((count, candidates), dtype=np.intp)
         if vectors is not None and sizes.any():
             stacked = np.vstack([matrix for matrix in rows if len(matrix)])
             with _blas().limit(limits=1, user_api="blas"):
                 sims = stacked @ vectors.T
+            starts = np.cumsum(sizes) - sizes
+            runs = np.stack([starts, starts + liked_counts])  # side x reader: where each run starts
+            lengths = np.stack([liked_counts, disliked_counts])
+            side, reader = np.nonzero(lengths)
+            begin = runs[side, reader]
+            by_start = np.argsort(begin, kind="stable")
+            closest[side[by_start], reader[by_start]] = np.maximum.reduceat(sims, begin[by_start], axis=0)
+            # Which liked paper is the nearest: the first one that reaches it (argmax's choice).
             owner = np.repeat(np.arange(count), sizes)
-            position = np.arange(len(stacked)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-            first_disliked = np.repeat(liked_counts, sizes)
-            side = position >= first_disliked
-            padded[side.astype(np.intp), owner, np.where(side, position - first_disliked, position)] = sims
-        nearest = padded[0].argmax(axis=1)
-        closest = padded.max(axis=2)
+            position = np.arange(len(stacked)) - np.repeat(starts, sizes)
+            liked_row = position < liked_counts[owner]
+            reached = (sims == closest[0, owner]) & liked_row[:, None]
+            first = np.where(reached, position[:, None], np.iinfo(np.intp).max)
+            liking = np.flatnonzero(liked_counts)
+            nearest[liking] = np.minimum.reduceat(first, starts[liking], axis=0)
         return cls(closest[0], nearest, closest[1], (liked_counts > 0)[:, None], (disliked_counts > 0)[:, None])
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from digest.ranking.explain import Explain, Likes, Order, Pick, SharedPicks
+from digest.ranking.explain import LIKE_REASON, Explain, Likes, Order, Pick, SharedPicks
 from digest.ranking.marks import Marks, taught_scores
 from digest.ranking.profile import Profile
 from digest.ranking.relevance import Meaning, TextIndex, TopicPart
@@ -71,7 +71,9 @@ class Ranker:
 
     def __post_init__(self) -> None:
         self._ids = [c.paper_id for c in self.candidates]
-        self._id_rank = np.argsort(np.argsort(np.array(self._ids)))  # ties are broken by arXiv id
+        # Ties are broken by arXiv id: candidates are sorted in id order first, then stably by
+        # score (one sort instead of lexsort's two, the same order).
+        self._by_id = np.argsort(np.array(self._ids), kind="stable")
         self._trend_values = np.array([c.trending for c in self.candidates], dtype=np.float64)
         self._everything = np.ones(len(self.candidates), dtype=bool)
         self._nothing = np.zeros(len(self.candidates), dtype=bool)
@@ -134,11 +136,12 @@ class Ranker:
             relevance = self.lexical_share * part.lexical + (1 - self.lexical_share) * part.dense
         # Papers that match a topic word for word come first (the reader asked for exactly that).
         score = part.start + self.relevance_weight * (relevance - part.trend)
+        by_id = self._by_id
         if part.every:
-            ordered = np.lexsort((self._id_rank, -score))
+            ordered = by_id[np.argsort(-score[by_id], kind="stable")]
         else:
-            indices = np.flatnonzero(part.allowed)
-            ordered = indices[np.lexsort((self._id_rank[indices], -score[indices]))]
+            allowed = part.allowed[by_id]
+            ordered = by_id[np.argsort(np.where(allowed, -score[by_id], np.inf), kind="stable")][: allowed.sum()]
         return Order(ordered, self._ids, part.explain, self._picks)
 
     def _taught(self, profiles: Sequence[Profile]) -> list[Order]:
@@ -161,13 +164,16 @@ class Ranker:
                 score[k, list(found)] += FOLLOW_BONUS  # followed authors and organisations first
         # Best first, ties by arXiv id, the excluded at the end (cut off): one sort for all.
         allowed = np.stack([p.allowed for p in parts])
-        ordered = np.lexsort((np.broadcast_to(self._id_rank, score.shape), np.where(allowed, -score, np.inf)))
+        by_id = self._by_id
+        ordered = by_id[np.argsort(np.where(allowed[:, by_id], -score[:, by_id], np.inf), axis=1, kind="stable")]
         kept = allowed.sum(axis=1).tolist()
         liking = marks.liking[:, 0].tolist()
-        cosines, nearest = marks.liked.tolist(), marks.nearest.tolist()
+        # Which liked paper each candidate's "Like: <title>" names, for the whole page at once
+        # (compared in float64, as the float32 cosines compare with LIKE_REASON in Python).
+        shown = np.where(marks.liked.astype(np.float64) >= LIKE_REASON, marks.nearest, -1).tolist()
         orders = []
         for k, (part, reader) in enumerate(zip(parts, readers, strict=True)):
-            likes = Likes(cosines[k], nearest[k], reader.liked_titles) if liking[k] else None
+            likes = Likes(shown[k], reader.liked_titles) if liking[k] else None
             explain = Explain(part.explain.terms, part.explain.senses, likes, follows[k])
             orders.append(Order(ordered[k, : kept[k]], self._ids, explain, self._picks))
         return orders
