@@ -336,7 +336,8 @@ def run_once(
         "sending_s": round((last_sent - first_sent).total_seconds(), 2),
         "send_phase_digests_per_s": round(sent / max(0.001, (last_sent - first_sent).total_seconds()), 1),
         "start_to_first_send_s": round((first_sent - planned).total_seconds(), 2),
-        # The dispatch task plans every page (sending starts on the first ones meanwhile).
+        # The dispatch task's own time: it finds the pages' bounds and queues one plan_page
+        # task each; the workers plan them between sends (see bench/README.md, Sharded planning).
         "planning_s": planning_seconds(worker.output()),
         "ledger_mb": round(ledger_bytes / 2**20, 1),
         "database_mb": round(database_bytes / 2**20, 1),
