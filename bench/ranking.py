@@ -114,21 +114,29 @@ def readers(count: int, vectors: np.ndarray, seed: int = 7) -> list[Reader | Non
     return found
 
 
-def main() -> None:
-    count = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+def workload(
+    count: int,
+) -> tuple[list[Candidate], list[tuple[str, str, set[str]]], np.ndarray, dict[str, np.ndarray], list[Reader | None]]:
+    """The edition, the subscribers, the papers' and topics' vectors and who taught it.
+
+    Vectors are computed at collection and when topics change, never while ranking: made here
+    once, outside the timings (their cost is bench/relevance.py's embedding figure).
+    """
     candidates = edition()
     people = subscribers(count, candidates)
-    distinct = len({Profile.from_text(t, e) for t, e, _ in people})
-
-    # Vectors are computed at collection and when topics change, never while ranking: made
-    # here once, outside the timings (their cost is bench/relevance.py's embedding figure).
     embedder = load_embedder()
     texts = {c.paper_id.removesuffix("-b"): c.text for c in candidates}
     by_id = dict(zip(texts, embedder.embed(list(texts.values())), strict=True))
     vectors = np.vstack([by_id[c.paper_id.removesuffix("-b")] for c in candidates])
     vocabulary = sorted({t for topics, _, _ in people for t in parse_terms(topics)})
     topic_vectors = dict(zip(vocabulary, embedder.embed(vocabulary), strict=True))
-    taught = readers(count, vectors)
+    return candidates, people, vectors, topic_vectors, readers(count, vectors)
+
+
+def main() -> None:
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+    candidates, people, vectors, topic_vectors, taught = workload(count)
+    distinct = len({Profile.from_text(t, e) for t, e, _ in people})
 
     def timed(ranker: Ranker, readers_of: list[Reader | None]) -> tuple[float, float, int]:
         """Wall and CPU seconds (the machine is shared: CPU time varies less), and picks."""

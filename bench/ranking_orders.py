@@ -20,11 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 
-from bench.ranking import PAGE, edition, readers, subscribers  # noqa: E402
-from digest.core.text import parse_terms  # noqa: E402
-from digest.papers.embedding import load_embedder  # noqa: E402
+from bench.ranking import PAGE, workload  # noqa: E402
 from digest.ranking.profile import Profile, Reader  # noqa: E402
 from digest.ranking.ranker import Ranker  # noqa: E402
 
@@ -32,15 +29,7 @@ Picks = list[tuple[str, tuple[str, ...], tuple[str, ...]]]
 
 
 def orders(count: int) -> dict[str, list[Picks]]:
-    candidates = edition()
-    people = subscribers(count, candidates)
-    embedder = load_embedder()
-    texts = {c.paper_id.removesuffix("-b"): c.text for c in candidates}
-    by_id = dict(zip(texts, embedder.embed(list(texts.values())), strict=True))
-    vectors = np.vstack([by_id[c.paper_id.removesuffix("-b")] for c in candidates])
-    vocabulary = sorted({t for topics, _, _ in people for t in parse_terms(topics)})
-    topic_vectors = dict(zip(vocabulary, embedder.embed(vocabulary), strict=True))
-    taught = readers(count, vectors)
+    candidates, people, vectors, topic_vectors, taught = workload(count)
     nobody: list[Reader | None] = [None] * count
 
     def run(ranker: Ranker, readers_of: list[Reader | None], by_page: bool) -> list[Picks]:
