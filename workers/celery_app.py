@@ -39,6 +39,9 @@ app.conf.update(
     # cancelled mid-send could leave accepted messages unrecorded, to be sent twice.
     worker_cancel_long_running_tasks_on_connection_loss=False,
     worker_hijack_root_logger=False,
+    # A pool process loads the embedding model before it says it is up (workers.tasks._warm):
+    # on a loaded machine that can take longer than Celery's 4 s default, which would kill it.
+    worker_proc_alive_timeout=60.0,
     # Celery's default scheduler plus a heartbeat in Redis (digest status --check, /metrics).
     beat_scheduler="workers.heartbeat:HeartbeatScheduler",
     beat_schedule={

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -26,8 +26,6 @@ from digest.core.db import transaction
 from digest.core.errors import DigestError, SendingPaused, UpstreamError
 from digest.core.models import Digest, DigestKind, Subscriber, utcnow
 from digest.core.outages import Outages, log_notify
-from digest.delivery.batch import BatchResult, run_batch
-from digest.delivery.composer import DigestComposer, build_digest
 from digest.delivery.ledger import (
     STATISTICS_CHECK_FIRST,
     closed_edition,
@@ -44,10 +42,17 @@ from digest.delivery.ledger import (
     unfinished_subscribers,
     unplanned_due,
 )
-from digest.delivery.planning import plan_deliveries
 from digest.delivery.reputation import check_sending
 from digest.orchestration.runtime import Runtime
-from digest.papers.source import PapersClient, load_sample, papers_of_day, parse_items, store_papers
+
+if TYPE_CHECKING:
+    from digest.delivery.batch import BatchResult
+    from digest.delivery.composer import DigestComposer
+    from digest.papers.source import PapersClient
+
+# The composer, the ranking and the sending code are imported where a step uses them: `digest
+# run` through the workers only watches the ledger, and its start-up should not load them
+# (workers.tasks imports them before its pool forks).
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,8 @@ def collect_day(
     allow_sample: bool = False,
 ) -> CollectResult:
     """Fetch every page of ``day`` first, then store: a failing upstream stores nothing half way."""
+    from digest.papers.source import load_sample
+
     note = ""
     try:
         items = client.fetch_day(day)
@@ -95,6 +102,9 @@ def store_day(
     session: Session, runtime: Runtime, day: dt.date, items: list[Any], source: str, note: str = ""
 ) -> CollectResult:
     """Parse (skipping malformed items), upsert, and (re)build the day's edition."""
+    from digest.delivery.composer import build_digest
+    from digest.papers.source import parse_items, store_papers
+
     records = parse_items(items, day)
     stored = store_papers(session, records, embed=runtime.embed_papers)
     digest = build_digest(session, day, runtime.weights, DigestKind.DAILY)
@@ -104,6 +114,8 @@ def store_day(
 def ensure_digest(
     session: Session, runtime: Runtime, day: dt.date, kind: DigestKind = DigestKind.DAILY
 ) -> Digest | None:
+    from digest.delivery.composer import build_digest
+
     digest = build_digest(session, day, runtime.weights, kind)
     return digest if digest is not None and digest.items else None
 
@@ -134,6 +146,8 @@ def plan_page(
     edition) key stops any race. All of the page's ids are returned, planned now or before, so
     a page whose send was lost with its worker is sent (a batch claims only what is open).
     """
+    from digest.delivery.planning import plan_deliveries
+
     if is_closed(session, digest_id):
         # Its rows are gone (compacted): planning would find everyone unserved.
         log.info("edition %d is closed (compacted): nothing planned", digest_id)
@@ -298,6 +312,8 @@ def sweep_open(runtime: Runtime, handout: Handout, *, now: dt.datetime) -> int:
 
 
 def composer_for(runtime: Runtime, session: Session, digest_id: int) -> DigestComposer:
+    from digest.delivery.composer import DigestComposer
+
     s = runtime.settings
     composer = DigestComposer.load(
         session,
@@ -345,6 +361,8 @@ def send_batch(
     notify: Callable[[str], None] = log_notify,
 ) -> BatchResult:
     """One page of one edition: claim, render, send, record (see ``digest.delivery.batch.run_batch``)."""
+    from digest.delivery.batch import run_batch
+
     factory = runtime.session_factory
     check_not_paused(runtime, utcnow())
     return run_batch(
@@ -396,6 +414,8 @@ def closed_run(runtime: Runtime, day: dt.date) -> RunSummary | None:
 
 
 def collect_if_needed(runtime: Runtime, day: dt.date, *, allow_sample: bool) -> tuple[int | None, list[str]]:
+    from digest.papers.source import papers_of_day
+
     factory = runtime.session_factory
     with transaction(factory) as session:
         if papers_of_day(session, day):
@@ -468,8 +488,16 @@ def wait_for_edition(
             handed = outages.database(lambda: hand_out_again(planning), limit=wait)  # noqa: B023 - called at once
             last_change = time.monotonic()
         if not handed:  # waiting for a retry's backoff, a lease to run out, or the workers
-            poll = handout.poll_seconds
-            sleep(poll if remaining < 4 * runtime.settings.batch_size else 4 * poll)
+            sleep(poll_interval(handout.poll_seconds, remaining, runtime.settings.batch_size))
+
+
+def poll_interval(poll: float, remaining: int, batch_size: int) -> float:
+    """How long the watch waits before its next look: longer while much is left (watching a big
+    ledger costs the database little), shorter once the last page is out, so that the run ends
+    soon after its last message rather than up to a whole poll later."""
+    if remaining >= 4 * batch_size:
+        return 4 * poll
+    return poll if remaining > batch_size else poll * 0.4
 
 
 def summarise_edition(
@@ -509,6 +537,8 @@ def run_inprocess(
     digest_id, notes = outages.database(lambda: collect_if_needed(runtime, day, allow_sample=allow_sample), limit=wait)
     if digest_id is None:
         return RunSummary(day, None, notes=notes)
+    from digest.delivery.batch import BatchResult
+
     total = BatchResult()
 
     def deliver(digest_id: int, ids: list[int]) -> None:

@@ -229,6 +229,14 @@ class Runtime:
             backoff=s.papers_api_backoff,
         )
 
+    def warm(self) -> None:
+        """Load now what a worker process's first tasks would otherwise wait for: the embedding
+        model (collecting gives new papers their vectors, planning gives new topics theirs) and
+        the email templates. Once per worker process, right after it starts (``workers.tasks``):
+        the first edition of the day then leaves without a model load in the way."""
+        self.embedder
+        self.renderer.preload()
+
     def dispose(self) -> None:
         if self._engine is not None:
             self._engine.dispose()

@@ -302,6 +302,12 @@ class EmailRenderer:
         )
         self._shared = lru_cache(maxsize=cache_size)(self._render_shared)
 
+    def preload(self) -> None:
+        """Compile every kind's templates now rather than on its first message."""
+        for name in TEMPLATE_OF.values():
+            for part in ("subject.txt", "body.txt", "body.html"):
+                self._env.get_template(f"{name}/{part}")
+
     def render(self, context: Any) -> RenderedEmail:
         personal_names: tuple[str, ...] = context.PERSONAL
         shared_values = tuple(
