@@ -261,17 +261,17 @@ def add_planned(
     session.flush()
 
 
-# ``add_planned`` on PostgreSQL: a page's rows as one array per column, one statement planned
-# once. The ORM's executemany ran one INSERT per row (pipelined, but each parsed and planned by
-# the server under ``force_custom_plan``); same rows, same conflict rule.
+# ``add_planned`` on PostgreSQL: a page's rows as one JSON document, one statement planned once.
+# The ORM's executemany ran one INSERT per row (pipelined, but each parsed and planned by the
+# server under ``force_custom_plan``), and arrays per column cost more to pass than the JSON
+# (psycopg dumps array elements in Python). Same rows, same conflict rule.
 ADD_PLANNED_POSTGRESQL = text(
     "INSERT INTO deliveries (digest_id, subscriber_id, recipient, status, last_error, paper_ids, reasons,"
     " attempts, message_id, not_after, created_at, updated_at)"
-    " SELECT :digest_id, a.subscriber_id, a.recipient, a.status, a.last_error, CAST(a.paper_ids AS json),"
-    " CAST(a.reasons AS json), 0, a.message_id, :not_after, :now, :now"
-    " FROM unnest(CAST(:subscriber_ids AS bigint[]), CAST(:recipients AS text[]), CAST(:statuses AS text[]),"
-    " CAST(:errors AS text[]), CAST(:paper_ids AS text[]), CAST(:reasons AS text[]), CAST(:message_ids AS text[]))"
-    " AS a(subscriber_id, recipient, status, last_error, paper_ids, reasons, message_id)"
+    " SELECT :digest_id, a.subscriber_id, a.recipient, a.status, a.last_error, a.paper_ids, a.reasons, 0,"
+    " a.message_id, :not_after, :now, :now"
+    " FROM json_to_recordset(CAST(:rows AS json)) AS a(subscriber_id bigint, recipient text, status text,"
+    " last_error text, paper_ids json, reasons json, message_id text)"
     " ON CONFLICT (subscriber_id, digest_id) DO UPDATE SET recipient = excluded.recipient,"
     " status = excluded.status, last_error = excluded.last_error, paper_ids = excluded.paper_ids,"
     " reasons = excluded.reasons, updated_at = excluded.updated_at,"
@@ -286,22 +286,26 @@ def _add_planned_postgresql(
 ) -> None:
     if now.tzinfo is None or not_after.tzinfo is None:
         raise ValueError("naive datetime stored; use timezone-aware UTC timestamps")
-    # JSON as the ORM's JSON type writes it (json.dumps; None is JSON null).
+    pending, skipped = DeliveryStatus.PENDING.value, DeliveryStatus.SKIPPED.value
+    rows = [
+        {
+            "subscriber_id": plan.subscriber_id,
+            "recipient": plan.recipient,
+            "status": pending if plan.paper_ids else skipped,
+            "last_error": None if plan.paper_ids else NOTHING_NEW,
+            "paper_ids": plan.paper_ids,  # [] when skipped: a plan always has a list
+            "reasons": plan.reasons,
+            "message_id": plan.message_id,
+        }
+        for plan in plans
+    ]
     session.connection().execute(
         ADD_PLANNED_POSTGRESQL,
         {
             "digest_id": digest_id,
             "now": now.astimezone(dt.UTC),
             "not_after": not_after.astimezone(dt.UTC),
-            "subscriber_ids": [plan.subscriber_id for plan in plans],
-            "recipients": [plan.recipient for plan in plans],
-            "statuses": [
-                (DeliveryStatus.PENDING if plan.paper_ids else DeliveryStatus.SKIPPED).value for plan in plans
-            ],
-            "errors": [None if plan.paper_ids else NOTHING_NEW for plan in plans],
-            "paper_ids": [json.dumps(plan.paper_ids) for plan in plans],
-            "reasons": [json.dumps(plan.reasons) for plan in plans],
-            "message_ids": [plan.message_id for plan in plans],
+            "rows": json.dumps(rows),
         },
     )
 
