@@ -4,8 +4,9 @@ planner processes, against the single-task planning of before, in the same run.
 N active subscribers with varied topics in PostgreSQL (a database of its own) and the recorded
 2026-04-16 edition. Each configuration starts from an empty ledger:
 
-* ``before``: the single-task planning as it was before sharding (``digest.orchestration.pipeline.dispatch``
-  at commit f9d5888, loaded from git), one process walking and planning every page;
+* ``before``: the single-task planning as it was before sharding (``digest.pipeline.dispatch``
+  of commit f9d5888, run with that commit's own code, taken out with ``git archive``), one
+  process walking and planning every page;
 * ``P processes``: this process hands the pages out (``digest.orchestration.pipeline.dispatch_edition``
   with a ``Handout`` that queues them) to P spawned processes, each calling
   ``digest.orchestration.pipeline.plan_page`` in its own transaction with its own cached
@@ -23,16 +24,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import multiprocessing as mp
 import os
 import resource
+import shutil
+import site
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import psutil
@@ -52,21 +54,28 @@ BEFORE = "f9d5888"
 PAGE_SIZE = 500
 
 
-def old_pipeline() -> ModuleType:
-    """``digest/pipeline.py`` as it was at ``BEFORE`` (the ledger functions it calls are kept)."""
-    source = subprocess.run(
-        ["git", "show", f"{BEFORE}:digest/pipeline.py"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    spec = importlib.util.spec_from_loader("bench_old_pipeline", loader=None)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    exec(compile(source, "old digest/orchestration/pipeline.py", "exec"), module.__dict__)
-    return module
+# Run with that commit's own ``digest`` package (taken out with ``git archive``) first on the
+# path: its single-task ``dispatch`` over its own ledger, composer and runtime.
+BEFORE_DRIVER = """
+import json, resource, sys, time
+from digest.models import utcnow
+from digest.pipeline import composer_of, dispatch
+from digest.runtime import Runtime
+from digest.settings import get_settings
+
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+runtime = Runtime(get_settings())
+digest_id, page_size = int(sys.argv[1]), int(sys.argv[2])
+composer = composer_of(runtime, digest_id, {})  # warm before the clock starts
+start, clock = cpu(), time.perf_counter()
+dispatch(runtime.session_factory, digest_id, now=utcnow(), page_size=page_size,
+         stale_after=runtime.policy.stale_after, message_domain=runtime.message_domain,
+         composer=composer, enqueue=lambda ids: None)
+print(json.dumps({"seconds": time.perf_counter() - clock, "cpu": cpu() - start}))
+"""
 
 
 def postgres_cpu() -> float:
@@ -116,21 +125,27 @@ def empty_ledger(url: str) -> None:
     engine.dispose()
 
 
-def run_before(runtime: Any, digest_id: int, now: dt.datetime) -> tuple[float, float]:
-    old = old_pipeline()
-    composer = old.composer_of(runtime, digest_id, {})
-    start, clock = own_cpu(), time.perf_counter()
-    old.dispatch(
-        runtime.session_factory,
-        digest_id,
-        now=now,
-        page_size=PAGE_SIZE,
-        stale_after=runtime.policy.stale_after,
-        message_domain=runtime.message_domain,
-        composer=composer,
-        enqueue=lambda ids: None,
+def run_before(digest_id: int, tmp: Path) -> tuple[float, float]:
+    """The single task of ``BEFORE``, in a process of its own running that commit's code."""
+    before = tmp / "before"
+    if not before.exists():
+        before.mkdir()
+        archive = subprocess.run(["git", "archive", BEFORE, "digest", "alembic", "email_templates"], cwd=ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(before)], input=archive.stdout, check=True)
+    # -S and the site-packages on the path: the editable install's finder (this tree) stays out.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(before), *site.getsitepackages()])}
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", BEFORE_DRIVER, str(digest_id), str(PAGE_SIZE)],
+        env=env,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        check=False,
     )
-    return time.perf_counter() - clock, own_cpu() - start
+    if done.returncode != 0:
+        raise SystemExit(f"the {BEFORE} planning failed: {done.stderr[-2000:]}")
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(figures["seconds"]), float(figures["cpu"])
 
 
 def run_sharded(runtime: Any, digest_id: int, now: dt.datetime, processes: int) -> tuple[float, float]:
@@ -172,6 +187,7 @@ def main() -> None:
     args = parser.parse_args()
 
     postgres, api = Postgres(), PapersAPI().start()
+    tmp = Path(tempfile.mkdtemp(prefix="digest-bench-planning-"))
     name = f"digest_bench_planning_{os.getpid()}"
     url = postgres.create_database(name)
     try:
@@ -206,7 +222,7 @@ def main() -> None:
             now = utcnow()
             pg_before = postgres_cpu()
             if label == "before":
-                wall, cpu = run_before(runtime, digest_id, now)
+                wall, cpu = run_before(digest_id, tmp)
             else:
                 wall, cpu = run_sharded(runtime, digest_id, now, processes)
             pg = postgres_cpu() - pg_before  # includes the planners' start-up: a little high
@@ -229,6 +245,7 @@ def main() -> None:
     finally:
         api.stop()
         postgres.drop_database(name)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
