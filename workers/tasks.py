@@ -57,8 +57,12 @@ def _import_before_fork(**_: Any) -> None:
 @worker_process_init.connect
 def _warm(**_: Any) -> None:
     """In each pool process, after the fork (a model session and its threads do not survive
-    one): load the model and compile the templates before the first task arrives."""
-    runtime().warm()
+    one): load the model and compile the templates before the first task arrives. A model
+    that cannot load must not stop the process starting: the tasks that need it say why."""
+    try:
+        runtime().warm()
+    except Exception:
+        log.warning("could not load the embedding model or the templates ahead of the first task", exc_info=True)
 
 
 def enqueue_batch(digest_id: int, subscriber_ids: list[int], countdown: float | None = None) -> None:

@@ -213,3 +213,38 @@ def test_a_dispatch_longer_than_the_wait_is_waited_for_while_it_makes_progress(
     assert planning > 4, f"planning ({planning:.1f} s) should outlast the wait several times over"
     assert f"sent {len(emails)}," in result.stdout
     assert {m.rcpt_tos[0] for m in smtp.messages} == set(emails)
+
+
+def test_a_worker_whose_model_cannot_load_still_starts_and_delivers_a_day_whose_vectors_are_stored(
+    runtime: Runtime, redis_url: str, smtp: SMTPSink, tmp_path: Path
+) -> None:
+    """Pool processes load the model as they start (``workers.tasks._warm``). A damaged model
+    file must not keep them from starting: collecting and planning a day whose vectors are
+    already stored need no model, and sending never does."""
+    import shutil
+
+    from digest.orchestration.pipeline import collect_if_needed
+    from digest.papers.embedding import DEFAULT_MODEL_DIR
+
+    damaged = tmp_path / "model"
+    damaged.mkdir()
+    for name in ("manifest.json", "tokenizer.json"):  # the same name, so stored vectors match
+        shutil.copy(DEFAULT_MODEL_DIR / name, damaged / name)
+    (damaged / "model.onnx").write_bytes(b"not a model")
+    now = utcnow()
+    with transaction(runtime.session_factory) as session:
+        for email in ACTIVE:  # no topics: planning needs no topic vector either
+            add_confirmed(session, runtime.tokens, email, now=now)
+    collect_if_needed(runtime, DAY, allow_sample=False)  # papers and their vectors, with the good model
+
+    env = {**env_for(runtime, redis_url), "DIGEST_EMBEDDING_MODEL": str(damaged)}
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        worker.wait_for_output("could not load the embedding model", timeout=60)
+        result = run_cli(["run", "--date", DAY.isoformat()], env)
+        assert result.returncode == 0, result.stderr + result.stdout
+        assert "sent 3, failed 0" in result.stdout
+        assert sorted(r for m in smtp.messages for r in m.rcpt_tos) == sorted(ACTIVE)
+        assert "exited with" not in worker.output()
+    finally:
+        worker.stop()
