@@ -130,7 +130,12 @@ def run_before(digest_id: int, tmp: Path) -> tuple[float, float]:
     before = tmp / "before"
     if not before.exists():
         before.mkdir()
-        archive = subprocess.run(["git", "archive", BEFORE, "digest", "alembic", "email_templates"], cwd=ROOT, capture_output=True, check=True)
+        archive = subprocess.run(
+            ["git", "archive", BEFORE, "digest", "alembic", "email_templates"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
         subprocess.run(["tar", "-x", "-C", str(before)], input=archive.stdout, check=True)
     # -S and the site-packages on the path: the editable install's finder (this tree) stays out.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(before), *site.getsitepackages()])}

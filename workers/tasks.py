@@ -48,9 +48,9 @@ def _import_before_fork(**_: Any) -> None:
     """In the worker's main process, before its pool forks: import the model's runtime, the
     ranking, rendering and sending code once, so that each pool process starts with them (pages
     shared with the parent, not a copy each) instead of importing them, ~1 s, in its first task."""
-    import digest.delivery.batch  # noqa: F401
-    import digest.delivery.planning  # noqa: F401
-    import digest.papers.embedding  # noqa: F401
+    import digest.delivery.batch
+    import digest.delivery.planning
+    import digest.papers.embedding
     import digest.papers.source  # noqa: F401
 
 

@@ -234,7 +234,9 @@ class Runtime:
         model (collecting gives new papers their vectors, planning gives new topics theirs) and
         the email templates. Once per worker process, right after it starts (``workers.tasks``):
         the first edition of the day then leaves without a model load in the way."""
-        self.embedder
+        from digest.papers.embedding import load_embedder
+
+        load_embedder(self.settings.embedding_model)  # cached: `embedder` returns this one
         self.renderer.preload()
 
     def dispose(self) -> None:
