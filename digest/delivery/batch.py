@@ -28,7 +28,6 @@ from digest.delivery.ledger import (
     NO_LONGER_ACTIVE,
     Entry,
     claim,
-    entries,
     extend_leases,
     mark_sent,
     mark_skipped,
@@ -39,6 +38,7 @@ from digest.delivery.ledger import (
 )
 from digest.delivery.policy import DeliveryPolicy, is_bounce
 from digest.subscribers.consent import Actor
+from digest.subscribers.recipients import Recipient, recipients
 from digest.subscribers.subscriptions import record_bounce
 from digest.transport.limiter import RateLimiter
 from digest.transport.mailer import Mailer, SendError, run_sending
@@ -75,12 +75,12 @@ class BatchResult:
 @dataclass
 class _Prepared:
     entry: Entry
-    subscriber: Subscriber
+    subscriber: Recipient
     data: bytes
     sender: str
 
 
-def _skip_reason(entry: Entry, subscriber: Subscriber | None, composer: DigestComposer, now: dt.datetime) -> str | None:
+def _skip_reason(entry: Entry, subscriber: Recipient | None, composer: DigestComposer, now: dt.datetime) -> str | None:
     """Why a claimed delivery must not go out, or None."""
     if subscriber is None or subscriber.status is not SubscriberStatus.ACTIVE:
         return NO_LONGER_ACTIVE
@@ -94,8 +94,8 @@ def _skip_reason(entry: Entry, subscriber: Subscriber | None, composer: DigestCo
 def prepare_claimed(
     session: Session,
     composer: DigestComposer,
-    delivery_ids: Sequence[int],
-    bounce_sender: Callable[[int, Subscriber], str],
+    claimed: Sequence[Entry],
+    bounce_sender: Callable[[int, Recipient], str],
     now: dt.datetime,
 ) -> tuple[list[_Prepared], int]:
     """Render the claimed deliveries with the papers planning chose; skip what must not go out.
@@ -103,9 +103,8 @@ def prepare_claimed(
     Rows planned without papers are never claimed (``digest.delivery.ledger``): a sender
     chooses nothing, so it needs no ranker.
     """
-    claimed = entries(session, delivery_ids)
     wanted = [e.subscriber_id for e in claimed if e.subscriber_id]
-    subscribers = {s.id: s for s in session.scalars(select(Subscriber).where(Subscriber.id.in_(wanted)))}
+    subscribers = {s.id: s for s in recipients(session, wanted)}
     composer.load_papers(session, {pid for e in claimed for pid in e.paper_ids or ()})
     prepared: list[_Prepared] = []
     moved: dict[int, str] = {}  # deliveries whose subscriber changed address since planning
@@ -307,7 +306,7 @@ class _Page:
     factory: sessionmaker[Session]
     composer: DigestComposer
     policy: DeliveryPolicy
-    bounce_sender: Callable[[int, Subscriber], str]
+    bounce_sender: Callable[[int, Recipient], str]
     limiter: RateLimiter
     concurrency: int
     clock: Callable[[], dt.datetime]
@@ -323,8 +322,6 @@ class _Page:
             return not chunk
         with transaction(self.factory) as session:
             prepared, skipped = prepare_claimed(session, self.composer, claimed, self.bounce_sender, self.clock())
-            for item in prepared:
-                session.expunge(item.subscriber)
         total.skipped += skipped
         total.merge(
             await send_prepared(
@@ -341,7 +338,7 @@ def run_batch(
     *,
     mailer_factory: Callable[[], Mailer],
     policy: DeliveryPolicy,
-    bounce_sender: Callable[[int, Subscriber], str],
+    bounce_sender: Callable[[int, Recipient], str],
     limiter: RateLimiter | None = None,
     concurrency: int = 4,
     clock: Callable[[], dt.datetime] = utcnow,

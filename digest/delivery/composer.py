@@ -20,7 +20,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from digest.core.models import Digest, DigestItem, DigestKind, Paper, Subscriber, utcnow
+from digest.core.models import Digest, DigestItem, DigestKind, Paper, utcnow
 from digest.core.text import parse_terms
 from digest.delivery.ledger import Entry, received
 from digest.delivery.policy import DeliveryPolicy
@@ -31,6 +31,7 @@ from digest.ranking.trending import TrendingWeights, Votes, trending_order, tren
 from digest.rendering.emails import DigestContext, EmailRenderer, Envelope, PaperView, date_label, message_bytes
 from digest.rendering.links import Links
 from digest.subscribers import feedback
+from digest.subscribers.recipients import Recipient
 from digest.transport.dkim import DkimSigner
 
 
@@ -213,7 +214,7 @@ class DigestComposer:
     def sender_domain(self) -> str:
         return parseaddr(self.mail_from)[1].partition("@")[2]
 
-    def prepare(self, session: Session, subscribers: Sequence[Subscriber]) -> dict[int, Reader]:
+    def prepare(self, session: Session, subscribers: Sequence[Recipient]) -> dict[int, Reader]:
         """Before choosing for a page: the vectors of its topics (computed once per topic, ever)
         and what its readers taught (one row each), compared with the edition all at once."""
         ranker = self.ranked(session)
@@ -229,7 +230,7 @@ class DigestComposer:
         return readers
 
     def choose(
-        self, subscriber: Subscriber, already_sent: set[str], reader: Reader | None = None
+        self, subscriber: Recipient, already_sent: set[str], reader: Reader | None = None
     ) -> tuple[list[str], dict[str, list[str]]]:
         """Papers and, per paper, the reasons shown ("Matches: ...", "Like: ...", "From: ...")."""
         assert self.ranker is not None, "prepare() builds the ranker: a page is prepared before choosing"
@@ -260,7 +261,7 @@ class DigestComposer:
             view = self._views[key] = PaperView.from_paper(self.papers[paper_id], reasons)
         return view
 
-    def sections(self, delivery: Entry, subscriber: Subscriber) -> tuple[list[str], list[str]] | None:
+    def sections(self, delivery: Entry, subscriber: Recipient) -> tuple[list[str], list[str]] | None:
         """(For you, Also trending) paper ids of a delivery, or None for one trending list.
 
         The bar is the ranker's own: a pick it can give a reason for ("Matches: ...", "About:
@@ -277,7 +278,7 @@ class DigestComposer:
         rest = sorted((pid for pid in shown if not reasons.get(pid)), key=lambda p: self.trending_rank.get(p, unranked))
         return for_you, rest
 
-    def compose(self, delivery: Entry, subscriber: Subscriber) -> bytes:
+    def compose(self, delivery: Entry, subscriber: Recipient) -> bytes:
         reasons = delivery.reasons or {}
         sections = self.sections(delivery, subscriber)
         shown = (

@@ -375,8 +375,8 @@ def claim(
     *,
     now: dt.datetime,
     lease_seconds: int,
-) -> list[int]:
-    """Atomically take the sendable deliveries of these subscribers; returns delivery ids.
+) -> list[Entry]:
+    """Atomically take the sendable deliveries of these subscribers; returns them, in id order.
 
     The conditional UPDATE is the lock: of two workers racing for a row only one matches it.
     """
@@ -384,14 +384,14 @@ def claim(
     # Rows are found by their exact (subscriber, edition) key and updated by primary key, a
     # shape no planner gets wrong: right after a dispatch the statistics still say the edition
     # has no rows, and a plan through the (edition, status) index read every row of it per
-    # chunk. RETURNING says which rows this worker won.
+    # chunk. RETURNING says which rows this worker won, with what sending needs of them.
     keys = [(sid, digest_id) for sid in subscriber_ids]
     delivery_ids = list(
         session.scalars(select(Delivery.id).where(tuple_(Delivery.subscriber_id, Delivery.digest_id).in_(keys)))
     )
     if not delivery_ids:
         return []
-    claimed = session.scalars(
+    claimed = session.execute(
         update(Delivery)
         .where(Delivery.id.in_(delivery_ids), _claimable(now))
         .values(
@@ -400,11 +400,12 @@ def claim(
             attempts=Delivery.attempts + 1,
             updated_at=now,
         )
-        .returning(Delivery.id)
+        .returning(*ENTRY_COLUMNS)
         .execution_options(synchronize_session=False)
-    ).all()
+    )
+    entries = sorted((Entry(*row) for row in claimed), key=lambda entry: entry.id)
     session.flush()
-    return sorted(claimed)
+    return entries
 
 
 MARK_SENT_POSTGRESQL = text(
@@ -685,8 +686,8 @@ def entries(session: Session, delivery_ids: Sequence[int]) -> list[Entry]:
     """These deliveries (absent ids have no row), in id order."""
     if not delivery_ids:
         return []
-    # The columns, not ORM objects: a page's 500 rows are read once and never changed through
-    # the session, and building mapped instances (identity map, state) cost more than the values.
+    # The columns, not ORM objects: the values are all a reader needs, and building mapped
+    # instances (identity map, state) costs more than they do.
     rows = session.execute(select(*ENTRY_COLUMNS).where(Delivery.id.in_(delivery_ids)).order_by(Delivery.id))
     return [Entry(*row) for row in rows]
 

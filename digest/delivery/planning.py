@@ -10,12 +10,12 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from digest.core.models import Digest, Subscriber
+from digest.core.models import Digest
 from digest.delivery.composer import DigestComposer, message_id
 from digest.delivery.ledger import Plan, add_planned, recently_sent
+from digest.subscribers.recipients import recipients
 
 
 def plan_deliveries(
@@ -36,9 +36,7 @@ def plan_deliveries(
     """
     if not subscriber_ids:
         return
-    subscribers = list(
-        session.scalars(select(Subscriber).where(Subscriber.id.in_(subscriber_ids)).order_by(Subscriber.id))
-    )
+    subscribers = recipients(session, subscriber_ids)
     already = recently_sent(session, subscriber_ids, now)
     readers = composer.prepare(session, subscribers)
     plans = []

@@ -19,6 +19,7 @@ from digest.delivery.composer import message_id
 from digest.delivery.ledger import Entry, recently_sent, sent_on
 from digest.orchestration.pipeline import composer_for, ensure_digest
 from digest.orchestration.runtime import Runtime
+from digest.subscribers.recipients import Recipient
 from digest.subscribers.subscriptions import get_by_email
 
 
@@ -30,7 +31,7 @@ class Preview:
 
 
 def render_preview(session: Session, runtime: Runtime, email: str, day: dt.date) -> Preview:
-    subscriber = get_by_email(session, email)
+    subscriber = Recipient.of(get_by_email(session, email))
     sent = sent_on(session, subscriber.id, day)
     if sent is not None:
         composer = composer_for(runtime, session, sent.digest_id)

@@ -19,7 +19,7 @@ from digest.delivery.reputation import PauseRules
 # `digest status` must not pay for the embedding model, Jinja, SMTP and HTTP clients
 # (bench/cli_startup.py).
 if TYPE_CHECKING:
-    from digest.core.models import Paper, Subscriber
+    from digest.core.models import Paper
     from digest.core.settings import Settings
     from digest.delivery.policy import DeliveryPolicy
     from digest.papers.embedding import Embedder
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from digest.rendering.links import Links
     from digest.rendering.tokens import Tokens
     from digest.subscribers.confirmation_limits import ConfirmationLimits
+    from digest.subscribers.recipients import Recipient
     from digest.transport.dkim import DkimSigner
     from digest.transport.limiter import RateLimiter
     from digest.transport.mailer import Mailer, SMTPConfig
@@ -204,7 +205,7 @@ class Runtime:
         config, size = self.smtp_config(), self.settings.smtp_pool_size
         return lambda: SMTPPool(config, size)
 
-    def bounce_sender(self) -> Callable[[int, Subscriber], str]:
+    def bounce_sender(self) -> Callable[[int, Recipient], str]:
         """The VERP envelope sender of a delivery (by its id) to a subscriber."""
         return lambda delivery_id, subscriber: self.links.bounce_address(delivery_id, subscriber)
 

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
+from typing import Protocol
 
-from digest.core.models import Subscriber
 from digest.rendering.tokens import Purpose, Tokens
+
+
+class Subscriber(Protocol):
+    """What a link needs of a subscriber: a mapped ``digest.core.models.Subscriber`` or the
+    plain values sending reads (``digest.subscribers.recipients.Recipient``)."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def created_at(self) -> dt.datetime: ...
 
 
 def subscriber_stamp(subscriber: Subscriber) -> int:

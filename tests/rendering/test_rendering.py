@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import time_machine
 
-from digest.core.models import DigestKind, Frequency, Subscriber
+from digest.core.models import DigestKind, Frequency, SubscriberStatus
 from digest.delivery.composer import DigestComposer
 from digest.delivery.ledger import Entry
 from digest.rendering.emails import (
@@ -26,6 +26,7 @@ from digest.rendering.emails import (
 )
 from digest.rendering.links import Links
 from digest.rendering.tokens import Tokens
+from digest.subscribers.recipients import Recipient
 from tests.support.emails import (
     BASE,
     DAY,
@@ -189,10 +190,15 @@ def compose_one() -> bytes:
         postal_address=POSTAL,
         default_size=10,
     )
-    subscriber = Subscriber(
+    subscriber = Recipient(
         id=7,
         email="zoe.reader@example.org",
+        status=SubscriberStatus.ACTIVE,
         frequency=Frequency.DAILY,
+        topics="",
+        excluded="",
+        digest_size=None,
+        only_for_you=False,
         created_at=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
     )
     delivery = Entry(
