@@ -20,10 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from aiosmtpd.controller import Controller
-
 from tests.support.servers import Redis as SharedRedis
-from tests.support.servers import SMTPSink, _Handler, port_open
+from tests.support.servers import SinkController, SMTPSink, _Handler, port_open
 
 
 def free_port_on(host: str) -> int:
@@ -145,6 +143,6 @@ class PrivatePostgres:
 def bound_sink(host: str) -> SMTPSink:
     """The tests' aiosmtpd sink, started on ``host`` instead of 127.0.0.1."""
     sink = SMTPSink(port=free_port_on(host))
-    sink.controller = Controller(_Handler(sink), hostname=host, port=sink.port, data_size_limit=50 * 1024 * 1024)
+    sink.controller = SinkController(_Handler(sink), hostname=host, port=sink.port, data_size_limit=50 * 1024 * 1024)
     sink.controller.start()
     return sink

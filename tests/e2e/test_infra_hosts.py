@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import insert, select, text
 
@@ -47,7 +46,7 @@ from tests.e2e.infra_servers import PrivatePostgres, PrivateRedis, free_port_on
 from tests.e2e.test_infra_restarts import DAY
 from tests.support.factories import add_subscribers
 from tests.support.processes import BIN, ROOT, Process, procfile_command, settings_env
-from tests.support.servers import SMTPSink, _Handler, wait_until
+from tests.support.servers import SinkController, SMTPSink, _Handler, wait_until
 from tests.support.settings import make_settings
 
 pytestmark = pytest.mark.e2e
@@ -231,7 +230,7 @@ def site_on(network: Network, tmp_path: Path, **overrides: object) -> Iterator[S
     redis = PrivateRedis(SERVER).start()
     sink = SMTPSink(port=free_port_on(SERVER))
     handler = PeerSink(sink)
-    sink.controller = Controller(handler, hostname=SERVER, port=sink.port)
+    sink.controller = SinkController(handler, hostname=SERVER, port=sink.port)
     sink.controller.start()
     site: Site | None = None
     try:

@@ -21,7 +21,7 @@ from digest.orchestration.runtime import Runtime
 from tests.e2e.test_infra_restarts import DAY, assert_served_exactly_once
 from tests.support.factories import add_subscribers
 from tests.support.processes import BIN, ROOT, Process, settings_env, start_worker
-from tests.support.servers import SMTPSink, _Handler
+from tests.support.servers import SinkController, SMTPSink, _Handler
 
 pytestmark = pytest.mark.e2e
 
@@ -47,11 +47,9 @@ class DeferOnce(_Handler):
 
 @pytest.fixture
 def deferring(smtp: SMTPSink) -> Iterator[DeferOnce]:
-    from aiosmtpd.controller import Controller
-
     smtp.stop()
     handler = DeferOnce(smtp)
-    smtp.controller = Controller(handler, hostname="127.0.0.1", port=smtp.port)
+    smtp.controller = SinkController(handler, hostname="127.0.0.1", port=smtp.port)
     smtp.controller.start()
     yield handler
 
