@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import ssl
+import tempfile
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -453,8 +455,8 @@ class OutboxMailer:
 
     The embedded default's "mail server": the demo's SMTP receiver and, in development without
     an SMTP host, the web app and workers write here. Numbers continue after the files already
-    in the folder (the served app adds to the demo's digests instead of overwriting them), and
-    each ``.eml`` is created exclusively, so two processes never take the same name.
+    in the folder (the served app adds to the demo's digests instead of overwriting them); each
+    file appears whole, and two processes never take the same name.
     """
 
     def __init__(self, directory: Path):
@@ -473,18 +475,32 @@ class OutboxMailer:
         message = message_from_bytes(data, policy=policy.default)
         assert isinstance(message, EmailMessage)
         self.count = max(self.count, self._highest_number())
-        while True:
-            self.count += 1
-            stem = f"{self.count:04d}-{_UNSAFE.sub('_', recipient)[:80]}"
-            try:
-                with (self.directory / f"{stem}.eml").open("xb") as file:
-                    file.write(data)
-                break
-            except FileExistsError:
-                continue
+        # Written under a hidden name, then linked to its numbered one: whoever reads the folder
+        # (a person, a test) never opens a message half written, and os.link fails on a name
+        # another process took, as exclusive creation did.
+        handle, name = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".eml.part")
+        written = Path(name)
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        written.chmod(0o644)  # mkstemp's 0600 would stay on the linked name
+        try:
+            while True:
+                self.count += 1
+                stem = f"{self.count:04d}-{_UNSAFE.sub('_', recipient)[:80]}"
+                try:
+                    os.link(written, self.directory / f"{stem}.eml")
+                    break
+                except FileExistsError:
+                    continue
+        finally:
+            written.unlink()
         html = message.get_body(preferencelist=("html",))
         if html is not None:
-            (self.directory / f"{stem}.html").write_text(html.get_content(), encoding="utf-8")
+            handle, name = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".html.part")
+            with os.fdopen(handle, "w", encoding="utf-8") as page:
+                page.write(html.get_content())
+            Path(name).chmod(0o644)
+            Path(name).replace(self.directory / f"{stem}.html")
         return f"250 written to {stem}.eml"
 
     async def close(self) -> None:
