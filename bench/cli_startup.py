@@ -32,6 +32,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import take_out  # noqa: E402
+
 DIGEST = Path(sys.executable).with_name("digest")
 FLOOR = "import sqlalchemy.orm, pydantic_settings"
 RUN_MAIN = "import sys; from digest.cli import main; sys.argv[0] = 'digest'; main()"
@@ -64,10 +68,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        before = tmp / "before"
-        before.mkdir()
-        archive = subprocess.run(["git", "archive", args.before, "digest"], cwd=ROOT, capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", str(before)], input=archive.stdout, check=True)
+        before = take_out(args.before, tmp / "before", names=("digest",))
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("DIGEST_") and k != "PYTHONDONTWRITEBYTECODE"}
         env["PYTHONPYCACHEPREFIX"] = str(tmp / "bytecode")

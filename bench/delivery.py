@@ -35,8 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import text  # noqa: E402
 
+from bench.common import bench_env, keep_bytecode  # noqa: E402
 from digest.core import db  # noqa: E402
-from tests.support.processes import BIN, Process, digest_env, procfile_command  # noqa: E402
+from tests.support.processes import BIN, Process, procfile_command  # noqa: E402
 from tests.support.servers import PapersAPI, Postgres, free_port, port_open  # noqa: E402
 
 DAY = "2026-04-16"
@@ -269,16 +270,11 @@ def run_once(
     insert_subscribers(url, n)
     readers = insert_readers(url, n, taught) if taught else 0
     sink = Sink()
-    env = digest_env(
-        environment="test",
+    env = bench_env(
         database_url=url,
         redis_url=redis_url,
         smtp_port=sink.port,
         papers_api_url=api.url,
-        secret_key="bench-secret-key-0123456789abcdef0123",
-        base_url="https://papers.example.org",
-        mail_from="Daily Papers <papers@example.org>",
-        inbound_address="papers@example.org",
         batch_size=500,
         smtp_pool_size=4,
         lease_seconds=600,
@@ -368,13 +364,7 @@ def sample_message(api: PapersAPI, postgres: Postgres, tmp: Path) -> Path:
     url = postgres.create_database(name)
     db.upgrade(url)
     insert_subscribers(url, 1)
-    env = digest_env(
-        database_url=url,
-        papers_api_url=api.url,
-        base_url="https://papers.example.org",
-        mail_from="Daily Papers <papers@example.org>",
-        inbound_address="papers@example.org",
-    )
+    env = bench_env(database_url=url, papers_api_url=api.url)
     subprocess.run([str(BIN / "digest"), "collect", "--date", DAY], env=env, check=True, capture_output=True)
     target = tmp / "sample.eml"
     subprocess.run(
@@ -397,11 +387,7 @@ def main() -> None:
     if not shutil.which("smtp-sink") and not Path("/usr/sbin/smtp-sink").exists():
         sys.exit("needs Postfix's smtp-sink: apt-get install -y postfix")
     tmp = Path(tempfile.mkdtemp(prefix="digest-bench-"))
-    # Every process runs with its modules' bytecode kept, as an installed wheel has it: where
-    # PYTHONDONTWRITEBYTECODE is set, the worker and `digest run` would compile the project's
-    # modules at each start (~0.2 s inside the measured run). The sample step fills the cache.
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    os.environ["PYTHONPYCACHEPREFIX"] = str(tmp / "bytecode")
+    keep_bytecode(os.environ, tmp)  # for every process it starts; the sample step fills the cache
     postgres, api = Postgres(), PapersAPI().start()
     redis_url = "redis://127.0.0.1:6379/15"
     try:

@@ -37,16 +37,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import text  # noqa: E402
 
+from bench.common import bench_env, empty_ledger, postgres_cpu, take_out  # noqa: E402
 from bench.delivery import DAY, insert_subscribers  # noqa: E402
 from digest.core import db  # noqa: E402
-from tests.support.processes import BIN, digest_env  # noqa: E402
+from tests.support.processes import BIN  # noqa: E402
 from tests.support.servers import PapersAPI, Postgres  # noqa: E402
 
 # The last commit with one task planning a whole edition.
@@ -78,17 +77,6 @@ print(json.dumps({"seconds": time.perf_counter() - clock, "cpu": cpu() - start})
 """
 
 
-def postgres_cpu() -> float:
-    """CPU of PostgreSQL's processes so far, backends that have exited included (the server
-    process counts its reaped children's time): the planners' connections end with them."""
-    total = 0.0
-    for process in psutil.process_iter(["name", "cpu_times"]):
-        if process.info["name"] in ("postgres", "postmaster") and process.info["cpu_times"] is not None:
-            times = process.info["cpu_times"]
-            total += times.user + times.system + times.children_user + times.children_system
-    return total
-
-
 def own_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -117,26 +105,11 @@ def planner(digest_id: int, pages: Any, results: Any) -> None:
     results.put((planned, own_cpu() - start))
 
 
-def empty_ledger(url: str) -> None:
-    engine = db.make_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("TRUNCATE deliveries, subscriber_events"))
-        conn.execute(text("ANALYZE deliveries"))
-    engine.dispose()
-
-
 def run_before(digest_id: int, tmp: Path) -> tuple[float, float]:
     """The single task of ``BEFORE``, in a process of its own running that commit's code."""
     before = tmp / "before"
     if not before.exists():
-        before.mkdir()
-        archive = subprocess.run(
-            ["git", "archive", BEFORE, "digest", "alembic", "email_templates"],
-            cwd=ROOT,
-            capture_output=True,
-            check=True,
-        )
-        subprocess.run(["tar", "-x", "-C", str(before)], input=archive.stdout, check=True)
+        take_out(BEFORE, before)
     # -S and the site-packages on the path: the editable install's finder (this tree) stays out.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(before), *site.getsitepackages()])}
     done = subprocess.run(
@@ -198,16 +171,7 @@ def main() -> None:
     try:
         db.upgrade(url)
         insert_subscribers(url, args.n)
-        env = digest_env(
-            environment="test",
-            database_url=url,
-            papers_api_url=api.url,
-            secret_key="bench-secret-key-0123456789abcdef0123",
-            base_url="https://papers.example.org",
-            mail_from="Daily Papers <papers@example.org>",
-            inbound_address="papers@example.org",
-            batch_size=PAGE_SIZE,
-        )
+        env = bench_env(database_url=url, papers_api_url=api.url, batch_size=PAGE_SIZE)
         subprocess.run([str(BIN / "digest"), "collect", "--date", DAY], env=env, check=True, capture_output=True)
         os.environ.clear()
         os.environ.update(env)  # the spawned planners read the same settings

@@ -29,16 +29,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import text  # noqa: E402
-
+from bench.common import bench_env, empty_ledger, keep_bytecode, postgres_cpu, take_out  # noqa: E402
 from bench.delivery import DAY, Sink, insert_subscribers  # noqa: E402
 from digest.core import db  # noqa: E402
-from tests.support.processes import BIN, digest_env  # noqa: E402
+from tests.support.processes import BIN  # noqa: E402
 from tests.support.servers import PapersAPI, Postgres  # noqa: E402
 
 # The same calls in both codes: the in-process run has kept its signature.
@@ -59,27 +56,6 @@ print(json.dumps({"cpu": cpu() - start, "wall": time.perf_counter() - clock, "se
 """
 
 
-def postgres_cpu() -> float:
-    total = 0.0
-    for process in psutil.process_iter(["name", "cpu_times"]):
-        times = process.info["cpu_times"]
-        if process.info["name"] == "postgres" and times is not None:
-            total += times.user + times.system + times.children_user + times.children_system
-    return total
-
-
-def take_out(commit: str, into: Path) -> Path:
-    """``commit``'s package, migrations and templates (whichever it has) in a folder of their own."""
-    names = subprocess.run(
-        ["git", "ls-tree", "--name-only", commit], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    wanted = [name for name in ("digest", "alembic", "email_templates") if name in names]
-    archive = subprocess.run(["git", "archive", commit, *wanted], cwd=ROOT, capture_output=True, check=True)
-    into.mkdir()
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    return into
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=5000, help="active subscribers")
@@ -97,29 +73,13 @@ def main() -> None:
     try:
         db.upgrade(url)
         insert_subscribers(url, args.n)
-        env = digest_env(
-            environment="test",
-            database_url=url,
-            smtp_port=sink.port,
-            papers_api_url=api.url,
-            secret_key="bench-secret-key-0123456789abcdef0123",
-            base_url="https://papers.example.org",
-            mail_from="Daily Papers <papers@example.org>",
-            inbound_address="papers@example.org",
-            batch_size=500,
-            smtp_pool_size=4,
-        )
-        # Bytecode kept, as an installed wheel has it (see bench/delivery.py).
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        env["PYTHONPYCACHEPREFIX"] = str(tmp / "bytecode")
+        env = bench_env(database_url=url, smtp_port=sink.port, papers_api_url=api.url, batch_size=500, smtp_pool_size=4)
+        keep_bytecode(env, tmp)
         subprocess.run([str(BIN / "digest"), "collect", "--date", DAY], env=env, check=True, capture_output=True)
-        engine = db.make_engine(url)
         per_message: dict[str, list[tuple[float, float]]] = {label: [] for label in codes}
         for round_ in range(args.rounds + 1):
             for label, folder in codes.items():
-                with engine.begin() as conn:
-                    conn.execute(text("TRUNCATE deliveries, subscriber_events"))
-                    conn.execute(text("ANALYZE deliveries"))
+                empty_ledger(url)
                 path = os.pathsep.join([str(folder), *site.getsitepackages()])
                 before_pg = postgres_cpu()
                 done = subprocess.run(
@@ -152,7 +112,6 @@ def main() -> None:
                     ),
                     flush=True,
                 )
-        engine.dispose()
         medians = {
             label: {
                 "cpu_ms_per_message": round(statistics.median(c for c, _ in rows), 3),
