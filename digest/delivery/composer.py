@@ -211,6 +211,10 @@ class DigestComposer:
         return self.ranker
 
     @cached_property
+    def label(self) -> str:
+        return edition_label(self.kind, self.day)  # strftime is slow enough to do once
+
+    @cached_property
     def sender_domain(self) -> str:
         return parseaddr(self.mail_from)[1].partition("@")[2]
 
@@ -287,7 +291,7 @@ class DigestComposer:
         views = [self._view(pid, tuple(reasons.get(pid, ()))) for pid in shown]
         unsubscribe_url = self.links.unsubscribe(subscriber)
         context = DigestContext(
-            date_label=edition_label(self.kind, self.day),
+            date_label=self.label,
             papers=views,
             recipient=subscriber.email,
             frequency=subscriber.frequency.value,

@@ -16,6 +16,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -61,6 +62,25 @@ def wire_form(message: bytes) -> bytes:
         if b"\r" in bare or b"\n" in bare:
             message = normalize_message_line_endings(message)
     return message if message.endswith(b"\r\n") else message + b"\r\n"
+
+
+# A bare address of dot-atoms (RFC 5322 3.4.1), as every address is once normalised on
+# subscribing: for it aiosmtplib's ``quote_address`` gives ``<address>``, after a pass through
+# the email package's whole address parser (~10 us, 5 % of sending a digest).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_BARE_ADDRESS = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\Z")
+
+
+def smtp_path(address: str) -> bytes:
+    """The ``<address>`` of MAIL FROM and RCPT TO, exactly as ``quote_address`` makes it."""
+    if _BARE_ADDRESS.match(address):
+        return b"<" + address.encode("ascii") + b">"
+    return _parsed_path(address)
+
+
+@lru_cache(maxsize=16)  # the list's own sender, when given with a display name
+def _parsed_path(address: str) -> bytes:
+    return quote_address(address).encode("ascii")
 
 
 def data_payload(message: bytes) -> bytes:
@@ -177,8 +197,8 @@ class _FastDataProtocol(SMTPProtocol):
         judged in the order of the commands: the first refusal decides, as it would have in
         the sequence. ``stage`` names the reply being waited for.
         """
-        mail = b"MAIL FROM:" + quote_address(sender).encode("ascii")
-        rcpt = b"RCPT TO:" + quote_address(recipient).encode("ascii")
+        mail = b"MAIL FROM:" + smtp_path(sender)
+        rcpt = b"RCPT TO:" + smtp_path(recipient)
         for command in (mail, rcpt):
             if COMMAND_INJECTION_REGEX.search(command):
                 raise ValueError("Command arg contains a prohibited control character")
