@@ -49,6 +49,7 @@ QP = b"Content-Transfer-Encoding: quoted-printable\n\n"
 SEVEN_BIT = b"Content-Transfer-Encoding: 7bit\n\n"
 HTML_LINE = 800  # break rendered HTML lines past this, so the part can travel as 7bit
 MAX_LINE = 998  # RFC 5322: longer lines are cut or refused by SMTP servers
+LINE_LIMIT = MAX_LINE - 2  # the longest body line sent as it is (dot-stuffing can add one)
 SHARED_RENDERINGS = 256  # distinct (edition, picks) renderings kept per process
 
 
@@ -228,6 +229,9 @@ class RenderedEmail:
     subject: str
     text: str
     html: str
+    # Known to have no line over LINE_LIMIT (from the shared rendering); False: to be checked.
+    text_fits: bool = False
+    html_fits: bool = False
 
 
 def date_label(day: dt.date) -> str:
@@ -243,23 +247,46 @@ _MARKER_RE = re.compile(rf"__personal_{_NONCE}_(\w+?)__")
 
 @dataclass(frozen=True)
 class _Filled:
-    """A rendered text cut at its personal markers: literal, name, literal, name, ..., literal."""
+    """A rendered text cut at its personal markers: literal, name, literal, name, ..., literal.
+
+    Also what its lines leave room for, so that a filled copy is known to have no line over
+    SMTP's limit without splitting it into lines (~30 us a digest, see ``_body``): the lines
+    without a marker fit (``fixed_fits``), and each marked line fits its markers' values as
+    long as no value is longer than ``room``.
+    """
 
     pieces: tuple[str, ...]
+    fixed_fits: bool = False
+    room: int = -1
 
     @classmethod
     def of(cls, text: str) -> _Filled:
-        return cls(tuple(_MARKER_RE.split(text)))
+        pieces = tuple(_MARKER_RE.split(text))
+        literals = pieces[0::2]
+        if any("\0" in literal for literal in literals):
+            return cls(pieces)  # the stand-in below would be ambiguous: always check
+        fixed_fits, room = True, LINE_LIMIT
+        for line in "\0".join(literals).split("\n"):
+            markers = line.count("\0")
+            if markers:
+                room = min(room, (LINE_LIMIT - (len(line) - markers)) // markers)
+            elif len(line) > LINE_LIMIT:
+                fixed_fits = False
+        return cls(pieces, fixed_fits, room)
 
     def fill(self, values: dict[str, str], quote: Callable[[str], str]) -> str:
+        return self.filled(values, quote)[0]
+
+    def filled(self, values: dict[str, str], quote: Callable[[str], str]) -> tuple[str, bool]:
+        """The text, and whether every line of it is known to fit ``LINE_LIMIT`` (False: unknown)."""
         pieces = self.pieces
         if len(pieces) == 1:
-            return pieces[0]
-        out = [pieces[0]]
-        for i in range(1, len(pieces), 2):
-            out.append(quote(values[pieces[i]]))
-            out.append(pieces[i + 1])
-        return "".join(out)
+            return pieces[0], self.fixed_fits
+        fills = [quote(values[name]) for name in pieces[1::2]]
+        out = list(pieces)
+        out[1::2] = fills
+        fits = self.fixed_fits and max(map(len, fills)) <= self.room and "\n" not in "".join(fills)
+        return "".join(out), fits
 
 
 @dataclass(frozen=True)
@@ -328,11 +355,9 @@ class EmailRenderer:
                 for j, cell in enumerate(row):
                     personal[f"{name}_{i}_{j}"] = cell
         shared = self._shared(TEMPLATE_OF[type(context)], tuple(shapes), shared_values)
-        return RenderedEmail(
-            subject=shared.subject.fill(personal, _one_line),
-            text=shared.text.fill(personal, _plain),
-            html=shared.html.fill(personal, _html),
-        )
+        text, text_fits = shared.text.filled(personal, _plain)
+        html, html_fits = shared.html.filled(personal, _html)
+        return RenderedEmail(shared.subject.fill(personal, _one_line), text, html, text_fits, html_fits)
 
     def _render_shared(
         self,
@@ -431,13 +456,14 @@ def _qp(text: str) -> bytes:
     return binascii.b2a_qp(data, quotetabs=False, istext=True, header=False)
 
 
-def _body(text: str) -> tuple[bytes, bytes]:
+def _body(text: str, fits: bool = False) -> tuple[bytes, bytes]:
     """Transfer encoding and body: 7bit when the text already fits (see ``_seven_bit_html``).
 
     Also the text part's: an all-ASCII digest (most days) has lines near 78 characters but for
     its URLs, kept whole on one line (up to ~120), well within SMTP's 998. Quoted-printable
-    only wrapped those, at ~60 us a message (a tenth of composing one)."""
-    if text.isascii() and max(map(len, text.split("\n"))) <= MAX_LINE - 2:
+    only wrapped those, at ~60 us a message (a tenth of composing one). ``fits``: the lines are
+    known to fit (``_Filled``), which spares splitting the text to measure them."""
+    if text.isascii() and (fits or max(map(len, text.split("\n"))) <= LINE_LIMIT):
         data = text.encode("ascii")
         return SEVEN_BIT, data if data.endswith(b"\n") else data + b"\n"
     return QP, _qp(text)
@@ -492,9 +518,9 @@ def message_bytes(rendered: RenderedEmail, envelope: Envelope) -> bytes:
             *headers,
             b'MIME-Version: 1.0\nContent-Type: multipart/alternative; boundary="%s"\n\n' % marker,
             part_head % (marker, b"plain"),
-            *_body(rendered.text),
+            *_body(rendered.text, rendered.text_fits),
             part_head % (marker, b"html"),
-            *_body(rendered.html),
+            *_body(rendered.html, rendered.html_fits),
             b"--%s--\n" % marker,
         ]
     )

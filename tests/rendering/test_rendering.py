@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 import time_machine
+from hypothesis import given
+from hypothesis import strategies as st
 
 from digest.core.models import DigestKind, Frequency, SubscriberStatus
 from digest.delivery.composer import DigestComposer
 from digest.delivery.ledger import Entry
+from digest.rendering import emails
 from digest.rendering.emails import (
     ConfirmContext,
     EmailRenderer,
@@ -263,3 +266,44 @@ def test_the_text_part_ends_each_paper_with_its_teaching_links() -> None:
         assert (
             authors < summary < item.index("Paper:   https://huggingface.co/papers/") < item.index("PDF:") < more < less
         )
+
+
+# Lines of the shared rendering and the personal values filled into them, around the limit.
+_LINE_LENGTHS = st.sampled_from([0, 1, 80, 400, 900, 995, 996, 997, 1200])
+_FILL_LENGTHS = st.sampled_from([0, 1, 60, 120, 500, 996, 997])
+
+
+@given(
+    lines=st.lists(st.tuples(_LINE_LENGTHS, st.integers(0, 3)), min_size=1, max_size=6),
+    fill_lengths=st.lists(_FILL_LENGTHS, min_size=1, max_size=4),
+    newline_in_a_fill=st.booleans(),
+)
+def test_a_filled_text_said_to_fit_has_no_line_over_the_limit(
+    lines: list[tuple[int, int]], fill_lengths: list[int], newline_in_a_fill: bool
+) -> None:
+    # Each line: some literal text and some markers; the markers' values cycle through fills.
+    text: list[str] = []
+    names: list[str] = []
+    for length, markers in lines:
+        parts = ["x" * (length // (markers + 1))] * (markers + 1)
+        for i in range(markers):
+            names.append(f"v{len(names) % len(fill_lengths)}")
+            parts[i] += emails._MARKER.format(names[-1])
+        text.append("".join(parts))
+    values = {f"v{i}": "y" * n for i, n in enumerate(fill_lengths)}
+    if newline_in_a_fill:
+        values["v0"] = "\n" + "z" * 1200
+    filled, fits = emails._Filled.of("\n".join(text)).filled(values, lambda v: v)
+    longest = max(map(len, filled.split("\n")))
+    if fits:
+        assert longest <= emails.LINE_LIMIT
+    if not newline_in_a_fill and all(m == 0 for _, m in lines):
+        assert fits == (longest <= emails.LINE_LIMIT)  # no markers: the answer is exact
+
+
+@pytest.mark.parametrize("context", every_kind(), ids=lambda c: type(c).__name__)
+def test_every_kind_is_known_to_fit_and_encodes_as_if_checked(context: object) -> None:
+    rendered = EmailRenderer().render(context)
+    assert rendered.text_fits and rendered.html_fits  # the shared rendering spares the check
+    checked = dataclasses.replace(rendered, text_fits=False, html_fits=False)
+    assert message_bytes(rendered, envelope()) == message_bytes(checked, envelope())
