@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Date, Engine, cast, create_engine, event, func, select
+from sqlalchemy import Date, Engine, any_, bindparam, cast, create_engine, event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import NullType
 
 # Shipped inside the package, so an installed wheel migrates from any folder.
 # Installed, the migrations ship inside the package; in a checkout they are alembic/ at its top.
@@ -39,6 +40,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     engine = create_engine(url, **kwargs)
+    from digest.core import pg_arrays
+
+    event.listen(engine, "connect", lambda dbapi_conn, _record: pg_arrays.register(dbapi_conn))
 
     @event.listens_for(engine, "connect")
     def _plan_with_the_values(dbapi_conn: Any, _record: Any) -> None:
@@ -71,6 +75,29 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+class IdArray(str):
+    """Integer ids in PostgreSQL's array syntax, sent as one ``bigint[]`` parameter
+    (``digest.core.pg_arrays``)."""
+
+
+def among(session: Session, column: Any, ids: Iterable[int]) -> ColumnElement[bool]:
+    """``column IN ids`` for integer ids (a page's subscribers or deliveries).
+
+    On PostgreSQL as ``column = ANY(:ids)`` with the ids in one ``bigint[]`` parameter: the
+    server turns an IN list into exactly that array comparison (the same plan), but an
+    expanded IN of 500 ids is a new 500-parameter statement text at every call, which
+    SQLAlchemy expands and psycopg parses again (it caches only texts under 4 KB): ~10 % of a
+    worker's CPU when sending. The array goes in its text form, formatted here (``int``
+    refuses anything that is not one): psycopg's list dumping costs 0.36 ms for 500 ids, the
+    text 0.05. Elsewhere a plain IN.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return column.in_(list(ids))  # type: ignore[no-any-return]
+    array = IdArray("{" + ",".join(str(int(i)) for i in ids) + "}")
+    # NullType: no bind cast rendered; the parameter's type comes from its dumper.
+    return column == any_(bindparam(None, array, type_=NullType()))  # type: ignore[no-any-return]
 
 
 def count_per_day(session: Session, column: Any, *conditions: Any, since: dt.datetime) -> dict[str, int]:

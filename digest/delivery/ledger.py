@@ -42,7 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from digest.core.db import count_per_day
+from digest.core.db import among, count_per_day
 from digest.core.models import (
     Delivery,
     DeliveryCount,
@@ -199,7 +199,7 @@ def planned_among(session: Session, digest_id: int, subscriber_ids: Sequence[int
         return set()
     query = select(Delivery.subscriber_id).where(
         Delivery.digest_id == digest_id,
-        Delivery.subscriber_id.in_(subscriber_ids),
+        among(session, Delivery.subscriber_id, subscriber_ids),
         ~and_(Delivery.status == DeliveryStatus.PENDING, _without_papers()),
     )
     return set(session.scalars(query))
@@ -315,7 +315,7 @@ def recently_sent(session: Session, subscriber_ids: Sequence[int], now: dt.datet
     sent: dict[int, set[str]] = {sid: set() for sid in subscriber_ids}
     rows = session.execute(
         select(Delivery.subscriber_id, Delivery.paper_ids, Delivery.status).where(
-            Delivery.subscriber_id.in_(subscriber_ids),
+            among(session, Delivery.subscriber_id, subscriber_ids),
             Delivery.created_at > now - NO_REPEAT_LOOKBACK,
             Delivery.paper_ids.is_not(None),
         )
@@ -393,7 +393,7 @@ def claim(
         return []
     claimed = session.execute(
         update(Delivery)
-        .where(Delivery.id.in_(delivery_ids), _claimable(now))
+        .where(among(session, Delivery.id, delivery_ids), _claimable(now))
         .values(
             status=DeliveryStatus.SENDING,
             lease_until=lease_until,
@@ -455,7 +455,7 @@ def mark_sent(session: Session, outcomes: Sequence[tuple[int, str, dt.datetime]]
 def extend_leases(session: Session, delivery_ids: Sequence[int], lease_until: dt.datetime) -> None:
     session.execute(
         update(Delivery)
-        .where(Delivery.id.in_(delivery_ids), Delivery.status == DeliveryStatus.SENDING)
+        .where(among(session, Delivery.id, delivery_ids), Delivery.status == DeliveryStatus.SENDING)
         .values(lease_until=lease_until)
         .execution_options(synchronize_session=False)
     )

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.orm import Session
 
-from digest.core.db import transaction
+from digest.core.db import among, transaction
 from digest.core.errors import DigestError, SendingPaused, UpstreamError
 from digest.core.models import Digest, DigestKind, Subscriber, utcnow
 from digest.core.outages import Outages, log_notify
@@ -155,7 +155,7 @@ def plan_page(
     digest = session.get(Digest, digest_id)
     if digest is None:
         raise DigestError(f"digest {digest_id} does not exist")
-    only = None if page.subscriber_ids is None else Subscriber.id.in_(page.subscriber_ids)
+    only = None if page.subscriber_ids is None else among(session, Subscriber.id, page.subscriber_ids)
     ids = due_subscriber_page(session, digest, page.after_id, None, only, upto_id=page.upto_id)
     planned = planned_among(session, digest_id, ids)
     plan_deliveries(

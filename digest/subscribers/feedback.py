@@ -22,6 +22,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from digest.core.db import among
 from digest.core.errors import DigestError
 from digest.core.models import MarkSource, Paper, PaperMark, ReaderProfile
 from digest.core.text import has_unsafe
@@ -244,7 +245,9 @@ def readers(session: Session, subscriber_ids: Sequence[int], model: str | None, 
     found: dict[int, Reader] = {}
     if not subscriber_ids:
         return found
-    for profile in session.scalars(select(ReaderProfile).where(ReaderProfile.subscriber_id.in_(subscriber_ids))):
+    for profile in session.scalars(
+        select(ReaderProfile).where(among(session, ReaderProfile.subscriber_id, subscriber_ids))
+    ):
         same_model = model is not None and profile.model == model
         found[profile.subscriber_id] = Reader(
             key=(profile.subscriber_id, profile.updated_at.timestamp()),

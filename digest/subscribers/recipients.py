@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
+from digest.core.db import among
 from digest.core.models import Frequency, Subscriber, SubscriberStatus
 
 
@@ -55,5 +56,7 @@ def recipients(session: Session, subscriber_ids: Sequence[int]) -> list[Recipien
     """These subscribers (ids without a row are left out), in id order."""
     if not subscriber_ids:
         return []
-    rows = session.execute(select(*COLUMNS).where(Subscriber.id.in_(subscriber_ids)).order_by(Subscriber.id))
+    rows = session.execute(
+        select(*COLUMNS).where(among(session, Subscriber.id, subscriber_ids)).order_by(Subscriber.id)
+    )
     return [Recipient(*row) for row in rows]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -64,3 +65,36 @@ def test_postgresql_connections_plan_each_statement_with_its_values(runtime: Run
     # A connection the pool hands out again (pre-ping, rollbacks) keeps the setting.
     with runtime.engine.connect() as conn:
         assert conn.execute(text("SHOW plan_cache_mode")).scalar_one() == "force_custom_plan"
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_among_finds_exactly_the_ids_asked_for(backend: str, request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue("database" if backend == "postgresql" else "sqlite_url")
+    engine = db.make_engine(url)
+    factory = db.make_session_factory(engine)
+    with db.transaction(factory) as session:
+        session.execute(text("CREATE TEMPORARY TABLE numbers (n bigint)"))
+        session.execute(text("INSERT INTO numbers VALUES " + ", ".join(f"({n})" for n in range(1, 1001))))
+        numbers = sa.table("numbers", sa.column("n", sa.BigInteger))
+        asked = [3, 500, 999, 2**40, 7, 7]
+        for ids in ([], [1], asked, list(range(2, 1002, 2))):
+            found = set(session.scalars(sa.select(numbers.c.n).where(db.among(session, numbers.c.n, ids))))
+            assert found == set(ids) & set(range(1, 1001))
+        if backend == "postgresql":  # the ids are formatted into the parameter: only integers
+            with pytest.raises(ValueError):
+                db.among(session, numbers.c.n, ["1} OR {1"])  # type: ignore[list-item]
+    engine.dispose()
+
+
+def test_among_is_one_statement_text_whatever_the_count(runtime: Runtime) -> None:
+    """The point of ``among`` on PostgreSQL: psycopg converts and caches one text, instead of
+    a new 500-placeholder text per page."""
+    if runtime.engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only")
+    texts: list[str] = []
+    sa.event.listen(runtime.engine, "before_cursor_execute", lambda *args: texts.append(args[2]))
+    numbers = sa.table("subscribers", sa.column("id", sa.BigInteger))
+    with db.transaction(runtime.session_factory) as session:
+        for ids in ([1], list(range(500)), list(range(77))):
+            session.execute(sa.select(numbers.c.id).where(db.among(session, numbers.c.id, ids))).all()
+    assert len(texts) == 3 and len(set(texts)) == 1 and len(texts[0]) < 200
