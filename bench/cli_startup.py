@@ -68,7 +68,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        before = take_out(args.before, tmp / "before", names=("digest",))
+        before = take_out(args.before, tmp / "before", names=("digest", "alembic"))
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("DIGEST_") and k != "PYTHONDONTWRITEBYTECODE"}
         env["PYTHONPYCACHEPREFIX"] = str(tmp / "bytecode")
