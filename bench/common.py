@@ -3,8 +3,11 @@ a commit's code taken out to compare against, the ledger emptied between rounds,
 
 from __future__ import annotations
 
+import json
 import os
+import site
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +73,22 @@ def postgres_cpu() -> float:
         if process.info["name"] in ("postgres", "postmaster") and times is not None:
             total += times.user + times.system + times.children_user + times.children_system
     return total
+
+
+def run_driver(folder: Path, driver: str, args: list[str], env: Any, cwd: Path, label: str) -> dict[str, Any]:
+    """Run ``driver`` (a script's text) with the code in ``folder`` and return the JSON object of
+    its last output line. ``-S`` and the site-packages on the path: the editable install's
+    finder (this tree) stays out, so a commit taken out runs its own code."""
+    path = os.pathsep.join([str(folder), *site.getsitepackages()])
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", driver, *args],
+        env={**env, "PYTHONPATH": path},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{label}: {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result

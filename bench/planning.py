@@ -29,7 +29,6 @@ import multiprocessing as mp
 import os
 import resource
 import shutil
-import site
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import text  # noqa: E402
 
-from bench.common import bench_env, empty_ledger, postgres_cpu, take_out  # noqa: E402
+from bench.common import bench_env, empty_ledger, postgres_cpu, run_driver, take_out  # noqa: E402
 from bench.delivery import DAY, insert_subscribers  # noqa: E402
 from digest.core import db  # noqa: E402
 from tests.support.processes import BIN  # noqa: E402
@@ -110,19 +109,9 @@ def run_before(digest_id: int, tmp: Path) -> tuple[float, float]:
     before = tmp / "before"
     if not before.exists():
         take_out(BEFORE, before)
-    # -S and the site-packages on the path: the editable install's finder (this tree) stays out.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(before), *site.getsitepackages()])}
-    done = subprocess.run(
-        [sys.executable, "-S", "-c", BEFORE_DRIVER, str(digest_id), str(PAGE_SIZE)],
-        env=env,
-        cwd=tmp,
-        capture_output=True,
-        text=True,
-        check=False,
+    figures = run_driver(
+        before, BEFORE_DRIVER, [str(digest_id), str(PAGE_SIZE)], os.environ, tmp, f"the {BEFORE} planning"
     )
-    if done.returncode != 0:
-        raise SystemExit(f"the {BEFORE} planning failed: {done.stderr[-2000:]}")
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
     return float(figures["seconds"]), float(figures["cpu"])
 
 

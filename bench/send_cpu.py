@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import site
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import bench_env, empty_ledger, keep_bytecode, postgres_cpu, take_out  # noqa: E402
+from bench.common import bench_env, empty_ledger, keep_bytecode, postgres_cpu, run_driver, take_out  # noqa: E402
 from bench.delivery import DAY, Sink, insert_subscribers  # noqa: E402
 from digest.core import db  # noqa: E402
 from tests.support.processes import BIN  # noqa: E402
@@ -80,19 +79,8 @@ def main() -> None:
         for round_ in range(args.rounds + 1):
             for label, folder in codes.items():
                 empty_ledger(url)
-                path = os.pathsep.join([str(folder), *site.getsitepackages()])
                 before_pg = postgres_cpu()
-                done = subprocess.run(
-                    [sys.executable, "-S", "-c", DRIVER, DAY],
-                    env={**env, "PYTHONPATH": path},
-                    cwd=tmp,
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
-                if done.returncode != 0:
-                    raise SystemExit(f"{label}: {done.stderr[-2000:]}")
-                run = json.loads(done.stdout.strip().splitlines()[-1])
+                run = run_driver(folder, DRIVER, [DAY], env, tmp, label)
                 pg = postgres_cpu() - before_pg
                 if run["sent"] != args.n:
                     raise SystemExit(f"{label}: sent {run['sent']} of {args.n}")
